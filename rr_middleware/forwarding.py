@@ -1,0 +1,313 @@
+"""One request upstream and back: target, headers, body streaming, retries, error mapping.
+
+Read top to bottom, ``forward`` is the data path: build the target and headers once, read
+the first body message, pick an upstream (retrying the next one when that is safe), then
+relay the response as it arrives. Nothing is buffered whole; errors become short generic
+responses, with the cause logged.
+
+Failure → status: connect refused/reset before a response, every attempt used → 502;
+upstream read timeout → 504; no free connection within ``pool_timeout`` → 503; the
+upstream failing after the response started → the client connection is aborted (the ASGI
+app raises ``ResponseAborted``), never a silently truncated response.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
+from .transport.base import (
+    PoolTimeout,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamTransport,
+)
+
+if TYPE_CHECKING:
+    from starlette.types import Message, Receive, Scope, Send
+
+    from .state import PoolState, UpstreamState
+
+__all__ = ["ProxySettings", "ResponseAborted", "forward", "send_error"]
+
+logger = logging.getLogger("rr_middleware")
+
+# RFC 9110 §9.2.2. Only these may be sent twice once a request may have reached an upstream.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+_REASONS = {
+    400: b"Bad Request",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """What every pool of one middleware shares."""
+
+    transport: UpstreamTransport
+    trusted: TrustedProxies
+    hidden_response_headers: frozenset[bytes]
+
+
+class ResponseAborted(Exception):
+    """The upstream failed after the response had started; the client connection must be
+    aborted so the client sees an incomplete response, not a complete wrong one."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request body was being read."""
+
+
+async def send_error(send: Send, status: int, headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+    """A short, generic plain-text error response. Causes go to the log, never here."""
+    body = b"%d %s\n" % (status, _REASONS[status])
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body)),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _RequestBody:
+    """The rest of the client's body, pulled from ``receive`` as the upstream takes it."""
+
+    __slots__ = ("_first", "_receive", "complete", "disconnected", "started")
+
+    def __init__(self, receive: Receive, first: bytes) -> None:
+        self._receive = receive
+        self._first = first
+        self.started = False
+        self.complete = False
+        self.disconnected = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.started = True
+        if self._first:
+            yield self._first
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            if not message.get("more_body", False):
+                self.complete = True
+                if chunk:
+                    yield chunk
+                return
+            if chunk:
+                yield chunk
+
+
+async def forward(
+    state: PoolState,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    path: bytes,
+    settings: ProxySettings,
+) -> None:
+    """Forward one HTTP request to the pool and relay the answer. ``path`` is the raw path
+    to send (prefix already stripped when the pool strips it)."""
+    pool = state.pool
+    method: str = scope["method"]
+    client = scope.get("client")
+    try:
+        headers, _chunked = request_headers(
+            scope["headers"],
+            client_host=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            trusted=settings.trusted,
+            keep_host=pool.preserve_host,
+            prefix=state.prefix if pool.strip_prefix else b"",
+        )
+    except BadRequestHeaders as exc:
+        logger.info("pool %s: refused request: %s", state.pool_name, exc)
+        await send_error(send, 400)
+        return
+    query: bytes = scope.get("query_string", b"")
+    suffix = path + b"?" + query if query else path
+
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return
+    first: bytes = message.get("body", b"")
+    stream = _RequestBody(receive, first) if message.get("more_body", False) else None
+    body = first or None
+
+    tried: list[UpstreamState] = []
+    member: UpstreamState | None = None
+    response: UpstreamResponse | None = None
+    error: UpstreamError | None = None
+    for _ in range(pool.max_attempts):
+        member = state.balancer.pick(tried)
+        if member is None:
+            break
+        tried.append(member)
+        upstream = member.upstream
+        if not await member.limiter.acquire(pool.pool_timeout):
+            error = PoolTimeout(f"no free connection within {pool.pool_timeout}s")
+            logger.warning("pool %s: %s: %s", state.pool_name, upstream.url, error)
+            continue
+        target = upstream.base_path + suffix
+        if not target.startswith(b"/"):
+            target = b"/" + target
+        request = UpstreamRequest(
+            method=method,
+            upstream=upstream,
+            target=target,
+            headers=headers if pool.preserve_host else [*headers, (b"host", upstream.host_header)],
+            body=stream.chunks() if stream is not None else body,
+            connect_timeout=pool.connect_timeout,
+            read_timeout=pool.timeout,
+        )
+        try:
+            response = await (member.transport or settings.transport).send(request)
+            break
+        except UpstreamError as exc:
+            member.limiter.release()
+            error = exc
+            if stream is not None and stream.disconnected:
+                logger.info("pool %s: client left during the request body", state.pool_name)
+                return
+            retry = _may_retry(exc, method, stream)
+            logger.warning(
+                "pool %s: %s %s failed (%s): %s%s",
+                state.pool_name,
+                method,
+                upstream.url,
+                exc.kind,
+                exc,
+                "; trying the next upstream" if retry else "",
+            )
+            if not retry:
+                break
+        except ClientDisconnected:
+            member.limiter.release()
+            logger.info("pool %s: client left during the request body", state.pool_name)
+            return
+        except BaseException:
+            member.limiter.release()
+            raise
+
+    if response is None or member is None:
+        if error is None:
+            logger.warning("pool %s: no upstream available", state.pool_name)
+        await send_error(send, _status_for(error))
+        return
+    try:
+        await _relay(response, method, receive, send, stream, state, member, settings)
+    finally:
+        member.limiter.release()
+
+
+def _may_retry(exc: UpstreamError, method: str, stream: _RequestBody | None) -> bool:
+    if isinstance(exc, UpstreamTimeout):
+        return False  # a silent upstream costs the client one timeout, not one per retry
+    if stream is not None and stream.started:
+        return False  # the body was consumed: it cannot be sent again
+    return not exc.sent or method in IDEMPOTENT_METHODS
+
+
+def _status_for(error: UpstreamError | None) -> int:
+    if isinstance(error, UpstreamTimeout) or (
+        error is not None and error.kind == "connect_timeout"
+    ):
+        return 504
+    if error is None or isinstance(error, PoolTimeout):
+        return 503
+    return 502
+
+
+async def _relay(
+    response: UpstreamResponse,
+    method: str,
+    receive: Receive,
+    send: Send,
+    stream: _RequestBody | None,
+    state: PoolState,
+    member: UpstreamState,
+    settings: ProxySettings,
+) -> None:
+    status = response.status
+    try:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": response_headers(response.headers, settings.hidden_response_headers),
+            }
+        )
+        if method == "HEAD" or status in (204, 304) or status < 200:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        chunk = await response.read()
+        if response.at_eof() or not chunk:
+            await send({"type": "http.response.body", "body": chunk})
+            return
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # The client may leave mid-stream; only once its body is fully read can we listen
+        # for that without stealing body messages.
+        if stream is None or stream.complete:
+            await _pump_watching(response, receive, send)
+        else:
+            await _pump(response, send)
+    except UpstreamError as exc:
+        logger.warning(
+            "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
+            state.pool_name,
+            member.upstream.url,
+            exc.kind,
+            exc,
+        )
+        # The cause is logged above; keep the server's own traceback short.
+        raise ResponseAborted(f"upstream {member.upstream.url} failed mid-response") from None
+    finally:
+        await response.aclose()
+
+
+async def _pump(response: UpstreamResponse, send: Send) -> None:
+    while chunk := await response.read():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _pump_watching(response: UpstreamResponse, receive: Receive, send: Send) -> None:
+    """Relay the body while listening for the client's disconnect, which stops the relay
+    (and so closes the upstream exchange) at once."""
+    failure: Exception | None = None
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        message: Message = {"type": ""}
+        while message["type"] != "http.disconnect":
+            message = await receive()
+        scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch, group.cancel_scope)
+        try:
+            await _pump(response, send)
+        except Exception as exc:  # re-raised below, outside the task group's wrapping
+            failure = exc
+        group.cancel_scope.cancel()
+    if failure is not None:
+        raise failure

@@ -1,0 +1,164 @@
+"""RoundRobinMiddleware: prefix dispatch, the lifespan, and the upstream client's life."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Union
+
+import httpx
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .config import Pool, PoolsArg, normalize_pools
+from .forwarding import ProxySettings, forward, logger, send_error
+from .headers import TrustedProxies
+from .routing import PrefixRouter, has_dot_segment, is_unsafe_path
+from .state import PoolState, UpstreamState
+from .transport.aiohttp_transport import AiohttpTransport
+from .transport.base import UpstreamTransport
+from .transport.httpx_transport import HttpxTransport
+
+__all__ = ["RoundRobinMiddleware"]
+
+TransportArg = Union[UpstreamTransport, httpx.AsyncBaseTransport, None]
+
+
+class RoundRobinMiddleware:
+    """Forward requests under configured path prefixes to pools of upstream servers.
+
+    ```python
+    app = FastAPI()
+    app.add_middleware(
+        RoundRobinMiddleware,
+        pools={"/api": ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]},
+    )
+    ```
+
+    Everything that matches no prefix, and the lifespan, reaches ``app`` unchanged.
+    Options (defaults): ``transport=None`` (the built-in aiohttp client; or any
+    ``httpx.AsyncBaseTransport`` for every pool), ``trusted_proxies=()`` (addresses whose
+    ``X-Forwarded-*`` headers are believed; ``"*"`` for all), ``max_url_length=8192``
+    (longer path + query → 414), ``hide_response_headers=("date", "server")`` (upstream
+    response headers not passed on, as nginx's ``proxy_hide_header``: the ASGI server
+    sets its own).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        pools: PoolsArg,
+        *,
+        transport: TransportArg = None,
+        trusted_proxies: Union[str, Sequence[str]] = (),
+        max_url_length: int = 8192,
+        hide_response_headers: Sequence[str] = ("date", "server"),
+    ) -> None:
+        self.app = app
+        self.pools: dict[str, Pool] = normalize_pools(pools)
+        self.trusted_proxies = TrustedProxies(trusted_proxies)
+        if max_url_length < 1:
+            raise ValueError(f"max_url_length must be >= 1, got {max_url_length!r}")
+        self.max_url_length = max_url_length
+        self._own_transport = transport is None
+        self._transport: UpstreamTransport = _adapt(transport) or AiohttpTransport()
+        self._settings = ProxySettings(
+            transport=self._transport,
+            trusted=self.trusted_proxies,
+            hidden_response_headers=frozenset(
+                h.lower().encode("latin-1") for h in hide_response_headers
+            ),
+        )
+        self._states = {
+            prefix: PoolState(prefix, pool, self._members(pool))
+            for prefix, pool in self.pools.items()
+        }
+        self._router: PrefixRouter[PoolState] = PrefixRouter(self._states)
+
+    @staticmethod
+    def _members(pool: Pool) -> list[UpstreamState]:
+        pool_transport = _adapt(pool.transport)
+        members = []
+        for upstream in pool.members:
+            if upstream.app is not None:
+                transport: UpstreamTransport | None = HttpxTransport(
+                    httpx.ASGITransport(app=upstream.app, raise_app_exceptions=False)
+                )
+            else:
+                transport = _adapt(upstream.transport) or pool_transport
+            members.append(UpstreamState(upstream, transport, pool.max_connections))
+        return members
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        if b"?" in raw_path:  # some servers leave the query in raw_path
+            raw_path = raw_path.partition(b"?")[0]
+        if has_dot_segment(raw_path):
+            logger.info("refused path with a dot segment: %r", raw_path[:200])
+            await send_error(send, 400)
+            return
+        found = self._router.match(raw_path)
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+
+        end, state = found
+        if len(raw_path) + len(scope.get("query_string", b"")) > self.max_url_length:
+            await send_error(send, 414)
+            return
+        if is_unsafe_path(raw_path):
+            logger.info("pool %s: refused unsafe path %r", state.pool_name, raw_path[:200])
+            await send_error(send, 400)
+            return
+        path = raw_path[end:] if state.pool.strip_prefix else raw_path
+        await forward(state, scope, receive, send, path, self._settings)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Open the upstream client on startup and close it on shutdown, around the host
+        app's own lifespan (which sees every message unchanged)."""
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+            return message
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                await self.shutdown()
+            await send(message)
+
+        await self.app(scope, lifespan_receive, lifespan_send)
+
+    async def startup(self) -> None:
+        """Open the upstream client. Called by the lifespan; without one, the client opens
+        on the first request."""
+        await self._transport.aopen()
+
+    async def shutdown(self) -> None:
+        """Close the connections this middleware opened. Transports you passed in are
+        yours to close."""
+        if self._own_transport:
+            await self._transport.aclose()
+
+    @property
+    def transport(self) -> UpstreamTransport:
+        """The default upstream transport (for introspection and tests)."""
+        return self._transport
+
+
+def _adapt(transport: Any) -> UpstreamTransport | None:
+    if transport is None or isinstance(transport, UpstreamTransport):
+        return transport
+    if isinstance(transport, httpx.AsyncBaseTransport):
+        return HttpxTransport(transport)
+    raise ValueError(
+        f"transport must be an httpx.AsyncBaseTransport or an UpstreamTransport, got {transport!r}"
+    )

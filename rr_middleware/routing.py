@@ -1,0 +1,107 @@
+"""Which pool a request path belongs to, and which paths are refused outright.
+
+Kept apart from the middleware because it is the one piece every request runs, matched or
+not: it works on the raw path bytes and costs O(segments of the longest prefix), whatever
+the number of pools.
+
+Matching is on path-segment boundaries (``/api`` matches ``/api`` and ``/api/x``, never
+``/apix``); the longest prefix wins and ``/`` matches everything. Segments are compared
+percent-decoded (``/%61pi`` is under ``/api``), but an encoded slash never splits a
+segment: ``/api%2Fx`` is the single segment ``api/x``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Generic, TypeVar
+from urllib.parse import unquote_to_bytes
+
+__all__ = ["PrefixRouter", "has_dot_segment", "is_unsafe_path"]
+
+T = TypeVar("T")
+
+# Raw bytes a pooled path may not carry: controls, space, DEL and backslash (which some
+# upstream servers treat as "/", reopening dot-segment tricks).
+_UNSAFE_RAW = re.compile(rb"[\x00-\x20\x7f\\]")
+_DOT_SEGMENTS = (b".", b"..")
+
+
+def has_dot_segment(raw_path: bytes) -> bool:
+    """True if the path has a ``.`` or ``..`` segment, literally or percent-encoded.
+
+    Encoded slashes and backslashes count as separators here: an upstream that decodes
+    them must not be handed ``/api/..%2Fadmin`` either.
+    """
+    if b"." not in raw_path and b"%" not in raw_path:
+        return False
+    decoded = unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path
+    return any(seg in _DOT_SEGMENTS for seg in decoded.replace(b"\\", b"/").split(b"/"))
+
+
+def is_unsafe_path(raw_path: bytes) -> bool:
+    """True for paths that must never be forwarded: not origin-form, control bytes,
+    backslashes, or an encoded NUL."""
+    if not raw_path.startswith(b"/") or _UNSAFE_RAW.search(raw_path) is not None:
+        return True
+    return b"%00" in raw_path
+
+
+class PrefixRouter(Generic[T]):
+    """Longest-prefix lookup of a raw path among ``{"/prefix": value}``."""
+
+    def __init__(self, routes: Mapping[str, T]) -> None:
+        self._table: dict[bytes, T] = {}
+        self._root: T | None = None
+        depth = 0
+        for prefix, value in routes.items():
+            if prefix == "/":
+                self._root = value
+                continue
+            self._table[prefix.encode("ascii")] = value
+            depth = max(depth, prefix.count("/"))
+        self._max_depth = depth
+
+    def match(self, raw_path: bytes) -> tuple[int, T] | None:
+        """Return ``(length of the matched raw prefix, value)``, or None.
+
+        The rest of the path after the prefix is ``raw_path[length:]``.
+        """
+        table = self._table
+        ends: list[int] = []
+        pos = 0
+        for _ in range(self._max_depth):
+            nxt = raw_path.find(b"/", pos + 1)
+            if nxt == -1:
+                ends.append(len(raw_path))
+                break
+            ends.append(nxt)
+            pos = nxt
+        for end in reversed(ends):
+            value = table.get(raw_path[:end])
+            if value is not None:
+                return end, value
+        if ends and b"%" in raw_path[: ends[-1]]:
+            found = self._match_decoded(raw_path, ends)
+            if found is not None:
+                return found
+        if self._root is not None:
+            return 0, self._root
+        return None
+
+    def _match_decoded(self, raw_path: bytes, ends: list[int]) -> tuple[int, T] | None:
+        keys: list[tuple[int, bytes]] = []
+        key = b""
+        start = 0
+        for end in ends:
+            segment = unquote_to_bytes(raw_path[start + 1 : end])
+            if b"/" in segment:
+                break
+            key += b"/" + segment
+            keys.append((end, key))
+            start = end
+        for end, candidate in reversed(keys):
+            value = self._table.get(candidate)
+            if value is not None:
+                return end, value
+        return None

@@ -1,0 +1,29 @@
+"""Upstream transports: the seam (``base``), the fast default, and the httpx adapter."""
+
+from .aiohttp_transport import AiohttpTransport
+from .base import (
+    ConnectFailed,
+    ConnectTimeout,
+    PoolTimeout,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamTransport,
+)
+from .httpx_transport import HttpxTransport
+
+__all__ = [
+    "AiohttpTransport",
+    "ConnectFailed",
+    "ConnectTimeout",
+    "HttpxTransport",
+    "PoolTimeout",
+    "UpstreamBroken",
+    "UpstreamError",
+    "UpstreamRequest",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "UpstreamTransport",
+]

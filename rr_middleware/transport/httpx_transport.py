@@ -1,0 +1,112 @@
+"""Adapter: any ``httpx.AsyncBaseTransport`` as an upstream transport.
+
+This is how in-process upstreams (``Upstream(url, app=...)`` through
+``httpx.ASGITransport``), ``httpx.MockTransport`` and HTTP/2 (``httpx.AsyncHTTPTransport(
+http2=True)``) plug in. The request is built from raw parts (``raw_path``), so nothing is
+re-quoted or normalised on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+
+from .base import (
+    ConnectFailed,
+    ConnectTimeout,
+    PoolTimeout,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamTransport,
+)
+
+__all__ = ["HttpxTransport"]
+
+
+def _translate(exc: httpx.HTTPError) -> UpstreamError:
+    error: UpstreamError
+    if isinstance(exc, httpx.ConnectTimeout):
+        error = ConnectTimeout("connect timed out")
+    elif isinstance(exc, httpx.PoolTimeout):
+        error = PoolTimeout("no free connection")
+    elif isinstance(exc, httpx.TimeoutException):
+        error = UpstreamTimeout("read timed out")
+    elif isinstance(exc, httpx.ConnectError):
+        error = ConnectFailed(str(exc) or "connection failed")
+    elif isinstance(exc, httpx.RemoteProtocolError):
+        error = UpstreamBroken(f"invalid response: {exc}")
+        error.kind = "protocol"
+    else:
+        error = UpstreamBroken(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class _Response:
+    __slots__ = ("_chunks", "_response", "headers", "status")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers = list(response.headers.raw)
+        stream = response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        self._chunks: AsyncIterator[bytes] = stream.__aiter__()
+
+    async def read(self) -> bytes:
+        try:
+            while True:
+                chunk = await self._chunks.__anext__()
+                if chunk:
+                    return chunk
+        except StopAsyncIteration:
+            return b""
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+
+    def at_eof(self) -> bool:
+        return False
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpxTransport(UpstreamTransport):
+    """Wraps an httpx transport. ``owned=True`` closes it with this adapter."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, *, owned: bool = False) -> None:
+        self.transport = transport
+        self._owned = owned
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        upstream = request.upstream
+        url = httpx.URL(
+            scheme=upstream.scheme, host=upstream.host, port=upstream.port, raw_path=request.target
+        )
+        body = request.body
+        timeout = {
+            "connect": request.connect_timeout,
+            "read": request.read_timeout,
+            "write": request.read_timeout,
+            "pool": request.connect_timeout,
+        }
+        outgoing = httpx.Request(
+            request.method,
+            url,
+            headers=request.headers,
+            content=body if body is not None else None,
+            extensions={"timeout": timeout},
+        )
+        try:
+            response = await self.transport.handle_async_request(outgoing)
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+        return _Response(response)
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self.transport.aclose()

@@ -1,0 +1,68 @@
+"""Real servers for the tests: uvicorn on 127.0.0.1 ephemeral ports, in threads.
+
+The listening socket is bound before the server starts, so its port is known at once and
+connections made before the server is ready wait in the backlog: no polling, no sleeps.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+
+
+class RunningServer:
+    def __init__(self, app: Any, sock: socket.socket, server: uvicorn.Server) -> None:
+        self.app = app
+        self.socket = sock
+        self.server = server
+        self.port: int = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+            assert not self.thread.is_alive(), "uvicorn server did not stop"
+        self.socket.close()
+
+
+def bind_socket(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+@contextmanager
+def serve(app: Any, port: int = 0, **config: Any) -> Iterator[RunningServer]:
+    """Run ``app`` under uvicorn (httptools, uvloop) on 127.0.0.1 until the block ends."""
+    sock = bind_socket(port)
+    settings: dict[str, Any] = {
+        "log_level": "warning",
+        "lifespan": "auto",
+        "http": "httptools",
+        "loop": "uvloop",
+        "timeout_graceful_shutdown": 5,
+    }
+    settings.update(config)
+    server = uvicorn.Server(uvicorn.Config(app, **settings))
+    running = RunningServer(app, sock, server)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
