@@ -13,12 +13,11 @@ app raises ``ResponseAborted``), never a silently truncated response.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import anyio
 
 from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
 from .transport.base import (
@@ -260,15 +259,21 @@ async def _relay(
         if method == "HEAD" or status in (204, 304) or status < 200:
             await send({"type": "http.response.body", "body": b""})
             return
-        chunk = await response.read()
-        if response.at_eof() or not chunk:
-            await send({"type": "http.response.body", "body": chunk})
+        if response.body_complete():
+            body = b""
+            while chunk := await response.read():
+                body += chunk
+            await send({"type": "http.response.body", "body": body})
             return
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        # The client may leave mid-stream; only once its body is fully read can we listen
-        # for that without stealing body messages.
+        # A streamed body: relay it while listening for the client leaving, which must
+        # end the upstream exchange at once (an SSE stream never ends by itself). Only
+        # once the client's own body is fully read can we listen without stealing it.
         if stream is None or stream.complete:
-            await _pump_watching(response, receive, send)
+            client_gone = asyncio.ensure_future(receive())
+            try:
+                await _pump_watching(response, send, client_gone)
+            finally:
+                client_gone.cancel()
         else:
             await _pump(response, send)
     except UpstreamError as exc:
@@ -291,23 +296,19 @@ async def _pump(response: UpstreamResponse, send: Send) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-async def _pump_watching(response: UpstreamResponse, receive: Receive, send: Send) -> None:
-    """Relay the body while listening for the client's disconnect, which stops the relay
-    (and so closes the upstream exchange) at once."""
-    failure: Exception | None = None
-
-    async def watch(scope: anyio.CancelScope) -> None:
-        message: Message = {"type": ""}
-        while message["type"] != "http.disconnect":
-            message = await receive()
-        scope.cancel()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(watch, group.cancel_scope)
-        try:
-            await _pump(response, send)
-        except Exception as exc:  # re-raised below, outside the task group's wrapping
-            failure = exc
-        group.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
+async def _pump_watching(
+    response: UpstreamResponse, send: Send, client_gone: asyncio.Future[Message]
+) -> None:
+    """``_pump``, but stop as soon as ``client_gone`` resolves (the disconnect message)."""
+    while True:
+        read = asyncio.ensure_future(response.read())
+        await asyncio.wait((read, client_gone), return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            read.cancel()
+            await asyncio.wait((read,))  # settle it before the caller's aclose()
+            return  # aclose() then discards the half-read upstream connection
+        chunk = read.result()
+        if not chunk:
+            break
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})

@@ -65,8 +65,8 @@ class _Response:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _translate(exc) from exc
 
-    def at_eof(self) -> bool:
-        return self._content.at_eof()
+    def body_complete(self) -> bool:
+        return self._content.is_eof()
 
     async def aclose(self) -> None:
         # release() keeps the connection only if the body was read to the end.

@@ -105,8 +105,11 @@ class UpstreamResponse(Protocol):
         """
         ...
 
-    def at_eof(self) -> bool:
-        """True when read() would return ``b""`` at once (lets small bodies skip streaming)."""
+    def body_complete(self) -> bool:
+        """True when the whole body has already arrived, so read() will not wait.
+
+        Lets small responses go out in one piece with no streaming machinery.
+        """
         ...
 
     async def aclose(self) -> None:

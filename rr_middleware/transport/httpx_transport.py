@@ -68,7 +68,7 @@ class _Response:
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
 
-    def at_eof(self) -> bool:
+    def body_complete(self) -> bool:
         return False
 
     async def aclose(self) -> None:
