@@ -1,6 +1,6 @@
 """A tiny backend for the demo: it says who it is and what it was asked.
 
-    BACKEND_NAME=b1 uvicorn examples.demo_backend:app --port 9001
+BACKEND_NAME=b1 uvicorn examples.demo_backend:app --port 9001
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import importlib
 import os
 import socket
 import sys
-from contextlib import AsyncExitStack, asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -44,13 +44,15 @@ async def main() -> int:
     async with AsyncExitStack() as stack:
         names = ["backend-1", "backend-2", "backend-3"]
         urls = [await stack.enter_async_context(_serve(make_app(n), _socket())) for n in names]
-        for name, url in zip(names, urls):
+        for name, url in zip(names, urls, strict=True):
             print(f"  {name:<10} listening on {url}")
         os.environ["API_UPSTREAMS"] = ",".join(urls)
         os.environ["USERS_UPSTREAMS"] = urls[2] + "/v1"
         basic = importlib.import_module("examples.basic_app")
         proxy = await stack.enter_async_context(_serve(basic.app, _socket()))
-        print(f"  basic_app  listening on {proxy}  (pools: /api -> all three, /users -> backend-3/v1)")
+        print(
+            f"  basic_app  listening on {proxy}  (pools: /api -> all three, /users -> backend-3/v1)"
+        )
         print()
         async with httpx.AsyncClient(base_url=proxy, timeout=10) as client:
             print("  GET /api/orders/<n> twelve times — round robin over the /api pool:")
@@ -58,10 +60,14 @@ async def main() -> int:
                 reply = (await client.get(f"/api/orders/{n}", params={"page": n})).json()
                 print(f"    #{n:<2} -> {reply['backend']:<10} saw {reply['path']}?{reply['query']}")
             reply = (await client.get("/users/42")).json()
-            print(f"\n  GET /users/42      -> {reply['backend']} saw {reply['path']}"
-                  f" (X-Forwarded-Prefix: {reply['forwarded_prefix']})")
+            print(
+                f"\n  GET /users/42      -> {reply['backend']} saw {reply['path']}"
+                f" (X-Forwarded-Prefix: {reply['forwarded_prefix']})"
+            )
             local = await client.get("/hello")
-            print(f"  GET /hello         -> {local.status_code} {local.json()}  (the app's own route)")
+            print(
+                f"  GET /hello         -> {local.status_code} {local.json()}  (the app's own route)"
+            )
     print("\n  all servers stopped.")
     return 0
 

@@ -8,6 +8,7 @@ derived here, once, so forwarding a request does no parsing of configuration.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
 __all__ = ["Pool", "PoolsArg", "Upstream", "normalize_pools"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# A DNS name or IPv4 address (letters, digits, "-", ".", "_"), or an IPv6 literal.
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._~-]+)?")
+# RFC 3986 path characters: unreserved, sub-delims, ":", "@", "/" and percent-escapes.
+_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 
 
 @dataclass(eq=False)
@@ -61,6 +66,13 @@ class Upstream:
             raise ValueError(f"upstream URL {self.url!r} must start with http:// or https://")
         if not parts.hostname:
             raise ValueError(f"upstream URL {self.url!r} has no host")
+        if not _HOST.fullmatch(parts.hostname):
+            raise ValueError(f"upstream URL {self.url!r}: {parts.hostname!r} is not a valid host")
+        if not _PATH.fullmatch(parts.path):
+            raise ValueError(
+                f"upstream URL {self.url!r}: the path may hold only ASCII URL characters; "
+                "percent-encode anything else"
+            )
         if parts.query or self.url.rstrip().endswith("?"):
             raise ValueError(f"upstream URL {self.url!r} must not have a query string")
         if parts.fragment or "#" in self.url:
@@ -84,9 +96,9 @@ class Upstream:
         self.origin = f"{scheme}://{netloc_host}:{self.port}"
         default_port = self.port == _DEFAULT_PORTS[scheme]
         host_value = netloc_host if default_port else f"{netloc_host}:{self.port}"
-        self.host_header = host_value.encode("ascii" if host_value.isascii() else "idna")
+        self.host_header = host_value.encode("ascii")
         # Kept exactly as written (already percent-encoded); "/" alone means "no base path".
-        self.base_path = parts.path.rstrip("/").encode("ascii", "strict")
+        self.base_path = parts.path.rstrip("/").encode("ascii")
 
     def __repr__(self) -> str:
         return f"Upstream({self.url!r}, weight={self.weight})"
@@ -181,10 +193,12 @@ def normalize_prefix(prefix: Any) -> str:
             f"pool prefix {prefix!r} must be a plain ASCII path: no query, fragment, "
             "percent-escape, backslash, space or control character"
         )
-    segments = prefix.strip("/").split("/")
-    if prefix.strip("/") and any(s in ("", ".", "..") for s in segments):
+    if prefix == "/":
+        return prefix
+    segments = prefix.removesuffix("/").split("/")[1:]
+    if any(s in ("", ".", "..") for s in segments):
         raise ValueError(f"pool prefix {prefix!r} has an empty or dot segment")
-    return "/" + "/".join(segments) if prefix.strip("/") else "/"
+    return "/" + "/".join(segments)
 
 
 def normalize_pools(pools: Any) -> dict[str, Pool]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
 from .transport.base import (
     PoolTimeout,
+    RequestNotForwardable,
     UpstreamError,
     UpstreamRequest,
     UpstreamResponse,
@@ -220,7 +221,7 @@ async def forward(
 
 
 def _may_retry(exc: UpstreamError, method: str, stream: _RequestBody | None) -> bool:
-    if isinstance(exc, UpstreamTimeout):
+    if isinstance(exc, (UpstreamTimeout, RequestNotForwardable)):
         return False  # a silent upstream costs the client one timeout, not one per retry
     if stream is not None and stream.started:
         return False  # the body was consumed: it cannot be sent again
@@ -228,6 +229,8 @@ def _may_retry(exc: UpstreamError, method: str, stream: _RequestBody | None) -> 
 
 
 def _status_for(error: UpstreamError | None) -> int:
+    if isinstance(error, RequestNotForwardable):
+        return 400
     if isinstance(error, UpstreamTimeout) or (
         error is not None and error.kind == "connect_timeout"
     ):
@@ -248,15 +251,17 @@ async def _relay(
     settings: ProxySettings,
 ) -> None:
     status = response.status
+    headers = response_headers(response.headers, settings.hidden_response_headers)
     try:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": response_headers(response.headers, settings.hidden_response_headers),
-            }
-        )
-        if method == "HEAD" or status in (204, 304) or status < 200:
+        if status in (204, 304) or status < 200:
+            # No body, by definition. A 304's Content-Length (the size of the cached
+            # representation, RFC 9110 §8.6) would make the ASGI server expect one.
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if method == "HEAD":
             await send({"type": "http.response.body", "body": b""})
             return
         if response.body_complete():

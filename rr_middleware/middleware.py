@@ -15,7 +15,7 @@ from .routing import PrefixRouter, has_dot_segment, is_unsafe_path
 from .state import PoolState, UpstreamState
 from .transport.aiohttp_transport import AiohttpTransport
 from .transport.base import UpstreamTransport
-from .transport.httpx_transport import HttpxTransport
+from .transport.httpx_transport import HttpxTransport, in_process
 
 __all__ = ["RoundRobinMiddleware"]
 
@@ -79,9 +79,7 @@ class RoundRobinMiddleware:
         members = []
         for upstream in pool.members:
             if upstream.app is not None:
-                transport: UpstreamTransport | None = HttpxTransport(
-                    httpx.ASGITransport(app=upstream.app, raise_app_exceptions=False)
-                )
+                transport: UpstreamTransport | None = in_process(upstream.app)
             else:
                 transport = _adapt(upstream.transport) or pool_transport
             members.append(UpstreamState(upstream, transport, pool.max_connections))
@@ -135,7 +133,11 @@ class RoundRobinMiddleware:
                 await self.shutdown()
             await send(message)
 
-        await self.app(scope, lifespan_receive, lifespan_send)
+        try:
+            await self.app(scope, lifespan_receive, lifespan_send)
+        except BaseException:
+            await self.shutdown()  # the host app's lifespan crashed: nothing will follow
+            raise
 
     async def startup(self) -> None:
         """Open the upstream client. Called by the lifespan; without one, the client opens

@@ -21,9 +21,10 @@ __all__ = ["PrefixRouter", "has_dot_segment", "is_unsafe_path"]
 
 T = TypeVar("T")
 
-# Raw bytes a pooled path may not carry: controls, space, DEL and backslash (which some
-# upstream servers treat as "/", reopening dot-segment tricks).
-_UNSAFE_RAW = re.compile(rb"[\x00-\x20\x7f\\]")
+# Raw bytes a pooled path may not carry: controls, space, DEL, non-ASCII (a request target
+# is ASCII; such bytes must be percent-encoded) and backslash (which some upstream servers
+# treat as "/", reopening dot-segment tricks).
+_UNSAFE_RAW = re.compile(rb"[\x00-\x20\x7f-\xff\\]")
 _DOT_SEGMENTS = (b".", b"..")
 
 
@@ -40,8 +41,8 @@ def has_dot_segment(raw_path: bytes) -> bool:
 
 
 def is_unsafe_path(raw_path: bytes) -> bool:
-    """True for paths that must never be forwarded: not origin-form, control bytes,
-    backslashes, or an encoded NUL."""
+    """True for paths that must never be forwarded: not origin-form, control bytes, raw
+    non-ASCII bytes, backslashes, or an encoded NUL."""
     if not raw_path.startswith(b"/") or _UNSAFE_RAW.search(raw_path) is not None:
         return True
     return b"%00" in raw_path
@@ -77,14 +78,15 @@ class PrefixRouter(Generic[T]):
                 break
             ends.append(nxt)
             pos = nxt
-        for end in reversed(ends):
-            value = table.get(raw_path[:end])
-            if value is not None:
-                return end, value
         if ends and b"%" in raw_path[: ends[-1]]:
             found = self._match_decoded(raw_path, ends)
             if found is not None:
                 return found
+        else:
+            for end in reversed(ends):
+                value = table.get(raw_path[:end])
+                if value is not None:
+                    return end, value
         if self._root is not None:
             return 0, self._root
         return None

@@ -64,24 +64,27 @@ class UpstreamApp:
         base = [(b"x-upstream", name)]
         if action == "echo":
             payload = json.dumps(record).encode()
-            await _respond(send, 200, base + [(b"content-type", b"application/json")], payload)
+            await _respond(send, 200, [*base, (b"content-type", b"application/json")], payload)
         elif action == "status":
             code = int(query["code"])
             await _respond(send, code, base, b"" if code in (204, 304) else b"status body")
         elif action == "gzip":
             payload = gzip.compress(b"hello gzip " * 100)
-            headers = base + [(b"content-encoding", b"gzip"), (b"content-type", b"text/plain")]
+            headers = [*base, (b"content-encoding", b"gzip"), (b"content-type", b"text/plain")]
             await _respond(send, 200, headers, payload)
         elif action == "cookies":
             cookies = [(b"set-cookie", b"c%d=v%d; Path=/" % (i, i)) for i in range(int(query["n"]))]
-            await _respond(send, 200, base + cookies, b"cookies")
+            await _respond(send, 200, [*base, *cookies], b"cookies")
         elif action == "sleep":
             await asyncio.sleep(float(query["s"]))
             await _respond(send, 200, base, b"slept")
         elif action == "broken":
             await send(
-                {"type": "http.response.start", "status": 200,
-                 "headers": base + [(b"content-length", b"100")]}
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [*base, (b"content-length", b"100")],
+                }
             )
             await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
             raise RuntimeError("upstream dies mid-body (test action)")
@@ -112,7 +115,9 @@ class UpstreamApp:
             for i in range(count):
                 if "wait" in query or action == "sse":
                     await asyncio.get_running_loop().run_in_executor(None, self._wait_proceed)
-                chunk = (b"data: event %d\n\n" % i) if action == "sse" else bytes([65 + i % 26]) * size
+                chunk = (
+                    (b"data: event %d\n\n" % i) if action == "sse" else bytes([65 + i % 26]) * size
+                )
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 

@@ -9,6 +9,7 @@ client gets.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from yarl import URL
 from .base import (
     ConnectFailed,
     ConnectTimeout,
+    RequestNotForwardable,
     UpstreamBroken,
     UpstreamError,
     UpstreamRequest,
@@ -73,6 +75,13 @@ class _Response:
         self._response.release()
 
 
+async def _close_at_loop_end(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        await session.close()
+
+
 class AiohttpTransport(UpstreamTransport):
     """HTTP/1.1 to upstreams over pooled keep-alive connections.
 
@@ -93,6 +102,7 @@ class AiohttpTransport(UpstreamTransport):
         self._read_bufsize = read_bufsize
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closer: AsyncGenerator[None, None] | None = None
         self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
@@ -116,6 +126,17 @@ class AiohttpTransport(UpstreamTransport):
         )
         return self._session
 
+    async def _open_lazily(self) -> aiohttp.ClientSession:
+        """Open outside a lifespan (a TestClient without ``with``): no shutdown will come
+        to close the session, so its event loop's end does. An async generator started
+        here is adopted by the loop, whose shutdown (``asyncio.run`` and anyio's runner end
+        with ``shutdown_asyncgens``) resumes it into its ``finally``."""
+        session = self._open()
+        closer = _close_at_loop_end(session)
+        await closer.asend(None)
+        self._closer = closer  # keep it alive until the loop finalises it
+        return session
+
     def _timeout(self, connect: float, read: float) -> aiohttp.ClientTimeout:
         timeout = self._timeouts.get((connect, read))
         if timeout is None:
@@ -128,9 +149,15 @@ class AiohttpTransport(UpstreamTransport):
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         session = self._session
         if session is None or self._loop is not asyncio.get_running_loop():
-            session = self._open()
+            session = await self._open_lazily()
         url = URL(request.upstream.origin + request.target.decode("latin-1"), encoded=True)
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers]
+        try:
+            # aiohttp writes header text as UTF-8, so UTF-8 is what round-trips bytes exactly.
+            headers = [(n.decode("latin-1"), v.decode("utf-8")) for n, v in request.headers]
+        except UnicodeDecodeError:
+            raise RequestNotForwardable(
+                "a request header value is not UTF-8 and cannot be sent byte for byte"
+            ) from None
         try:
             response = await session.request(
                 request.method,

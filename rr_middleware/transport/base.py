@@ -21,6 +21,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectTimeout",
     "PoolTimeout",
+    "RequestNotForwardable",
     "UpstreamBroken",
     "UpstreamError",
     "UpstreamRequest",
@@ -64,6 +65,14 @@ class UpstreamTimeout(UpstreamError):
     """The upstream did not answer (or went silent mid-body) within ``timeout``."""
 
     kind = "timeout"
+
+
+class RequestNotForwardable(UpstreamError):
+    """This transport cannot express the request on the wire (say, header bytes its
+    client library would re-encode); nothing was sent, and no upstream would do better."""
+
+    kind = "request"
+    sent = False
 
 
 class UpstreamBroken(UpstreamError):

@@ -8,9 +8,11 @@ re-quoted or normalised on the way.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .base import (
     ConnectFailed,
@@ -24,7 +26,9 @@ from .base import (
     UpstreamTransport,
 )
 
-__all__ = ["HttpxTransport"]
+__all__ = ["HttpxTransport", "in_process"]
+
+logger = logging.getLogger("rr_middleware")
 
 
 def _translate(exc: httpx.HTTPError) -> UpstreamError:
@@ -105,8 +109,54 @@ class HttpxTransport(UpstreamTransport):
             response = await self.transport.handle_async_request(outgoing)
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
+        except _InProcessAppFailed as exc:
+            raise UpstreamBroken(str(exc)) from exc
         return _Response(response)
 
     async def aclose(self) -> None:
         if self._owned:
             await self.transport.aclose()
+
+
+class _InProcessAppFailed(Exception):
+    """An in-process upstream app raised after its response had started."""
+
+
+def in_process(app: ASGIApp) -> HttpxTransport:
+    """The transport for ``Upstream(url, app=...)``: the app through ``httpx.ASGITransport``.
+
+    It behaves like the app under a server: an exception before the response starts is
+    a 500 (and the traceback is logged); one after it started fails the exchange, as a
+    dropped connection would, instead of passing on a truncated body as complete.
+    ``ASGITransport`` collects the whole response before returning it, so such a failure
+    surfaces before any byte reaches the client: it is answered 502 (or retried).
+    """
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started or scope["type"] != "http":
+                raise _InProcessAppFailed(f"in-process app raised mid-response: {exc!r}") from exc
+            logger.exception("in-process upstream app raised before responding")
+            body = b"Internal Server Error"
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", b"%d" % len(body)),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+    return HttpxTransport(httpx.ASGITransport(app=guarded, raise_app_exceptions=True))

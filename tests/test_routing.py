@@ -1,0 +1,262 @@
+"""PrefixRouter matching and the path filters (dot segments, unsafe bytes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rr_middleware.routing import PrefixRouter, has_dot_segment, is_unsafe_path
+
+
+@pytest.fixture
+def api() -> PrefixRouter[str]:
+    return PrefixRouter({"/api": "api"})
+
+
+# ------------------------------------------------------------------------ segment boundaries
+
+
+@pytest.mark.parametrize(
+    ("path", "end"),
+    [
+        (b"/api", 4),
+        (b"/api/", 4),
+        (b"/api/x", 4),
+        (b"/api/x/y/z", 4),
+        (b"/api//x", 4),
+    ],
+)
+def test_prefix_matches_on_segment_boundaries(
+    api: PrefixRouter[str], path: bytes, end: int
+) -> None:
+    assert api.match(path) == (end, "api")
+    # The rest of the path after the prefix is what gets forwarded.
+    assert path[end:] == path[4:]
+
+
+@pytest.mark.parametrize(
+    "path", [b"/apix", b"/apix/y", b"/ap", b"/", b"/a/api", b"/API", b"/other/api", b"//api"]
+)
+def test_prefix_does_not_match_across_a_segment(api: PrefixRouter[str], path: bytes) -> None:
+    assert api.match(path) is None
+
+
+def test_empty_path_matches_nothing(api: PrefixRouter[str]) -> None:
+    assert api.match(b"") is None
+
+
+# --------------------------------------------------------------------------- longest prefix
+
+
+@pytest.fixture
+def nested() -> PrefixRouter[str]:
+    return PrefixRouter(
+        {"/api": "api", "/api/v2": "v2", "/api/v2/admin": "admin", "/static": "static"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (b"/api", (4, "api")),
+        (b"/api/v1/x", (4, "api")),
+        (b"/api/v2", (7, "v2")),
+        (b"/api/v2/", (7, "v2")),
+        (b"/api/v2/users", (7, "v2")),
+        (b"/api/v2x", (4, "api")),
+        (b"/api/v2/admin", (13, "admin")),
+        (b"/api/v2/admin/x/y", (13, "admin")),
+        (b"/api/v2/administrator", (7, "v2")),
+        (b"/static/app.js", (7, "static")),
+        (b"/staticx", None),
+        (b"/v2", None),
+    ],
+)
+def test_longest_prefix_wins(
+    nested: PrefixRouter[str], path: bytes, expected: tuple[int, str] | None
+) -> None:
+    assert nested.match(path) == expected
+
+
+def test_nested_prefix_wins_whatever_the_insertion_order() -> None:
+    router = PrefixRouter({"/api/v2/admin": "admin", "/api/v2": "v2", "/api": "api"})
+    assert router.match(b"/api/v2/admin/x") == (13, "admin")
+    assert router.match(b"/api/v2/x") == (7, "v2")
+    assert router.match(b"/api/x") == (4, "api")
+
+
+def test_deep_prefix_only() -> None:
+    router = PrefixRouter({"/a/b/c": "abc"})
+    assert router.match(b"/a/b/c/d") == (6, "abc")
+    assert router.match(b"/a/b") is None
+    assert router.match(b"/a/b/cd") is None
+
+
+# ------------------------------------------------------------------------------ root pool
+
+
+def test_root_catches_everything_not_under_a_longer_prefix() -> None:
+    router = PrefixRouter({"/": "root", "/api": "api"})
+    assert router.match(b"/") == (0, "root")
+    assert router.match(b"/anything/else") == (0, "root")
+    assert router.match(b"/apix") == (0, "root")
+    assert router.match(b"/api/x") == (4, "api")
+    assert router.match(b"/api") == (4, "api")
+
+
+def test_root_alone() -> None:
+    router = PrefixRouter({"/": "root"})
+    assert router.match(b"/") == (0, "root")
+    assert router.match(b"/x/y/z") == (0, "root")
+    assert router.match(b"/%2e%2e") == (0, "root")
+
+
+# --------------------------------------------------------------------------- percent-encoding
+
+
+@pytest.mark.parametrize(
+    ("path", "end"),
+    [
+        (b"/%61pi/x", 6),
+        (b"/%61pi", 6),
+        (b"/%61%70%69/x", 10),
+        (b"/ap%69/", 6),
+        (b"/ap%69", 6),
+    ],
+)
+def test_segments_compare_percent_decoded(api: PrefixRouter[str], path: bytes, end: int) -> None:
+    assert api.match(path) == (end, "api")
+
+
+def test_percent_decoded_match_of_a_nested_prefix(nested: PrefixRouter[str]) -> None:
+    assert nested.match(b"/api/%76%32/x") == (11, "v2")
+    assert nested.match(b"/%61pi/v2/x") == (9, "v2")
+    assert nested.match(b"/api/%76%33/x") == (4, "api")
+
+
+def test_percent_escapes_are_case_insensitive_but_segments_are_not(
+    api: PrefixRouter[str],
+) -> None:
+    assert api.match(b"/%61pi") == (6, "api")
+    assert api.match(b"/%41pi") is None  # "Api" is not "api"
+
+
+@pytest.mark.parametrize(
+    "path", [b"/api%2Fx", b"/api%2fx", b"/api%2Fx/y", b"/api%2F", b"/%61pi%2Fx"]
+)
+def test_encoded_slash_never_splits_a_segment(api: PrefixRouter[str], path: bytes) -> None:
+    assert api.match(path) is None
+
+
+def test_encoded_slash_does_not_reach_a_nested_prefix(nested: PrefixRouter[str]) -> None:
+    # "/api/v2%2Fadmin" is /api followed by the single segment "v2/admin".
+    assert nested.match(b"/api/v2%2Fadmin") == (4, "api")
+    assert nested.match(b"/api%2Fv2/x") is None
+
+
+def test_encoded_slash_falls_back_to_root() -> None:
+    router = PrefixRouter({"/": "root", "/api": "api"})
+    assert router.match(b"/api%2Fx") == (0, "root")
+
+
+# ------------------------------------------------------------------------------------ scale
+
+
+def test_ten_thousand_prefixes() -> None:
+    routes: dict[str, int] = {f"/svc{i}": i for i in range(10_000)}
+    routes.update({f"/svc{i}/v2": -i for i in range(0, 10_000, 7)})
+    router = PrefixRouter(routes)
+    assert router.match(b"/svc0") == (5, 0)
+    assert router.match(b"/svc9999/x") == (8, 9999)
+    assert router.match(b"/svc1234/v2/x") == (8, 1234)  # 1234 % 7 != 0: no /v2 pool
+    assert router.match(b"/svc1239/v2/x") == (11, -1239)  # 1239 % 7 == 0
+    assert router.match(b"/svc10000/x") is None
+    assert router.match(b"/svc99") == (6, 99)
+    assert router.match(b"/%73vc42/x") == (8, 42)
+    assert router.match(b"/nope") is None
+
+
+# ----------------------------------------------------------------------------- dot segments
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/api/../admin",
+        b"/api/..",
+        b"/..",
+        b"/api/./x",
+        b"/api/.",
+        b"/./api",
+        b"/api/%2e%2e/admin",
+        b"/api/%2E%2E/admin",
+        b"/api/%2E./admin",
+        b"/api/.%2e/admin",
+        b"/api/%2e/x",
+        b"/api/..%2Fadmin",
+        b"/api/..%2fadmin",
+        b"/api/x%2F..%2Fadmin",
+        b"/api/..\\admin",
+        b"/api\\..\\admin",
+        b"/api/%5c..%5cadmin",
+        b"/api/..%5Cadmin",
+        b"/api/%2e%2e%5cadmin",
+    ],
+)
+def test_dot_segments_are_detected(path: bytes) -> None:
+    assert has_dot_segment(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/",
+        b"/api/x",
+        b"/file..txt",
+        b"/a.b/c",
+        b"/api/...",
+        b"/api/..x",
+        b"/api/x..",
+        b"/.well-known/acme",
+        b"/api/%2e%2e%2e",
+        b"/api/%2ex",
+        b"/api/%252e%252e/x",
+        b"/api/v1.2/x",
+    ],
+)
+def test_no_false_positive_dot_segments(path: bytes) -> None:
+    assert not has_dot_segment(path)
+
+
+# ------------------------------------------------------------------------------ unsafe paths
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"",
+        b"api/x",
+        b"*",
+        b"http://evil/x",
+        b"/a\x00b",
+        b"/a%00b",
+        b"/a\x01b",
+        b"/a\x1fb",
+        b"/a\x7fb",
+        b"/a\rb",
+        b"/a\nb",
+        b"/a\tb",
+        b"/a b",
+        b"/a\\b",
+        b"\\api",
+    ],
+)
+def test_unsafe_paths(path: bytes) -> None:
+    assert is_unsafe_path(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [b"/", b"/api/x", b"/a%20b", b"/a%2Fb", b"/a%5C", b"/caf%C3%A9", b"/a;b=c", b"/~user/x"],
+)
+def test_safe_paths(path: bytes) -> None:
+    assert not is_unsafe_path(path)
