@@ -96,10 +96,6 @@ class RoundRobinMiddleware:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         if b"?" in raw_path:  # some servers leave the query in raw_path
             raw_path = raw_path.partition(b"?")[0]
-        if has_dot_segment(raw_path):
-            logger.info("refused path with a dot segment: %r", raw_path[:200])
-            await send_error(send, 400)
-            return
         found = self._router.match(raw_path)
         if found is None:
             await self.app(scope, receive, send)
@@ -109,7 +105,9 @@ class RoundRobinMiddleware:
         if len(raw_path) + len(scope.get("query_string", b"")) > self.max_url_length:
             await send_error(send, 414)
             return
-        if is_unsafe_path(raw_path):
+        # The whole path is checked, not just the part after the prefix: "/api/../admin"
+        # must neither reach the /api pool nor be re-read as "/admin" by an upstream.
+        if is_unsafe_path(raw_path) or has_dot_segment(raw_path):
             logger.info("pool %s: refused unsafe path %r", state.pool_name, raw_path[:200])
             await send_error(send, 400)
             return

@@ -260,3 +260,30 @@ def test_unsafe_paths(path: bytes) -> None:
 )
 def test_safe_paths(path: bytes) -> None:
     assert not is_unsafe_path(path)
+
+
+def test_dot_segments_are_refused_under_a_pool_and_untouched_elsewhere() -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from rr_middleware import Pool, RoundRobinMiddleware, Upstream
+
+    async def files(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("host app saw " + request.scope["raw_path"].decode())
+
+    async def upstream(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("a dot-segment path reached the upstream")
+
+    app = Starlette(routes=[Route("/files/{rest:path}", files)])
+    app.add_middleware(
+        RoundRobinMiddleware, pools={"/api": Pool([Upstream("http://up.internal", app=upstream)])}
+    )
+    with TestClient(app) as client:
+        for path in ("/api/%2e%2e/admin", "/api/x/.%2E/y", "/api/a/..%2Fb", "/api/%2e"):
+            assert client.get(path).status_code == 400, path
+        outside = client.get("/files/a/%2e%2e/b")
+        assert outside.status_code == 200
+        assert outside.text == "host app saw /files/a/%2e%2e/b"
