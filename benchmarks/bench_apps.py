@@ -7,6 +7,7 @@ uvicorn can load it with ``--factory``:
 ``BENCH_UPSTREAMS``  comma-separated upstream base URLs (proxies only);
 ``BENCH_PREFIXES``   number of pool prefixes for ``middleware_app`` (default 1: only ``/api``);
 ``BENCH_MAX_CONNECTIONS``  ``max_connections`` of those pools (default: Pool's own, 100).
+``BENCH_TRANSPORT``        ``aiohttp`` for the optional aiohttp transport (default: built-in).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rr_middleware import Pool, RoundRobinMiddleware
+from rr_middleware import AiohttpTransport, Pool, RoundRobinMiddleware
 
 UPSTREAM_BODY = b"Hello, world!"  # 13 bytes
 LOCAL_BODY = "local"
@@ -107,7 +108,8 @@ def middleware_app() -> Starlette:
     if count < 1:
         raise RuntimeError("BENCH_PREFIXES must be >= 1")
     app = bare_app()
-    app.add_middleware(RoundRobinMiddleware, pools=_pools(count, _upstreams()))
+    transport = AiohttpTransport() if os.environ.get("BENCH_TRANSPORT") == "aiohttp" else None
+    app.add_middleware(RoundRobinMiddleware, pools=_pools(count, _upstreams()), transport=transport)
     return app
 
 

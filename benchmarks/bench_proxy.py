@@ -234,6 +234,14 @@ TARGETS = (
         UPSTREAMS,
     ),
     Target(
+        "middleware-aiohttp",
+        "the same over the optional aiohttp transport",
+        "middleware-aiohttp",
+        "/api/hello",
+        UPSTREAM_BODY,
+        UPSTREAMS,
+    ),
+    Target(
         "asgiproxy",
         "asgiproxy 0.2, alternating 2 upstreams",
         "asgiproxy",
@@ -290,6 +298,14 @@ def start_all(
         "middleware": (
             "middleware_app",
             {**one, "BENCH_MAX_CONNECTIONS": str(max_connections or "")},
+        ),
+        "middleware-aiohttp": (
+            "middleware_app",
+            {
+                **one,
+                "BENCH_TRANSPORT": "aiohttp",
+                "BENCH_MAX_CONNECTIONS": str(max_connections or ""),
+            },
         ),
         "asgiproxy": ("asgiproxy_app", {}),
         "bare": ("bare_app", {}),
@@ -393,6 +409,13 @@ COMPARISONS = (
         "asgiproxy",
         "x",
         (False, 1.0),
+    ),
+    Comparison(
+        "aiohttp_vs_asgiproxy",
+        "middleware-aiohttp / asgiproxy req/s",
+        "middleware-aiohttp",
+        "asgiproxy",
+        "x",
     ),
     Comparison("middleware_vs_direct", "middleware / direct req/s", "middleware", "direct", "x"),
     Comparison("asgiproxy_vs_direct", "asgiproxy / direct req/s", "asgiproxy", "direct", "x"),

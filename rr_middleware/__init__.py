@@ -3,10 +3,11 @@
 from .config import Pool, Upstream
 from .forwarding import ResponseAborted
 from .middleware import RoundRobinMiddleware
-from .transport import AiohttpTransport, HttpxTransport, UpstreamTransport
+from .transport import AiohttpTransport, Http1Transport, HttpxTransport, UpstreamTransport
 
 __all__ = [
     "AiohttpTransport",
+    "Http1Transport",
     "HttpxTransport",
     "Pool",
     "ResponseAborted",

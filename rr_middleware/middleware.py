@@ -13,8 +13,8 @@ from .forwarding import ProxySettings, forward, logger, send_error
 from .headers import TrustedProxies
 from .routing import PrefixRouter, has_dot_segment, is_unsafe_path
 from .state import PoolState, UpstreamState
-from .transport.aiohttp_transport import AiohttpTransport
 from .transport.base import UpstreamTransport
+from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
 
 __all__ = ["RoundRobinMiddleware"]
@@ -59,7 +59,7 @@ class RoundRobinMiddleware:
             raise ValueError(f"max_url_length must be >= 1, got {max_url_length!r}")
         self.max_url_length = max_url_length
         self._own_transport = transport is None
-        self._transport: UpstreamTransport = _adapt(transport) or AiohttpTransport()
+        self._transport: UpstreamTransport = _adapt(transport) or Http1Transport()
         self._settings = ProxySettings(
             transport=self._transport,
             trusted=self.trusted_proxies,

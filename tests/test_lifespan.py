@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from starlette.testclient import TestClient
 
 from rr_middleware import Pool, RoundRobinMiddleware
-from rr_middleware.transport import AiohttpTransport
+from rr_middleware.transport import Http1Transport
 
 from .servers import RunningServer
 
@@ -104,9 +104,10 @@ def host_app(events: list[str] | None = None, *, fail_startup: bool = False) -> 
 
 
 def session_of(mw: RoundRobinMiddleware) -> Any:
+    """The default transport's open connection set (its "session"), or None."""
     transport = mw.transport
-    assert isinstance(transport, AiohttpTransport)
-    return transport._session
+    assert isinstance(transport, Http1Transport)
+    return transport._connections
 
 
 def next_middleware(app: FastAPI) -> RoundRobinMiddleware:

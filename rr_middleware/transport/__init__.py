@@ -12,12 +12,14 @@ from .base import (
     UpstreamTimeout,
     UpstreamTransport,
 )
+from .http1 import Http1Transport
 from .httpx_transport import HttpxTransport
 
 __all__ = [
     "AiohttpTransport",
     "ConnectFailed",
     "ConnectTimeout",
+    "Http1Transport",
     "HttpxTransport",
     "PoolTimeout",
     "UpstreamBroken",

@@ -1,0 +1,549 @@
+"""The default upstream transport: a lean HTTP/1.1 client made for proxying.
+
+Built on asyncio protocols and httptools (llhttp, the parser uvicorn and Node.js use), it
+speaks bytes end to end: the request head is assembled from the raw header pairs forwarding
+hands it, with no text round trip, no header objects and no URL objects, and the response
+headers come back as the raw pairs the upstream sent. It keeps idle keep-alive connections
+per upstream, streams bodies both ways with backpressure (reading from the upstream pauses
+while the client is slow), and never adds a header of its own.
+
+What it deliberately does not do: cookies, redirects, proxies from the environment,
+decompression, pipelining. A connection is reused only when its previous exchange ended
+cleanly (whole response read, whole request written, keep-alive); anything else discards it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl as ssl_module
+from collections.abc import AsyncGenerator, AsyncIterable
+from typing import Any, cast
+
+import httptools
+
+from ..config import Upstream
+from .base import (
+    ConnectFailed,
+    ConnectTimeout,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamTransport,
+)
+
+__all__ = ["Http1Transport"]
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_MAX_HEADER_BYTES = 64 * 1024  # the upstream's whole response head
+_MAX_HEADERS = 256
+_READ_HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the upstream pauses
+
+
+def _protocol_error(message: str) -> UpstreamBroken:
+    error = UpstreamBroken(message)
+    error.kind = "protocol"
+    return error
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an upstream, carrying one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.owner: _Connections | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.used = False
+        self.parser = httptools.HttpResponseParser(self)
+        self._drain: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.active = False
+        self.head_only = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.headers_done = False
+        self.interim = False
+        self.complete = False
+        self.keep_alive = True
+        self.received_any = False
+        self.error: UpstreamError | None = None
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.read_paused = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        # Small requests must leave at once, not wait for Nagle's algorithm.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active or self.complete:
+            # Bytes nobody asked for (an upstream writing past its response): the
+            # connection's framing can no longer be trusted.
+            self.keep_alive = False
+            self.abort()
+            return
+        self.received_any = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__ if isinstance(exc.__context__, UpstreamError) else None
+            self._fail(cause or _protocol_error(f"invalid response from upstream: {exc}"))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.active and self.owner is not None:
+            self.owner.forget(self)  # an idle connection the upstream closed
+        if self.active and not self.complete:
+            if self.headers_done and exc is None and self._delimited_by_close():
+                self.on_message_complete()
+            else:
+                what = "before the response" if not self.headers_done else "mid-body"
+                self._fail(UpstreamBroken(f"upstream closed the connection {what}"))
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(UpstreamBroken("upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # -- httptools callbacks ----------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > _MAX_HEADER_BYTES or len(self.headers) >= _MAX_HEADERS:
+            raise _protocol_error("upstream response headers are too large")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise _protocol_error("upstream switched protocols unasked")
+            self.interim = True  # 100 Continue, 103 Early Hints: not the response
+            self.headers = []
+            self.header_bytes = 0
+            return
+        self.status = status
+        self.headers_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.head_only:
+            # The parser cannot be told the request was HEAD, so it would wait for the
+            # Content-Length it announces: the response ends here, the connection too.
+            self.keep_alive = False
+            self.complete = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.body_size += len(body)
+        if self.body_size > _READ_HIGH_WATER and not self.read_paused and self.transport:
+            self.read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True
+        self._wake()
+
+    # -- exchange ---------------------------------------------------------------------
+
+    def _delimited_by_close(self) -> bool:
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"content-length" or (
+                lower == b"transfer-encoding" and b"chunked" in value.lower()
+            ):
+                return False
+        return True
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self.keep_alive = False
+        self._wake()
+
+    def _expire(self, error: UpstreamError) -> None:
+        self._fail(error)
+        self.abort()
+
+    async def wait(self, timeout: float) -> None:
+        """Wait for parser progress (or failure), at most ``timeout`` seconds."""
+        waiter = self.loop.create_future()
+        self.waiter = waiter
+        timer = self.loop.call_later(timeout, self._expire, UpstreamTimeout("read timed out"))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    async def wait_or(self, task: asyncio.Task[None]) -> None:
+        """Wait for parser progress or for ``task`` to end, with no time limit."""
+        waiter = self.loop.create_future()
+        self.waiter = waiter
+        try:
+            await asyncio.wait((waiter, task), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        finally:
+            self.waiter = None
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise UpstreamBroken("upstream closed the connection")
+        if self._write_paused:
+            self._drain = self.loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    def take_body(self) -> bytes:
+        body = self.body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self.body_size = 0
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def abort(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+
+
+class _Response:
+    """An upstream response on a connection; releasing it returns or discards the
+    connection."""
+
+    __slots__ = ("_conn", "_owner", "_read_timeout", "_released", "_writer", "headers", "status")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        owner: _Connections,
+        read_timeout: float,
+        writer: asyncio.Task[None] | None,
+    ) -> None:
+        self._conn = conn
+        self._owner = owner
+        self._read_timeout = read_timeout
+        self._writer = writer
+        self._released = False
+        self.status = conn.status
+        self.headers = conn.headers
+
+    def body_complete(self) -> bool:
+        return self._conn.complete
+
+    async def read(self) -> bytes:
+        conn = self._conn
+        while True:
+            if conn.body:
+                return conn.take_body()
+            if conn.complete:
+                return b""
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait(self._read_timeout)
+
+    async def aclose(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        # If the upstream answered before taking the whole body, the rest is not sent.
+        await _settle(self._writer, conn)
+        if conn.complete and conn.keep_alive and not conn.closed and not conn.body:
+            self._owner.release(conn)
+        else:
+            conn.abort()
+            self._owner.forget(conn)
+
+
+class _Connections:
+    """Every connection of one event loop: idle ones per upstream, and all of them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.closed = False
+        self.idle: dict[str, list[_Connection]] = {}
+        self.all: set[_Connection] = set()
+        self.keys: dict[_Connection, str] = {}
+
+    def take_idle(self, key: str, keepalive: float) -> _Connection | None:
+        idle = self.idle.get(key)
+        now = self.loop.time()
+        while idle:
+            conn = idle.pop()  # the most recently used: the warmest, the least stale
+            if not conn.closed and now - conn.idle_since < keepalive:
+                return conn
+            conn.abort()
+            self.forget(conn)
+        return None
+
+    def add(self, conn: _Connection, key: str) -> None:
+        conn.owner = self
+        self.all.add(conn)
+        self.keys[conn] = key
+
+    def release(self, conn: _Connection) -> None:
+        conn._reset()
+        conn.idle_since = self.loop.time()
+        self.idle.setdefault(self.keys[conn], []).append(conn)
+
+    def forget(self, conn: _Connection) -> None:
+        self.all.discard(conn)
+        key = self.keys.pop(conn, None)
+        idle = self.idle.get(key) if key is not None else None
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in list(self.all):
+            conn.abort()
+        self.all.clear()
+        self.idle.clear()
+        self.keys.clear()
+
+
+async def _close_at_loop_end(connections: _Connections) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        connections.close()
+
+
+def _head(request: UpstreamRequest, extra: bytes) -> bytes:
+    lines = b"".join([name + b": " + value + b"\r\n" for name, value in request.headers])
+    return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
+        request.method.encode("ascii"),
+        request.target,
+        lines,
+        extra,
+    )
+
+
+def _has_content_length(request: UpstreamRequest) -> bool:
+    return any(name == b"content-length" for name, _ in request.headers)
+
+
+class Http1Transport(UpstreamTransport):
+    """HTTP/1.1 (and HTTPS) to upstreams over pooled keep-alive connections.
+
+    ``keepalive_timeout`` (default 4 s): idle connections older than this are not reused,
+    so they are dropped before common upstream servers close them (uvicorn and Node.js
+    after 5 s). ``ssl``: True verifies certificates with the system's CAs (default), or
+    pass an ``ssl.SSLContext``.
+    """
+
+    def __init__(self, *, keepalive_timeout: float = 4.0, ssl: Any = True) -> None:
+        self._keepalive = keepalive_timeout
+        self._ssl_option = ssl
+        self._ssl_context: ssl_module.SSLContext | None = None
+        self._connections: _Connections | None = None
+        self._closer: AsyncGenerator[None, None] | None = None
+
+    # -- life -------------------------------------------------------------------------
+
+    async def aopen(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._connections is None or self._connections.loop is not loop:
+            self._connections = _Connections(loop)
+
+    async def aclose(self) -> None:
+        connections, self._connections = self._connections, None
+        if connections is not None:
+            connections.close()
+
+    async def _open_lazily(self, loop: asyncio.AbstractEventLoop) -> _Connections:
+        """Outside a lifespan (a TestClient without ``with``) no shutdown will come, so
+        the event loop's own end closes the connections: an async generator started here
+        is adopted by the loop, whose shutdown (``asyncio.run`` and anyio's runner end with
+        ``shutdown_asyncgens``) resumes it into its ``finally``."""
+        connections = _Connections(loop)
+        closer = _close_at_loop_end(connections)
+        await closer.asend(None)
+        self._closer = closer
+        self._connections = connections
+        return connections
+
+    @property
+    def open_connections(self) -> int:
+        """Connections currently held, idle or busy (for leak checks)."""
+        return len(self._connections.all) if self._connections is not None else 0
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        loop = asyncio.get_running_loop()
+        connections = self._connections
+        if connections is None or connections.loop is not loop:
+            connections = await self._open_lazily(loop)
+        upstream = request.upstream
+        key = upstream.origin
+        conn = connections.take_idle(key, self._keepalive)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, connections, request)
+            except UpstreamBroken:
+                # A kept-alive connection the upstream closed as we reused it: nothing of
+                # the response came back. Safe to send again on a fresh connection only if
+                # the upstream could not have acted on it twice.
+                if conn.received_any or not _replayable(request):
+                    raise
+        conn = await self._connect(loop, upstream, request.connect_timeout)
+        connections.add(conn, key)
+        return await self._exchange(conn, connections, request)
+
+    async def _connect(
+        self, loop: asyncio.AbstractEventLoop, upstream: Upstream, timeout: float
+    ) -> _Connection:
+        ssl_context = self._ssl(upstream)
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(loop),
+                    upstream.host,
+                    upstream.port,
+                    ssl=ssl_context,
+                    server_hostname=upstream.host if ssl_context is not None else None,
+                ),
+                timeout,
+            )
+        except asyncio.TimeoutError:
+            raise ConnectTimeout(f"connect timed out after {timeout}s") from None
+        except ssl_module.SSLError as exc:
+            raise ConnectFailed(f"TLS handshake failed: {exc}") from exc
+        except OSError as exc:
+            raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from exc
+        return protocol
+
+    def _ssl(self, upstream: Upstream) -> ssl_module.SSLContext | None:
+        if upstream.scheme != "https":
+            return None
+        if isinstance(self._ssl_option, ssl_module.SSLContext):
+            return self._ssl_option
+        if self._ssl_context is None:
+            context = ssl_module.create_default_context()
+            if self._ssl_option is False:
+                context.check_hostname = False
+                context.verify_mode = ssl_module.CERT_NONE
+            self._ssl_context = context
+        return self._ssl_context
+
+    async def _exchange(
+        self, conn: _Connection, connections: _Connections, request: UpstreamRequest
+    ) -> UpstreamResponse:
+        transport = conn.transport
+        assert transport is not None
+        conn.active = True
+        conn.head_only = request.method == "HEAD"
+        body = request.body
+        writer: asyncio.Task[None] | None = None
+        try:
+            if body is None:
+                transport.write(_head(request, b""))
+            elif isinstance(body, bytes):
+                extra = (
+                    b"" if _has_content_length(request) else b"content-length: %d\r\n" % len(body)
+                )
+                transport.write(_head(request, extra) + body)
+            else:
+                chunked = not _has_content_length(request)
+                transport.write(
+                    _head(request, b"transfer-encoding: chunked\r\n" if chunked else b"")
+                )
+                writer = asyncio.ensure_future(_write_body(conn, body, chunked))
+            while not conn.headers_done:
+                if conn.error is not None:
+                    raise conn.error
+                if writer is None or writer.done():
+                    # The read timeout runs once the request is out: an upload goes at
+                    # the client's pace, however long that takes.
+                    await conn.wait(request.read_timeout)
+                else:
+                    await conn.wait_or(writer)
+        except BaseException:
+            await _settle(writer, conn)
+            connections.forget(conn)
+            raise
+        return _Response(conn, connections, request.read_timeout, writer)
+
+
+async def _settle(writer: asyncio.Task[None] | None, conn: _Connection) -> None:
+    """End a request-body writer: cancel it if still running (the connection goes with
+    it), and collect its outcome so no task is left with an unretrieved exception."""
+    if writer is None:
+        return
+    if not writer.done():
+        writer.cancel()
+        conn.abort()
+        await asyncio.wait((writer,))
+    if not writer.cancelled() and writer.exception() is not None:
+        conn.abort()
+
+
+def _replayable(request: UpstreamRequest) -> bool:
+    return request.method in _IDEMPOTENT and not isinstance(request.body, AsyncIterable)
+
+
+async def _write_body(conn: _Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+    transport = conn.transport
+    assert transport is not None
+    try:
+        async for chunk in body:
+            if not chunk:
+                continue
+            if conn.closed:
+                return
+            transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await conn.drain()
+        if chunked and not conn.closed:
+            transport.write(b"0\r\n\r\n")
+    except UpstreamError:
+        return  # the connection is gone; the exchange reports it
+    except Exception:
+        # The client's body failed (it disconnected): the upstream must not take a
+        # truncated body as complete, so the connection goes.
+        conn.abort()
+        raise
