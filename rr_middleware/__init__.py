@@ -1,9 +1,16 @@
 """rr-middleware: forward path prefixes of a Starlette/FastAPI app to pools of upstreams."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .config import Pool, Upstream
 from .forwarding import ResponseAborted
 from .middleware import RoundRobinMiddleware
-from .transport import AiohttpTransport, Http1Transport, HttpxTransport, UpstreamTransport
+from .transport import Http1Transport, HttpxTransport, UpstreamTransport
+
+if TYPE_CHECKING:
+    from .transport.aiohttp_transport import AiohttpTransport
 
 __all__ = [
     "AiohttpTransport",
@@ -16,3 +23,11 @@ __all__ = [
     "UpstreamTransport",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AiohttpTransport":  # optional: needs the "aiohttp" extra
+        from . import transport
+
+        return transport.AiohttpTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

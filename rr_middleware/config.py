@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import httpx
     from starlette.types import ASGIApp
 
+    from .transport.base import UpstreamTransport
+
 __all__ = ["Pool", "PoolsArg", "Upstream", "normalize_pools"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -43,7 +45,7 @@ class Upstream:
     url: str
     weight: int = 1
     app: ASGIApp | None = field(default=None, repr=False)
-    transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
+    transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
 
     # Derived once in __post_init__; never set them yourself.
     scheme: str = field(init=False, repr=False)
@@ -126,7 +128,7 @@ class Pool:
     max_connections: int = 100
     preserve_host: bool = False
     retries: int = 2
-    transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
+    transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.upstreams, (str, bytes)) or not isinstance(self.upstreams, Sequence):

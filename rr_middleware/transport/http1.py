@@ -58,7 +58,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self.used = False
         self.parser = httptools.HttpResponseParser(self)
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -130,6 +129,11 @@ class _Connection(asyncio.Protocol):
             drain.set_result(None)
 
     # -- httptools callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second response to one request: a desynchronised or malicious upstream.
+            raise _protocol_error("upstream sent more than one response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value) + 4
