@@ -139,8 +139,10 @@ class RoundRobinMiddleware:
 
     async def startup(self) -> None:
         """Open the upstream client. Called by the lifespan; without one, the client opens
-        on the first request."""
-        await self._transport.aopen()
+        on the first request (and closes when its event loop ends). A transport you passed
+        in is left to open itself, and to you to close."""
+        if self._own_transport:
+            await self._transport.aopen()
 
     async def shutdown(self) -> None:
         """Close the connections this middleware opened. Transports you passed in are
