@@ -132,7 +132,7 @@ async def forward(
     method: str = scope["method"]
     client = scope.get("client")
     try:
-        headers, _chunked = request_headers(
+        headers = request_headers(
             scope["headers"],
             client_host=client[0] if client else None,
             scheme=scope.get("scheme", "http"),

@@ -116,11 +116,11 @@ def request_headers(
     trusted: TrustedProxies,
     keep_host: bool,
     prefix: bytes,
-) -> tuple[Headers, bool]:
+) -> Headers:
     """Build the upstream request's headers from the client's.
 
-    Returns ``(headers, chunked)``: ``chunked`` is True when the client framed its body
-    with Transfer-Encoding (the body is then re-framed and Content-Length dropped).
+    A body the client framed with Transfer-Encoding is re-framed by the transport, so
+    the client's Content-Length, if any, is dropped with it.
     With ``keep_host`` the client's Host is passed on; otherwise the caller appends the
     upstream's own Host (it differs per upstream, so per attempt). ``prefix`` is the
     stripped path prefix (empty when nothing was stripped).
@@ -189,7 +189,7 @@ def request_headers(
         out.append((b"x-forwarded-host", forwarded_host))
     if prefix:
         out.append((b"x-forwarded-prefix", prefix))
-    return out, chunked
+    return out
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]], hidden: frozenset[bytes]) -> Headers:
