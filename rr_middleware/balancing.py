@@ -1,73 +1,190 @@
-"""How an upstream is picked for a request.
+"""How an upstream is picked for a request: the three policies, each O(1)-ish per pick.
 
-Equal weights: plain round robin, O(1) per pick. Unequal weights: nginx's smooth weighted
-round robin (each pick adds every eligible upstream's weight to its current weight, takes
-the largest and subtracts the total from the winner), so weights {5, 1, 1} give
-``a a b a c a a`` rather than five ``a`` in a row. ``weight=0`` drains an upstream.
-An upstream already tried for the request is never picked again for its retry.
+``round_robin`` (default) is nginx's smooth weighted round robin, exactly: each pick adds
+every eligible upstream's weight to its current weight, takes the largest (the first one
+on ties) and subtracts the total from the winner. Weights {5, 1, 1} give ``a a b a c a a``;
+equal weights give plain round robin. nginx walks every upstream on every pick; here the
+upstreams are grouped by weight, which gives the same sequence at a cost that depends on
+the number of *distinct* weights, not of upstreams (see ``SmoothWeighted``).
+
+``least_requests`` is the power of two random choices on in-flight requests, weight-aware
+(Envoy's default): two distinct upstreams drawn at random, the one with fewer in-flight
+requests per unit of weight wins. ``random`` is weighted random.
+
+Every policy picks among the *eligible* upstreams it was built with (the pool rebuilds it
+when health, weights or membership change) and takes ``tried``: upstreams already tried
+for this request are never picked again for its retry.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import random as random_module
 from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["RoundRobin", "Weighted"]
+__all__ = ["POLICIES", "Balancer", "LeastRequests", "SmoothWeighted", "WeightedRandom", "build"]
 
 
 class _Member(Protocol):
     @property
-    def weight(self) -> int: ...
+    def in_flight(self) -> int: ...
 
 
 M = TypeVar("M", bound=_Member)
 
 
-class RoundRobin(Generic[M]):
-    """Pick members in turn; ``tried`` members are skipped."""
+class Balancer(Protocol[M]):
+    def pick(self, tried: Sequence[M] = ()) -> M | None: ...
 
-    def __init__(self, members: Sequence[M]) -> None:
-        self._members = [m for m in members if m.weight > 0]
-        self._next = 0
+
+def _first_untried(members: Sequence[M], tried: Sequence[M]) -> M | None:
+    for member in members:
+        if member not in tried:
+            return member
+    return None
+
+
+class _WeightClass(Generic[M]):
+    """Upstreams sharing one weight. Inside a class the smooth weighted sequence takes
+    them in order, once per round: ``taken`` is how many full rounds are done, ``next``
+    who is due in the current one."""
+
+    __slots__ = ("members", "next", "taken", "weight")
+
+    def __init__(self, weight: int, members: list[tuple[int, M]]) -> None:
+        self.weight = weight
+        self.members = members  # (position in the pool's order, member)
+        self.taken = 0
+        self.next = 0
+
+
+class SmoothWeighted(Generic[M]):
+    """nginx's smooth weighted round robin, computed per weight class.
+
+    After ``t`` picks an upstream of weight ``w`` picked ``k`` times has current weight
+    ``t*w - total*k``. Within a class of equal weights, those not yet picked this round
+    all share the highest value, and nginx's first-on-ties rule takes them in order; so a
+    class is summed up by one value and a cursor, and a pick compares one candidate per
+    distinct weight. After ``total`` picks every current weight is back to zero, so the
+    counters restart there.
+    """
+
+    def __init__(self, members: Sequence[M], weights: Sequence[int]) -> None:
+        classes: dict[int, list[tuple[int, M]]] = {}
+        for position, (member, weight) in enumerate(zip(members, weights, strict=True)):
+            if weight > 0:
+                classes.setdefault(weight, []).append((position, member))
+        self._classes = [_WeightClass(w, m) for w, m in classes.items()]
+        self._total = sum(w * len(m) for w, m in classes.items())
+        self._members = [m for m, w in zip(members, weights, strict=True) if w > 0]
+        self._step = 0
+
+    def _next(self) -> M | None:
+        classes = self._classes
+        if not classes:
+            return None
+        step = self._step + 1
+        if len(classes) == 1:
+            best = classes[0]
+        else:
+            total = self._total
+            best = classes[0]
+            best_value = step * best.weight - total * best.taken
+            best_position = best.members[best.next][0]
+            for cls in classes[1:]:
+                value = step * cls.weight - total * cls.taken
+                if value > best_value or (
+                    value == best_value and cls.members[cls.next][0] < best_position
+                ):
+                    best, best_value, best_position = cls, value, cls.members[cls.next][0]
+        member = best.members[best.next][1]
+        best.next += 1
+        if best.next == len(best.members):
+            best.next = 0
+            best.taken += 1
+        if step == self._total:  # a whole cycle: every current weight is zero again
+            step = 0
+            for cls in classes:
+                cls.taken = 0
+        self._step = step
+        return member
+
+    def pick(self, tried: Sequence[M] = ()) -> M | None:
+        member = self._next()
+        if not tried or member not in tried:
+            return member
+        # A retry: a few more turns usually reach an untried upstream; past that, any.
+        for _ in range(3):
+            member = self._next()
+            if member not in tried:
+                return member
+        return _first_untried(self._members, tried)
+
+
+class LeastRequests(Generic[M]):
+    """Power of two random choices on in-flight requests per unit of weight."""
+
+    def __init__(self, members: Sequence[M], weights: Sequence[int], rng: random_module.Random):
+        pairs = [(m, w) for m, w in zip(members, weights, strict=True) if w > 0]
+        self._members = [m for m, _ in pairs]
+        self._weights = [w for _, w in pairs]
+        self._rng = rng
 
     def pick(self, tried: Sequence[M] = ()) -> M | None:
         members = self._members
         count = len(members)
-        for _ in range(count):
-            index = self._next
-            self._next = index + 1 if index + 1 < count else 0
-            member = members[index]
-            if not tried or member not in tried:
-                return member
-        return None
+        if count <= 1:
+            return members[0] if count and (not tried or members[0] not in tried) else None
+        randrange = self._rng.randrange
+        i = randrange(count)
+        j = randrange(count - 1)
+        if j >= i:
+            j += 1
+        a, b = members[i], members[j]
+        if tried:
+            if a in tried:
+                a = b if b not in tried else _first_untried(members, tried)  # type: ignore[assignment]
+                return a
+            if b in tried:
+                return a
+        # Compare in_flight/weight without dividing: a_load * b_weight vs b_load * a_weight.
+        if a.in_flight * self._weights[j] <= b.in_flight * self._weights[i]:
+            return a
+        return b
 
 
-class Weighted(Generic[M]):
-    """nginx's smooth weighted round robin over the members' weights."""
+class WeightedRandom(Generic[M]):
+    """Each pick independent, with probability proportional to weight."""
 
-    def __init__(self, members: Sequence[M]) -> None:
-        self._members = list(members)
-        self._current = [0] * len(self._members)
+    def __init__(self, members: Sequence[M], weights: Sequence[int], rng: random_module.Random):
+        pairs = [(m, w) for m, w in zip(members, weights, strict=True) if w > 0]
+        self._members = [m for m, _ in pairs]
+        self._cumulative = list(itertools.accumulate(w for _, w in pairs))
+        self._rng = rng
 
     def pick(self, tried: Sequence[M] = ()) -> M | None:
-        current = self._current
-        total = 0
-        best = -1
-        for index, member in enumerate(self._members):
-            weight = member.weight
-            if weight <= 0 or (tried and member in tried):
-                continue
-            current[index] += weight
-            total += weight
-            if best < 0 or current[index] > current[best]:
-                best = index
-        if best < 0:
+        if not self._members:
             return None
-        current[best] -= total
-        return self._members[best]
+        point = self._rng.random() * self._cumulative[-1]
+        member = self._members[bisect.bisect_right(self._cumulative, point)]
+        if tried and member in tried:
+            return _first_untried(self._members, tried)
+        return member
 
 
-def balancer_for(members: Sequence[M]) -> RoundRobin[M] | Weighted[M]:
-    """Plain round robin when all live weights are equal, smooth weighted otherwise."""
-    weights = {m.weight for m in members if m.weight > 0}
-    return RoundRobin(members) if len(weights) <= 1 else Weighted(members)
+POLICIES = ("round_robin", "least_requests", "random")
+
+
+def build(
+    policy: str, members: Sequence[M], weights: Sequence[int], rng: random_module.Random
+) -> Balancer[M]:
+    """The balancer for ``policy`` over ``members`` with these (effective) ``weights``."""
+    if policy == "round_robin":
+        return SmoothWeighted(members, weights)
+    if policy == "least_requests":
+        return LeastRequests(members, weights, rng)
+    if policy == "random":
+        return WeightedRandom(members, weights, rng)
+    raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")

@@ -8,8 +8,10 @@ derived here, once, so forwarding a request does no parsing of configuration.
 from __future__ import annotations
 
 import math
+import random as random_module
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 from urllib.parse import urlsplit
@@ -18,15 +20,17 @@ if TYPE_CHECKING:
     import httpx
     from starlette.types import ASGIApp
 
+    from .state import PoolRuntime
     from .transport.base import UpstreamTransport
 
-__all__ = ["Pool", "PoolsArg", "Upstream", "normalize_pools"]
+__all__ = ["HealthCheck", "Pool", "PoolsArg", "Upstream", "normalize_pools"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # A DNS name or IPv4 address (letters, digits, "-", ".", "_"), or an IPv6 literal.
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._~-]+)?")
 # RFC 3986 path characters: unreserved, sub-delims, ":", "@", "/" and percent-escapes.
 _PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
+_PATH_AND_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 
 
 @dataclass(eq=False)
@@ -106,6 +110,42 @@ class Upstream:
         return f"Upstream({self.url!r}, weight={self.weight})"
 
 
+@dataclass(frozen=True)
+class HealthCheck:
+    """Active health checks of every upstream of a pool, run by the lifespan.
+
+    ``GET path`` every ``interval`` seconds (give or take ``jitter`` times that, so a
+    fleet of workers does not probe in lockstep), each bounded by ``timeout``; a status in
+    ``expect`` passes. An upstream turns unhealthy after ``fall`` consecutive failures and
+    healthy again after ``rise`` consecutive passes (HAProxy's thresholds).
+
+    >>> HealthCheck(path="/healthz", interval=5.0).fall
+    3
+    """
+
+    path: str = "/health"
+    interval: float = 10.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    expect: Container[int] = range(200, 400)
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.startswith("/"):
+            raise ValueError(f"health check path must start with '/', got {self.path!r}")
+        if not _PATH_AND_QUERY.fullmatch(self.path):
+            raise ValueError(f"health check path {self.path!r} must be ASCII URL characters")
+        _positive_number("health check interval", self.interval)
+        _positive_number("health check timeout", self.timeout)
+        _int_at_least("health check rise", self.rise, 1)
+        _int_at_least("health check fall", self.fall, 1)
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)):
+            raise ValueError(f"health check jitter must be a number, got {self.jitter!r}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"health check jitter must be in [0, 1), got {self.jitter!r}")
+
+
 @dataclass(eq=False)
 class Pool:
     """The upstreams behind one path prefix, and how requests reach them.
@@ -114,10 +154,9 @@ class Pool:
     >>> [u.url for u in pool.upstreams]
     ['http://10.0.0.1:8000', 'http://10.0.0.2:8000']
 
-    Defaults: ``strip_prefix=True``, ``timeout=60.0`` (seconds waiting for response
-    headers, and between two body chunks), ``connect_timeout=5.0``, ``pool_timeout=5.0``
-    (waiting for a free connection), ``max_connections=100`` per upstream,
-    ``preserve_host=False``, ``retries=2`` (capped at the pool size - 1).
+    Every option and its default is in the README's configuration reference. Keep a
+    reference to the Pool to read ``pool.snapshot()`` or ``pool.drain(url)`` while it
+    serves.
     """
 
     upstreams: Sequence[Upstream | str]
@@ -129,6 +168,20 @@ class Pool:
     preserve_host: bool = False
     retries: int = 2
     transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
+    policy: str = "round_robin"
+    health_check: HealthCheck | None = None
+    max_fails: int = 3
+    fail_timeout: float = 10.0
+    unhealthy_statuses: Collection[int] = frozenset({502, 503, 504})
+    on_all_down: str = "try_all"
+    retry_non_idempotent: bool = False
+    retry_body_limit: int = 64 * 1024
+    retry_on_statuses: Collection[int] = frozenset()
+    slow_start: float = 0.0
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    random: random_module.Random | None = field(default=None, repr=False)
+    # The run-time state of the middleware serving this pool (set when one does).
+    _runtime: PoolRuntime | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.upstreams, (str, bytes)) or not isinstance(self.upstreams, Sequence):
@@ -145,22 +198,33 @@ class Pool:
                 raise ValueError(f"upstream {member.url!r} appears twice in one pool")
             seen.add(key)
         self.upstreams = members
-        for name in ("timeout", "connect_timeout", "pool_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number of seconds, got {value!r}")
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
-        if (
-            isinstance(self.max_connections, bool)
-            or not isinstance(self.max_connections, int)
-            or self.max_connections < 1
-        ):
+        for name in ("timeout", "connect_timeout", "pool_timeout", "fail_timeout"):
+            _positive_number(name, getattr(self, name))
+        _int_at_least("retries", self.retries, 0)
+        _int_at_least("max_connections", self.max_connections, 1)
+        _int_at_least("max_fails", self.max_fails, 0)
+        _int_at_least("retry_body_limit", self.retry_body_limit, 0)
+        if self.policy not in ("round_robin", "least_requests", "random"):
             raise ValueError(
-                f"max_connections must be an integer >= 1, got {self.max_connections!r}"
+                f"policy must be 'round_robin', 'least_requests' or 'random', got {self.policy!r}"
             )
+        if self.on_all_down not in ("try_all", "fail"):
+            raise ValueError(f"on_all_down must be 'try_all' or 'fail', got {self.on_all_down!r}")
+        if self.health_check is not None and not isinstance(self.health_check, HealthCheck):
+            raise ValueError(f"health_check must be a HealthCheck, got {self.health_check!r}")
+        for name in ("unhealthy_statuses", "retry_on_statuses"):
+            statuses = getattr(self, name)
+            if isinstance(statuses, (str, bytes)) or not all(
+                isinstance(code, int) and 100 <= code <= 599 for code in statuses
+            ):
+                raise ValueError(f"{name} must be HTTP status codes, got {statuses!r}")
+            setattr(self, name, frozenset(statuses))
+        if isinstance(self.slow_start, bool) or not isinstance(self.slow_start, (int, float)):
+            raise ValueError(f"slow_start must be a number of seconds, got {self.slow_start!r}")
+        if not math.isfinite(self.slow_start) or self.slow_start < 0:
+            raise ValueError(f"slow_start must be >= 0 seconds, got {self.slow_start!r}")
+        if not callable(self.clock):
+            raise ValueError(f"clock must be a callable returning seconds, got {self.clock!r}")
 
     @property
     def members(self) -> list[Upstream]:
@@ -172,8 +236,39 @@ class Pool:
         """How many distinct upstreams one request may try: 1 + retries, at most the pool size."""
         return min(self.retries + 1, len(self.upstreams))
 
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per upstream: url, weight, effective weight, health (active), ejection
+        (passive), drained, in-flight, requests, failures, last check. Reads the state of
+        the middleware serving this pool (the last one built with it)."""
+        return self._serving().snapshot()
+
+    def drain(self, url: str) -> None:
+        """Stop sending new requests to ``url``; requests in flight finish."""
+        self._serving().set_drained(url, True)
+
+    def undrain(self, url: str) -> None:
+        """Send requests to ``url`` again."""
+        self._serving().set_drained(url, False)
+
+    def _serving(self) -> PoolRuntime:
+        if self._runtime is None:
+            raise RuntimeError("this Pool is not served by a RoundRobinMiddleware yet")
+        return self._runtime
+
 
 PoolsArg = Mapping[str, Union[Pool, Sequence[Union[Upstream, str]]]]
+
+
+def _positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _int_at_least(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _upstream_from(value: Any) -> Upstream:

@@ -33,7 +33,7 @@ from .transport.base import (
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send
 
-    from .state import PoolState, UpstreamState
+    from .state import PoolRuntime, UpstreamState
 
 __all__ = ["ProxySettings", "ResponseAborted", "forward", "send_error"]
 
@@ -119,7 +119,7 @@ class _RequestBody:
 
 
 async def forward(
-    state: PoolState,
+    state: PoolRuntime,
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -141,32 +141,31 @@ async def forward(
             prefix=state.prefix if pool.strip_prefix else b"",
         )
     except BadRequestHeaders as exc:
-        logger.info("pool %s: refused request: %s", state.pool_name, exc)
+        logger.info("pool %s: refused request: %s", state.name, exc)
         await send_error(send, 400)
         return
     query: bytes = scope.get("query_string", b"")
     suffix = path + b"?" + query if query else path
 
-    message = await receive()
-    if message["type"] == "http.disconnect":
+    retryable = method in IDEMPOTENT_METHODS or pool.retry_non_idempotent
+    try:
+        body, stream = await _read_body(receive, pool.retry_body_limit if retryable else 0)
+    except ClientDisconnected:
         return
-    first: bytes = message.get("body", b"")
-    stream = _RequestBody(receive, first) if message.get("more_body", False) else None
-    body = first or None
 
     tried: list[UpstreamState] = []
     member: UpstreamState | None = None
     response: UpstreamResponse | None = None
     error: UpstreamError | None = None
-    for _ in range(pool.max_attempts):
-        member = state.balancer.pick(tried)
+    for attempt in range(pool.max_attempts):
+        member = state.pick(tried)
         if member is None:
             break
         tried.append(member)
         upstream = member.upstream
         if not await member.limiter.acquire(pool.pool_timeout):
             error = PoolTimeout(f"no free connection within {pool.pool_timeout}s")
-            logger.warning("pool %s: %s: %s", state.pool_name, upstream.url, error)
+            logger.warning("pool %s: %s: %s", state.name, upstream.url, error)
             continue
         target = upstream.base_path + suffix
         if not target.startswith(b"/"):
@@ -182,17 +181,18 @@ async def forward(
         )
         try:
             response = await (member.transport or settings.transport).send(request)
-            break
         except UpstreamError as exc:
             member.limiter.release()
             error = exc
             if stream is not None and stream.disconnected:
-                logger.info("pool %s: client left during the request body", state.pool_name)
+                logger.info("pool %s: client left during the request body", state.name)
                 return
-            retry = _may_retry(exc, method, stream)
+            if not isinstance(exc, RequestNotForwardable):
+                state.report_failure(member, exc.kind)
+            retry = _may_retry(exc, retryable, stream) and attempt + 1 < pool.max_attempts
             logger.warning(
                 "pool %s: %s %s failed (%s): %s%s",
-                state.pool_name,
+                state.name,
                 method,
                 upstream.url,
                 exc.kind,
@@ -201,17 +201,46 @@ async def forward(
             )
             if not retry:
                 break
+            continue
         except ClientDisconnected:
             member.limiter.release()
-            logger.info("pool %s: client left during the request body", state.pool_name)
+            logger.info("pool %s: client left during the request body", state.name)
             return
         except BaseException:
             member.limiter.release()
             raise
+        status = response.status
+        if status in pool.unhealthy_statuses:
+            state.report_failure(member, f"status {status}")
+        else:
+            state.report_success(member)
+        if (
+            status in pool.retry_on_statuses
+            and attempt + 1 < pool.max_attempts
+            and retryable
+            and stream is None
+        ):
+            logger.warning(
+                "pool %s: %s %s answered %d; trying the next upstream",
+                state.name,
+                method,
+                upstream.url,
+                status,
+            )
+            await response.aclose()
+            member.limiter.release()
+            response = None
+            continue
+        break
 
     if response is None or member is None:
+        if not tried and state.all_down and pool.on_all_down == "fail":
+            logger.warning("pool %s: every upstream is down; answering 503", state.name)
+            retry_after = b"%d" % state.retry_after()
+            await send_error(send, 503, [(b"retry-after", retry_after)])
+            return
         if error is None:
-            logger.warning("pool %s: no upstream available", state.pool_name)
+            logger.warning("pool %s: no upstream available", state.name)
         await send_error(send, _status_for(error))
         return
     try:
@@ -220,12 +249,40 @@ async def forward(
         member.limiter.release()
 
 
-def _may_retry(exc: UpstreamError, method: str, stream: _RequestBody | None) -> bool:
+async def _read_body(
+    receive: Receive, buffer_limit: int
+) -> tuple[bytes | None, _RequestBody | None]:
+    """The request body as bytes (complete, so replayable) or as a stream.
+
+    A body that arrives in one message, or in several totalling at most ``buffer_limit``
+    bytes (``retry_body_limit`` for requests that may be retried), is held in memory; a
+    longer one streams to the upstream, starting with what was already read. Raises
+    ClientDisconnected if the client leaves first.
+    """
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnected
+    chunks = [message.get("body", b"")]
+    size = len(chunks[0])
+    while message.get("more_body", False):
+        if size > buffer_limit:
+            return None, _RequestBody(receive, b"".join(chunks))
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return body or None, None
+
+
+def _may_retry(exc: UpstreamError, retryable: bool, stream: _RequestBody | None) -> bool:
     if isinstance(exc, (UpstreamTimeout, RequestNotForwardable)):
         return False  # a silent upstream costs the client one timeout, not one per retry
     if stream is not None and stream.started:
         return False  # the body was consumed: it cannot be sent again
-    return not exc.sent or method in IDEMPOTENT_METHODS
+    return not exc.sent or retryable
 
 
 def _status_for(error: UpstreamError | None) -> int:
@@ -246,7 +303,7 @@ async def _relay(
     receive: Receive,
     send: Send,
     stream: _RequestBody | None,
-    state: PoolState,
+    state: PoolRuntime,
     member: UpstreamState,
     settings: ProxySettings,
 ) -> None:
@@ -282,9 +339,10 @@ async def _relay(
         else:
             await _pump(response, send)
     except UpstreamError as exc:
+        state.report_failure(member, exc.kind)
         logger.warning(
             "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
-            state.pool_name,
+            state.name,
             member.upstream.url,
             exc.kind,
             exc,

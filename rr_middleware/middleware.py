@@ -12,7 +12,7 @@ from .config import Pool, PoolsArg, normalize_pools
 from .forwarding import ProxySettings, forward, logger, send_error
 from .headers import TrustedProxies
 from .routing import PrefixRouter, has_dot_segment, is_unsafe_path
-from .state import PoolState, UpstreamState
+from .state import PoolRuntime, UpstreamState
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
@@ -68,10 +68,10 @@ class RoundRobinMiddleware:
             ),
         )
         self._states = {
-            prefix: PoolState(prefix, pool, self._members(pool))
+            prefix: PoolRuntime(prefix, pool, self._members(pool))
             for prefix, pool in self.pools.items()
         }
-        self._router: PrefixRouter[PoolState] = PrefixRouter(self._states)
+        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(self._states)
 
     @staticmethod
     def _members(pool: Pool) -> list[UpstreamState]:
@@ -108,7 +108,7 @@ class RoundRobinMiddleware:
         # The whole path is checked, not just the part after the prefix: "/api/../admin"
         # must neither reach the /api pool nor be re-read as "/admin" by an upstream.
         if is_unsafe_path(raw_path) or has_dot_segment(raw_path):
-            logger.info("pool %s: refused unsafe path %r", state.pool_name, raw_path[:200])
+            logger.info("pool %s: refused unsafe path %r", state.name, raw_path[:200])
             await send_error(send, 400)
             return
         path = raw_path[end:] if state.pool.strip_prefix else raw_path
@@ -143,10 +143,14 @@ class RoundRobinMiddleware:
         in is left to open itself, and to you to close."""
         if self._own_transport:
             await self._transport.aopen()
+        for state in self._states.values():
+            state.start_checks(self._transport)
 
     async def shutdown(self) -> None:
         """Close the connections this middleware opened. Transports you passed in are
         yours to close."""
+        for state in self._states.values():
+            await state.stop_checks()
         if self._own_transport:
             await self._transport.aclose()
 

@@ -1,19 +1,28 @@
 """Run-time state of pools and upstreams, owned by one middleware instance.
 
-The configuration dataclasses stay plain; what changes while serving (connection slots,
-the balancer's position, which transport carries an upstream's traffic) lives here.
+The configuration dataclasses stay plain; what changes while serving lives here: the
+connection slots, each upstream's health, the set of upstreams eligible for traffic and
+the balancer over it. The eligible set is rebuilt only when something changes (a health
+transition, an ejection expiring, a slow-start step, a drain), so a pick does no scan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import random
 from collections import deque
+from typing import Any
 
-from .balancing import RoundRobin, Weighted, balancer_for
+from .balancing import Balancer, build
 from .config import Pool, Upstream
+from .health import CheckResult, UpstreamHealth, probe
 from .transport.base import UpstreamTransport
 
-__all__ = ["ConnectionLimiter", "PoolState", "UpstreamState"]
+__all__ = ["ConnectionLimiter", "PoolRuntime", "UpstreamState"]
+
+logger = logging.getLogger("rr_middleware")
 
 
 class ConnectionLimiter:
@@ -67,30 +76,232 @@ def _expire(waiter: asyncio.Future[bool]) -> None:
 class UpstreamState:
     """One upstream as the middleware serves it."""
 
-    __slots__ = ("limiter", "transport", "upstream")
+    __slots__ = ("drained", "failures", "health", "limiter", "requests", "transport", "upstream")
 
     def __init__(self, upstream: Upstream, transport: UpstreamTransport | None, limit: int):
         self.upstream = upstream
         #: None: the middleware's default transport, opened with the lifespan.
         self.transport = transport
         self.limiter = ConnectionLimiter(limit)
+        self.health = UpstreamHealth()
+        self.drained = False
+        self.requests = 0
+        self.failures = 0
 
     @property
-    def weight(self) -> int:
-        return self.upstream.weight
+    def in_flight(self) -> int:
+        return self.limiter.active
 
     def __repr__(self) -> str:
-        return f"<UpstreamState {self.upstream.url} in_flight={self.limiter.active}>"
+        return f"<UpstreamState {self.upstream.url} in_flight={self.in_flight}>"
 
 
-class PoolState:
-    """One pool as the middleware serves it: its members and their balancer."""
-
-    __slots__ = ("balancer", "members", "pool", "pool_name", "prefix")
+class PoolRuntime:
+    """One pool as a middleware serves it: members, their health, and the balancer."""
 
     def __init__(self, prefix: str, pool: Pool, members: list[UpstreamState]) -> None:
-        self.pool_name = prefix
+        self.name = prefix
         self.prefix = prefix.encode("ascii") if prefix != "/" else b""
         self.pool = pool
         self.members = members
-        self.balancer: RoundRobin[UpstreamState] | Weighted[UpstreamState] = balancer_for(members)
+        self.clock = pool.clock
+        self.rng = pool.random if pool.random is not None else random.Random()
+        self.eligible: list[UpstreamState] = []
+        self.balancer: Balancer[UpstreamState] = build(pool.policy, [], [], self.rng)
+        self.all_down = False
+        self._next_change = math.inf
+        self._checker: asyncio.Task[None] | None = None
+        self.refresh()
+        pool._runtime = self  # pool.snapshot() and pool.drain() read this
+
+    # -- eligibility --------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Rebuild the set of upstreams that may take traffic, and its balancer."""
+        now = self.clock()
+        pool = self.pool
+        eligible: list[UpstreamState] = []
+        weights: list[int] = []
+        next_change = math.inf
+        for member in self.members:
+            health = member.health
+            if member.drained or member.upstream.weight <= 0 or not health.healthy:
+                continue
+            if health.ejected_until is not None and not health.expire_ejection(now):
+                next_change = min(next_change, health.ejected_until)
+                continue
+            if health.half_open and health.probing:
+                continue  # exactly one request probes a half-open upstream
+            tenths, ramp_step = health.ramp(now, pool.slow_start)
+            if ramp_step is not None:
+                next_change = min(next_change, ramp_step)
+            eligible.append(member)
+            weights.append(member.upstream.weight * tenths)
+        self.all_down = not eligible
+        if self.all_down and pool.on_all_down == "try_all":
+            # Panic mode (Envoy's name; the seed's behaviour too): better to try every
+            # upstream than to refuse all traffic because every check says down.
+            eligible = [m for m in self.members if not m.drained and m.upstream.weight > 0]
+            weights = [m.upstream.weight for m in eligible]
+        self.eligible = eligible
+        self.balancer = build(pool.policy, eligible, weights, self.rng)
+        self._next_change = next_change
+
+    def pick(self, tried: list[UpstreamState]) -> UpstreamState | None:
+        """The upstream for the next attempt, or None when none may be tried."""
+        if self._next_change != math.inf and self.clock() >= self._next_change:
+            self.refresh()
+        member = self.balancer.pick(tried)
+        if member is not None and member.health.half_open and not self.all_down:
+            member.health.probing = True
+            self.refresh()
+        return member
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait when every upstream is down (at least 1)."""
+        now = self.clock()
+        ejections = [m.health.ejected_until for m in self.members if m.health.ejected_until]
+        check = self.pool.health_check
+        waits = [until - now for until in ejections]
+        if check is not None:
+            waits.append(check.interval)
+        return max(1, math.ceil(min(waits))) if waits else 1
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def report_success(self, member: UpstreamState) -> None:
+        member.requests += 1
+        if member.health.half_open and member.health.record_success(self.clock()):
+            logger.warning(
+                "pool %s: upstream %s recovered (half-open probe succeeded)",
+                self.name,
+                member.upstream.url,
+            )
+            self.refresh()
+
+    def report_failure(self, member: UpstreamState, kind: str) -> None:
+        member.requests += 1
+        member.failures += 1
+        pool = self.pool
+        if len(self.members) < 2 and not member.health.half_open:
+            return  # a pool of one is never ejected: there is nowhere else to go
+        if member.health.record_failure(self.clock(), pool.max_fails, pool.fail_timeout):
+            logger.warning(
+                "pool %s: upstream %s ejected for %ss (%s failures; last: %s)",
+                self.name,
+                member.upstream.url,
+                pool.fail_timeout,
+                pool.max_fails,
+                kind,
+            )
+            self.refresh()
+
+    def set_drained(self, url: str, drained: bool) -> None:
+        for member in self.members:
+            if member.upstream.url == url:
+                if member.drained != drained:
+                    member.drained = drained
+                    logger.warning(
+                        "pool %s: upstream %s %s",
+                        self.name,
+                        url,
+                        "drained" if drained else "back in rotation",
+                    )
+                    self.refresh()
+                return
+        raise ValueError(f"pool {self.name}: no upstream {url!r}")
+
+    # -- active checks --------------------------------------------------------------------
+
+    def start_checks(self, default: UpstreamTransport) -> None:
+        if self.pool.health_check is not None and self._checker is None:
+            self._checker = asyncio.ensure_future(self._check_forever(default))
+
+    async def stop_checks(self) -> None:
+        checker, self._checker = self._checker, None
+        if checker is not None:
+            checker.cancel()
+            await asyncio.wait((checker,))
+
+    async def check_now(self, default: UpstreamTransport) -> None:
+        """Check every upstream once, concurrently, and apply the results."""
+        check = self.pool.health_check
+        if check is None:
+            return
+        now = self.clock()
+        results = await asyncio.gather(
+            *(probe(m.transport or default, m.upstream, check, now) for m in self.members)
+        )
+        changed = False
+        for member, result in zip(self.members, results, strict=True):
+            transition = member.health.record_check(result, check)
+            if transition is not None:
+                changed = True
+                _log_check_transition(self.name, member, transition, result, check)
+        if changed:
+            self.refresh()
+
+    async def _check_forever(self, default: UpstreamTransport) -> None:
+        check = self.pool.health_check
+        assert check is not None
+        while True:
+            await self.check_now(default)
+            spread = check.jitter * (2 * self.rng.random() - 1)
+            await asyncio.sleep(check.interval * (1 + spread))
+
+    # -- introspection --------------------------------------------------------------------
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        eligible = {id(m) for m in self.eligible}
+        rows = []
+        for member in self.members:
+            health = member.health
+            tenths, _ = health.ramp(now, self.pool.slow_start)
+            last = health.last_check
+            rows.append(
+                {
+                    "url": member.upstream.url,
+                    "weight": member.upstream.weight,
+                    "effective_weight": member.upstream.weight * tenths / 10,
+                    "healthy": health.healthy,
+                    "ejected": health.ejected_until is not None,
+                    "ejected_until": health.ejected_until,
+                    "half_open": health.half_open,
+                    "drained": member.drained,
+                    "eligible": id(member) in eligible and not self.all_down,
+                    "in_flight": member.in_flight,
+                    "requests": member.requests,
+                    "failures": member.failures,
+                    "last_check": None
+                    if last is None
+                    else {
+                        "ok": last.ok,
+                        "status": last.status,
+                        "error": last.error,
+                        "at": last.at,
+                        "latency": last.latency,
+                    },
+                }
+            )
+        return rows
+
+
+def _log_check_transition(
+    pool: str, member: UpstreamState, transition: str, result: CheckResult, check: Any
+) -> None:
+    if transition == "down":
+        logger.warning(
+            "pool %s: upstream %s is DOWN after %d failed checks (last: %s)",
+            pool,
+            member.upstream.url,
+            check.fall,
+            result.error,
+        )
+    else:
+        logger.warning(
+            "pool %s: upstream %s is UP after %d passed checks",
+            pool,
+            member.upstream.url,
+            check.rise,
+        )

@@ -69,6 +69,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes = 0
+        self.head_received = 0
         self.headers_done = False
         self.interim = False
         self.complete = False
@@ -98,11 +99,19 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         self.received_any = True
+        if not self.headers_done:
+            self.head_received += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             cause = exc.__context__ if isinstance(exc.__context__, UpstreamError) else None
             self._fail(cause or _protocol_error(f"invalid response from upstream: {exc}"))
+            self.abort()
+            return
+        if not self.headers_done and self.head_received > _MAX_HEADER_BYTES:
+            # The parser holds a partial header line without calling back: an endless
+            # head is cut off by the bytes received, not by the headers seen.
+            self._fail(_protocol_error("upstream response head is too large"))
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -135,7 +144,14 @@ class _Connection(asyncio.Protocol):
             # A second response to one request: a desynchronised or malicious upstream.
             raise _protocol_error("upstream sent more than one response")
 
+    def on_status(self, status: bytes) -> None:
+        self.header_bytes += len(status)  # the reason phrase counts toward the head
+        if self.header_bytes > _MAX_HEADER_BYTES:
+            raise _protocol_error("upstream response head is too large")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return  # a trailer field: hop-by-hop by nature (RFC 9110 §6.5), not relayed
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > _MAX_HEADER_BYTES or len(self.headers) >= _MAX_HEADERS:
             raise _protocol_error("upstream response headers are too large")

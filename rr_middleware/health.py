@@ -1,0 +1,183 @@
+"""When an upstream is unhealthy: active checks (HAProxy's rise/fall) and passive ejection
+(nginx's max_fails/fail_timeout, with a half-open probe).
+
+``UpstreamHealth`` holds one upstream's state and applies the rules; it never reads a
+clock itself (the pool passes ``now``), so thresholds, windows and half-open probing are
+tested with an injected clock and no sleeps. ``probe`` runs one active check through the
+same transport as traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from .config import HealthCheck, Upstream
+from .transport.base import UpstreamError, UpstreamRequest, UpstreamTransport
+
+__all__ = ["USER_AGENT", "CheckResult", "UpstreamHealth", "probe"]
+
+USER_AGENT = b"rr-middleware-health/0.1"
+_MAX_CHECK_BODY = 64 * 1024  # read (and discard) at most this much of a check's body
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One active check: passed or not, the status (0 if none came), what failed, when,
+    and how long it took."""
+
+    ok: bool
+    status: int
+    error: str | None
+    at: float
+    latency: float
+
+
+class UpstreamHealth:
+    """One upstream's health: active (``healthy``) and passive (``ejected_until``)."""
+
+    __slots__ = (
+        "check_fails",
+        "check_passes",
+        "ejected_until",
+        "fails",
+        "half_open",
+        "healthy",
+        "last_check",
+        "probing",
+        "recovered_at",
+        "window_start",
+    )
+
+    def __init__(self) -> None:
+        self.healthy = True  # upstreams start healthy; the first check result counts
+        self.check_passes = 0
+        self.check_fails = 0
+        self.last_check: CheckResult | None = None
+        self.fails = 0
+        self.window_start = 0.0
+        self.ejected_until: float | None = None
+        self.half_open = False
+        self.probing = False
+        self.recovered_at: float | None = None  # for slow start
+
+    # -- active -------------------------------------------------------------------------
+
+    def record_check(self, result: CheckResult, check: HealthCheck) -> str | None:
+        """Count a check; return "up" or "down" when the state changes."""
+        self.last_check = result
+        if result.ok:
+            self.check_passes += 1
+            self.check_fails = 0
+            if not self.healthy and self.check_passes >= check.rise:
+                self.healthy = True
+                self.recovered_at = result.at
+                return "up"
+        else:
+            self.check_fails += 1
+            self.check_passes = 0
+            if self.healthy and self.check_fails >= check.fall:
+                self.healthy = False
+                return "down"
+        return None
+
+    # -- passive ------------------------------------------------------------------------
+
+    def record_failure(self, now: float, max_fails: int, fail_timeout: float) -> str | None:
+        """Count a failed exchange; return "ejected" when it takes the upstream out."""
+        if self.half_open:
+            # The one probe after an ejection failed: out for another fail_timeout.
+            self.half_open = self.probing = False
+            self.ejected_until = now + fail_timeout
+            return "ejected"
+        if max_fails <= 0 or self.ejected_until is not None:
+            return None
+        if now - self.window_start > fail_timeout:
+            self.window_start = now
+            self.fails = 0
+        self.fails += 1
+        if self.fails >= max_fails:
+            self.fails = 0
+            self.ejected_until = now + fail_timeout
+            return "ejected"
+        return None
+
+    def record_success(self, now: float) -> str | None:
+        """Count a good exchange; return "recovered" when it ends a half-open probe."""
+        if self.half_open:
+            self.half_open = self.probing = False
+            self.fails = 0
+            self.recovered_at = now
+            return "recovered"
+        return None
+
+    def expire_ejection(self, now: float) -> bool:
+        """Past ``ejected_until``: turn half-open (one request may probe). True if so."""
+        if self.ejected_until is not None and now >= self.ejected_until:
+            self.ejected_until = None
+            self.half_open = True
+            self.probing = False
+            return True
+        return False
+
+    def ramp(self, now: float, slow_start: float) -> tuple[int, float | None]:
+        """Slow start: the share of weight in tenths (1..10) and when it next grows."""
+        if slow_start <= 0 or self.recovered_at is None:
+            return 10, None
+        elapsed = now - self.recovered_at
+        if elapsed >= slow_start:
+            self.recovered_at = None
+            return 10, None
+        tenths = 1 + int(9 * elapsed / slow_start)
+        return tenths, self.recovered_at + tenths * slow_start / 9
+
+
+async def probe(
+    transport: UpstreamTransport,
+    upstream: Upstream,
+    check: HealthCheck,
+    now: float,
+) -> CheckResult:
+    """One active check of ``upstream``: GET ``check.path`` with the upstream's own Host,
+    a short User-Agent, no cookies and no credentials, within ``check.timeout``. ``now``
+    (the pool's clock) stamps the result."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    request = UpstreamRequest(
+        method="GET",
+        upstream=upstream,
+        target=upstream.base_path + check.path.encode("ascii"),
+        headers=[(b"host", upstream.host_header), (b"user-agent", USER_AGENT)],
+        body=None,
+        connect_timeout=check.timeout,
+        read_timeout=check.timeout,
+    )
+    status = 0
+    try:
+        status = await asyncio.wait_for(_exchange(transport, request), check.timeout)
+    except asyncio.TimeoutError:
+        error: str | None = "timeout"
+    except UpstreamError as exc:
+        error = f"{exc.kind}: {exc}"
+    except Exception as exc:  # a transport bug must not end the checker
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        error = None if status in check.expect else f"status {status}"
+    return CheckResult(
+        ok=error is None,
+        status=status,
+        error=error,
+        at=now,
+        latency=loop.time() - started,
+    )
+
+
+async def _exchange(transport: UpstreamTransport, request: UpstreamRequest) -> int:
+    response = await transport.send(request)
+    try:
+        read = 0
+        while read <= _MAX_CHECK_BODY and (chunk := await response.read()):
+            read += len(chunk)
+        return response.status
+    finally:
+        await response.aclose()
