@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import Pool, Upstream
+from .config import HealthCheck, Pool, Upstream
 from .forwarding import ResponseAborted
 from .middleware import RoundRobinMiddleware
 from .transport import Http1Transport, HttpxTransport, UpstreamTransport
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AiohttpTransport",
+    "HealthCheck",
     "Http1Transport",
     "HttpxTransport",
     "Pool",
