@@ -185,6 +185,11 @@ class Measurement:
     url: str
     warmup: WrkResult | None = None
     rounds: list[WrkResult] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return statistics.median(self.cpu_us)
 
     @property
     def rps(self) -> float:
@@ -213,7 +218,12 @@ class Measurement:
         return {
             "label": self.target.label,
             "url": self.url,
-            "median": {"requests_per_sec": self.rps, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms},
+            "median": {
+                "requests_per_sec": self.rps,
+                "p50_ms": self.p50_ms,
+                "p99_ms": self.p99_ms,
+                "cpu_us_per_request": self.cpu_us_per_request,
+            },
             "spread_pct": self.spread_pct,
             "errors": self.errors,
             "flagged": self.errors > 0,
@@ -340,6 +350,13 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(servers: dict[str, Server], args: argparse.Namespace) -> dict[str, Measurement]:
     results = {t.name: Measurement(t, servers[t.server].base_url + t.path) for t in TARGETS}
     for target in TARGETS:
@@ -350,7 +367,12 @@ def measure(servers: dict[str, Server], args: argparse.Namespace) -> dict[str, M
             progress(f"warm-up  {m.target.name:<15} {m.warmup.requests_per_sec:>10.1f} req/s")
     for round_no in range(1, args.rounds + 1):
         for m in results.values():
+            pid = servers[m.target.server].process.pid
+            cpu_before = cpu_seconds(pid)
             result = wrk_runner.run(m.url, duration=args.duration, connections=args.connections)
+            # CPU per request of the server under test: unlike req/s, barely moved by
+            # whatever else the shared machine is doing.
+            m.cpu_us.append((cpu_seconds(pid) - cpu_before) * 1e6 / max(result.requests, 1))
             m.rounds.append(result)
             flag = f"  ERRORS: {result.errors}" if result.errors else ""
             progress(
@@ -443,16 +465,17 @@ def compare(results: dict[str, Measurement]) -> dict[str, dict[str, Any]]:
 
 def render(results: dict[str, Measurement], comparisons: dict[str, dict[str, Any]]) -> str:
     header = (
-        f"{'target':<15} {'what':<42} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}"
-        f" {'spread':>6}  req/s per round"
+        f"{'target':<18} {'what':<42} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7}"
+        f" {'CPU us/req':>10} {'errors':>6} {'spread':>6}  req/s per round"
     )
     lines = [header, "-" * len(header)]
     for m in results.values():
         errors = f"{m.errors}!" if m.errors else "0"
         per_round = " / ".join(f"{r.requests_per_sec:.0f}" for r in m.rounds)
         lines.append(
-            f"{m.target.name:<15} {m.target.label:<42} {m.rps:>9.1f} {m.p50_ms:>7.2f} "
-            f"{m.p99_ms:>7.2f} {errors:>6} {m.spread_pct:>5.0f}%  {per_round}"
+            f"{m.target.name:<18} {m.target.label:<42} {m.rps:>9.1f} {m.p50_ms:>7.2f} "
+            f"{m.p99_ms:>7.2f} {m.cpu_us_per_request:>10.1f} {errors:>6} {m.spread_pct:>5.0f}%"
+            f"  {per_round}"
         )
 
     def fmt(value: float, unit: str) -> str:

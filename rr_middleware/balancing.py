@@ -18,8 +18,6 @@ for this request are never picked again for its retry.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import random as random_module
 from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
@@ -71,7 +69,9 @@ class SmoothWeighted(Generic[M]):
     counters restart there.
     """
 
-    def __init__(self, members: Sequence[M], weights: Sequence[int]) -> None:
+    def __init__(
+        self, members: Sequence[M], weights: Sequence[int], resume_after: M | None = None
+    ) -> None:
         classes: dict[int, list[tuple[int, M]]] = {}
         for position, (member, weight) in enumerate(zip(members, weights, strict=True)):
             if weight > 0:
@@ -80,6 +80,16 @@ class SmoothWeighted(Generic[M]):
         self._total = sum(w * len(m) for w, m in classes.items())
         self._members = [m for m, w in zip(members, weights, strict=True) if w > 0]
         self._step = 0
+        self.last: M | None = None
+        if resume_after is not None and len(self._classes) == 1:
+            # Rebuilt after a health or membership change: with equal weights, carry on
+            # after the upstream picked last rather than start over at the first one.
+            cls = self._classes[0]
+            for index, (_, member) in enumerate(cls.members):
+                if member is resume_after:
+                    cls.next = (index + 1) % len(cls.members)
+                    self._step = cls.next
+                    break
 
     def _next(self) -> M | None:
         classes = self._classes
@@ -109,6 +119,7 @@ class SmoothWeighted(Generic[M]):
             for cls in classes:
                 cls.taken = 0
         self._step = step
+        self.last = member
         return member
 
     def pick(self, tried: Sequence[M] = ()) -> M | None:
@@ -123,33 +134,74 @@ class SmoothWeighted(Generic[M]):
         return _first_untried(self._members, tried)
 
 
+class _WeightedSampler(Generic[M]):
+    """O(1) weighted sampling (Vose's alias method); plain uniform for equal weights."""
+
+    __slots__ = ("_alias", "_count", "_members", "_probability", "_rng")
+
+    def __init__(self, members: list[M], weights: list[int], rng: random_module.Random):
+        self._members = members
+        self._count = len(members)
+        self._rng = rng
+        self._probability: list[float] | None = None
+        self._alias: list[int] = []
+        if len(set(weights)) > 1:
+            total = sum(weights)
+            scaled = [w * self._count / total for w in weights]
+            small = [i for i, p in enumerate(scaled) if p < 1.0]
+            large = [i for i, p in enumerate(scaled) if p >= 1.0]
+            probability = [1.0] * self._count
+            alias = list(range(self._count))
+            while small and large:
+                low, high = small.pop(), large.pop()
+                probability[low] = scaled[low]
+                alias[low] = high
+                scaled[high] -= 1.0 - scaled[low]
+                (small if scaled[high] < 1.0 else large).append(high)
+            self._probability = probability
+            self._alias = alias
+
+    def index(self) -> int:
+        rng = self._rng
+        i = int(rng.random() * self._count)
+        probability = self._probability
+        if probability is None or rng.random() < probability[i]:
+            return i
+        return self._alias[i]
+
+
 class LeastRequests(Generic[M]):
-    """Power of two random choices on in-flight requests per unit of weight."""
+    """Power of two choices on in-flight requests per unit of weight.
+
+    The two candidates are drawn in proportion to weight (uniformly when weights are
+    equal), and the one with fewer in-flight requests per unit of weight wins, the first
+    drawn on ties: at low load the split follows the weights, under load it follows the
+    load.
+    """
 
     def __init__(self, members: Sequence[M], weights: Sequence[int], rng: random_module.Random):
         pairs = [(m, w) for m, w in zip(members, weights, strict=True) if w > 0]
         self._members = [m for m, _ in pairs]
         self._weights = [w for _, w in pairs]
-        self._rng = rng
+        self._sampler = _WeightedSampler(self._members, self._weights, rng)
 
     def pick(self, tried: Sequence[M] = ()) -> M | None:
         members = self._members
         count = len(members)
         if count <= 1:
             return members[0] if count and (not tried or members[0] not in tried) else None
-        randrange = self._rng.randrange
-        i = randrange(count)
-        j = randrange(count - 1)
-        if j >= i:
-            j += 1
+        i = self._sampler.index()
+        j = self._sampler.index()
+        while j == i:  # distinct candidates; a handful of draws even when one dominates
+            j = self._sampler.index()
         a, b = members[i], members[j]
         if tried:
-            if a in tried:
-                a = b if b not in tried else _first_untried(members, tried)  # type: ignore[assignment]
-                return a
-            if b in tried:
-                return a
-        # Compare in_flight/weight without dividing: a_load * b_weight vs b_load * a_weight.
+            a_tried, b_tried = a in tried, b in tried
+            if a_tried and b_tried:
+                return _first_untried(members, tried)
+            if a_tried or b_tried:
+                return b if a_tried else a
+        # in_flight/weight compared without dividing.
         if a.in_flight * self._weights[j] <= b.in_flight * self._weights[i]:
             return a
         return b
@@ -161,14 +213,12 @@ class WeightedRandom(Generic[M]):
     def __init__(self, members: Sequence[M], weights: Sequence[int], rng: random_module.Random):
         pairs = [(m, w) for m, w in zip(members, weights, strict=True) if w > 0]
         self._members = [m for m, _ in pairs]
-        self._cumulative = list(itertools.accumulate(w for _, w in pairs))
-        self._rng = rng
+        self._sampler = _WeightedSampler(self._members, [w for _, w in pairs], rng)
 
     def pick(self, tried: Sequence[M] = ()) -> M | None:
         if not self._members:
             return None
-        point = self._rng.random() * self._cumulative[-1]
-        member = self._members[bisect.bisect_right(self._cumulative, point)]
+        member = self._members[self._sampler.index()]
         if tried and member in tried:
             return _first_untried(self._members, tried)
         return member
@@ -178,11 +228,17 @@ POLICIES = ("round_robin", "least_requests", "random")
 
 
 def build(
-    policy: str, members: Sequence[M], weights: Sequence[int], rng: random_module.Random
+    policy: str,
+    members: Sequence[M],
+    weights: Sequence[int],
+    rng: random_module.Random,
+    previous: Balancer[M] | None = None,
 ) -> Balancer[M]:
-    """The balancer for ``policy`` over ``members`` with these (effective) ``weights``."""
+    """The balancer for ``policy`` over ``members`` with these (effective) ``weights``;
+    ``previous`` is the one it replaces (round robin carries on where it left off)."""
     if policy == "round_robin":
-        return SmoothWeighted(members, weights)
+        last = previous.last if isinstance(previous, SmoothWeighted) else None
+        return SmoothWeighted(members, weights, resume_after=last)
     if policy == "least_requests":
         return LeastRequests(members, weights, rng)
     if policy == "random":

@@ -44,6 +44,7 @@ class UpstreamHealth:
         "half_open",
         "healthy",
         "last_check",
+        "probe_deadline",
         "probing",
         "recovered_at",
         "window_start",
@@ -59,6 +60,7 @@ class UpstreamHealth:
         self.ejected_until: float | None = None
         self.half_open = False
         self.probing = False
+        self.probe_deadline = 0.0
         self.recovered_at: float | None = None  # for slow start
 
     # -- active -------------------------------------------------------------------------
@@ -129,7 +131,14 @@ class UpstreamHealth:
             self.recovered_at = None
             return 10, None
         tenths = 1 + int(9 * elapsed / slow_start)
-        return tenths, self.recovered_at + tenths * slow_start / 9
+        next_step = self.recovered_at + tenths * slow_start / 9
+        while next_step <= now and tenths < 10:  # float rounding at a step's very instant
+            tenths += 1
+            next_step = self.recovered_at + tenths * slow_start / 9
+        if tenths >= 10:
+            self.recovered_at = None
+            return 10, None
+        return tenths, next_step
 
 
 async def probe(

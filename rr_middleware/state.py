@@ -131,7 +131,13 @@ class PoolRuntime:
                 next_change = min(next_change, health.ejected_until)
                 continue
             if health.half_open and health.probing:
-                continue  # exactly one request probes a half-open upstream
+                # Exactly one request probes a half-open upstream. Should its outcome
+                # never be reported (the client left first), another may probe once it
+                # has had all the time a request gets.
+                if now < health.probe_deadline:
+                    next_change = min(next_change, health.probe_deadline)
+                    continue
+                health.probing = False
             tenths, ramp_step = health.ramp(now, pool.slow_start)
             if ramp_step is not None:
                 next_change = min(next_change, ramp_step)
@@ -144,7 +150,7 @@ class PoolRuntime:
             eligible = [m for m in self.members if not m.drained and m.upstream.weight > 0]
             weights = [m.upstream.weight for m in eligible]
         self.eligible = eligible
-        self.balancer = build(pool.policy, eligible, weights, self.rng)
+        self.balancer = build(pool.policy, eligible, weights, self.rng, self.balancer)
         self._next_change = next_change
 
     def pick(self, tried: list[UpstreamState]) -> UpstreamState | None:
@@ -153,7 +159,11 @@ class PoolRuntime:
             self.refresh()
         member = self.balancer.pick(tried)
         if member is not None and member.health.half_open and not self.all_down:
+            pool = self.pool
             member.health.probing = True
+            member.health.probe_deadline = (
+                self.clock() + pool.pool_timeout + pool.connect_timeout + pool.timeout
+            )
             self.refresh()
         return member
 
