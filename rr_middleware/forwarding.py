@@ -212,14 +212,14 @@ async def forward(
         status = response.status
         if status in pool.unhealthy_statuses:
             state.report_failure(member, f"status {status}")
-        else:
-            state.report_success(member)
         if (
             status in pool.retry_on_statuses
             and attempt + 1 < pool.max_attempts
             and retryable
             and stream is None
         ):
+            if status not in pool.unhealthy_statuses:
+                state.report_success(member)
             logger.warning(
                 "pool %s: %s %s answered %d; trying the next upstream",
                 state.name,
@@ -247,6 +247,10 @@ async def forward(
         await _relay(response, method, receive, send, stream, state, member, settings)
     finally:
         member.limiter.release()
+    # Judged on the whole exchange, not the headers: a body that breaks is a failure
+    # (reported by _relay), and a half-open probe must deliver its body to pass.
+    if response.status not in pool.unhealthy_statuses:
+        state.report_success(member)
 
 
 async def _read_body(

@@ -263,6 +263,8 @@ class PoolRuntime:
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = self.clock()
+        if now >= self._next_change:
+            self.refresh()  # an ejection may have run out with no request to notice
         eligible = {id(m) for m in self.eligible}
         rows = []
         for member in self.members:
