@@ -178,6 +178,9 @@ class Pool:
     retry_body_limit: int = 64 * 1024
     retry_on_statuses: Collection[int] = frozenset()
     slow_start: float = 0.0
+    websocket_timeout: float | None = None
+    websocket_idle_timeout: float | None = None
+    websocket_ping_interval: float | None = 20.0
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
     # The run-time state of the middleware serving this pool (set when one does).
@@ -223,6 +226,9 @@ class Pool:
             raise ValueError(f"slow_start must be a number of seconds, got {self.slow_start!r}")
         if not math.isfinite(self.slow_start) or self.slow_start < 0:
             raise ValueError(f"slow_start must be >= 0 seconds, got {self.slow_start!r}")
+        for name in ("websocket_timeout", "websocket_idle_timeout", "websocket_ping_interval"):
+            if getattr(self, name) is not None:
+                _positive_number(name, getattr(self, name))
         if not callable(self.clock):
             raise ValueError(f"clock must be a callable returning seconds, got {self.clock!r}")
 

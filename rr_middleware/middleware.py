@@ -16,6 +16,7 @@ from .state import PoolRuntime, UpstreamState
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
+from .websocket import forward_websocket
 
 __all__ = ["RoundRobinMiddleware"]
 
@@ -87,7 +88,9 @@ class RoundRobinMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan":
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
+            elif scope["type"] == "lifespan":
                 await self._lifespan(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -113,6 +116,26 @@ class RoundRobinMiddleware:
             return
         path = raw_path[end:] if state.pool.strip_prefix else raw_path
         await forward(state, scope, receive, send, path, self._settings)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        if b"?" in raw_path:
+            raw_path = raw_path.partition(b"?")[0]
+        found = self._router.match(raw_path)
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        end, state = found
+        if (
+            len(raw_path) + len(scope.get("query_string", b"")) > self.max_url_length
+            or is_unsafe_path(raw_path)
+            or has_dot_segment(raw_path)
+        ):
+            logger.info("pool %s: refused WebSocket path %r", state.name, raw_path[:200])
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        path = raw_path[end:] if state.pool.strip_prefix else raw_path
+        await forward_websocket(state, scope, receive, send, path, self._settings)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Open the upstream client on startup and close it on shutdown, around the host

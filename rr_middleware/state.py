@@ -76,7 +76,16 @@ def _expire(waiter: asyncio.Future[bool]) -> None:
 class UpstreamState:
     """One upstream as the middleware serves it."""
 
-    __slots__ = ("drained", "failures", "health", "limiter", "requests", "transport", "upstream")
+    __slots__ = (
+        "drained",
+        "failures",
+        "health",
+        "limiter",
+        "requests",
+        "transport",
+        "upstream",
+        "websockets",
+    )
 
     def __init__(self, upstream: Upstream, transport: UpstreamTransport | None, limit: int):
         self.upstream = upstream
@@ -87,6 +96,7 @@ class UpstreamState:
         self.drained = False
         self.requests = 0
         self.failures = 0
+        self.websockets = 0  # open WebSocket connections (not limited by max_connections)
 
     @property
     def in_flight(self) -> int:
@@ -283,6 +293,7 @@ class PoolRuntime:
                     "drained": member.drained,
                     "eligible": id(member) in eligible and not self.all_down,
                     "in_flight": member.in_flight,
+                    "websockets": member.websockets,
                     "requests": member.requests,
                     "failures": member.failures,
                     "last_check": None
