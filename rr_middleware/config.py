@@ -178,6 +178,7 @@ class Pool:
     retry_body_limit: int = 64 * 1024
     retry_on_statuses: Collection[int] = frozenset()
     slow_start: float = 0.0
+    max_body_size: int | None = None
     websocket_timeout: float | None = None
     websocket_idle_timeout: float | None = None
     websocket_ping_interval: float | None = 20.0
@@ -226,6 +227,8 @@ class Pool:
             raise ValueError(f"slow_start must be a number of seconds, got {self.slow_start!r}")
         if not math.isfinite(self.slow_start) or self.slow_start < 0:
             raise ValueError(f"slow_start must be >= 0 seconds, got {self.slow_start!r}")
+        if self.max_body_size is not None:
+            _int_at_least("max_body_size", self.max_body_size, 0)
         for name in ("websocket_timeout", "websocket_idle_timeout", "websocket_ping_interval"):
             if getattr(self, name) is not None:
                 _positive_number(name, getattr(self, name))

@@ -46,6 +46,7 @@ _REASONS = {
     400: b"Bad Request",
     413: b"Content Too Large",
     414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
@@ -59,6 +60,7 @@ class ProxySettings:
     transport: UpstreamTransport
     trusted: TrustedProxies
     hidden_response_headers: frozenset[bytes]
+    max_header_bytes: int = 64 * 1024
 
 
 class ResponseAborted(Exception):
@@ -87,20 +89,36 @@ async def send_error(send: Send, status: int, headers: list[tuple[bytes, bytes]]
     await send({"type": "http.response.body", "body": body})
 
 
+class BodyTooLarge(Exception):
+    """The client's body passed the pool's ``max_body_size``."""
+
+
 class _RequestBody:
-    """The rest of the client's body, pulled from ``receive`` as the upstream takes it."""
+    """The rest of the client's body, pulled from ``receive`` as the upstream takes it;
+    ``limit`` bytes at most in all (None: no limit)."""
 
-    __slots__ = ("_first", "_receive", "complete", "disconnected", "started")
+    __slots__ = (
+        "_first",
+        "_receive",
+        "complete",
+        "disconnected",
+        "limit",
+        "started",
+        "too_large",
+    )
 
-    def __init__(self, receive: Receive, first: bytes) -> None:
+    def __init__(self, receive: Receive, first: bytes, limit: int | None) -> None:
         self._receive = receive
         self._first = first
+        self.limit = limit
         self.started = False
         self.complete = False
         self.disconnected = False
+        self.too_large = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
+        size = len(self._first)
         if self._first:
             yield self._first
         while True:
@@ -109,6 +127,10 @@ class _RequestBody:
                 self.disconnected = True
                 raise ClientDisconnected
             chunk = message.get("body", b"")
+            size += len(chunk)
+            if self.limit is not None and size > self.limit:
+                self.too_large = True
+                raise BodyTooLarge
             if not message.get("more_body", False):
                 self.complete = True
                 if chunk:
@@ -139,18 +161,29 @@ async def forward(
             trusted=settings.trusted,
             keep_host=pool.preserve_host,
             prefix=state.prefix if pool.strip_prefix else b"",
+            max_bytes=settings.max_header_bytes,
         )
     except BadRequestHeaders as exc:
         logger.info("pool %s: refused request: %s", state.name, exc)
-        await send_error(send, 400)
+        await send_error(send, exc.status)
         return
     query: bytes = scope.get("query_string", b"")
     suffix = path + b"?" + query if query else path
 
     retryable = method in IDEMPOTENT_METHODS or pool.retry_non_idempotent
+    size_limit = pool.max_body_size
+    if size_limit is not None and (_declared_length(scope["headers"]) or 0) > size_limit:
+        await send_error(send, 413)  # said up front: not a byte of the body is read
+        return
     try:
-        body, stream = await _read_body(receive, pool.retry_body_limit if retryable else 0)
+        body, stream = await _read_body(
+            receive, pool.retry_body_limit if retryable else 0, size_limit
+        )
     except ClientDisconnected:
+        return
+    except BodyTooLarge:
+        logger.info("pool %s: request body over max_body_size (%d)", state.name, size_limit)
+        await send_error(send, 413)
         return
 
     tried: list[UpstreamState] = []
@@ -187,6 +220,10 @@ async def forward(
             if stream is not None and stream.disconnected:
                 logger.info("pool %s: client left during the request body", state.name)
                 return
+            if stream is not None and stream.too_large:
+                logger.info("pool %s: request body over max_body_size", state.name)
+                await send_error(send, 413)
+                return
             if not isinstance(exc, RequestNotForwardable):
                 state.report_failure(member, exc.kind)
             retry = _may_retry(exc, retryable, stream) and attempt + 1 < pool.max_attempts
@@ -205,6 +242,11 @@ async def forward(
         except ClientDisconnected:
             member.limiter.release()
             logger.info("pool %s: client left during the request body", state.name)
+            return
+        except BodyTooLarge:
+            member.limiter.release()
+            logger.info("pool %s: request body over max_body_size", state.name)
+            await send_error(send, 413)
             return
         except BaseException:
             member.limiter.release()
@@ -254,23 +296,27 @@ async def forward(
 
 
 async def _read_body(
-    receive: Receive, buffer_limit: int
+    receive: Receive, buffer_limit: int, size_limit: int | None
 ) -> tuple[bytes | None, _RequestBody | None]:
     """The request body as bytes (complete, so replayable) or as a stream.
 
     A body that arrives in one message, or in several totalling at most ``buffer_limit``
     bytes (``retry_body_limit`` for requests that may be retried), is held in memory; a
     longer one streams to the upstream, starting with what was already read. Raises
-    ClientDisconnected if the client leaves first.
+    ClientDisconnected if the client leaves first, BodyTooLarge past ``size_limit``.
     """
     message = await receive()
     if message["type"] == "http.disconnect":
         raise ClientDisconnected
     chunks = [message.get("body", b"")]
     size = len(chunks[0])
-    while message.get("more_body", False):
+    while True:
+        if size_limit is not None and size > size_limit:
+            raise BodyTooLarge
+        if not message.get("more_body", False):
+            break
         if size > buffer_limit:
-            return None, _RequestBody(receive, b"".join(chunks))
+            return None, _RequestBody(receive, b"".join(chunks), size_limit)
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
@@ -279,6 +325,13 @@ async def _read_body(
         size += len(chunk)
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     return body or None, None
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def _may_retry(exc: UpstreamError, retryable: bool, stream: _RequestBody | None) -> bool:

@@ -22,6 +22,7 @@ from typing import Union
 __all__ = [
     "HOP_BY_HOP",
     "BadRequestHeaders",
+    "HeadersTooLarge",
     "TrustedProxies",
     "request_headers",
     "response_headers",
@@ -61,7 +62,15 @@ _REQUEST_SPECIAL = _REQUEST_HANDLED | _FORWARDING
 
 
 class BadRequestHeaders(Exception):
-    """The request's headers cannot be forwarded safely; answer 400."""
+    """The request's headers cannot be forwarded safely; answer ``status`` (400)."""
+
+    status = 400
+
+
+class HeadersTooLarge(BadRequestHeaders):
+    """The request's headers add up to more than the limit; answer 431."""
+
+    status = 431
 
 
 class TrustedProxies:
@@ -116,6 +125,7 @@ def request_headers(
     trusted: TrustedProxies,
     keep_host: bool,
     prefix: bytes,
+    max_bytes: int = 64 * 1024,
 ) -> Headers:
     """Build the upstream request's headers from the client's.
 
@@ -124,7 +134,8 @@ def request_headers(
     With ``keep_host`` the client's Host is passed on; otherwise the caller appends the
     upstream's own Host (it differs per upstream, so per attempt). ``prefix`` is the
     stripped path prefix (empty when nothing was stripped).
-    Raises BadRequestHeaders for framing or Host ambiguities.
+    Raises BadRequestHeaders for framing or Host ambiguities, HeadersTooLarge when the
+    names and values add up to more than ``max_bytes``.
     """
     out: Headers = []
     host: bytes | None = None
@@ -132,7 +143,9 @@ def request_headers(
     chunked = False
     connection: list[bytes] | None = None
     forwarded: Headers | None = None
+    size = 0
     for name, value in raw:
+        size += len(name) + len(value)
         if name not in _REQUEST_SPECIAL:
             out.append((name, value))
         elif name == b"host":
@@ -153,6 +166,8 @@ def request_headers(
                 forwarded = []
             forwarded.append((name, value))
 
+    if size > max_bytes:
+        raise HeadersTooLarge(f"request headers of {size} bytes (limit {max_bytes})")
     if connection is not None:
         named = set(connection) - HOP_BY_HOP
         if named:

@@ -40,7 +40,8 @@ class RoundRobinMiddleware:
     ``X-Forwarded-*`` headers are believed; ``"*"`` for all), ``max_url_length=8192``
     (longer path + query → 414), ``hide_response_headers=("date", "server")`` (upstream
     response headers not passed on, as nginx's ``proxy_hide_header``: the ASGI server
-    sets its own).
+    sets its own), ``max_header_bytes=65536`` (request header names and values adding up
+    to more → 431).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class RoundRobinMiddleware:
         trusted_proxies: Union[str, Sequence[str]] = (),
         max_url_length: int = 8192,
         hide_response_headers: Sequence[str] = ("date", "server"),
+        max_header_bytes: int = 64 * 1024,
     ) -> None:
         self.app = app
         self.pools: dict[str, Pool] = normalize_pools(pools)
@@ -67,6 +69,7 @@ class RoundRobinMiddleware:
             hidden_response_headers=frozenset(
                 h.lower().encode("latin-1") for h in hide_response_headers
             ),
+            max_header_bytes=max_header_bytes,
         )
         self._states = {
             prefix: PoolRuntime(prefix, pool, self._members(pool))

@@ -84,10 +84,11 @@ async def forward_websocket(
             trusted=settings.trusted,
             keep_host=False,
             prefix=state.prefix if pool.strip_prefix else b"",
+            max_bytes=settings.max_header_bytes,
         )
     except BadRequestHeaders as exc:
         logger.info("pool %s: refused WebSocket: %s", state.name, exc)
-        await _refuse(scope, send, 400)
+        await _refuse(scope, send, exc.status)
         return
     handshake_headers = [
         (name.decode("latin-1"), value.decode("latin-1"))
