@@ -15,13 +15,9 @@ cleanly (whole response read, whole request written, keep-alive); anything else 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import ssl as ssl_module
 from collections.abc import AsyncGenerator, AsyncIterable
-from typing import Any, cast
-
-import httptools
+from typing import Any
 
 from ..config import Upstream
 from .base import (
@@ -31,243 +27,13 @@ from .base import (
     UpstreamError,
     UpstreamRequest,
     UpstreamResponse,
-    UpstreamTimeout,
     UpstreamTransport,
 )
+from .http1_connection import Connection
 
 __all__ = ["Http1Transport"]
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-_MAX_HEADER_BYTES = 64 * 1024  # the upstream's whole response head
-_MAX_HEADERS = 256
-_READ_HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the upstream pauses
-
-
-def _protocol_error(message: str) -> UpstreamBroken:
-    error = UpstreamBroken(message)
-    error.kind = "protocol"
-    return error
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection to an upstream, carrying one exchange at a time."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.owner: _Connections | None = None
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.idle_since = 0.0
-        self.parser = httptools.HttpResponseParser(self)
-        self._drain: asyncio.Future[None] | None = None
-        self._write_paused = False
-        self._reset()
-
-    def _reset(self) -> None:
-        self.active = False
-        self.head_only = False
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.header_bytes = 0
-        self.head_received = 0
-        self.headers_done = False
-        self.interim = False
-        self.complete = False
-        self.keep_alive = True
-        self.received_any = False
-        self.error: UpstreamError | None = None
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.read_paused = False
-        self.waiter: asyncio.Future[None] | None = None
-
-    # -- asyncio.Protocol -------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        # Small requests must leave at once, not wait for Nagle's algorithm.
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        if not self.active or self.complete:
-            # Bytes nobody asked for (an upstream writing past its response): the
-            # connection's framing can no longer be trusted.
-            self.keep_alive = False
-            self.abort()
-            return
-        self.received_any = True
-        if not self.headers_done:
-            self.head_received += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            cause = exc.__context__ if isinstance(exc.__context__, UpstreamError) else None
-            self._fail(cause or _protocol_error(f"invalid response from upstream: {exc}"))
-            self.abort()
-            return
-        if not self.headers_done and self.head_received > _MAX_HEADER_BYTES:
-            # The parser holds a partial header line without calling back: an endless
-            # head is cut off by the bytes received, not by the headers seen.
-            self._fail(_protocol_error("upstream response head is too large"))
-            self.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if not self.active and self.owner is not None:
-            self.owner.forget(self)  # an idle connection the upstream closed
-        if self.active and not self.complete:
-            if self.headers_done and exc is None and self._delimited_by_close():
-                self.on_message_complete()
-            else:
-                what = "before the response" if not self.headers_done else "mid-body"
-                self._fail(UpstreamBroken(f"upstream closed the connection {what}"))
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_exception(UpstreamBroken("upstream closed the connection"))
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-
-    # -- httptools callbacks ----------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self.complete:
-            # A second response to one request: a desynchronised or malicious upstream.
-            raise _protocol_error("upstream sent more than one response")
-
-    def on_status(self, status: bytes) -> None:
-        self.header_bytes += len(status)  # the reason phrase counts toward the head
-        if self.header_bytes > _MAX_HEADER_BYTES:
-            raise _protocol_error("upstream response head is too large")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.headers_done:
-            return  # a trailer field: hop-by-hop by nature (RFC 9110 §6.5), not relayed
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > _MAX_HEADER_BYTES or len(self.headers) >= _MAX_HEADERS:
-            raise _protocol_error("upstream response headers are too large")
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:
-            if status == 101:
-                raise _protocol_error("upstream switched protocols unasked")
-            self.interim = True  # 100 Continue, 103 Early Hints: not the response
-            self.headers = []
-            self.header_bytes = 0
-            return
-        self.status = status
-        self.headers_done = True
-        self.keep_alive = self.parser.should_keep_alive()
-        if self.head_only:
-            # The parser cannot be told the request was HEAD, so it would wait for the
-            # Content-Length it announces: the response ends here, the connection too.
-            self.keep_alive = False
-            self.complete = True
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-        self.body_size += len(body)
-        if self.body_size > _READ_HIGH_WATER and not self.read_paused and self.transport:
-            self.read_paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-            return
-        self.complete = True
-        self._wake()
-
-    # -- exchange ---------------------------------------------------------------------
-
-    def _delimited_by_close(self) -> bool:
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower == b"content-length" or (
-                lower == b"transfer-encoding" and b"chunked" in value.lower()
-            ):
-                return False
-        return True
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail(self, error: UpstreamError) -> None:
-        if self.error is None:
-            self.error = error
-        self.keep_alive = False
-        self._wake()
-
-    def _expire(self, error: UpstreamError) -> None:
-        self._fail(error)
-        self.abort()
-
-    async def wait(self, timeout: float) -> None:
-        """Wait for parser progress (or failure), at most ``timeout`` seconds."""
-        waiter = self.loop.create_future()
-        self.waiter = waiter
-        timer = self.loop.call_later(timeout, self._expire, UpstreamTimeout("read timed out"))
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            self.abort()
-            raise
-        finally:
-            timer.cancel()
-            self.waiter = None
-
-    async def wait_or(self, task: asyncio.Task[None]) -> None:
-        """Wait for parser progress or for ``task`` to end, with no time limit."""
-        waiter = self.loop.create_future()
-        self.waiter = waiter
-        try:
-            await asyncio.wait((waiter, task), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            self.abort()
-            raise
-        finally:
-            self.waiter = None
-
-    async def drain(self) -> None:
-        if self.closed:
-            raise UpstreamBroken("upstream closed the connection")
-        if self._write_paused:
-            self._drain = self.loop.create_future()
-            try:
-                await self._drain
-            finally:
-                self._drain = None
-
-    def take_body(self) -> bytes:
-        body = self.body
-        data = body[0] if len(body) == 1 else b"".join(body)
-        body.clear()
-        self.body_size = 0
-        if self.read_paused and self.transport is not None and not self.closed:
-            self.read_paused = False
-            self.transport.resume_reading()
-        return data
-
-    def abort(self) -> None:
-        self.keep_alive = False
-        if self.transport is not None and not self.closed:
-            self.transport.abort()
-        self.closed = True
 
 
 class _Response:
@@ -278,8 +44,8 @@ class _Response:
 
     def __init__(
         self,
-        conn: _Connection,
-        owner: _Connections,
+        conn: Connection,
+        owner: Connections,
         read_timeout: float,
         writer: asyncio.Task[None] | None,
     ) -> None:
@@ -319,17 +85,17 @@ class _Response:
             self._owner.forget(conn)
 
 
-class _Connections:
+class Connections:
     """Every connection of one event loop: idle ones per upstream, and all of them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.closed = False
-        self.idle: dict[str, list[_Connection]] = {}
-        self.all: set[_Connection] = set()
-        self.keys: dict[_Connection, str] = {}
+        self.idle: dict[str, list[Connection]] = {}
+        self.all: set[Connection] = set()
+        self.keys: dict[Connection, str] = {}
 
-    def take_idle(self, key: str, keepalive: float) -> _Connection | None:
+    def take_idle(self, key: str, keepalive: float) -> Connection | None:
         idle = self.idle.get(key)
         now = self.loop.time()
         while idle:
@@ -340,17 +106,17 @@ class _Connections:
             self.forget(conn)
         return None
 
-    def add(self, conn: _Connection, key: str) -> None:
+    def add(self, conn: Connection, key: str) -> None:
         conn.owner = self
         self.all.add(conn)
         self.keys[conn] = key
 
-    def release(self, conn: _Connection) -> None:
-        conn._reset()
+    def release(self, conn: Connection) -> None:
+        conn.reset()
         conn.idle_since = self.loop.time()
         self.idle.setdefault(self.keys[conn], []).append(conn)
 
-    def forget(self, conn: _Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         self.all.discard(conn)
         key = self.keys.pop(conn, None)
         idle = self.idle.get(key) if key is not None else None
@@ -366,7 +132,7 @@ class _Connections:
         self.keys.clear()
 
 
-async def _close_at_loop_end(connections: _Connections) -> AsyncGenerator[None, None]:
+async def _close_at_loop_end(connections: Connections) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
@@ -400,7 +166,7 @@ class Http1Transport(UpstreamTransport):
         self._keepalive = keepalive_timeout
         self._ssl_option = ssl
         self._ssl_context: ssl_module.SSLContext | None = None
-        self._connections: _Connections | None = None
+        self._connections: Connections | None = None
         self._closer: AsyncGenerator[None, None] | None = None
 
     # -- life -------------------------------------------------------------------------
@@ -408,19 +174,19 @@ class Http1Transport(UpstreamTransport):
     async def aopen(self) -> None:
         loop = asyncio.get_running_loop()
         if self._connections is None or self._connections.loop is not loop:
-            self._connections = _Connections(loop)
+            self._connections = Connections(loop)
 
     async def aclose(self) -> None:
         connections, self._connections = self._connections, None
         if connections is not None:
             connections.close()
 
-    async def _open_lazily(self, loop: asyncio.AbstractEventLoop) -> _Connections:
+    async def _open_lazily(self, loop: asyncio.AbstractEventLoop) -> Connections:
         """Outside a lifespan (a TestClient without ``with``) no shutdown will come, so
         the event loop's own end closes the connections: an async generator started here
         is adopted by the loop, whose shutdown (``asyncio.run`` and anyio's runner end with
         ``shutdown_asyncgens``) resumes it into its ``finally``."""
-        connections = _Connections(loop)
+        connections = Connections(loop)
         closer = _close_at_loop_end(connections)
         await closer.asend(None)
         self._closer = closer
@@ -457,12 +223,12 @@ class Http1Transport(UpstreamTransport):
 
     async def _connect(
         self, loop: asyncio.AbstractEventLoop, upstream: Upstream, timeout: float
-    ) -> _Connection:
+    ) -> Connection:
         ssl_context = self._ssl(upstream)
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Connection(loop),
+                    lambda: Connection(loop),
                     upstream.host,
                     upstream.port,
                     ssl=ssl_context,
@@ -492,7 +258,7 @@ class Http1Transport(UpstreamTransport):
         return self._ssl_context
 
     async def _exchange(
-        self, conn: _Connection, connections: _Connections, request: UpstreamRequest
+        self, conn: Connection, connections: Connections, request: UpstreamRequest
     ) -> UpstreamResponse:
         transport = conn.transport
         assert transport is not None
@@ -530,7 +296,7 @@ class Http1Transport(UpstreamTransport):
         return _Response(conn, connections, request.read_timeout, writer)
 
 
-async def _settle(writer: asyncio.Task[None] | None, conn: _Connection) -> None:
+async def _settle(writer: asyncio.Task[None] | None, conn: Connection) -> None:
     """End a request-body writer: cancel it if still running (the connection goes with
     it), and collect its outcome so no task is left with an unretrieved exception."""
     if writer is None:
@@ -547,7 +313,7 @@ def _replayable(request: UpstreamRequest) -> bool:
     return request.method in _IDEMPOTENT and not isinstance(request.body, AsyncIterable)
 
 
-async def _write_body(conn: _Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+async def _write_body(conn: Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
     transport = conn.transport
     assert transport is not None
     try:

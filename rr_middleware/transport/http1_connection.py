@@ -1,0 +1,255 @@
+"""One HTTP/1.1 connection to an upstream, as an asyncio protocol over httptools.
+
+It parses the response with llhttp's callbacks, keeps the head within bounds, skips
+interim (1xx) responses, buffers body bytes until ``read()`` takes them (pausing the
+socket past a high-water mark, so a slow client holds the upstream back), and turns every
+way a connection can fail into an ``UpstreamError`` the exchange reports. Pooling and
+the request side live in ``http1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from .base import UpstreamBroken, UpstreamError, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from .http1 import Connections
+
+__all__ = ["Connection", "protocol_error"]
+
+_MAX_HEADER_BYTES = 64 * 1024  # the upstream's whole response head
+_MAX_HEADERS = 256
+_READ_HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the upstream pauses
+
+
+def protocol_error(message: str) -> UpstreamBroken:
+    error = UpstreamBroken(message)
+    error.kind = "protocol"
+    return error
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to an upstream, carrying one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.owner: Connections | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.parser = httptools.HttpResponseParser(self)
+        self._drain: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.active = False
+        self.head_only = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.head_received = 0
+        self.headers_done = False
+        self.interim = False
+        self.complete = False
+        self.keep_alive = True
+        self.received_any = False
+        self.error: UpstreamError | None = None
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.read_paused = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        # Small requests must leave at once, not wait for Nagle's algorithm.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active or self.complete:
+            # Bytes nobody asked for (an upstream writing past its response): the
+            # connection's framing can no longer be trusted.
+            self.keep_alive = False
+            self.abort()
+            return
+        self.received_any = True
+        if not self.headers_done:
+            self.head_received += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__ if isinstance(exc.__context__, UpstreamError) else None
+            self._fail(cause or protocol_error(f"invalid response from upstream: {exc}"))
+            self.abort()
+            return
+        if not self.headers_done and self.head_received > _MAX_HEADER_BYTES:
+            # The parser holds a partial header line without calling back: an endless
+            # head is cut off by the bytes received, not by the headers seen.
+            self._fail(protocol_error("upstream response head is too large"))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.active and self.owner is not None:
+            self.owner.forget(self)  # an idle connection the upstream closed
+        if self.active and not self.complete:
+            if self.headers_done and exc is None and self._delimited_by_close():
+                self.on_message_complete()
+            else:
+                what = "before the response" if not self.headers_done else "mid-body"
+                self._fail(UpstreamBroken(f"upstream closed the connection {what}"))
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(UpstreamBroken("upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # -- httptools callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second response to one request: a desynchronised or malicious upstream.
+            raise protocol_error("upstream sent more than one response")
+
+    def on_status(self, status: bytes) -> None:
+        self.header_bytes += len(status)  # the reason phrase counts toward the head
+        if self.header_bytes > _MAX_HEADER_BYTES:
+            raise protocol_error("upstream response head is too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return  # a trailer field: hop-by-hop by nature (RFC 9110 §6.5), not relayed
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > _MAX_HEADER_BYTES or len(self.headers) >= _MAX_HEADERS:
+            raise protocol_error("upstream response headers are too large")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise protocol_error("upstream switched protocols unasked")
+            self.interim = True  # 100 Continue, 103 Early Hints: not the response
+            self.headers = []
+            self.header_bytes = 0
+            return
+        self.status = status
+        self.headers_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.head_only:
+            # The parser cannot be told the request was HEAD, so it would wait for the
+            # Content-Length it announces: the response ends here, the connection too.
+            self.keep_alive = False
+            self.complete = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.body_size += len(body)
+        if self.body_size > _READ_HIGH_WATER and not self.read_paused and self.transport:
+            self.read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True
+        self._wake()
+
+    # -- exchange ---------------------------------------------------------------------
+
+    def _delimited_by_close(self) -> bool:
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"content-length" or (
+                lower == b"transfer-encoding" and b"chunked" in value.lower()
+            ):
+                return False
+        return True
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self.keep_alive = False
+        self._wake()
+
+    def _expire(self, error: UpstreamError) -> None:
+        self._fail(error)
+        self.abort()
+
+    async def wait(self, timeout: float) -> None:
+        """Wait for parser progress (or failure), at most ``timeout`` seconds."""
+        waiter = self.loop.create_future()
+        self.waiter = waiter
+        timer = self.loop.call_later(timeout, self._expire, UpstreamTimeout("read timed out"))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    async def wait_or(self, task: asyncio.Task[None]) -> None:
+        """Wait for parser progress or for ``task`` to end, with no time limit."""
+        waiter = self.loop.create_future()
+        self.waiter = waiter
+        try:
+            await asyncio.wait((waiter, task), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        finally:
+            self.waiter = None
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise UpstreamBroken("upstream closed the connection")
+        if self._write_paused:
+            self._drain = self.loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    def take_body(self) -> bytes:
+        body = self.body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self.body_size = 0
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def abort(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
