@@ -396,6 +396,11 @@ async def _relay(
         else:
             await _pump(response, send)
     except UpstreamError as exc:
+        if stream is not None and stream.disconnected:
+            # The client left mid-upload, which broke the upstream exchange: not the
+            # upstream's failure, and no one is left to tell.
+            logger.info("pool %s: client left during the request body", state.name)
+            return
         state.report_failure(member, exc.kind)
         logger.warning(
             "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
@@ -422,7 +427,16 @@ async def _pump_watching(
     """``_pump``, but stop as soon as ``client_gone`` resolves (the disconnect message)."""
     while True:
         read = asyncio.ensure_future(response.read())
-        await asyncio.wait((read, client_gone), return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait((read, client_gone), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Cancelled (the server's shutdown grace ran out): the read goes too, and its
+            # outcome is collected so no task is left with an unretrieved exception.
+            read.cancel()
+            await asyncio.wait((read,))
+            if not read.cancelled():
+                read.exception()
+            raise
         if not read.done():
             read.cancel()
             await asyncio.wait((read,))  # settle it before the caller's aclose()

@@ -23,6 +23,7 @@ from ..config import Upstream
 from .base import (
     ConnectFailed,
     ConnectTimeout,
+    RequestNotForwardable,
     UpstreamBroken,
     UpstreamError,
     UpstreamRequest,
@@ -140,13 +141,22 @@ async def _close_at_loop_end(connections: Connections) -> AsyncGenerator[None, N
 
 
 def _head(request: UpstreamRequest, extra: bytes) -> bytes:
-    lines = b"".join([name + b": " + value + b"\r\n" for name, value in request.headers])
-    return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
+    """The request line and headers, as bytes. Raises RequestNotForwardable if any part
+    would break the framing (CR, LF or NUL inside the target, a name or a value): the
+    ASGI server normally refuses such bytes, but a laxer one or a middleware rewriting
+    the scope must not be able to inject a header or a second request upstream."""
+    headers = request.headers
+    lines = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+    head = b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
         request.method.encode("ascii"),
         request.target,
         lines,
         extra,
     )
+    breaks = len(headers) + 2 + extra.count(b"\n")
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks or b"\0" in head:
+        raise RequestNotForwardable("CR, LF or NUL inside the request line or a header")
+    return head
 
 
 def _has_content_length(request: UpstreamRequest) -> bool:

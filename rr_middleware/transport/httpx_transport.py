@@ -18,6 +18,7 @@ from .base import (
     ConnectFailed,
     ConnectTimeout,
     PoolTimeout,
+    RequestNotForwardable,
     UpstreamBroken,
     UpstreamError,
     UpstreamRequest,
@@ -88,9 +89,17 @@ class HttpxTransport(UpstreamTransport):
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         upstream = request.upstream
-        url = httpx.URL(
-            scheme=upstream.scheme, host=upstream.host, port=upstream.port, raw_path=request.target
-        )
+        try:
+            # httpx re-quotes characters outside RFC 3986 (", <, >, {, }, ...) in the path
+            # and query; the default transport sends them as they came.
+            url = httpx.URL(
+                scheme=upstream.scheme,
+                host=upstream.host,
+                port=upstream.port,
+                raw_path=request.target,
+            )
+        except (UnicodeDecodeError, httpx.InvalidURL) as exc:
+            raise RequestNotForwardable(f"httpx cannot express the target: {exc}") from None
         body = request.body
         timeout = {
             "connect": request.connect_timeout,
