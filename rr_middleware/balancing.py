@@ -70,7 +70,11 @@ class SmoothWeighted(Generic[M]):
     """
 
     def __init__(
-        self, members: Sequence[M], weights: Sequence[int], resume_after: M | None = None
+        self,
+        members: Sequence[M],
+        weights: Sequence[int],
+        resume_after: M | None = None,
+        remember: bool = False,
     ) -> None:
         classes: dict[int, list[tuple[int, M]]] = {}
         for position, (member, weight) in enumerate(zip(members, weights, strict=True)):
@@ -80,7 +84,9 @@ class SmoothWeighted(Generic[M]):
         self._total = sum(w * len(m) for w, m in classes.items())
         self._members = [m for m, w in zip(members, weights, strict=True) if w > 0]
         self._step = 0
-        self.last: M | None = None
+        # The last pick; with ``remember``, ``resume_after`` counts as one (a pick made
+        # outside this balancer, like a half-open probe's, which the next rebuild follows).
+        self.last: M | None = resume_after if remember else None
         if resume_after is not None and len(self._classes) == 1:
             # Rebuilt after a health or membership change: with equal weights, carry on
             # after the upstream picked last rather than start over at the first one.
@@ -233,10 +239,14 @@ def build(
     weights: Sequence[int],
     rng: random_module.Random,
     previous: Balancer[M] | None = None,
+    resume_after: M | None = None,
 ) -> Balancer[M]:
-    """The balancer for ``policy`` over ``members`` with these (effective) ``weights``;
-    ``previous`` is the one it replaces (round robin carries on where it left off)."""
+    """The balancer for ``policy`` over ``members`` with these (effective) ``weights``.
+    Round robin carries on after ``resume_after``, or after the last pick of ``previous``
+    (the balancer it replaces)."""
     if policy == "round_robin":
+        if resume_after is not None:
+            return SmoothWeighted(members, weights, resume_after, remember=True)
         last = previous.last if isinstance(previous, SmoothWeighted) else None
         return SmoothWeighted(members, weights, resume_after=last)
     if policy == "least_requests":

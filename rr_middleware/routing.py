@@ -22,9 +22,10 @@ __all__ = ["PrefixRouter", "has_dot_segment", "is_unsafe_path"]
 T = TypeVar("T")
 
 # Raw bytes a pooled path may not carry: controls, space, DEL, non-ASCII (a request target
-# is ASCII; such bytes must be percent-encoded) and backslash (which some upstream servers
-# treat as "/", reopening dot-segment tricks).
-_UNSAFE_RAW = re.compile(rb"[\x00-\x20\x7f-\xff\\]")
+# is ASCII; such bytes must be percent-encoded), "#" (a fragment is never part of a request
+# target) and backslash (which some upstream servers treat as "/", reopening dot-segment
+# tricks).
+_UNSAFE_RAW = re.compile(rb"[\x00-\x20\x7f-\xff\\#]")
 _DOT_SEGMENTS = (b".", b"..")
 
 

@@ -126,8 +126,9 @@ class PoolRuntime:
 
     # -- eligibility --------------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Rebuild the set of upstreams that may take traffic, and its balancer."""
+    def refresh(self, resume_after: UpstreamState | None = None) -> None:
+        """Rebuild the set of upstreams that may take traffic, and its balancer (which
+        carries on after ``resume_after``, by default after its predecessor's last pick)."""
         now = self.clock()
         pool = self.pool
         eligible: list[UpstreamState] = []
@@ -160,7 +161,7 @@ class PoolRuntime:
             eligible = [m for m in self.members if not m.drained and m.upstream.weight > 0]
             weights = [m.upstream.weight for m in eligible]
         self.eligible = eligible
-        self.balancer = build(pool.policy, eligible, weights, self.rng, self.balancer)
+        self.balancer = build(pool.policy, eligible, weights, self.rng, self.balancer, resume_after)
         self._next_change = next_change
 
     def pick(self, tried: list[UpstreamState]) -> UpstreamState | None:
@@ -174,7 +175,7 @@ class PoolRuntime:
             member.health.probe_deadline = (
                 self.clock() + pool.pool_timeout + pool.connect_timeout + pool.timeout
             )
-            self.refresh()
+            self.refresh(resume_after=member)  # the probe was a turn of the rotation
         return member
 
     def retry_after(self) -> int:

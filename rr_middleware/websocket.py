@@ -48,6 +48,7 @@ _HANDSHAKE = frozenset(
 # Codes that may not be sent in a close frame (RFC 6455 §7.4.1): they only describe one.
 _UNSENDABLE = {1005: 1000, 1006: 1001, 1015: 1001}
 _MAX_MESSAGE = 16 * 1024 * 1024  # as uvicorn's default ws_max_size
+_CLOSE_TIMEOUT = 5.0  # for the upstream's answer to a close frame
 
 
 async def forward_websocket(
@@ -82,7 +83,7 @@ async def forward_websocket(
             client_host=client[0] if client else None,
             scheme="https" if scope.get("scheme") == "wss" else "http",
             trusted=settings.trusted,
-            keep_host=False,
+            keep_host=False,  # the Host goes in the URI below, not as a header
             prefix=state.prefix if pool.strip_prefix else b"",
             max_bytes=settings.max_header_bytes,
         )
@@ -95,6 +96,7 @@ async def forward_websocket(
         for name, value in headers
         if name not in _HANDSHAKE
     ]
+    client_host = next((v for n, v in scope["headers"] if n == b"host"), None)
     query: bytes = scope.get("query_string", b"")
     suffix = (path + b"?" + query if query else path).decode("latin-1")
     subprotocols = list(scope.get("subprotocols") or ())
@@ -122,10 +124,17 @@ async def forward_websocket(
             continue
         scheme = "wss" if upstream.scheme == "https" else "ws"
         target = upstream.base_path.decode("ascii") + suffix
-        uri = f"{scheme}://{upstream.host_header.decode('ascii')}{target or '/'}"
+        # The URI names the Host header (the client's with preserve_host); the TCP and TLS
+        # peer is always the configured upstream (host=, port=, server_hostname=).
+        host = client_host if pool.preserve_host and client_host else upstream.host_header
+        uri = f"{scheme}://{host.decode('latin-1')}{target or '/'}"
         try:
             upstream_ws = await connect(
                 uri,
+                host=upstream.host,
+                port=upstream.port,
+                server_hostname=upstream.host if scheme == "wss" else None,
+                close_timeout=_CLOSE_TIMEOUT,
                 additional_headers=handshake_headers,
                 subprotocols=subprotocols or None,
                 compression=None,
@@ -146,6 +155,10 @@ async def forward_websocket(
                 state.report_success(member)
             await _refuse(scope, send, status)
             return
+        except websockets.InvalidURI:
+            logger.info("pool %s: refused WebSocket with an unusable Host or path", state.name)
+            await _refuse(scope, send, 400)
+            return
         except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
             state.report_failure(member, "connect")
             logger.warning(
@@ -156,6 +169,7 @@ async def forward_websocket(
                 exc,
             )
             continue
+        state.report_success(member)
         member.websockets += 1
         try:
             await _relay(upstream_ws, scope, receive, send, state, member)
@@ -249,6 +263,10 @@ async def _relay(
                 await upstream_ws.close(_UNSENDABLE.get(code, code), reason)
                 return
 
+    async def client_to_upstream_until_closed() -> None:
+        with contextlib.suppress(ConnectionClosed):  # the upstream closed: its relay says so
+            await client_to_upstream()
+
     async def upstream_to_client() -> None:
         try:
             async for data in upstream_ws:
@@ -258,7 +276,13 @@ async def _relay(
         except ConnectionClosed:
             pass
         except OSError:
-            return  # the client is gone (servers raise an OSError on send): nothing to tell
+            # The client is gone (servers raise an OSError on send). Keep reading what the
+            # upstream still sends, so the close handshake started for the client's side
+            # completes instead of waiting out its timeout.
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in upstream_ws:
+                    pass
+            return
         close = upstream_ws.protocol.close_rcvd  # what the upstream sent (None: it dropped)
         code = _UNSENDABLE.get(close.code, close.code) if close is not None else 1011
         reason = close.reason if close is not None else ""
@@ -266,7 +290,7 @@ async def _relay(
             await send({"type": "websocket.close", "code": code, "reason": reason})
 
     relays = [
-        asyncio.ensure_future(client_to_upstream()),
+        asyncio.ensure_future(client_to_upstream_until_closed()),
         asyncio.ensure_future(upstream_to_client()),
     ]
     started = loop.time()
