@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -61,6 +62,7 @@ class ProxySettings:
     trusted: TrustedProxies
     hidden_response_headers: frozenset[bytes]
     max_header_bytes: int = 64 * 1024
+    access_log: bool = False
 
 
 class ResponseAborted(Exception):
@@ -103,6 +105,7 @@ class _RequestBody:
         "complete",
         "disconnected",
         "limit",
+        "size",
         "started",
         "too_large",
     )
@@ -115,10 +118,11 @@ class _RequestBody:
         self.complete = False
         self.disconnected = False
         self.too_large = False
+        self.size = 0  # bytes read so far
 
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
-        size = len(self._first)
+        self.size = len(self._first)
         if self._first:
             yield self._first
         while True:
@@ -127,8 +131,8 @@ class _RequestBody:
                 self.disconnected = True
                 raise ClientDisconnected
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if self.limit is not None and size > self.limit:
+            self.size += len(chunk)
+            if self.limit is not None and self.size > self.limit:
                 self.too_large = True
                 raise BodyTooLarge
             if not message.get("more_body", False):
@@ -212,6 +216,7 @@ async def forward(
             connect_timeout=pool.connect_timeout,
             read_timeout=pool.timeout,
         )
+        started = time.monotonic()
         try:
             response = await (member.transport or settings.transport).send(request)
         except UpstreamError as exc:
@@ -238,6 +243,7 @@ async def forward(
             )
             if not retry:
                 break
+            member.stats.retries += 1
             continue
         except ClientDisconnected:
             member.limiter.release()
@@ -252,6 +258,9 @@ async def forward(
             member.limiter.release()
             raise
         status = response.status
+        stats = member.stats
+        stats.headers_latency.record(time.monotonic() - started)
+        stats.codes[status] = stats.codes.get(status, 0) + 1
         if status in pool.unhealthy_statuses:
             state.report_failure(member, f"status {status}")
         if (
@@ -271,6 +280,7 @@ async def forward(
             )
             await response.aclose()
             member.limiter.release()
+            stats.retries += 1
             response = None
             continue
         break
@@ -285,10 +295,26 @@ async def forward(
             logger.warning("pool %s: no upstream available", state.name)
         await send_error(send, _status_for(error))
         return
+    stats = member.stats
     try:
-        await _relay(response, method, receive, send, stream, state, member, settings)
+        stats.bytes_out += await _relay(
+            response, method, receive, send, stream, state, member, settings
+        )
     finally:
         member.limiter.release()
+        elapsed = time.monotonic() - started
+        stats.total_latency.record(elapsed)
+        stats.bytes_in += stream.size if stream is not None else len(body or b"")
+        if settings.access_log:
+            logger.info(
+                "pool %s: %s %s -> %s %d in %.1f ms",
+                state.name,
+                method,
+                scope.get("path", ""),
+                member.upstream.url,
+                response.status,
+                elapsed * 1000,
+            )
     # Judged on the whole exchange, not the headers: a body that breaks is a failure
     # (reported by _relay), and a half-open probe must deliver its body to pass.
     if response.status not in pool.unhealthy_statuses:
@@ -363,7 +389,8 @@ async def _relay(
     state: PoolRuntime,
     member: UpstreamState,
     settings: ProxySettings,
-) -> None:
+) -> int:
+    """Relay the response; return the number of body bytes relayed."""
     status = response.status
     headers = response_headers(response.headers, settings.hidden_response_headers)
     try:
@@ -373,34 +400,33 @@ async def _relay(
             headers = [(n, v) for n, v in headers if n != b"content-length"]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
-            return
+            return 0
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if method == "HEAD":
             await send({"type": "http.response.body", "body": b""})
-            return
+            return 0
         if response.body_complete():
             body = b""
             while chunk := await response.read():
                 body += chunk
             await send({"type": "http.response.body", "body": body})
-            return
+            return len(body)
         # A streamed body: relay it while listening for the client leaving, which must
         # end the upstream exchange at once (an SSE stream never ends by itself). Only
         # once the client's own body is fully read can we listen without stealing it.
         if stream is None or stream.complete:
             client_gone = asyncio.ensure_future(receive())
             try:
-                await _pump_watching(response, send, client_gone)
+                return await _pump_watching(response, send, client_gone)
             finally:
                 client_gone.cancel()
-        else:
-            await _pump(response, send)
+        return await _pump(response, send)
     except UpstreamError as exc:
         if stream is not None and stream.disconnected:
             # The client left mid-upload, which broke the upstream exchange: not the
             # upstream's failure, and no one is left to tell.
             logger.info("pool %s: client left during the request body", state.name)
-            return
+            return 0
         state.report_failure(member, exc.kind)
         logger.warning(
             "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
@@ -415,16 +441,20 @@ async def _relay(
         await response.aclose()
 
 
-async def _pump(response: UpstreamResponse, send: Send) -> None:
+async def _pump(response: UpstreamResponse, send: Send) -> int:
+    relayed = 0
     while chunk := await response.read():
+        relayed += len(chunk)
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
+    return relayed
 
 
 async def _pump_watching(
     response: UpstreamResponse, send: Send, client_gone: asyncio.Future[Message]
-) -> None:
+) -> int:
     """``_pump``, but stop as soon as ``client_gone`` resolves (the disconnect message)."""
+    relayed = 0
     while True:
         read = asyncio.ensure_future(response.read())
         try:
@@ -440,9 +470,11 @@ async def _pump_watching(
         if not read.done():
             read.cancel()
             await asyncio.wait((read,))  # settle it before the caller's aclose()
-            return  # aclose() then discards the half-read upstream connection
+            return relayed  # aclose() then discards the half-read upstream connection
         chunk = read.result()
         if not chunk:
             break
+        relayed += len(chunk)
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
+    return relayed

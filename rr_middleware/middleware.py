@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Union
 
 import httpx
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Pool, PoolsArg, normalize_pools
 from .forwarding import ProxySettings, forward, logger, send_error
 from .headers import TrustedProxies
+from .metrics import PrometheusCollector, status_json
 from .routing import PrefixRouter, has_dot_segment, is_unsafe_path
 from .state import PoolRuntime, UpstreamState
+from .status_page import render_html, render_json
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
@@ -41,7 +46,11 @@ class RoundRobinMiddleware:
     (longer path + query → 414), ``hide_response_headers=("date", "server")`` (upstream
     response headers not passed on, as nginx's ``proxy_hide_header``: the ASGI server
     sets its own), ``max_header_bytes=65536`` (request header names and values adding up
-    to more → 431).
+    to more → 431), ``metrics_path=None`` (serve Prometheus metrics there; needs the
+    ``metrics`` extra), ``status_path=None`` (serve the status page there, and its JSON at
+    ``status_path + ".json"``), ``status_guard=None`` (a callable taking the Request and
+    returning, or awaiting to, True to allow the two), ``access_log=False`` (log a line per
+    proxied request).
     """
 
     def __init__(
@@ -54,6 +63,10 @@ class RoundRobinMiddleware:
         max_url_length: int = 8192,
         hide_response_headers: Sequence[str] = ("date", "server"),
         max_header_bytes: int = 64 * 1024,
+        metrics_path: str | None = None,
+        status_path: str | None = None,
+        status_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
+        access_log: bool = False,
     ) -> None:
         self.app = app
         self.pools: dict[str, Pool] = normalize_pools(pools)
@@ -70,12 +83,32 @@ class RoundRobinMiddleware:
                 h.lower().encode("latin-1") for h in hide_response_headers
             ),
             max_header_bytes=max_header_bytes,
+            access_log=access_log,
         )
         self._states = {
             prefix: PoolRuntime(prefix, pool, self._members(pool))
             for prefix, pool in self.pools.items()
         }
         self._router: PrefixRouter[PoolRuntime] = PrefixRouter(self._states)
+        self.prometheus_collector = PrometheusCollector(self._states)
+        self.status_guard = status_guard
+        self._admin: dict[str, str] = {}
+        self._registry: Any = None
+        if metrics_path is not None:
+            try:
+                from prometheus_client import CollectorRegistry
+            except ImportError:
+                raise ValueError(
+                    "metrics_path needs prometheus_client: pip install 'rr-middleware[metrics]'"
+                ) from None
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(self.prometheus_collector)
+            self._admin[_admin_path("metrics_path", metrics_path)] = "metrics"
+        if status_path is not None:
+            status_path = _admin_path("status_path", status_path)
+            self._admin[status_path] = "html"
+            self._admin[status_path + ".json"] = "json"
+            self._status_json_url = status_path + ".json"
 
     @staticmethod
     def _members(pool: Pool) -> list[UpstreamState]:
@@ -99,6 +132,9 @@ class RoundRobinMiddleware:
                 await self.app(scope, receive, send)
             return
 
+        if self._admin and scope["path"] in self._admin:
+            await self._serve_admin(self._admin[scope["path"]], scope, receive, send)
+            return
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         if b"?" in raw_path:  # some servers leave the query in raw_path
             raw_path = raw_path.partition(b"?")[0]
@@ -119,6 +155,34 @@ class RoundRobinMiddleware:
             return
         path = raw_path[end:] if state.pool.strip_prefix else raw_path
         await forward(state, scope, receive, send, path, self._settings)
+
+    def status(self) -> dict[str, Any]:
+        """Every pool and upstream with its counters (what ``status_path`` serves)."""
+        return status_json(self._states)
+
+    async def _serve_admin(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.status_guard is not None:
+            allowed = self.status_guard(Request(scope, receive))
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+            if not allowed:
+                await PlainTextResponse("403 Forbidden\n", 403)(scope, receive, send)
+                return
+        headers = {"cache-control": "no-store"}
+        response: Response
+        if kind == "metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            body = generate_latest(self._registry)
+            response = Response(body, headers={**headers, "content-type": CONTENT_TYPE_LATEST})
+        elif kind == "json":
+            response = Response(
+                render_json(self.status()), media_type="application/json", headers=headers
+            )
+        else:
+            page = render_html(self.status(), self._status_json_url)
+            response = HTMLResponse(page, headers=headers)
+        await response(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
@@ -194,3 +258,9 @@ def _adapt(transport: Any) -> UpstreamTransport | None:
     raise ValueError(
         f"transport must be an httpx.AsyncBaseTransport or an UpstreamTransport, got {transport!r}"
     )
+
+
+def _admin_path(option: str, path: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or "?" in path:
+        raise ValueError(f"{option} must be a path starting with '/', got {path!r}")
+    return path

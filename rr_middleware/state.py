@@ -18,6 +18,7 @@ from typing import Any
 from .balancing import Balancer, build
 from .config import Pool, Upstream
 from .health import CheckResult, UpstreamHealth, probe
+from .metrics import UpstreamStats
 from .transport.base import UpstreamTransport
 
 __all__ = ["ConnectionLimiter", "PoolRuntime", "UpstreamState"]
@@ -82,6 +83,7 @@ class UpstreamState:
         "health",
         "limiter",
         "requests",
+        "stats",
         "transport",
         "upstream",
         "websockets",
@@ -97,6 +99,7 @@ class UpstreamState:
         self.requests = 0
         self.failures = 0
         self.websockets = 0  # open WebSocket connections (not limited by max_connections)
+        self.stats = UpstreamStats()
 
     @property
     def in_flight(self) -> int:
@@ -193,6 +196,7 @@ class PoolRuntime:
     def report_success(self, member: UpstreamState) -> None:
         member.requests += 1
         if member.health.half_open and member.health.record_success(self.clock()):
+            member.stats.transitions += 1
             logger.warning(
                 "pool %s: upstream %s recovered (half-open probe succeeded)",
                 self.name,
@@ -203,10 +207,13 @@ class PoolRuntime:
     def report_failure(self, member: UpstreamState, kind: str) -> None:
         member.requests += 1
         member.failures += 1
+        member.stats.failure(kind)
         pool = self.pool
         if len(self.members) < 2 and not member.health.half_open:
             return  # a pool of one is never ejected: there is nowhere else to go
         if member.health.record_failure(self.clock(), pool.max_fails, pool.fail_timeout):
+            member.stats.ejections += 1
+            member.stats.transitions += 1
             logger.warning(
                 "pool %s: upstream %s ejected for %ss (%s failures; last: %s)",
                 self.name,
@@ -255,8 +262,10 @@ class PoolRuntime:
         )
         changed = False
         for member, result in zip(self.members, results, strict=True):
+            member.stats.checks["pass" if result.ok else "fail"] += 1
             transition = member.health.record_check(result, check)
             if transition is not None:
+                member.stats.transitions += 1
                 changed = True
                 _log_check_transition(self.name, member, transition, result, check)
         if changed:

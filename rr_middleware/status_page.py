@@ -1,0 +1,117 @@
+"""The status page: every pool and upstream at a glance, as JSON and as a small HTML page.
+
+The page has no external assets. Its table is rendered on the server (so it reads right
+even without JavaScript), then a few lines of script refresh it from the JSON every two
+seconds, computing req/s from the change in counts.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+__all__ = ["render_html", "render_json"]
+
+
+def render_json(status: dict[str, Any]) -> bytes:
+    return json.dumps(status, separators=(",", ":"), default=str).encode()
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _rows(status: dict[str, Any]) -> str:
+    rows = []
+    for pool in status["pools"]:
+        for up in pool["upstreams"]:
+            requests = up["requests"]
+            rows.append(
+                "<tr data-upstream='{url}' class='{state}'>"
+                "<td>{pool}</td><td>{url}</td><td>{weight}</td><td class='state'>{state}</td>"
+                "<td>{in_flight}</td><td class='rate'>-</td><td>{requests}</td>"
+                "<td>{errors:.1%}</td><td>{p50}</td><td>{p99}</td></tr>".format(
+                    pool=html.escape(pool["prefix"]),
+                    url=html.escape(up["url"]),
+                    weight=html.escape(f"{up['effective_weight']:g}/{up['weight']}"),
+                    state=html.escape(up["state"]),
+                    in_flight=up["in_flight"],
+                    requests=requests,
+                    errors=up["error_rate"],
+                    p50=_ms(up["p50"]),
+                    p99=_ms(up["p99"]),
+                )
+            )
+    return "\n".join(rows)
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>rr-middleware status</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #1c2430; }}
+h1 {{ font-size: 1.2rem; margin: 0 0 .2rem; }}
+p.meta {{ color: #5b6675; margin: 0 0 1rem; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ text-align: left; padding: .35rem .6rem; border-bottom: 1px solid #e3e7ec; }}
+th {{ background: #f4f6f8; font-weight: 600; }}
+td:nth-child(n+3) {{ font-variant-numeric: tabular-nums; }}
+td.state {{ font-weight: 600; }}
+tr.up td.state {{ color: #1a7f37; }}
+tr.down td.state, tr.ejected td.state {{ color: #cf222e; }}
+tr.probing td.state, tr.drained td.state {{ color: #9a6700; }}
+tr.down, tr.ejected {{ background: #fff5f5; }}
+</style></head>
+<body>
+<h1>rr-middleware</h1>
+<p class="meta">Pools and upstreams, refreshed every 2 s. <span id="updated"></span></p>
+<table>
+<thead><tr><th>Pool</th><th>Upstream</th><th>Weight</th><th>State</th><th>In flight</th>
+<th>req/s</th><th>Requests</th><th>Errors</th><th>p50</th><th>p99</th></tr></thead>
+<tbody id="upstreams">
+{rows}
+</tbody></table>
+<script>
+const JSON_URL = {json_url};
+let last = null;
+function ms(s) {{ return s === null ? "-" : Math.round(s * 1000) + " ms"; }}
+function cell(text, cls) {{
+  const td = document.createElement("td"); td.textContent = text;
+  if (cls) td.className = cls; return td;
+}}
+async function refresh() {{
+  const now = performance.now();
+  const data = await (await fetch(JSON_URL, {{cache: "no-store"}})).json();
+  const body = document.getElementById("upstreams");
+  const rows = [];
+  const seen = {{}};
+  for (const pool of data.pools) for (const up of pool.upstreams) {{
+    const key = pool.prefix + " " + up.url;
+    seen[key] = up.requests;
+    let rate = "-";
+    if (last && key in last.counts) {{
+      rate = ((up.requests - last.counts[key]) / ((now - last.at) / 1000)).toFixed(1);
+    }}
+    const tr = document.createElement("tr");
+    tr.className = up.state; tr.dataset.upstream = up.url;
+    tr.append(cell(pool.prefix), cell(up.url), cell(up.effective_weight + "/" + up.weight),
+      cell(up.state, "state"), cell(up.in_flight), cell(rate, "rate"), cell(up.requests),
+      cell((up.error_rate * 100).toFixed(1) + "%"), cell(ms(up.p50)), cell(ms(up.p99)));
+    rows.push(tr);
+  }}
+  body.replaceChildren(...rows);
+  last = {{at: now, counts: seen}};
+  document.getElementById("updated").textContent =
+    "Updated " + new Date().toLocaleTimeString() + ".";
+}}
+refresh().catch(() => {{}});
+setInterval(() => refresh().catch(() => {{}}), 2000);
+</script>
+</body></html>
+"""
+
+
+def render_html(status: dict[str, Any], json_url: str) -> bytes:
+    return _PAGE.format(rows=_rows(status), json_url=json.dumps(json_url)).encode()
