@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,15 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict rr_middleware
 
+# System packages the tests drive for real: headless Chromium for the status page.
+# Installed with apt-get (root on CI) unless already there.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the status-page tests"; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
+
 # pytest exits 5 when it collects no test; make fails on any non-zero exit.
-test: $(VENV)/.dev lint
+test: $(VENV)/.dev system-deps lint
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.dev
