@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
@@ -74,12 +75,19 @@ class ClientDisconnected(Exception):
     """The client went away while its request body was being read."""
 
 
-async def send_error(send: Send, status: int, headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-    """A short, generic plain-text error response. Causes go to the log, never here."""
-    body = b"%d %s\n" % (status, _REASONS[status])
+async def send_error(
+    send: Send,
+    status: int,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    message: str = "http.response",
+) -> None:
+    """A short, generic plain-text error response. Causes go to the log, never here.
+    ``message="websocket.http.response"`` answers a WebSocket handshake instead."""
+    reason = _REASONS.get(status) or HTTPStatus(status).phrase.encode()
+    body = b"%d %s\n" % (status, reason)
     await send(
         {
-            "type": "http.response.start",
+            "type": message + ".start",
             "status": status,
             "headers": [
                 (b"content-type", b"text/plain; charset=utf-8"),
@@ -88,7 +96,7 @@ async def send_error(send: Send, status: int, headers: list[tuple[bytes, bytes]]
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": message + ".body", "body": body})
 
 
 class BodyTooLarge(Exception):

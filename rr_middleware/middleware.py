@@ -135,26 +135,36 @@ class RoundRobinMiddleware:
         if self._admin and scope["path"] in self._admin:
             await self._serve_admin(self._admin[scope["path"]], scope, receive, send)
             return
+        found = self._match(scope)
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        state, path, refusal = found
+        if refusal:
+            await send_error(send, refusal)
+            return
+        await forward(state, scope, receive, send, path, self._settings)
+
+    def _match(self, scope: Scope) -> tuple[PoolRuntime, bytes, int] | None:
+        """The pool for this request, the raw path to forward, and the status to refuse
+        it with (0 if none); None if no pool matches."""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         if b"?" in raw_path:  # some servers leave the query in raw_path
             raw_path = raw_path.partition(b"?")[0]
         found = self._router.match(raw_path)
         if found is None:
-            await self.app(scope, receive, send)
-            return
-
+            return None
         end, state = found
+        refusal = 0
         if len(raw_path) + len(scope.get("query_string", b"")) > self.max_url_length:
-            await send_error(send, 414)
-            return
+            refusal = 414
         # The whole path is checked, not just the part after the prefix: "/api/../admin"
         # must neither reach the /api pool nor be re-read as "/admin" by an upstream.
-        if is_unsafe_path(raw_path) or has_dot_segment(raw_path):
-            logger.info("pool %s: refused unsafe path %r", state.name, raw_path[:200])
-            await send_error(send, 400)
-            return
-        path = raw_path[end:] if state.pool.strip_prefix else raw_path
-        await forward(state, scope, receive, send, path, self._settings)
+        elif is_unsafe_path(raw_path) or has_dot_segment(raw_path):
+            refusal = 400
+        if refusal:
+            logger.info("pool %s: refused path %r (%d)", state.name, raw_path[:200], refusal)
+        return state, raw_path[end:] if state.pool.strip_prefix else raw_path, refusal
 
     def status(self) -> dict[str, Any]:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""
@@ -185,23 +195,14 @@ class RoundRobinMiddleware:
         await response(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        if b"?" in raw_path:
-            raw_path = raw_path.partition(b"?")[0]
-        found = self._router.match(raw_path)
+        found = self._match(scope)
         if found is None:
             await self.app(scope, receive, send)
             return
-        end, state = found
-        if (
-            len(raw_path) + len(scope.get("query_string", b"")) > self.max_url_length
-            or is_unsafe_path(raw_path)
-            or has_dot_segment(raw_path)
-        ):
-            logger.info("pool %s: refused WebSocket path %r", state.name, raw_path[:200])
+        state, path, refusal = found
+        if refusal:
             await send({"type": "websocket.close", "code": 1008})
             return
-        path = raw_path[end:] if state.pool.strip_prefix else raw_path
         await forward_websocket(state, scope, receive, send, path, self._settings)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:

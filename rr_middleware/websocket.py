@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from .config import Upstream
+from .forwarding import send_error
 from .headers import BadRequestHeaders, request_headers
 
 if TYPE_CHECKING:
@@ -218,18 +219,7 @@ async def _in_process(
 async def _refuse(scope: Scope, send: Send, status: int) -> None:
     """Turn the handshake down with ``status`` where the server can say it, else close."""
     if "websocket.http.response" in scope.get("extensions", {}):
-        body = b"%d\n" % status
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", b"%d" % len(body)),
-                ],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": body})
+        await send_error(send, status, message="websocket.http.response")
     else:
         await send({"type": "websocket.close", "code": 1008 if status < 500 else 1011})
 
