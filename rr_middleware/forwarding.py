@@ -35,6 +35,7 @@ from .transport.base import (
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send
 
+    from .metrics import UpstreamStats
     from .state import PoolRuntime, UpstreamState
 
 __all__ = ["ProxySettings", "ResponseAborted", "forward", "send_error"]
@@ -301,28 +302,31 @@ async def forward(
             return
         if error is None:
             logger.warning("pool %s: no upstream available", state.name)
-        await send_error(send, _status_for(error))
+        status = _status_for(error)
+        await send_error(send, status)
+        if settings.access_log:
+            tried_urls = ", ".join(m.upstream.url for m in tried) or "-"
+            _access_log(state, method, scope, tried_urls, status, 0.0)
         return
     stats = member.stats
-    try:
-        stats.bytes_out += await _relay(
-            response, method, receive, send, stream, state, member, settings
+    if response.status in pool.unhealthy_statuses:
+        logger.warning(
+            "pool %s: %s %s answered %d (tried: %s)",
+            state.name,
+            method,
+            member.upstream.url,
+            response.status,
+            ", ".join(m.upstream.url for m in tried),
         )
+    try:
+        await _relay(response, method, receive, send, stream, state, member, settings)
     finally:
         member.limiter.release()
         elapsed = time.monotonic() - started
         stats.total_latency.record(elapsed)
         stats.bytes_in += stream.size if stream is not None else len(body or b"")
         if settings.access_log:
-            logger.info(
-                "pool %s: %s %s -> %s %d in %.1f ms",
-                state.name,
-                method,
-                scope.get("path", ""),
-                member.upstream.url,
-                response.status,
-                elapsed * 1000,
-            )
+            _access_log(state, method, scope, member.upstream.url, response.status, elapsed)
     # Judged on the whole exchange, not the headers: a body that breaks is a failure
     # (reported by _relay), and a half-open probe must deliver its body to pass.
     if response.status not in pool.unhealthy_statuses:
@@ -368,6 +372,20 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
+def _access_log(
+    state: PoolRuntime, method: str, scope: Scope, upstream: str, status: int, elapsed: float
+) -> None:
+    logger.info(
+        "pool %s: %s %s -> %s %d in %.1f ms",
+        state.name,
+        method,
+        scope.get("path", ""),
+        upstream,
+        status,
+        elapsed * 1000,
+    )
+
+
 def _may_retry(exc: UpstreamError, retryable: bool, stream: _RequestBody | None) -> bool:
     if isinstance(exc, (UpstreamTimeout, RequestNotForwardable)):
         return False  # a silent upstream costs the client one timeout, not one per retry
@@ -397,9 +415,10 @@ async def _relay(
     state: PoolRuntime,
     member: UpstreamState,
     settings: ProxySettings,
-) -> int:
-    """Relay the response; return the number of body bytes relayed."""
+) -> None:
+    """Relay the response, counting the body bytes into the upstream's stats as they go."""
     status = response.status
+    stats = member.stats
     headers = response_headers(response.headers, settings.hidden_response_headers)
     try:
         if status in (204, 304) or status < 200:
@@ -408,33 +427,35 @@ async def _relay(
             headers = [(n, v) for n, v in headers if n != b"content-length"]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
-            return 0
+            return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if method == "HEAD":
             await send({"type": "http.response.body", "body": b""})
-            return 0
+            return
         if response.body_complete():
             body = b""
             while chunk := await response.read():
                 body += chunk
             await send({"type": "http.response.body", "body": body})
-            return len(body)
+            stats.bytes_out += len(body)
+            return
         # A streamed body: relay it while listening for the client leaving, which must
         # end the upstream exchange at once (an SSE stream never ends by itself). Only
         # once the client's own body is fully read can we listen without stealing it.
         if stream is None or stream.complete:
             client_gone = asyncio.ensure_future(receive())
             try:
-                return await _pump_watching(response, send, client_gone)
+                await _pump_watching(response, send, client_gone, stats)
             finally:
                 client_gone.cancel()
-        return await _pump(response, send)
+        else:
+            await _pump(response, send, stats)
     except UpstreamError as exc:
         if stream is not None and stream.disconnected:
             # The client left mid-upload, which broke the upstream exchange: not the
             # upstream's failure, and no one is left to tell.
             logger.info("pool %s: client left during the request body", state.name)
-            return 0
+            return
         state.report_failure(member, exc.kind)
         logger.warning(
             "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
@@ -449,20 +470,20 @@ async def _relay(
         await response.aclose()
 
 
-async def _pump(response: UpstreamResponse, send: Send) -> int:
-    relayed = 0
+async def _pump(response: UpstreamResponse, send: Send, stats: UpstreamStats) -> None:
     while chunk := await response.read():
-        relayed += len(chunk)
+        stats.bytes_out += len(chunk)
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
-    return relayed
 
 
 async def _pump_watching(
-    response: UpstreamResponse, send: Send, client_gone: asyncio.Future[Message]
-) -> int:
+    response: UpstreamResponse,
+    send: Send,
+    client_gone: asyncio.Future[Message],
+    stats: UpstreamStats,
+) -> None:
     """``_pump``, but stop as soon as ``client_gone`` resolves (the disconnect message)."""
-    relayed = 0
     while True:
         read = asyncio.ensure_future(response.read())
         try:
@@ -478,11 +499,10 @@ async def _pump_watching(
         if not read.done():
             read.cancel()
             await asyncio.wait((read,))  # settle it before the caller's aclose()
-            return relayed  # aclose() then discards the half-read upstream connection
+            return  # aclose() then discards the half-read upstream connection
         chunk = read.result()
         if not chunk:
             break
-        relayed += len(chunk)
+        stats.bytes_out += len(chunk)
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
-    return relayed

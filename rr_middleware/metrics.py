@@ -174,13 +174,14 @@ class PrometheusCollector:
             labels=labels,
         )
         for prefix, runtime in self._runtimes.items():
+            runtime.refresh_if_due()
             eligible = {id(m) for m in runtime.eligible} if not runtime.all_down else set()
             for member in runtime.members:
                 key = [prefix, member.upstream.url]
                 stats = member.stats
-                for code, n in sorted(stats.codes.items()):
+                for code, n in sorted(list(stats.codes.items())):
                     requests.add_metric([*key, str(code)], n)
-                for kind, n in sorted(stats.failures.items()):
+                for kind, n in sorted(list(stats.failures.items())):
                     failures.add_metric([*key, kind], n)
                 retries.add_metric(key, stats.retries)
                 ejections.add_metric(key, stats.ejections)

@@ -106,6 +106,9 @@ class RoundRobinMiddleware:
             self._admin[_admin_path("metrics_path", metrics_path)] = "metrics"
         if status_path is not None:
             status_path = _admin_path("status_path", status_path)
+            for path in (status_path, status_path + ".json"):
+                if path in self._admin:
+                    raise ValueError(f"status_path {status_path!r} collides with metrics_path")
             self._admin[status_path] = "html"
             self._admin[status_path + ".json"] = "json"
             self._status_json_url = status_path + ".json"

@@ -211,15 +211,16 @@ class PoolRuntime:
         pool = self.pool
         if len(self.members) < 2 and not member.health.half_open:
             return  # a pool of one is never ejected: there is nowhere else to go
+        probing = member.health.half_open
         if member.health.record_failure(self.clock(), pool.max_fails, pool.fail_timeout):
             member.stats.ejections += 1
             member.stats.transitions += 1
             logger.warning(
-                "pool %s: upstream %s ejected for %ss (%s failures; last: %s)",
+                "pool %s: upstream %s ejected for %ss (%s; last: %s)",
                 self.name,
                 member.upstream.url,
                 pool.fail_timeout,
-                pool.max_fails,
+                "its half-open probe failed" if probing else f"{pool.max_fails} failures",
                 kind,
             )
             self.refresh()
@@ -281,10 +282,15 @@ class PoolRuntime:
 
     # -- introspection --------------------------------------------------------------------
 
+    def refresh_if_due(self) -> None:
+        """Apply what time alone changed (an ejection that ran out, a slow-start step),
+        for readers that come when no request did."""
+        if self._next_change != math.inf and self.clock() >= self._next_change:
+            self.refresh()
+
     def snapshot(self) -> list[dict[str, Any]]:
+        self.refresh_if_due()
         now = self.clock()
-        if now >= self._next_change:
-            self.refresh()  # an ejection may have run out with no request to notice
         eligible = {id(m) for m in self.eligible}
         rows = []
         for member in self.members:
