@@ -738,9 +738,11 @@ def test_shutdown_during_traffic_completes_in_flight_requests_and_stops_checks(
         assert stopped - stopping < grace
         assert probe.tasks_at_shutdown is not None, "the host app's lifespan shutdown never ran"
         assert not [t for t in probe.tasks_at_shutdown if "check" in t], probe.tasks_at_shutdown
-        # Absence can only be shown over a window: ten check intervals with no check.
-        assert not counting.late.wait(timeout=10 * checks.interval), "checks went on"
-        assert counting.checks == checks_at_stop
+        # Absence can only be shown over a window of ten check intervals. One check already
+        # on the wire when the checker was cancelled may still land (on a loaded machine,
+        # after the server's thread has ended); a running checker would send ten.
+        counting.late.wait(timeout=10 * checks.interval)
+        assert counting.checks - checks_at_stop <= 1, "checks went on"
 
     logged = leaks(leak_log)
     errors_logged = [m for m in leak_log.messages() if " ERROR: " in m]
