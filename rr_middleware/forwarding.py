@@ -228,16 +228,16 @@ async def forward(
         started = time.monotonic()
         try:
             response = await (member.transport or settings.transport).send(request)
-        except UpstreamError as exc:
+        except (UpstreamError, ClientDisconnected, BodyTooLarge) as exc:
             member.limiter.release()
+            if stream is not None and (stream.disconnected or stream.too_large):
+                # The client's side of the body ended the exchange, however the transport
+                # reported it (its own exception, or the broken upstream connection).
+                await _client_body_ended(state, stream, send)
+                return
+            if not isinstance(exc, UpstreamError):
+                raise  # the other two only come from the stream, which flags them
             error = exc
-            if stream is not None and stream.disconnected:
-                logger.info("pool %s: client left during the request body", state.name)
-                return
-            if stream is not None and stream.too_large:
-                logger.info("pool %s: request body over max_body_size", state.name)
-                await send_error(send, 413)
-                return
             if not isinstance(exc, RequestNotForwardable):
                 state.report_failure(member, exc.kind)
             retry = _may_retry(exc, retryable, stream) and attempt + 1 < pool.max_attempts
@@ -254,15 +254,6 @@ async def forward(
                 break
             member.stats.retries += 1
             continue
-        except ClientDisconnected:
-            member.limiter.release()
-            logger.info("pool %s: client left during the request body", state.name)
-            return
-        except BodyTooLarge:
-            member.limiter.release()
-            logger.info("pool %s: request body over max_body_size", state.name)
-            await send_error(send, 413)
-            return
         except BaseException:
             member.limiter.release()
             raise
@@ -370,6 +361,14 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+async def _client_body_ended(state: PoolRuntime, stream: _RequestBody, send: Send) -> None:
+    if stream.too_large:
+        logger.info("pool %s: request body over max_body_size", state.name)
+        await send_error(send, 413)
+    else:
+        logger.info("pool %s: client left during the request body", state.name)
 
 
 def _access_log(

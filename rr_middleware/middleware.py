@@ -40,17 +40,18 @@ class RoundRobinMiddleware:
     ```
 
     Everything that matches no prefix, and the lifespan, reaches ``app`` unchanged.
-    Options (defaults): ``transport=None`` (the built-in aiohttp client; or any
-    ``httpx.AsyncBaseTransport`` for every pool), ``trusted_proxies=()`` (addresses whose
-    ``X-Forwarded-*`` headers are believed; ``"*"`` for all), ``max_url_length=8192``
-    (longer path + query → 414), ``hide_response_headers=("date", "server")`` (upstream
-    response headers not passed on, as nginx's ``proxy_hide_header``: the ASGI server
-    sets its own), ``max_header_bytes=65536`` (request header names and values adding up
-    to more → 431), ``metrics_path=None`` (serve Prometheus metrics there; needs the
-    ``metrics`` extra), ``status_path=None`` (serve the status page there, and its JSON at
-    ``status_path + ".json"``), ``status_guard=None`` (a callable taking the Request and
-    returning, or awaiting to, True to allow the two), ``access_log=False`` (log a line per
-    proxied request).
+    Options (defaults): ``transport=None`` (the built-in ``Http1Transport``; or any
+    ``httpx.AsyncBaseTransport`` or ``UpstreamTransport`` for every pool),
+    ``trusted_proxies=()`` (addresses whose ``X-Forwarded-*`` headers are believed; ``"*"``
+    for all), ``max_url_length=8192`` (longer path + query → 414),
+    ``hide_response_headers=("date", "server")`` (upstream response headers not passed on,
+    as nginx's ``proxy_hide_header``: the ASGI server sets its own),
+    ``max_header_bytes=65536`` (request header names and values adding up to more → 431),
+    ``metrics_path=None`` (serve Prometheus metrics there; needs the ``metrics`` extra),
+    ``status_path=None`` (serve the status page there, and its JSON at ``status_path +
+    ".json"``), ``status_guard=None`` (a callable taking the Request and returning, or
+    awaiting to, True to allow the two), ``access_log=False`` (log a line per proxied
+    request).
     """
 
     def __init__(
