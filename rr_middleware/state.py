@@ -365,6 +365,22 @@ class PoolRuntime:
         if self._next_change != math.inf and self.clock() >= self._next_change:
             self.refresh()
 
+    def discovery_status(self) -> dict[str, Any] | None:
+        """Where the members come from, when they last changed, and the last failure
+        (None once the source answers again); None for a static pool."""
+        source = self.pool.discovery
+        if source is None:
+            return None
+        watcher = self.watcher
+        return {
+            "source": source.describe(),
+            "running": watcher is not None and watcher.running,
+            "updates": watcher.updates if watcher else 0,
+            "updated_at": watcher.updated_at if watcher else None,
+            "error": watcher.error if watcher else None,
+            "members": len(self.members),
+        }
+
     def snapshot(self) -> list[dict[str, Any]]:
         self.refresh_if_due()
         now = self.clock()
