@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,8 +34,9 @@ from rr_middleware import (
 )
 
 from .servers import RunningServer, serve
-from .test_fidelity import client, dead_url
+from .test_fidelity import client, dead_url, running_proxy
 from .test_lifespan import no_leaks
+from .test_observability import chromium_or_skip, dump_dom
 
 pytestmark = pytest.mark.anyio
 
@@ -431,3 +433,16 @@ def test_dns_nameservers_take_ports_and_ipv6() -> None:
     assert source.describe() == (
         "dns name 'backend' port 8000 via 10.0.0.2, 127.0.0.1:8600, [::1]:5353"
     )
+
+
+def test_status_page_shows_an_empty_discovered_pool(
+    upstreams: list[RunningServer], tmp_path: Path
+) -> None:
+    chromium_or_skip()
+    missing = Pool(discovery=DNSDiscovery("no-such-backend.invalid", port=8000))
+    pools = {"/api": [upstreams[0].url], "/users": missing}
+    with running_proxy(pools, status_path="/status") as (server, _):
+        # The page's own script has rebuilt the table from the JSON by the time it is dumped.
+        page = dump_dom(server.url + "/status", tmp_path / "profile")
+    assert "no upstreams from dns name 'no-such-backend.invalid' port 8000" in page
+    assert upstreams[0].url in page
