@@ -112,9 +112,9 @@ class ConsulDiscovery:
                 query = {**params, "index": str(index), "wait": wait} if index else params
                 entries, new_index = await self._read(client, url, query)
                 # Consul's rules: an index going backwards means the data was reset (a
-                # restarted agent, a snapshot restore): start over; never block on 0.
-                index = 0 if new_index < index else new_index
-                index = max(index, 1)
+                # snapshot restore, another server answering): start over with a query that
+                # does not block; an index below 1 is never used (it would not block).
+                index = 0 if new_index < index else max(new_index, 1)
                 upstreams = self._members(entries)
                 current = [(u.url, u.weight) for u in upstreams]
                 if current != last:
