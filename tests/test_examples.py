@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from examples import run_demo, weighted_health
+from examples import weighted_health
 
 from .servers import serve
 from .upstream_app import UpstreamApp
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
@@ -29,16 +33,36 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_make_demo_shows_the_rotation_and_the_local_route(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    assert asyncio.run(run_demo.main()) == 0
-    out = capsys.readouterr().out
-    answered = re.findall(r"#\d+\s+-> (backend-\d)", out)
-    assert answered == ["backend-1", "backend-2", "backend-3"] * 4
-    assert "saw /v1/42 (X-Forwarded-Prefix: /users)" in out
-    assert "GET /hello         -> 200 {'hello': 'from the host app'}" in out
-    assert "all servers stopped." in out
+def test_make_demo_kills_a_backend_without_failed_requests_and_brings_it_back() -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "examples.run_demo", "--duration", "8"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = demo.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        demo.send_signal(signal.SIGINT)  # the demo stops its own processes on Ctrl-C
+        out, err = demo.communicate(timeout=30)
+        raise AssertionError(f"the demo did not finish:\n{out}\n{err}") from None
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 0, out + err
+    assert "status page: http://127.0.0.1:" in out
+    assert "metrics:     http://127.0.0.1:" in out
+    killed = out.index("kill -9 backend-2")
+    left = out.index("backend-2 left the rotation")
+    restarted = out.index("restarted backend-2")
+    back = out.index("backend-2 is back in the rotation")
+    assert killed < left < restarted < back
+    assert re.search(r"done: [1-9]\d* requests, 0 failed", out)
+    assert re.findall(r"^  backend-2 \S+ +1 +\d+ +\d+% +\S+  (\w+)$", out, re.MULTILINE)[-1] == "up"
+    assert "gateway and backends stopped." in out
+    assert [line for line in out.splitlines() if len(line) > 80] == []
 
 
 def test_weighted_health_example_balances_by_weight_and_shows_health() -> None:
