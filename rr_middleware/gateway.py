@@ -27,13 +27,11 @@ from types import FrameType
 from typing import Any
 
 from . import __version__
+from .config_mapping import ConfigError, field_hints, key_path
 from .gateway_config import (
     GATEWAY_MIDDLEWARE_DEFAULTS,
-    ConfigError,
     GatewayConfig,
     ServerSettings,
-    field_hints,
-    key_path,
     load_config,
     middleware_options,
 )

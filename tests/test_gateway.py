@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rr_middleware.gateway_config import ConfigError, build_dataclass
+from rr_middleware.config_mapping import ConfigError, build_dataclass
 
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
