@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -222,8 +223,6 @@ def _is_list_of_dataclasses(value: Any) -> bool:
 
 
 def _middleware_defaults() -> dict[str, Any]:
-    import inspect
-
     parameters = inspect.signature(RoundRobinMiddleware.__init__).parameters
     defaults = {name: parameters[name].default for name in middleware_options()}
     return {**defaults, **GATEWAY_MIDDLEWARE_DEFAULTS}
