@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean system-deps
+.PHONY: demo test lint bench clean system-deps consul
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,13 @@ system-deps:
 		echo "installing Debian's chromium for the status-page tests"; \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
 
+# A Consul agent for the service-discovery tests: Debian's consul package unpacked into
+# .venv without touching the system (see the script). CONSUL_BIN=path uses another binary.
+consul: | $(BIN)/python
+	@.ci/install-consul $(VENV)
+
 # pytest exits 5 when it collects no test; make fails on any non-zero exit.
-test: $(VENV)/.dev system-deps lint
+test: $(VENV)/.dev system-deps consul lint
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.dev

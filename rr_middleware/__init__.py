@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .config import HealthCheck, Pool, Upstream
+from .discovery import ConsulDiscovery, Discovery, DiscoveryError, DNSDiscovery
 from .forwarding import ResponseAborted
 from .middleware import RoundRobinMiddleware
 from .transport import Http1Transport, HttpxTransport, UpstreamTransport
@@ -14,6 +15,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AiohttpTransport",
+    "ConsulDiscovery",
+    "DNSDiscovery",
+    "Discovery",
+    "DiscoveryError",
     "HealthCheck",
     "Http1Transport",
     "HttpxTransport",

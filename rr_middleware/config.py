@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import httpx
     from starlette.types import ASGIApp
 
+    from .discovery import Discovery
     from .state import PoolRuntime
     from .transport.base import UpstreamTransport
 
@@ -154,12 +155,15 @@ class Pool:
     >>> [u.url for u in pool.upstreams]
     ['http://10.0.0.1:8000', 'http://10.0.0.2:8000']
 
+    Give ``discovery=`` (``ConsulDiscovery``, ``DNSDiscovery``) instead of upstreams for
+    members that follow a registry while the app runs.
+
     Every option and its default is in the README's configuration reference. Keep a
     reference to the Pool to read ``pool.snapshot()`` or ``pool.drain(url)`` while it
     serves.
     """
 
-    upstreams: Sequence[Upstream | str]
+    upstreams: Sequence[Upstream | str] = ()
     strip_prefix: bool = True
     timeout: float = 60.0
     connect_timeout: float = 5.0
@@ -182,6 +186,7 @@ class Pool:
     websocket_timeout: float | None = None
     websocket_idle_timeout: float | None = None
     websocket_ping_interval: float | None = 20.0
+    discovery: Discovery | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
     # The run-time state of the middleware serving this pool (set when one does).
@@ -193,8 +198,18 @@ class Pool:
                 f"a pool needs a list of upstream URLs or Upstream objects, got {self.upstreams!r}"
             )
         members = [u if isinstance(u, Upstream) else _upstream_from(u) for u in self.upstreams]
-        if not members:
-            raise ValueError("a pool needs at least one upstream")
+        if self.discovery is not None:
+            from .discovery import Discovery
+
+            if not isinstance(self.discovery, Discovery):
+                raise ValueError(
+                    "discovery must be a ConsulDiscovery, a DNSDiscovery or another Discovery, "
+                    f"got {self.discovery!r}"
+                )
+            if members:
+                raise ValueError("give a pool upstreams or discovery=, not both")
+        elif not members:
+            raise ValueError("a pool needs at least one upstream (or discovery=)")
         seen: set[str] = set()
         for member in members:
             key = member.origin + member.base_path.decode("ascii")
@@ -240,15 +255,11 @@ class Pool:
         """The upstreams, as ``Upstream`` objects."""
         return self.upstreams  # type: ignore[return-value]  # normalised in __post_init__
 
-    @property
-    def max_attempts(self) -> int:
-        """How many distinct upstreams one request may try: 1 + retries, at most the pool size."""
-        return min(self.retries + 1, len(self.upstreams))
-
     def snapshot(self) -> list[dict[str, Any]]:
-        """Per upstream: url, weight, effective weight, health (active), ejection
-        (passive), drained, in-flight, requests, failures, last check. Reads the state of
-        the middleware serving this pool (the last one built with it)."""
+        """Per upstream (the current members, with discovery): url, weight, effective
+        weight, health (active), ejection (passive), drained, in-flight, requests,
+        failures, last check. Reads the state of the middleware serving this pool (the
+        last one built with it)."""
         return self._serving().snapshot()
 
     def drain(self, url: str) -> None:

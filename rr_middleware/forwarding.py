@@ -163,6 +163,10 @@ async def forward(
 ) -> None:
     """Forward one HTTP request to the pool and relay the answer. ``path`` is the raw path
     to send (prefix already stripped when the pool strips it)."""
+    if not state.members:  # a discovered pool with no upstreams (yet, or any more)
+        logger.info("pool %s: no upstreams; answering 503", state.name)
+        await send_error(send, 503, [(b"retry-after", b"%d" % state.retry_after())])
+        return
     pool = state.pool
     method: str = scope["method"]
     client = scope.get("client")
@@ -203,7 +207,7 @@ async def forward(
     member: UpstreamState | None = None
     response: UpstreamResponse | None = None
     error: UpstreamError | None = None
-    for attempt in range(pool.max_attempts):
+    for attempt in range(state.max_attempts):
         member = state.pick(tried)
         if member is None:
             break
@@ -240,7 +244,7 @@ async def forward(
             error = exc
             if not isinstance(exc, RequestNotForwardable):
                 state.report_failure(member, exc.kind)
-            retry = _may_retry(exc, retryable, stream) and attempt + 1 < pool.max_attempts
+            retry = _may_retry(exc, retryable, stream) and attempt + 1 < state.max_attempts
             logger.warning(
                 "pool %s: %s %s failed (%s): %s%s",
                 state.name,
@@ -265,7 +269,7 @@ async def forward(
             state.report_failure(member, f"status {status}")
         if (
             status in pool.retry_on_statuses
-            and attempt + 1 < pool.max_attempts
+            and attempt + 1 < state.max_attempts
             and retryable
             and stream is None
         ):

@@ -122,7 +122,14 @@ def status_json(runtimes: dict[str, PoolRuntime]) -> dict[str, Any]:
                     "p99": stats.total_latency.quantile(0.99),
                 }
             )
-        pools.append({"prefix": prefix, "policy": runtime.pool.policy, "upstreams": rows})
+        pools.append(
+            {
+                "prefix": prefix,
+                "policy": runtime.pool.policy,
+                "discovery": runtime.discovery_status(),
+                "upstreams": rows,
+            }
+        )
     return {"pools": pools}
 
 

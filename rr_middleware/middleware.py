@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Union
@@ -11,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import Pool, PoolsArg, normalize_pools
+from .config import Pool, PoolsArg, Upstream, normalize_pools
+from .discovery import Watcher
 from .forwarding import ProxySettings, forward, logger, send_error
 from .headers import TrustedProxies
 from .metrics import PrometheusCollector, status_json
@@ -87,7 +89,7 @@ class RoundRobinMiddleware:
             access_log=access_log,
         )
         self._states = {
-            prefix: PoolRuntime(prefix, pool, self._members(pool))
+            prefix: PoolRuntime(prefix, pool, self._member_factory(pool))
             for prefix, pool in self.pools.items()
         }
         self._router: PrefixRouter[PoolRuntime] = PrefixRouter(self._states)
@@ -115,16 +117,17 @@ class RoundRobinMiddleware:
             self._status_json_url = status_path + ".json"
 
     @staticmethod
-    def _members(pool: Pool) -> list[UpstreamState]:
+    def _member_factory(pool: Pool) -> Callable[[Upstream], UpstreamState]:
         pool_transport = _adapt(pool.transport)
-        members = []
-        for upstream in pool.members:
+
+        def make_member(upstream: Upstream) -> UpstreamState:
             if upstream.app is not None:
                 transport: UpstreamTransport | None = in_process(upstream.app)
             else:
                 transport = _adapt(upstream.transport) or pool_transport
-            members.append(UpstreamState(upstream, transport, pool.max_connections))
-        return members
+            return UpstreamState(upstream, transport, pool.max_connections)
+
+        return make_member
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -233,18 +236,41 @@ class RoundRobinMiddleware:
             raise
 
     async def startup(self) -> None:
-        """Open the upstream client. Called by the lifespan; without one, the client opens
-        on the first request (and closes when its event loop ends). A transport you passed
-        in is left to open itself, and to you to close."""
+        """Open the upstream client, start discovery (waiting, at most each source's
+        ``startup_timeout``, for the first members) and the health checks. Called by the
+        lifespan; without one, the client opens on the first request (and closes when its
+        event loop ends), and discovered pools stay empty. A transport you passed in is
+        left to open itself, and to you to close."""
         if self._own_transport:
             await self._transport.aopen()
+        watchers = []
+        for state in self._states.values():
+            source = state.pool.discovery
+            if source is not None:
+                if state.watcher is None:
+                    state.watcher = Watcher(state.name, source, state.set_members)
+                state.watcher.start()
+                watchers.append(state.watcher)
+        arrived = await asyncio.gather(*(w.wait_first(w.source.startup_timeout) for w in watchers))
+        for watcher, came in zip(watchers, arrived, strict=True):
+            if not came:
+                logger.error(
+                    "pool %s: no upstreams from %s within %ss (%s); starting anyway, the pool "
+                    "answers 503 until they arrive",
+                    watcher.pool_name,
+                    watcher.source.describe(),
+                    watcher.source.startup_timeout,
+                    watcher.error or "no answer yet",
+                )
         for state in self._states.values():
             state.start_checks(self._transport)
 
     async def shutdown(self) -> None:
-        """Close the connections this middleware opened. Transports you passed in are
-        yours to close."""
+        """Stop discovery and health checks, and close the connections this middleware
+        opened. Transports you passed in are yours to close."""
         for state in self._states.values():
+            if state.watcher is not None:
+                await state.watcher.stop()
             await state.stop_checks()
         if self._own_transport:
             await self._transport.aclose()

@@ -3,23 +3,29 @@
 The configuration dataclasses stay plain; what changes while serving lives here: the
 connection slots, each upstream's health, the set of upstreams eligible for traffic and
 the balancer over it. The eligible set is rebuilt only when something changes (a health
-transition, an ejection expiring, a slow-start step, a drain), so a pick does no scan.
+transition, an ejection expiring, a slow-start step, a drain, a membership change from
+discovery), so a pick does no scan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .balancing import Balancer, build
 from .config import Pool, Upstream
 from .health import CheckResult, UpstreamHealth, probe
 from .metrics import UpstreamStats
 from .transport.base import UpstreamTransport
+
+if TYPE_CHECKING:
+    from .discovery import Watcher
 
 __all__ = ["ConnectionLimiter", "PoolRuntime", "UpstreamState"]
 
@@ -110,13 +116,26 @@ class UpstreamState:
 
 
 class PoolRuntime:
-    """One pool as a middleware serves it: members, their health, and the balancer."""
+    """One pool as a middleware serves it: members, their health, and the balancer.
 
-    def __init__(self, prefix: str, pool: Pool, members: list[UpstreamState]) -> None:
+    ``make_member`` turns an ``Upstream`` into its ``UpstreamState`` (with the transport
+    it is reached by); the pool's static upstreams are made at once, discovered ones as
+    they arrive (``set_members``).
+    """
+
+    def __init__(
+        self, prefix: str, pool: Pool, make_member: Callable[[Upstream], UpstreamState]
+    ) -> None:
         self.name = prefix
         self.prefix = prefix.encode("ascii") if prefix != "/" else b""
         self.pool = pool
-        self.members = members
+        self.make_member = make_member
+        self.members = [make_member(upstream) for upstream in pool.members]
+        #: How many distinct upstreams one request may try: 1 + retries, at most them all.
+        self.max_attempts = min(pool.retries + 1, len(self.members))
+        #: Keeps the members in step with ``pool.discovery``, while the lifespan runs.
+        self.watcher: Watcher | None = None
+        self._checks_due: asyncio.Event | None = None
         self.clock = pool.clock
         self.rng = pool.random if pool.random is not None else random.Random()
         self.eligible: list[UpstreamState] = []
@@ -240,13 +259,65 @@ class PoolRuntime:
                 return
         raise ValueError(f"pool {self.name}: no upstream {url!r}")
 
+    # -- membership (discovery) -----------------------------------------------------------
+
+    def set_members(self, upstreams: list[Upstream]) -> None:
+        """Make ``upstreams`` the pool's members, as a diff: an upstream that stays keeps
+        its state (health, counters, connections, place in the rotation; a new weight is
+        taken); a removed one gets no new requests while those in flight finish; a new one
+        starts as a static upstream does (healthy until checked, slow start if set)."""
+        current = {_identity(m.upstream): m for m in self.members}
+        members: list[UpstreamState] = []
+        added: list[UpstreamState] = []
+        reweighed = False
+        now = self.clock()
+        for upstream in upstreams:
+            member = current.pop(_identity(upstream), None)
+            if member is None:
+                member = self.make_member(upstream)
+                if self.watcher is not None and self.watcher.updates:
+                    member.health.recovered_at = now  # a newcomer ramps up (slow start)
+                added.append(member)
+            elif member.upstream.weight != upstream.weight:
+                logger.warning(
+                    "pool %s: upstream %s weight %d -> %d",
+                    self.name,
+                    upstream.url,
+                    member.upstream.weight,
+                    upstream.weight,
+                )
+                member.upstream = upstream
+                reweighed = True
+            members.append(member)
+        removed = list(current.values())
+        if not (added or removed or reweighed) and members == self.members:
+            return
+        for member in added:
+            logger.warning("pool %s: upstream %s joined", self.name, member.upstream.url)
+        for member in removed:
+            logger.warning(
+                "pool %s: upstream %s left (%d in flight finish there)",
+                self.name,
+                member.upstream.url,
+                member.in_flight,
+            )
+        if not members:
+            logger.warning("pool %s: no upstreams left; answering 503", self.name)
+        self.members = members
+        self.max_attempts = min(self.pool.retries + 1, len(members))
+        self.refresh()
+        if added and self._checks_due is not None:
+            self._checks_due.set()  # check newcomers now, not an interval from now
+
     # -- active checks --------------------------------------------------------------------
 
     def start_checks(self, default: UpstreamTransport) -> None:
         if self.pool.health_check is not None and self._checker is None:
+            self._checks_due = asyncio.Event()
             self._checker = asyncio.ensure_future(self._check_forever(default))
 
     async def stop_checks(self) -> None:
+        self._checks_due = None
         checker, self._checker = self._checker, None
         if checker is not None:
             checker.cancel()
@@ -258,11 +329,12 @@ class PoolRuntime:
         if check is None:
             return
         now = self.clock()
+        members = self.members  # replaced, never mutated, when membership changes
         results = await asyncio.gather(
-            *(probe(m.transport or default, m.upstream, check, now) for m in self.members)
+            *(probe(m.transport or default, m.upstream, check, now) for m in members)
         )
         changed = False
-        for member, result in zip(self.members, results, strict=True):
+        for member, result in zip(members, results, strict=True):
             member.stats.checks["pass" if result.ok else "fail"] += 1
             transition = member.health.record_check(result, check)
             if transition is not None:
@@ -275,10 +347,15 @@ class PoolRuntime:
     async def _check_forever(self, default: UpstreamTransport) -> None:
         check = self.pool.health_check
         assert check is not None
+        due = self._checks_due
+        assert due is not None
         while True:
+            due.clear()
             await self.check_now(default)
             spread = check.jitter * (2 * self.rng.random() - 1)
-            await asyncio.sleep(check.interval * (1 + spread))
+            # Sleep an interval, or less when newcomers arrive to be checked.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(due.wait(), check.interval * (1 + spread))
 
     # -- introspection --------------------------------------------------------------------
 
@@ -287,6 +364,22 @@ class PoolRuntime:
         for readers that come when no request did."""
         if self._next_change != math.inf and self.clock() >= self._next_change:
             self.refresh()
+
+    def discovery_status(self) -> dict[str, Any] | None:
+        """Where the members come from, when they last changed, and the last failure
+        (None once the source answers again); None for a static pool."""
+        source = self.pool.discovery
+        if source is None:
+            return None
+        watcher = self.watcher
+        return {
+            "source": source.describe(),
+            "running": watcher is not None and watcher.running,
+            "updates": watcher.updates if watcher else 0,
+            "updated_at": watcher.updated_at if watcher else None,
+            "error": watcher.error if watcher else None,
+            "members": len(self.members),
+        }
 
     def snapshot(self) -> list[dict[str, Any]]:
         self.refresh_if_due()
@@ -324,6 +417,11 @@ class PoolRuntime:
                 }
             )
         return rows
+
+
+def _identity(upstream: Upstream) -> str:
+    """Two configurations of one server (say, another weight) are the same member."""
+    return upstream.origin + upstream.base_path.decode("ascii")
 
 
 def _log_check_transition(

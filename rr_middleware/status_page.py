@@ -25,6 +25,12 @@ def _ms(seconds: float | None) -> str:
 def _rows(status: dict[str, Any]) -> str:
     rows = []
     for pool in status["pools"]:
+        if not pool["upstreams"]:
+            rows.append(
+                "<tr class='down'><td>{pool}</td><td colspan='9'>{text}</td></tr>".format(
+                    pool=html.escape(pool["prefix"]), text=html.escape(_no_members(pool))
+                )
+            )
         for up in pool["upstreams"]:
             requests = up["requests"]
             rows.append(
@@ -44,6 +50,15 @@ def _rows(status: dict[str, Any]) -> str:
                 )
             )
     return "\n".join(rows)
+
+
+def _no_members(pool: dict[str, Any]) -> str:
+    """What an empty (discovered) pool shows instead of upstreams."""
+    found = pool.get("discovery")
+    if found is None:
+        return "no upstreams"
+    problem = f"; last error: {found['error']}" if found["error"] else ""
+    return f"no upstreams from {found['source']}{problem}"
 
 
 _PAGE = """<!doctype html>
@@ -87,7 +102,15 @@ async function refresh() {{
   const body = document.getElementById("upstreams");
   const rows = [];
   const seen = {{}};
-  for (const pool of data.pools) for (const up of pool.upstreams) {{
+  for (const pool of data.pools) {{ if (!pool.upstreams.length) {{
+    const tr = document.createElement("tr"); tr.className = "down";
+    const found = pool.discovery;
+    const text = found ? "no upstreams from " + found.source +
+      (found.error ? "; last error: " + found.error : "") : "no upstreams";
+    const td = cell(text); td.colSpan = 9;
+    tr.append(cell(pool.prefix), td); rows.push(tr);
+  }}
+  for (const up of pool.upstreams) {{
     const key = pool.prefix + " " + up.url;
     seen[key] = up.requests;
     let rate = "-";
@@ -100,7 +123,7 @@ async function refresh() {{
       cell(up.state, "state"), cell(up.in_flight), cell(rate, "rate"), cell(up.requests),
       cell((up.error_rate * 100).toFixed(1) + "%"), cell(ms(up.p50)), cell(ms(up.p99)));
     rows.push(tr);
-  }}
+  }} }}
   body.replaceChildren(...rows);
   last = {{at: now, counts: seen}};
   document.getElementById("updated").textContent =

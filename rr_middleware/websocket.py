@@ -103,7 +103,7 @@ async def forward_websocket(
     subprotocols = list(scope.get("subprotocols") or ())
 
     tried: list[UpstreamState] = []
-    for _ in range(pool.max_attempts):
+    for _ in range(state.max_attempts):
         member = state.pick(tried)
         if member is None:
             break
@@ -178,6 +178,10 @@ async def forward_websocket(
             member.websockets -= 1
         return
 
+    if not tried:  # a discovered pool with no upstreams (yet, or any more)
+        logger.info("pool %s: no upstreams for the WebSocket; answering 503", state.name)
+        await _refuse(scope, send, 503)
+        return
     logger.warning("pool %s: no upstream took the WebSocket", state.name)
     await _refuse(scope, send, 502)
 

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
 
+from .consul_agent import ConsulAgent, find_consul, start_agent
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
+
+CONSUL_LOG_START = pytest.StashKey[int]()
 
 
 @pytest.fixture
@@ -18,3 +23,51 @@ def upstreams() -> Iterator[list[RunningServer]]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
+    """One real ``consul agent -dev`` on 127.0.0.1 for the session (see tests/consul_agent.py).
+
+    Services a test registers and leaves behind are deregistered after that test, so tests
+    may share names; a module- or session-scoped fixture's registrations are its own to undo.
+    Without a consul binary the test skips, or fails when CI=true.
+    """
+    binary = find_consul()
+    if binary is None:
+        message = "consul agent not available: run .ci/install-consul or set CONSUL_BIN"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    agent = start_agent(binary, Path(tmp_path_factory.mktemp("consul")))
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+@pytest.fixture(autouse=True)
+def _consul_cleanup(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For tests using ``consul``: deregister what the test left, mark where its log starts."""
+    if "consul" not in request.fixturenames:
+        yield
+        return
+    agent: ConsulAgent = request.getfixturevalue("consul")
+    before = set(agent.registered)
+    request.node.stash[CONSUL_LOG_START] = agent.log_size()
+    yield
+    for service_id in agent.registered - before:
+        agent.deregister(service_id)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that used the agent shows the agent's log written during it."""
+    report = yield
+    start = item.stash.get(CONSUL_LOG_START, None)
+    if report.failed and start is not None and "consul" in getattr(item, "funcargs", {}):
+        agent: ConsulAgent = item.funcargs["consul"]  # type: ignore[attr-defined]
+        report.sections.append(("consul agent log", agent.log_tail(start)))
+    return report

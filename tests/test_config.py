@@ -11,6 +11,7 @@ import re
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
 
 from rr_middleware import Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.config import normalize_pools, normalize_prefix
@@ -276,7 +277,9 @@ def test_max_attempts_is_retries_plus_one_capped_at_pool_size(
     size: int, retries: int, attempts: int
 ) -> None:
     pool = Pool([f"http://10.0.0.{i}" for i in range(1, size + 1)], retries=retries)
-    assert pool.max_attempts == attempts
+    RoundRobinMiddleware(PlainTextResponse("app"), pools={"/api": pool})
+    assert pool._runtime is not None
+    assert pool._runtime.max_attempts == attempts
 
 
 # ------------------------------------------------------------------------------- prefixes
