@@ -160,7 +160,7 @@ fail_timeout = 2.0  # passive ejection: 3 failures in 2 s take a backend out for
 [pools."/api".health_check]
 path = "/health"
 interval = 0.5
-timeout = 0.5
+timeout = 1.0
 rise = 2
 fall = 2
 """

@@ -92,6 +92,8 @@ def convert(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     if origin is Union or origin is types.UnionType:
         alternatives = [a for a in get_args(hint) if a is not type(None) and supported(a)]
+        if value is False and type(None) in get_args(hint) and bool not in alternatives:
+            return None  # TOML has no null: `false` turns an optional setting off
         for alternative in alternatives:
             try:
                 return convert(value, alternative, where)

@@ -173,17 +173,19 @@ def describe(config: GatewayConfig) -> str:
 def _dataclass_lines(obj: Any, where: str) -> list[str]:
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
-    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for name in field_hints(type(obj)):
         value = getattr(obj, name)
-        if dataclasses.is_dataclass(value):
+        if not fields[name].repr and value is not None:
+            lines.append(f"{name} = (set, not shown)")  # a secret, such as a token
+        elif dataclasses.is_dataclass(value):
             tables.append((name, value))
         elif _is_list_of_dataclasses(value):
             lines.append(f"{name} = [")
             lines += [f"    {_inline(item)}," for item in value]
             lines.append("]")
         else:
-            lines.append(_line(name, value, defaults[name]))
+            lines.append(_line(name, value, fields[name].default))
     for name, table in tables:
         lines += ["", f"[{key_path(where, name)}]"]
         if name == "discovery":
@@ -194,6 +196,8 @@ def _dataclass_lines(obj: Any, where: str) -> list[str]:
 
 def _line(name: str, value: Any, default: Any = dataclasses.MISSING) -> str:
     text = f"{name} = {_render(value)}"
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        value, default = list(value), list(default)
     return f"{text:<40} # default" if value == default else text
 
 

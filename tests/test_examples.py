@@ -52,15 +52,17 @@ def test_make_demo_kills_a_backend_without_failed_requests_and_brings_it_back() 
             demo.kill()
             demo.wait()
     assert demo.returncode == 0, out + err
+    # The story, in order (on a loaded machine a slow health check may add lines before).
+    killed = out.find("kill -9 backend-2")
+    left = out.find("backend-2 left the rotation", killed)
+    restarted = out.find("restarted backend-2", left)
+    back = out.find("backend-2 is back in the rotation", restarted)
+    assert min(killed, left, restarted, back) > -1, out
+    assert re.search(r"done: [1-9]\d* requests, 0 failed", out), out
+    final_states = re.findall(r"^  backend-2 \S+ +1 +\d+ +\d+% +\S+  (\w+)$", out, re.MULTILINE)
+    assert final_states[-1] == "up", out
     assert "status page: http://127.0.0.1:" in out
     assert "metrics:     http://127.0.0.1:" in out
-    killed = out.index("kill -9 backend-2")
-    left = out.index("backend-2 left the rotation")
-    restarted = out.index("restarted backend-2")
-    back = out.index("backend-2 is back in the rotation")
-    assert killed < left < restarted < back
-    assert re.search(r"done: [1-9]\d* requests, 0 failed", out)
-    assert re.findall(r"^  backend-2 \S+ +1 +\d+ +\d+% +\S+  (\w+)$", out, re.MULTILINE)[-1] == "up"
     assert "gateway and backends stopped." in out
     assert [line for line in out.splitlines() if len(line) > 80] == []
 

@@ -22,6 +22,7 @@ import pytest
 
 from rr_middleware.config_mapping import ConfigError, build_dataclass
 
+from .consul_agent import ConsulAgent
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
 
@@ -169,7 +170,7 @@ BAD_CONFIGS = [
     ('upstreams = ["http://127.0.0.1:1"]\npolicy = "fastest"', 'pools."/api".policy', "fastest"),
     ('upstreams = ["http://127.0.0.1:1"]\nclock = 1', 'pools."/api".clock', "Python API"),
     ('upstreams = "http://127.0.0.1:1"', 'pools."/api".upstreams', "expected an array"),
-    ("timeout = 1.0", 'pools."/api"', "missing required key 'upstreams'"),
+    ("timeout = 1.0", 'pools."/api"', "needs at least one upstream"),
     (
         'upstreams = ["http://127.0.0.1:1"]\n[pools."/api".health_check]\nexpect = [200, "ok"]',
         'pools."/api".health_check.expect[1]',
@@ -394,3 +395,62 @@ def test_discovery_table_maps_onto_the_class_its_type_names(
         build_dataclass(StubPool, {"upstreams": [], **table}, 'pools."/users"')
     assert caught.value.key == 'pools."/users".discovery.passing'
     assert "did you mean 'passing_only'?" in caught.value.message
+
+
+def test_check_shows_discovery_and_hides_its_token(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        """
+[pools."/users".discovery]
+type = "consul"
+service = "users"
+tag = "v2"
+token = "s3cr3t-token"
+
+[pools."/dns"]
+websocket_ping_interval = false
+[pools."/dns".discovery]
+type = "dns"
+name = "api.internal"
+port = false
+"""
+    )
+    result = subprocess.run(
+        gateway_command("--check", str(path)), capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert result.returncode == 0, result.stderr
+    users = result.stdout.split('[pools."/users".discovery]')[1].split("[pools")[0]
+    assert 'type = "consul"' in users
+    assert 'service = "users"' in users
+    assert 'tag = "v2"' in users
+    assert "token = (set, not shown)" in users
+    assert "s3cr3t" not in result.stdout
+    dns = result.stdout.split('[pools."/dns".discovery]')[1]
+    assert 'type = "dns"' in dns
+    assert "port = unset" in dns  # false: SRV records
+    assert "websocket_ping_interval = unset" in result.stdout
+
+
+def test_pool_from_consul_follows_the_registry(consul: ConsulAgent, tmp_path: Path) -> None:
+    with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b:
+        consul.register("gw-a", "gw-users", "127.0.0.1", a.port)
+        registration = consul.register("gw-b", "gw-users", "127.0.0.1", b.port)
+        config = f"""
+[server]
+port = 0
+
+[pools."/users".discovery]
+type = "consul"
+service = "gw-users"
+address = "{consul.address}"
+wait = 1.0
+"""
+        with run_gateway(tmp_path, config) as gateway, httpx.Client(base_url=gateway.url) as client:
+
+            def serving() -> set[str]:
+                return {client.get(f"/users/{n}").headers.get("x-upstream") for n in range(4)}
+
+            wait_for(lambda: serving() == {"a", "b"}, "both registered instances to serve")
+            consul.deregister(registration.service_id)
+            wait_for(lambda: serving() == {"a"}, "the deregistered instance to leave")
+            assert gateway.stop() == 0
