@@ -19,8 +19,9 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# `make demo DEMO_ARGS="--duration 10"` for a shorter run.
 demo: $(VENV)/.demo
-	$(BIN)/python -m examples.run_demo
+	$(BIN)/python -m examples.run_demo $(DEMO_ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -1,0 +1,284 @@
+"""``rr-gateway``: the middleware as a standalone reverse proxy, configured by a TOML file.
+
+    rr-gateway --config gateway.toml          # or: python -m rr_middleware --config ...
+    rr-gateway --check gateway.toml           # validate, print the resolved pools, exit
+
+It serves a bare Starlette app (404 for every path under no pool) wrapped in
+``RoundRobinMiddleware``, under uvicorn. Precedence for the listen address and the file:
+command-line flag, then environment (``RR_GATEWAY_CONFIG``, ``RR_GATEWAY_HOST``,
+``RR_GATEWAY_PORT``), then the file's ``[server]`` table, then the defaults. SIGTERM or
+SIGINT stops accepting connections, lets requests in flight finish within
+``graceful_timeout`` and exits 0. Exit 2: bad configuration or command line (one line on
+stderr naming the file and key); 1: the server could not run (address in use, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import inspect
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from . import __version__
+from .config_mapping import ConfigError, field_hints, key_path
+from .gateway_config import (
+    GATEWAY_MIDDLEWARE_DEFAULTS,
+    GatewayConfig,
+    ServerSettings,
+    load_config,
+    middleware_options,
+)
+from .middleware import RoundRobinMiddleware
+
+__all__ = ["ENV_CONFIG", "ENV_HOST", "ENV_PORT", "create_app", "describe", "main"]
+
+ENV_CONFIG = "RR_GATEWAY_CONFIG"
+ENV_HOST = "RR_GATEWAY_HOST"
+ENV_PORT = "RR_GATEWAY_PORT"
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+_FACTORY = "rr_middleware.gateway:create_app"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="rr-gateway",
+        description="Forward path prefixes round robin to pools of upstream servers.",
+        epilog=f"Environment: {ENV_CONFIG}, {ENV_HOST}, {ENV_PORT} (a flag wins over them).",
+    )
+    parser.add_argument("-c", "--config", metavar="FILE", help="the gateway's TOML file")
+    parser.add_argument(
+        "--check",
+        nargs="?",
+        const="",
+        metavar="FILE",
+        help="validate the file, print the resolved configuration and exit",
+    )
+    parser.add_argument("--host", help="listen address (overrides [server] host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides [server] port)")
+    parser.add_argument("--version", action="version", version=f"rr-gateway {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        path = args.check or args.config or os.environ.get(ENV_CONFIG)
+        if not path:
+            raise ConfigError("", f"no configuration: pass --config FILE or set {ENV_CONFIG}")
+        config = load_config(path, **_listen_overrides(args.host, args.port))
+    except ConfigError as exc:
+        print(f"rr-gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check is not None:
+        print(describe(config))
+        return 0
+    return serve(config)
+
+
+def serve(config: GatewayConfig) -> int:
+    """Serve ``config`` under uvicorn until SIGTERM or SIGINT; returns the exit status."""
+    try:
+        import uvicorn
+        from uvicorn.supervisors import Multiprocess
+    except ImportError:
+        print("rr-gateway: needs uvicorn: pip install 'rr-middleware[gateway]'", file=sys.stderr)
+        return EXIT_CONFIG
+    settings = config.server
+    try:
+        sock = _listen(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"rr-gateway: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    # Workers build their app from the file again (they are fresh processes).
+    os.environ[ENV_CONFIG] = str(config.path.resolve())
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": sock.getsockname()[1],
+        "workers": settings.workers,
+        "lifespan": "on",
+        # The middleware decides about Date and Server (see hide_response_headers) and
+        # about X-Forwarded-* (trusted_proxies): uvicorn adds and rewrites nothing.
+        "server_header": False,
+        "date_header": False,
+        "proxy_headers": False,
+        "access_log": False,
+        "log_level": settings.log_level,
+        "log_config": _log_config(settings.log_level),
+        "timeout_graceful_shutdown": settings.graceful_timeout,
+        "timeout_keep_alive": settings.keepalive_timeout,
+        "backlog": settings.backlog,
+        "limit_concurrency": settings.limit_concurrency,
+        "ssl_certfile": settings.ssl_certfile,
+        "ssl_keyfile": settings.ssl_keyfile,
+    }
+    scheme = "https" if settings.ssl_certfile else "http"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(
+        f"rr-gateway: {config.path}: listening on {scheme}://{host}:{options['port']}"
+        f" ({settings.workers} worker{'s' if settings.workers > 1 else ''};"
+        f" pools {', '.join(config.pools)})",
+        file=sys.stderr,
+        flush=True,
+    )
+    # uvicorn re-raises the stop signal once it has drained; ours ends the process with 0.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _exit_cleanly)
+    try:
+        if settings.workers == 1:
+            server = uvicorn.Server(uvicorn.Config(config.app, **options))
+            server.run(sockets=[sock])
+            return 0 if server.started else EXIT_FAILURE
+        Multiprocess(uvicorn.Config(_FACTORY, factory=True, **options), sockets=[sock]).run()
+        return 0
+    except SystemExit as exc:
+        return 0 if exc.code in (0, None) else EXIT_FAILURE
+    finally:
+        sock.close()
+
+
+def create_app() -> RoundRobinMiddleware:
+    """The gateway's ASGI app, from the file ``RR_GATEWAY_CONFIG`` names: what each worker
+    runs, and usable as ``uvicorn --factory rr_middleware.gateway:create_app``."""
+    path = os.environ.get(ENV_CONFIG)
+    if not path:
+        raise RuntimeError(f"set {ENV_CONFIG} to the gateway's TOML file")
+    return load_config(path).app
+
+
+def describe(config: GatewayConfig) -> str:
+    """The resolved configuration, TOML-like: every option with its value, ``# default``
+    beside those left at their default."""
+    lines = [f"# {config.path}: OK, {len(config.pools)} pool(s)", "", "[server]"]
+    server_defaults = ServerSettings()
+    for name in field_hints(ServerSettings):
+        value = getattr(config.server, name)
+        lines.append(_line(name, value, getattr(server_defaults, name)))
+    lines += ["", "[middleware]"]
+    for name, default in _middleware_defaults().items():
+        lines.append(_line(name, config.middleware.get(name, default), default))
+    for prefix, pool in config.pools.items():
+        lines += ["", f"[{key_path('pools', prefix)}]"]
+        lines += _dataclass_lines(pool, key_path("pools", prefix))
+    return "\n".join(lines)
+
+
+def _dataclass_lines(obj: Any, where: str) -> list[str]:
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name in field_hints(type(obj)):
+        value = getattr(obj, name)
+        if not fields[name].repr and value is not None:
+            lines.append(f"{name} = (set, not shown)")  # a secret, such as a token
+        elif dataclasses.is_dataclass(value):
+            tables.append((name, value))
+        elif _is_list_of_dataclasses(value):
+            lines.append(f"{name} = [")
+            lines += [f"    {_inline(item)}," for item in value]
+            lines.append("]")
+        else:
+            lines.append(_line(name, value, fields[name].default))
+    for name, table in tables:
+        lines += ["", f"[{key_path(where, name)}]"]
+        if name == "discovery":
+            lines.append(_line("type", type(table).__name__.removesuffix("Discovery").lower()))
+        lines += _dataclass_lines(table, key_path(where, name))
+    return lines
+
+
+def _line(name: str, value: Any, default: Any = dataclasses.MISSING) -> str:
+    text = f"{name} = {_render(value)}"
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        value, default = list(value), list(default)
+    return f"{text:<40} # default" if value == default else text
+
+
+def _render(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, range) and value.step == 1:
+        return f"{value.start}..{value.stop - 1}"
+    if isinstance(value, (set, frozenset)):
+        return "[" + ", ".join(_render(v) for v in sorted(value)) + "]"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_render(v) for v in value) + "]"
+    return repr(value)
+
+
+def _inline(obj: Any) -> str:
+    pairs = (f"{name} = {_render(getattr(obj, name))}" for name in field_hints(type(obj)))
+    return "{ " + ", ".join(pairs) + " }"
+
+
+def _is_list_of_dataclasses(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and dataclasses.is_dataclass(value[0])
+
+
+def _middleware_defaults() -> dict[str, Any]:
+    parameters = inspect.signature(RoundRobinMiddleware.__init__).parameters
+    defaults = {name: parameters[name].default for name in middleware_options()}
+    return {**defaults, **GATEWAY_MIDDLEWARE_DEFAULTS}
+
+
+def _listen_overrides(host: str | None, port: int | None) -> dict[str, Any]:
+    """The listen address from flags, else the environment; checked here so a mistake
+    names the flag or variable it came from."""
+    overrides: dict[str, Any] = {}
+    host = host or os.environ.get(ENV_HOST)
+    if host:
+        overrides["host"] = host
+    source = "--port"
+    if port is None and os.environ.get(ENV_PORT):
+        source, raw = ENV_PORT, os.environ[ENV_PORT].strip()
+        if not raw.isdigit():
+            raise ConfigError(source, f"must be a port number in 0..65535, got {raw!r}")
+        port = int(raw)
+    if port is not None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(source, f"must be a port number in 0..65535, got {port}")
+        overrides["port"] = port
+    return overrides
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here, before uvicorn starts, so port 0 yields the real port to print and every
+    worker shares one socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, plus the middleware's logger (state changes, failures)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["rr_middleware"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

@@ -1,0 +1,456 @@
+"""rr-gateway as users run it: a real process (``python -m rr_middleware``) in front of real
+uvicorn upstreams, configured by a TOML file, stopped by signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rr_middleware.config_mapping import ConfigError, build_dataclass
+
+from .consul_agent import ConsulAgent
+from .servers import RunningServer, serve
+from .upstream_app import UpstreamApp
+
+DEADLINE = 30.0
+
+
+class Gateway:
+    def __init__(self, process: subprocess.Popen[bytes], log: Path, url: str) -> None:
+        self.process = process
+        self.log = log
+        self.url = url
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=DEADLINE)
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def gateway_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rr_middleware", *args]
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as file:
+            return [int(child) for child in file.read().split()]
+    except OSError:
+        return []
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the gateway and its worker processes, by PID."""
+    if process.poll() is None:
+        for child in children_of(process.pid):
+            with suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        process.kill()
+    process.wait(timeout=DEADLINE)
+
+
+@contextmanager
+def run_gateway(
+    tmp_path: Path,
+    config: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    config_flag: bool = True,
+) -> Iterator[Gateway]:
+    """Start the gateway on ``config`` (named by --config, or else by RR_GATEWAY_CONFIG)
+    and yield it once it answers HTTP."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(config)
+    log = tmp_path / "gateway.log"
+    command = gateway_command(*(["--config", str(path)] if config_flag else []), *args)
+    env = {**(env or {}), **({} if config_flag else {"RR_GATEWAY_CONFIG": str(path)})}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
+    try:
+
+        def listening() -> str | None:
+            assert process.poll() is None, f"gateway exited:\n{log.read_text()}"
+            found = re.search(r"listening on (http://\S+)", log.read_text())
+            return found.group(1) if found else None
+
+        url = wait_for(listening, "the gateway's address")
+
+        def answers() -> bool:
+            try:
+                return httpx.get(url + "/", timeout=1).status_code == 404
+            except httpx.TransportError:
+                return False
+
+        wait_for(answers, "the gateway to answer")
+        yield Gateway(process, log, url)
+    finally:
+        kill_tree(process)
+
+
+def pool_toml(urls: Sequence[str], extra: str = "", *, server: str = "") -> str:
+    upstreams = ", ".join(f'"{u}"' for u in urls)
+    return (
+        f'[server]\nport = 0\nlog_level = "info"\n{server}\n'
+        f'[pools."/api"]\nupstreams = [{upstreams}]\n{extra}\n'
+    )
+
+
+def test_serves_and_balances_by_weight(upstreams: list[RunningServer], tmp_path: Path) -> None:
+    a, b, c = upstreams
+    config = f"""
+[server]
+port = 0
+
+[middleware]
+status_path = "/_rr/status"
+
+[pools."/api"]
+upstreams = ["{a.url}", {{ url = "{b.url}", weight = 2 }}]
+
+[pools."/users"]
+upstreams = ["{c.url}/v1"]
+"""
+    with run_gateway(tmp_path, config) as gateway, httpx.Client(base_url=gateway.url) as client:
+        served = [client.get(f"/api/orders/{n}").headers["x-upstream"] for n in range(6)]
+        assert sorted(served) == ["a", "a", "b", "b", "b", "b"]
+        assert served[:3] == ["b", "a", "b"]  # smooth: never every "b" in a row
+
+        reply = client.get("/users/42?x=1")
+        assert reply.json()["raw_path"] == "/v1/42"
+        assert reply.json()["query"] == "x=1"
+        # The upstream's own Date and Server reach the client, once each.
+        assert len(reply.headers.get_list("date")) == 1
+        assert reply.headers.get_list("server") == ["uvicorn"]
+
+        assert client.get("/elsewhere").status_code == 404
+        status = client.get("/_rr/status.json").json()
+        api = next(p for p in status["pools"] if p["prefix"] == "/api")
+        assert {u["url"]: u["requests"] for u in api["upstreams"]} == {a.url: 2, b.url: 4}
+
+
+BAD_CONFIGS = [
+    ('upstreams = ["http://127.0.0.1:1"]\nretires = 3', 'pools."/api".retires', "'retries'"),
+    ('upstreams = ["ftp://127.0.0.1:1"]', 'pools."/api".upstreams[0].url', "http://"),
+    (
+        'upstreams = ["http://127.0.0.1:1", { url = "http://127.0.0.1:2", weight = -1 }]',
+        'pools."/api".upstreams[1].weight',
+        "weight must be an integer >= 0, got -1",
+    ),
+    ('upstreams = ["http://127.0.0.1:1"]\ntimeout = "30"', 'pools."/api".timeout', "a number"),
+    ('upstreams = ["http://127.0.0.1:1"]\nretries = -1', 'pools."/api".retries', ">= 0"),
+    ('upstreams = ["http://127.0.0.1:1"]\npolicy = "fastest"', 'pools."/api".policy', "fastest"),
+    ('upstreams = ["http://127.0.0.1:1"]\nclock = 1', 'pools."/api".clock', "Python API"),
+    ('upstreams = "http://127.0.0.1:1"', 'pools."/api".upstreams', "expected an array"),
+    ("timeout = 1.0", 'pools."/api"', "needs at least one upstream"),
+    (
+        'upstreams = ["http://127.0.0.1:1"]\n[pools."/api".health_check]\nexpect = [200, "ok"]',
+        'pools."/api".health_check.expect[1]',
+        "expected an integer",
+    ),
+    (
+        'upstreams = ["http://127.0.0.1:1"]\n[pools."/api".health_check]\nrise = 0',
+        'pools."/api".health_check.rise',
+        "rise must be an integer >= 1",
+    ),
+    (
+        'upstreams = ["http://127.0.0.1:1"]\n[pools."/api".discovery]\ntype = "zookeeper"',
+        'pools."/api".discovery.type',
+        "unknown type 'zookeeper'",
+    ),
+    (
+        'upstreams = ["http://127.0.0.1:1"]\n[middleware]\nstatus_path = "x"',
+        "middleware.status_path",
+        "'/'",
+    ),
+    ('upstreams = ["http://127.0.0.1:1"]\n[server]\nport = 70000', "server.port", "0..65535"),
+    ('upstreams = ["http://127.0.0.1:1"]\n[pool."/x"]', "pool", "did you mean 'pools'?"),
+    ('upstreams = ["http://127.0.0.1:1"]\nretries = = 3', "invalid TOML", "line 3, column 11"),
+]
+
+
+@pytest.mark.parametrize(("body", "key", "message"), BAD_CONFIGS)
+def test_bad_configuration_names_file_and_key_and_exits_2(
+    tmp_path: Path, body: str, key: str, message: str
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[pools."/api"]\n{body}\n')
+    result = subprocess.run(
+        gateway_command("--config", str(path)), capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert result.returncode == 2
+    assert f"{path}: {key}" in result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1  # one line
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--config", "missing.toml"], {}, "missing.toml: no such file"),
+        ([], {}, "no configuration: pass --config FILE or set RR_GATEWAY_CONFIG"),
+        (["--config", "g.toml"], {"RR_GATEWAY_PORT": "http"}, "RR_GATEWAY_PORT: must be a port"),
+        (["--config", "g.toml"], {"RR_GATEWAY_CONFIG": "other.toml"}, "g.toml: pools: no pool"),
+    ],
+)
+def test_start_up_mistakes_outside_the_file_exit_2(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    (tmp_path / "g.toml").write_text("[server]\nport = 0\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RR_GATEWAY_")}
+    result = subprocess.run(
+        gateway_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        cwd=tmp_path,
+        env={**environment, **env},
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_without_uvicorn_it_says_which_extra_to_install(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(pool_toml(["http://127.0.0.1:1"]))
+    code = (
+        "import sys; sys.modules['uvicorn'] = None\n"
+        "from rr_middleware.gateway import main\n"
+        f"sys.exit(main(['--config', {str(path)!r}]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert result.returncode == 2
+    assert "pip install 'rr-middleware[gateway]'" in result.stderr
+
+
+def test_check_prints_every_pool_with_weights_and_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        """
+[pools."/api"]
+upstreams = ["http://10.0.0.1:8000", { url = "http://10.0.0.2:8000", weight = 3 }]
+retries = 1
+unhealthy_statuses = [502, 503]
+[pools."/api".health_check]
+interval = 2.5
+expect = [200, 204]
+
+[pools."/users"]
+upstreams = ["http://10.0.0.3:8000/v1"]
+"""
+    )
+    result = subprocess.run(
+        gateway_command("--check", str(path)), capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"# {path}: OK, 2 pool(s)" in out
+    assert '{ url = "http://10.0.0.1:8000", weight = 1 },' in out
+    assert '{ url = "http://10.0.0.2:8000", weight = 3 },' in out
+    assert '{ url = "http://10.0.0.3:8000/v1", weight = 1 },' in out
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert "retries = 1" in lines
+    assert "unhealthy_statuses = [502, 503]" in lines
+    assert re.search(r"^timeout = 60\.0 +# default$", out, re.MULTILINE)
+    assert re.search(r'^policy = "round_robin" +# default$', out, re.MULTILINE)
+    assert out.index('[pools."/api".health_check]') < out.index('[pools."/users"]')
+    assert "interval = 2.5" in lines
+    assert "expect = [200, 204]" in lines
+    assert re.search(r"^graceful_timeout = 30\.0 +# default$", out, re.MULTILINE)
+
+
+def test_flags_beat_environment_beats_file(upstreams: list[RunningServer], tmp_path: Path) -> None:
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    env_port, flag_port = ports
+    config = pool_toml([upstreams[0].url], server='host = "127.0.0.2"')
+    env = {"RR_GATEWAY_HOST": "127.0.0.1", "RR_GATEWAY_PORT": str(env_port)}
+    with run_gateway(tmp_path, config, env=env) as gateway:
+        assert gateway.url == f"http://127.0.0.1:{env_port}"
+        assert httpx.get(gateway.url + "/api/x").headers["x-upstream"] == "a"
+    with run_gateway(tmp_path, config, "--port", str(flag_port), env=env) as gateway:
+        assert gateway.url == f"http://127.0.0.1:{flag_port}"
+    # RR_GATEWAY_CONFIG names the file when no flag does.
+    with run_gateway(tmp_path, pool_toml([upstreams[1].url]), config_flag=False) as gateway:
+        assert httpx.get(gateway.url + "/api/x").headers["x-upstream"] == "b"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(
+    tmp_path: Path, workers: int
+) -> None:
+    app = UpstreamApp("slow")
+    with serve(app) as upstream:
+        config = pool_toml([upstream.url], server=f"workers = {workers}")
+        with run_gateway(tmp_path, config) as gateway:
+            wait_for(
+                lambda: (
+                    len(re.findall(r"Application startup complete", gateway.output())) == workers
+                ),
+                "every worker",
+            )
+            started = re.findall(r"Started server process \[(\d+)\]", gateway.output())
+            assert len(set(started)) == workers
+            for n in range(10):  # fresh connections: each worker may take them
+                assert httpx.get(f"{gateway.url}/api/{n}").status_code == 200
+
+            received: dict[str, Any] = {}
+
+            def client() -> None:
+                url = f"{gateway.url}/api/slow?action=stream&wait=1&n=3&size=4"
+                with httpx.stream("GET", url, timeout=DEADLINE) as response:
+                    received["status"] = response.status_code
+                    received["body"] = response.read()
+
+            thread = threading.Thread(target=client)
+            thread.start()
+            wait_for(lambda: len(app.requests) == 11, "the upstream to receive the request")
+            gateway.process.send_signal(signal.SIGTERM)
+            wait_for(
+                lambda: "Waiting for connections to close" in gateway.output(),
+                "the gateway to drain",
+            )
+            assert gateway.process.poll() is None  # still waiting for our request
+            for _ in range(3):
+                app.proceed.release()
+            thread.join(timeout=DEADLINE)
+            assert received == {"status": 200, "body": b"AAAABBBBCCCC"}
+            assert gateway.process.wait(timeout=DEADLINE) == 0
+            for pid in map(int, started):  # the workers are gone too
+                assert not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_idle_gateway_stops_on_signal_with_exit_0(
+    upstreams: list[RunningServer], tmp_path: Path, sig: int
+) -> None:
+    with run_gateway(tmp_path, pool_toml([upstreams[0].url])) as gateway:
+        assert gateway.stop(sig) == 0
+        assert "Traceback" not in gateway.output()
+
+
+# Discovery: the loader finds the class a pool's [discovery] table names on the package.
+@dataclass(frozen=True)
+class StubDiscovery:
+    service: str
+    address: str = "http://127.0.0.1:8500"
+    tag: str | None = None
+    passing_only: bool = True
+    wait: float = 30.0
+
+
+@dataclass
+class StubPool:
+    upstreams: Sequence[str]
+    discovery: StubDiscovery | None = None
+
+
+def test_discovery_table_maps_onto_the_class_its_type_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import rr_middleware
+
+    monkeypatch.setattr(rr_middleware, "StubDiscovery", StubDiscovery, raising=False)
+    table = {"discovery": {"type": "stub", "service": "users", "tag": "v2", "wait": 5}}
+    pool = build_dataclass(StubPool, {"upstreams": [], **table}, 'pools."/users"')
+    assert pool.discovery == StubDiscovery(service="users", tag="v2", wait=5.0)
+
+    table["discovery"]["passing"] = False
+    with pytest.raises(ConfigError) as caught:
+        build_dataclass(StubPool, {"upstreams": [], **table}, 'pools."/users"')
+    assert caught.value.key == 'pools."/users".discovery.passing'
+    assert "did you mean 'passing_only'?" in caught.value.message
+
+
+def test_check_shows_discovery_and_hides_its_token(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        """
+[pools."/users".discovery]
+type = "consul"
+service = "users"
+tag = "v2"
+token = "s3cr3t-token"
+
+[pools."/dns"]
+websocket_ping_interval = false
+[pools."/dns".discovery]
+type = "dns"
+name = "api.internal"
+port = false
+"""
+    )
+    result = subprocess.run(
+        gateway_command("--check", str(path)), capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert result.returncode == 0, result.stderr
+    users = result.stdout.split('[pools."/users".discovery]')[1].split("[pools")[0]
+    assert 'type = "consul"' in users
+    assert 'service = "users"' in users
+    assert 'tag = "v2"' in users
+    assert "token = (set, not shown)" in users
+    assert "s3cr3t" not in result.stdout
+    dns = result.stdout.split('[pools."/dns".discovery]')[1]
+    assert 'type = "dns"' in dns
+    assert "port = unset" in dns  # false: SRV records
+    assert "websocket_ping_interval = unset" in result.stdout
+
+
+def test_pool_from_consul_follows_the_registry(consul: ConsulAgent, tmp_path: Path) -> None:
+    with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b:
+        consul.register("gw-a", "gw-users", "127.0.0.1", a.port)
+        registration = consul.register("gw-b", "gw-users", "127.0.0.1", b.port)
+        config = f"""
+[server]
+port = 0
+
+[pools."/users".discovery]
+type = "consul"
+service = "gw-users"
+address = "{consul.address}"
+wait = 1.0
+"""
+        with run_gateway(tmp_path, config) as gateway, httpx.Client(base_url=gateway.url) as client:
+
+            def serving() -> set[str]:
+                return {client.get(f"/users/{n}").headers.get("x-upstream") for n in range(4)}
+
+            wait_for(lambda: serving() == {"a", "b"}, "both registered instances to serve")
+            consul.deregister(registration.service_id)
+            wait_for(lambda: serving() == {"a"}, "the deregistered instance to leave")
+            assert gateway.stop() == 0
