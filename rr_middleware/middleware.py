@@ -77,6 +77,12 @@ class RoundRobinMiddleware:
         if max_url_length < 1:
             raise ValueError(f"max_url_length must be >= 1, got {max_url_length!r}")
         self.max_url_length = max_url_length
+        if (
+            isinstance(max_header_bytes, bool)
+            or not isinstance(max_header_bytes, int)
+            or max_header_bytes < 1
+        ):
+            raise ValueError(f"max_header_bytes must be an integer >= 1, got {max_header_bytes!r}")
         self._own_transport = transport is None
         self._transport: UpstreamTransport = _adapt(transport) or Http1Transport()
         self._settings = ProxySettings(

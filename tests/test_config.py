@@ -425,3 +425,13 @@ def test_middleware_rejects_bad_trusted_proxies() -> None:
         RoundRobinMiddleware(
             Starlette(), pools={"/api": ["http://10.0.0.1"]}, trusted_proxies=["not-an-ip"]
         )
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "64k"])
+def test_bad_max_header_bytes_is_rejected(value: object) -> None:
+    with pytest.raises(ValueError, match=r"max_header_bytes must be an integer >= 1, got "):
+        RoundRobinMiddleware(
+            PlainTextResponse("app"),
+            pools={"/api": ["http://10.0.0.1"]},
+            max_header_bytes=value,  # type: ignore[arg-type]
+        )
