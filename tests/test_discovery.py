@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from rr_middleware import (
     Upstream,
 )
 
+from .polling import wait_for
 from .servers import RunningServer, serve
 from .test_fidelity import client, dead_url, running_proxy
 from .test_lifespan import no_leaks
@@ -195,10 +195,7 @@ def test_a_removed_upstream_finishes_what_is_in_flight(upstreams: list[RunningSe
     ):
         assert stream.status_code == 200
         source.put(b.url)
-        deadline = time.monotonic() + 5
-        while [row["url"] for row in pool.snapshot()] != [b.url]:
-            assert time.monotonic() < deadline, "b never replaced a"
-            time.sleep(0.005)
+        wait_for(lambda: [row["url"] for row in pool.snapshot()] == [b.url], "b to replace a")
         assert http.get("/api/x").headers["x-upstream"] == "b"
         for _ in range(3):
             a.app.proceed.release()

@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -40,6 +39,7 @@ from starlette.requests import Request
 from rr_middleware import HealthCheck, Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.metrics import BUCKETS
 
+from .polling import wait_for
 from .servers import serve
 from .test_fidelity import client, dead_url, host_app, running_proxy
 from .upstream_app import UpstreamApp, _respond
@@ -85,18 +85,6 @@ class ManualClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = 10.0) -> T:
-    """Poll ``check`` (a read of the status JSON) until it returns something true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)  # the pace of the poll, not a synchronisation
 
 
 def row(http: httpx.Client, prefix: str, url: str, path: str = "/status.json") -> dict[str, Any]:
