@@ -195,6 +195,7 @@ def throughput(ctx: Context) -> list[Row]:
         ("nginx", "nginx", "/api/hello"),
         ("rr-everything", "rr-all", "/api/hello"),
         ("rr-2-workers", "rr-2w", "/api/hello"),
+        ("rr-baseline", "rr-base", "/api/hello"),
     ]
     targets = [(Target(n, n, srv, p, b""), s[srv]) for n, srv, p in specs if srv in s]
     for c in args.connection_levels:
@@ -294,6 +295,20 @@ def throughput(ctx: Context) -> list[Row]:
                     paired(ev, ap),
                 )
             )
+        if "rr-baseline" in r:
+            b = r["rr-baseline"]
+            rows.append(
+                Row(
+                    f"   GET -c{c}",
+                    "rr vs --baseline build",
+                    "",
+                    "baseline " + rps(b),
+                    rr.rps / b.rps,
+                    "",
+                    None,
+                    paired(rr, b),
+                )
+            )
         if "rr-2-workers" in r:
             w2 = r["rr-2-workers"]
             rows.append(
@@ -318,6 +333,7 @@ def post(ctx: Context) -> list[Row]:
         ("rr-middleware", "rr", "/api/post"),
         ("asgiproxy", "asgiproxy", "/api/post"),
         ("nginx", "nginx", "/api/post"),
+        ("rr-baseline", "rr-base", "/api/post"),
     ]
     targets = [(Target(n, n, srv, p, b""), s[srv]) for n, srv, p in specs if srv in s]
     c = args.post_connections
@@ -355,6 +371,20 @@ def post(ctx: Context) -> list[Row]:
         rows.append(
             Row(t, "rr vs nginx", "", "nginx " + mib(r["nginx"]), rr.rps / r["nginx"].rps, "", None)
         )
+    if "rr-baseline" in r:
+        b = r["rr-baseline"]
+        rows.append(
+            Row(
+                t,
+                "rr vs --baseline",
+                "",
+                "baseline " + mib(b),
+                rr.rps / b.rps,
+                "",
+                None,
+                paired(rr, b),
+            )
+        )
     return rows
 
 
@@ -375,6 +405,14 @@ def stream(ctx: Context) -> list[Row]:
         with bench_stream.PeakRss(pid) as rss:
             ul["proxy"].append(bench_stream.upload(proxy.port, "/api/upload", nbytes))
         growth["upload"] = max(growth["upload"], rss.growth)
+        if "rr-base" in s:
+            base_port = s["rr-base"].port
+            dl.setdefault("baseline", []).append(
+                bench_stream.download(base_port, "/api/download", nbytes)
+            )
+            ul.setdefault("baseline", []).append(
+                bench_stream.upload(base_port, "/api/upload", nbytes)
+            )
         progress(
             f"stream round {round_no}: download {dl['direct'][-1].mib_per_s:.0f} direct, "
             f"{dl['proxy'][-1].mib_per_s:.0f} proxy; upload {ul['direct'][-1].mib_per_s:.0f}"
@@ -397,7 +435,22 @@ def stream(ctx: Context) -> list[Row]:
         "slow": slow.__dict__,
     }
     t = f"3. stream {args.stream_mib} MiB"
+    rows = []
+    if "baseline" in med:
+        for kind, figures in (("download", med), ("upload", umed)):
+            rows.append(
+                Row(
+                    t,
+                    f"{kind}, rr vs --baseline",
+                    f"{figures['proxy']:,.0f} MiB/s",
+                    f"baseline {figures['baseline']:,.0f} MiB/s",
+                    figures["proxy"] / figures["baseline"],
+                    "",
+                    None,
+                )
+            )
     return [
+        *rows,
         Row(
             t,
             "download via proxy",
@@ -569,6 +622,10 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         if args.nginx and nginx_ref.available():
             ports = [by[n].port for n in ("upstream1", "upstream2")]
             by["nginx"] = nginx_ref.start(ports, log_dir, servers)
+    if args.baseline is not None and want & {"throughput", "post", "stream"}:
+        # The same proxy, importing rr_middleware from the baseline directory instead.
+        old = {**base, "PYTHONPATH": str(args.baseline.resolve())}
+        by["rr-base"] = start_proxy("rr-base", args.proxy_command, 1, old, log_dir, servers)
     if "throughput" in want:
         everything = {**base, "BENCH_EVERYTHING": "1"}
         by["rr-all"] = start_proxy("rr-all", args.proxy_command, 1, everything, log_dir, servers)
@@ -588,7 +645,7 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         if name in ("asgiproxy", "nginx"):
             path = "/api/hello"
         wait_ready(server, path)
-    for name in ("rr", "rr-all", "rr-2w", "rr-stream", "asgiproxy", "nginx"):
+    for name in ("rr", "rr-all", "rr-2w", "rr-stream", "rr-base", "asgiproxy", "nginx"):
         if name in by:
             seen = {
                 http_get(by[name].base_url, "/api/hello", 10.0).headers.get("x-upstream")
@@ -620,6 +677,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stream-rounds", type=int, default=2, help="rounds of transfers (2)")
     p.add_argument("--slow-seconds", type=float, default=8.0, help="slow reader's time (8)")
     p.add_argument("--workers", type=int, default=2, help="workers of the multi-worker proxy")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also measure the proxy with rr_middleware imported from DIR (a "
+        "directory holding another build's rr_middleware package), side by side",
+    )
     p.add_argument("--no-nginx", dest="nginx", action="store_false", help="skip nginx")
     p.add_argument(
         "--proxy-command",
