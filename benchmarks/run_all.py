@@ -275,8 +275,8 @@ def throughput(ctx: Context) -> list[Row]:
                 Row(
                     f"6. GET -c{c}",
                     "everything on",
-                    rps(ev),
-                    "rr-middleware",
+                    f"{rps(ev)}, CPU {ev.cpu_us_per_request:.0f} us",
+                    f"rr-middleware, CPU {rr.cpu_us_per_request:.0f} us",
                     ev.rps / rr.rps,
                     ">= 0.90x",
                     ev.rps >= 0.9 * rr.rps,
@@ -315,8 +315,8 @@ def throughput(ctx: Context) -> list[Row]:
                 Row(
                     f"   GET -c{c}",
                     "2 workers vs 1",
-                    rps(w2),
-                    "rr-middleware",
+                    f"{rps(w2)}, CPU {w2.cpu_us_per_request:.0f} us",
+                    f"rr-middleware, CPU {rr.cpu_us_per_request:.0f} us",
                     w2.rps / rr.rps,
                     "",
                     None,
