@@ -44,10 +44,13 @@ consul: | $(BIN)/python
 test: $(VENV)/.dev system-deps consul lint
 	$(BIN)/python -m pytest
 
+# Every performance target in one table (~6 min); BENCH_ARGS="--quick" for a smoke run,
+# "--only throughput,post" for a subset (see benchmarks/README.md). nginx is the reference
+# proxy; Debian's nginx-light is enough.
 bench: $(VENV)/.dev
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(BIN)/python benchmarks/bench_proxy.py
-	$(BIN)/python benchmarks/bench_pick.py
+	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

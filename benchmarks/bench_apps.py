@@ -8,6 +8,8 @@ uvicorn can load it with ``--factory``:
 ``BENCH_PREFIXES``   number of pool prefixes for ``middleware_app`` (default 1: only ``/api``);
 ``BENCH_MAX_CONNECTIONS``  ``max_connections`` of those pools (default: Pool's own, 100).
 ``BENCH_TRANSPORT``        ``aiohttp`` for the optional aiohttp transport (default: built-in).
+``BENCH_EVERYTHING``       ``1``: every feature on (active health checks every second,
+                           passive ejection, retries on 503, metrics and status pages).
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator
-from urllib.parse import urljoin, urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rr_middleware import AiohttpTransport, Pool, RoundRobinMiddleware
+from rr_middleware import AiohttpTransport, HealthCheck, Pool, RoundRobinMiddleware
 
 UPSTREAM_BODY = b"Hello, world!"  # 13 bytes
+POST_RESPONSE_BYTES = 1024 * 1024  # what the upstream's /post answers
+STREAM_CHUNK = 256 * 1024  # the upstream's /download sends its body in pieces this size
 LOCAL_BODY = "local"
 PROXY_PREFIX = "/api"
 
@@ -38,23 +43,76 @@ def _log_to_stderr() -> None:
 
 
 def upstream_app() -> ASGIApp:
-    """The upstream: a fixed 13-byte body with a Content-Length, whatever the path, and an
-    ``x-upstream`` header naming the server (``BENCH_NAME``), so the harness can check
-    that a proxy spreads requests over both upstreams."""
+    """The upstream: a fixed 13-byte body with a Content-Length on any path but the few
+    below, and an ``x-upstream`` header naming the server (``BENCH_NAME``), so the harness
+    can check that a proxy spreads requests over both upstreams.
+
+    ``/post`` reads the request body and answers 1 MiB; ``/download?bytes=N`` streams N
+    bytes (with a Content-Length), counting what uvicorn has taken so far; ``/sent``
+    answers that count (so the harness sees whether a slow reader holds the upstream
+    back); ``/upload`` reads the body and answers how many bytes it had.
+    """
     _log_to_stderr()
+    name = os.environ.get("BENCH_NAME", "upstream").encode("ascii")
     start = {
         "type": "http.response.start",
         "status": 200,
         "headers": [
             (b"content-type", b"text/plain"),
             (b"content-length", str(len(UPSTREAM_BODY)).encode("ascii")),
-            (b"x-upstream", os.environ.get("BENCH_NAME", "upstream").encode("ascii")),
+            (b"x-upstream", name),
         ],
     }
     body = {"type": "http.response.body", "body": UPSTREAM_BODY}
+    post_body = b"x" * POST_RESPONSE_BYTES
+    chunk = b"\0" * STREAM_CHUNK
+    sent = [0]
+
+    def _start(length: int) -> Message:
+        headers = [(b"content-length", b"%d" % length), (b"x-upstream", name)]
+        return {"type": "http.response.start", "status": 200, "headers": headers}
+
+    async def _drain(receive: Receive) -> int:
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return size
+
+    async def _special(path: str, scope: Scope, receive: Receive, send: Send) -> bool:
+        if path == "/post":
+            await _drain(receive)
+            await send(_start(len(post_body)))
+            await send({"type": "http.response.body", "body": post_body})
+        elif path == "/upload":
+            answer = b"%d" % await _drain(receive)
+            await send(_start(len(answer)))
+            await send({"type": "http.response.body", "body": answer})
+        elif path == "/sent":
+            answer = b"%d" % sent[0]
+            await send(_start(len(answer)))
+            await send({"type": "http.response.body", "body": answer})
+        elif path == "/download":
+            query = dict(parse_qsl(scope.get("query_string", b"").decode()))
+            remaining = int(query.get("bytes", "0"))
+            sent[0] = 0
+            await send(_start(remaining))
+            while remaining > 0:
+                piece = chunk if remaining >= STREAM_CHUNK else chunk[:remaining]
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                remaining -= len(piece)
+                sent[0] += len(piece)
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            return False
+        return True
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            path = scope["path"]
+            if path[-6:] != "/hello" and await _special(path, scope, receive, send):
+                return
             await send(start)
             await send(body)
         elif scope["type"] == "lifespan":
@@ -90,9 +148,13 @@ def _pools(count: int, upstreams: list[str]) -> dict[str, Pool]:
     """``/api`` plus ``count - 1`` other prefixes, half one segment deep, half two.
     ``BENCH_MAX_CONNECTIONS`` sets each pool's ``max_connections`` (per upstream)."""
     limit = int(os.environ.get("BENCH_MAX_CONNECTIONS") or 0)
+    options: dict[str, Any] = {"max_connections": limit} if limit else {}
+    if _everything():
+        options["health_check"] = HealthCheck(path="/health", interval=1.0)
+        options["retry_on_statuses"] = frozenset({503})
 
     def pool() -> Pool:
-        return Pool(upstreams, max_connections=limit) if limit else Pool(upstreams)
+        return Pool(upstreams, **options)
 
     pools = {PROXY_PREFIX: pool()}
     for i in range(count - 1):
@@ -109,8 +171,17 @@ def middleware_app() -> Starlette:
         raise RuntimeError("BENCH_PREFIXES must be >= 1")
     app = bare_app()
     transport = AiohttpTransport() if os.environ.get("BENCH_TRANSPORT") == "aiohttp" else None
-    app.add_middleware(RoundRobinMiddleware, pools=_pools(count, _upstreams()), transport=transport)
+    extra: dict[str, Any] = {}
+    if _everything():
+        extra = {"metrics_path": "/metrics", "status_path": "/status"}
+    app.add_middleware(
+        RoundRobinMiddleware, pools=_pools(count, _upstreams()), transport=transport, **extra
+    )
     return app
+
+
+def _everything() -> bool:
+    return os.environ.get("BENCH_EVERYTHING") == "1"
 
 
 def asgiproxy_app() -> ASGIApp:
@@ -118,7 +189,8 @@ def asgiproxy_app() -> ASGIApp:
 
     Built as ``asgiproxy.__main__.make_app`` builds it (BaseURLProxyConfigMixin with the
     Host header rewritten to the upstream's), except that ``get_upstream_url`` cycles over
-    the upstream base URLs so both proxies spread their load the same way. asgiproxy's own
+    the upstream base URLs so both proxies spread their load the same way, and strips the
+    ``/api`` prefix as the middleware does. asgiproxy's own
     defaults are kept, including ``ProxyContext(max_concurrency=20)``. Its simple app
     ignores the lifespan; the wrapper closes its aiohttp session on shutdown.
     """
@@ -143,6 +215,9 @@ def asgiproxy_app() -> ASGIApp:
             # Host rewrite below always matches the URL picked here.
             base, self.rewrite_host_header = next(self._cycle)
             path: str = scope["path"]
+            # The prefix is stripped, as the middleware's pools strip it by default.
+            if path.startswith(PROXY_PREFIX + "/"):
+                path = path[len(PROXY_PREFIX) :]
             return urljoin(base, path)
 
     context = ProxyContext(AlternatingConfig())

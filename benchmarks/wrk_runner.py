@@ -70,17 +70,24 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def run(url: str, *, duration: int, connections: int, threads: int = 1) -> WrkResult:
-    """``wrk -t{threads} -c{connections} -d{duration}s --latency URL``, parsed (wrk takes
-    whole seconds only)."""
-    command = [
-        "wrk",
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{duration}s",
-        "--latency",
-        url,
-    ]
+def run(
+    url: str,
+    *,
+    duration: int,
+    connections: int,
+    threads: int = 1,
+    script: str | None = None,
+    timeout_s: int | None = None,
+) -> WrkResult:
+    """``wrk -t{threads} -c{connections} -d{duration}s --latency [-s script] URL``, parsed
+    (wrk takes whole seconds only). ``timeout_s``: wrk's per-request timeout (its default
+    is 2 s; slow, large exchanges need more, or they count as timeouts)."""
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if script is not None:
+        command += ["-s", script]
+    if timeout_s is not None:
+        command += ["--timeout", f"{timeout_s}s"]
+    command.append(url)
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=duration + 60, check=False

@@ -486,26 +486,32 @@ async def _pump_watching(
     client_gone: asyncio.Future[Message],
     stats: UpstreamStats,
 ) -> None:
-    """``_pump``, but stop as soon as ``client_gone`` resolves (the disconnect message)."""
-    while True:
-        read = asyncio.ensure_future(response.read())
-        try:
-            await asyncio.wait((read, client_gone), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            # Cancelled (the server's shutdown grace ran out): the read goes too, and its
-            # outcome is collected so no task is left with an unretrieved exception.
-            read.cancel()
-            await asyncio.wait((read,))
-            if not read.cancelled():
-                read.exception()
+    """``_pump``, but stop as soon as ``client_gone`` resolves (the disconnect message).
+
+    The client leaving cancels this task wherever it waits (reading the upstream or
+    sending to the client), rather than each read racing the disconnect in a task of its
+    own: a per-chunk task and ``asyncio.wait`` cost more than relaying the chunk.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone = finished = False
+
+    def on_gone(_: asyncio.Future[Message]) -> None:
+        nonlocal gone
+        # A callback already scheduled runs even once removed: after the pump, no-op.
+        if not gone and not finished:
+            gone = True
+            task.cancel()
+
+    client_gone.add_done_callback(on_gone)
+    try:
+        await _pump(response, send, stats)
+    except asyncio.CancelledError:
+        # Ours (the client left): swallowed, and the caller's aclose() discards the
+        # half-read upstream connection. Anyone else's (shutdown): passed on.
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+        if not gone or (uncancel is not None and uncancel() > 0):
             raise
-        if not read.done():
-            read.cancel()
-            await asyncio.wait((read,))  # settle it before the caller's aclose()
-            return  # aclose() then discards the half-read upstream connection
-        chunk = read.result()
-        if not chunk:
-            break
-        stats.bytes_out += len(chunk)
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+    finally:
+        finished = True
+        client_gone.remove_done_callback(on_gone)

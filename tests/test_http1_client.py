@@ -740,6 +740,51 @@ def test_body_longer_than_content_length_is_cut_and_the_connection_dropped(
     assert [(r.peer, r.target) for r in upstream.requests] == [(0, b"/long"), (1, b"/next")]
 
 
+BIG = bytes(range(256)) * 4096  # 1 MiB: on loopback it arrives over many socket reads
+
+
+def test_large_bodies_arriving_over_many_reads_keep_the_connection_reusable() -> None:
+    """A body read past the parser (Content-Length framed, many reads) ends exactly at its
+    length, and the connection then carries the next exchange."""
+
+    def answer(request: Request) -> bytes:
+        return response(BIG if request.target != b"/small" else b"small")
+
+    with (
+        scripted(answer_each(answer)) as upstream,
+        running_proxy({"/b": [upstream.url]}) as (proxy, middleware),
+        http_client() as http,
+    ):
+        for path in ("/b/1", "/b/small", "/b/2", "/b/3"):
+            reply = http.get(proxy.url + path)
+            expected = b"small" if path == "/b/small" else BIG
+            assert (reply.status_code, reply.content == expected) == (200, True), path
+        assert open_connections(middleware) == 1
+    assert upstream.accepted == 1
+
+
+@pytest.mark.parametrize("extra", list(EXTRA.values()), ids=list(EXTRA))
+def test_large_body_longer_than_content_length_is_cut_and_the_connection_dropped(
+    extra: bytes,
+) -> None:
+    def long(peer: Peer) -> None:
+        peer.read_request()
+        peer.send(response(BIG) + extra)
+        answer_each(lambda request: response(b"stale connection reused"))(peer)
+
+    with (
+        scripted(first_then(long, FRESH)) as upstream,
+        running_proxy({"/w": [upstream.url]}) as (proxy, _),
+        RawClient(proxy.port) as raw,
+    ):
+        status, headers, body = raw.request(raw_request("GET", "/w/long", [("Host", "front")]))
+        assert (status, len(body), body == BIG) == (200, len(BIG), True)
+        assert b"x-smuggled" not in dict(headers)
+        status, _, body = raw.request(raw_request("GET", "/w/next", [("Host", "front")]))
+        assert (status, body) == (200, b"fresh")
+    assert [(r.peer, r.target) for r in upstream.requests] == [(0, b"/long"), (1, b"/next")]
+
+
 # --------------------------------------------------------------------------- 7. early response
 
 

@@ -63,6 +63,11 @@ class Connection(asyncio.Protocol):
         self.error: UpstreamError | None = None
         self.body: list[bytes] = []
         self.body_size = 0
+        #: Body bytes the parser has passed on, and how many of a Content-Length body are
+        #: still due once data_received takes them past the parser (None: not doing so).
+        self.body_seen = 0
+        self.body_due: int | None = None
+        self.bypass_checked = False
         self.read_paused = False
         self.waiter: asyncio.Future[None] | None = None
 
@@ -86,6 +91,9 @@ class Connection(asyncio.Protocol):
         self.received_any = True
         if not self.headers_done:
             self.head_received += len(data)
+        elif self.body_due is not None or (not self.bypass_checked and self._body_bypass()):
+            self._body_bytes(data)
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -98,6 +106,40 @@ class Connection(asyncio.Protocol):
             # head is cut off by the bytes received, not by the headers seen.
             self._fail(protocol_error("upstream response head is too large"))
             self.abort()
+
+    def _body_bypass(self) -> bool:
+        """Whether the rest of this response's body may skip the parser: only a body
+        framed by one Content-Length (no Transfer-Encoding), whose head the parser has
+        already checked. A large body then goes from the socket to ``read()`` without
+        being copied again by the parser; the parser, left mid-message, is replaced
+        before the connection carries another exchange."""
+        self.bypass_checked = True
+        length: bytes | None = None
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding" or (lower == b"content-length" and length):
+                return False
+            if lower == b"content-length":
+                length = value
+        if length is None or not length.strip().isdigit():
+            return False
+        self.body_due = int(length) - self.body_seen
+        return True
+
+    def _body_bytes(self, data: bytes) -> None:
+        due = self.body_due
+        assert due is not None
+        if len(data) > due:
+            # Bytes past the announced length answer nothing: the body ends where it
+            # said, and the connection, its framing lost, is not used again.
+            self._body_bytes(data[:due])
+            self.abort()
+            return
+        self.body_due = due - len(data)
+        self.on_body(data)
+        if self.body_due == 0:
+            self.parser = httptools.HttpResponseParser(self)
+            self.on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -162,6 +204,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        self.body_seen += len(body)
         self.body.append(body)
         self.body_size += len(body)
         if self.body_size > _READ_HIGH_WATER and not self.read_paused and self.transport:

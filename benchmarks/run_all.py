@@ -1,0 +1,756 @@
+"""Every performance target of the project in one run, as one table of figures and ratios.
+
+    .venv/bin/python benchmarks/run_all.py [--only throughput,post,stream,pick,fallthrough]
+        [--duration 4] [--rounds 3] [--warmup 1] [--connections 32,256] [--quick]
+        [--stream-mib 1024] [--slow-seconds 8] [--proxy-command TEMPLATE] [--json PATH]
+
+Sections (see benchmarks/README.md): ``throughput`` small GETs through a pool of 2 at each
+``--connections`` (rr-middleware, asgiproxy, nginx, direct; everything on; 2 workers),
+``post`` 64 KiB POST / 1 MiB answer, ``stream`` 1 GiB down and up plus a slow reader,
+``pick`` time per pick by pool size, ``fallthrough`` a route that matches no prefix.
+Contenders of a section run in alternating rounds within seconds of each other; figures
+are medians; ratios are of medians (each round's own ratio is in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import bench_micro
+import bench_pick
+import bench_stream
+import nginx_ref
+import wrk_runner
+from bench_apps import POST_RESPONSE_BYTES
+from bench_proxy import (
+    BENCH_DIR,
+    BenchError,
+    Measurement,
+    Reply,
+    Server,
+    Target,
+    _bound_socket,
+    environment,
+    http_get,
+    log_problems,
+    progress,
+    start_server,
+    stop_servers,
+    wait_ready,
+)
+from report import Row, render
+from wrk_runner import WrkError
+
+SECTIONS = ("throughput", "post", "stream", "pick", "fallthrough")
+DEFAULT_PROXY_COMMAND = "{python} {bench}/serve.py {fd} middleware_app --workers {workers}"
+MIB = 1024 * 1024
+#: wrk runs that reported socket errors or non-2xx/3xx answers.
+FLAGGED: list[str] = []
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used by a process and its children (uvicorn's workers)."""
+    total = 0.0
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                pids.append(int(entry))
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def start_proxy(
+    name: str,
+    template: str,
+    workers: int,
+    env: dict[str, str],
+    log_dir: Path,
+    servers: list[Server],
+) -> Server:
+    """Start an rr-middleware proxy with ``template``: placeholders {python}, {bench},
+    {fd} (a listening socket the harness passes down) or {port} (the command binds it
+    itself), {workers} and {upstreams} (comma-separated URLs, also in BENCH_UPSTREAMS)."""
+    sock = _bound_socket()
+    fd, port = sock.fileno(), sock.getsockname()[1]
+    argv = shlex.split(
+        template.format(
+            python=sys.executable,
+            bench=BENCH_DIR,
+            fd=fd,
+            port=port,
+            workers=workers,
+            upstreams=env["BENCH_UPSTREAMS"],
+        )
+    )
+    pass_fd = "{fd}" in template
+    if not pass_fd:
+        sock.close()  # the command binds the port itself
+    log_path = log_dir / f"{name}.log"
+    try:
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                argv,
+                pass_fds=(fd,) if pass_fd else (),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                cwd=BENCH_DIR.parent,
+            )
+    finally:
+        if pass_fd:
+            sock.close()
+    server = Server(name, port, process, log_path)
+    servers.append(server)
+    return server
+
+
+# --- wrk rounds ------------------------------------------------------------------------
+
+
+def wrk_rounds(
+    targets: Sequence[tuple[Target, Server]],
+    args: argparse.Namespace,
+    connections: int,
+    script: str | None = None,
+    timeout_s: int | None = None,
+    title: str = "",
+) -> dict[str, Measurement]:
+    """Warm every target up, then ``--rounds`` rounds each running every target once."""
+    results = {t.name: Measurement(t, s.base_url + t.path) for t, s in targets}
+    pids = {t.name: s.process.pid for t, s in targets}
+
+    def run(m: Measurement, duration: int) -> wrk_runner.WrkResult:
+        return wrk_runner.run(
+            m.url, duration=duration, connections=connections, script=script, timeout_s=timeout_s
+        )
+
+    if args.warmup > 0:
+        for m in results.values():
+            m.warmup = run(m, args.warmup)
+    for round_no in range(1, args.rounds + 1):
+        for name, m in results.items():
+            before = tree_cpu_seconds(pids[name])
+            result = run(m, args.duration)
+            m.cpu_us.append((tree_cpu_seconds(pids[name]) - before) * 1e6 / max(result.requests, 1))
+            m.rounds.append(result)
+            if result.errors:
+                FLAGGED.append(f"{title} round {round_no} {name}: {result.errors} errors")
+            flag = f"  ERRORS {result.errors}" if result.errors else ""
+            progress(
+                f"{title} round {round_no} {name:<16} {result.requests_per_sec:>9.0f} req/s"
+                f"  p99 {result.p99_ms:.2f} ms{flag}"
+            )
+    return results
+
+
+def paired(a: Measurement, b: Measurement) -> list[float]:
+    return [
+        x.requests_per_sec / y.requests_per_sec for x, y in zip(a.rounds, b.rounds, strict=True)
+    ]
+
+
+def rps(m: Measurement) -> str:
+    return f"{m.rps:,.0f} req/s, p99 {m.p99_ms:.1f} ms"
+
+
+# --- sections --------------------------------------------------------------------------
+
+
+def throughput(ctx: Context) -> list[Row]:
+    s, args = ctx.servers, ctx.args
+    rows: list[Row] = []
+    specs = [
+        ("direct", "upstream1", "/hello"),
+        ("rr-middleware", "rr", "/api/hello"),
+        ("asgiproxy", "asgiproxy", "/api/hello"),
+        ("nginx", "nginx", "/api/hello"),
+        ("rr-everything", "rr-all", "/api/hello"),
+        ("rr-2-workers", "rr-2w", "/api/hello"),
+        ("rr-baseline", "rr-base", "/api/hello"),
+    ]
+    targets = [(Target(n, n, srv, p, b""), s[srv]) for n, srv, p in specs if srv in s]
+    for c in args.connection_levels:
+        r = wrk_rounds(targets, args, c, title=f"GET -c{c}")
+        ctx.raw[f"throughput_c{c}"] = {k: m.as_dict() for k, m in r.items()}
+        rr, ap = r["rr-middleware"], r["asgiproxy"]
+        t = f"1. GET -c{c}"
+        rows.append(
+            Row(
+                t,
+                "rr-middleware",
+                rps(rr),
+                "asgiproxy " + rps(ap),
+                rr.rps / ap.rps,
+                ">= 1.5x",
+                rr.rps >= 1.5 * ap.rps,
+                paired(rr, ap),
+            )
+        )
+        rows.append(
+            Row(
+                t,
+                "p99 rr / asgiproxy",
+                f"{rr.p99_ms:.2f} ms",
+                f"{ap.p99_ms:.2f} ms",
+                rr.p99_ms / ap.p99_ms,
+                "<= 1.0x",
+                rr.p99_ms <= ap.p99_ms,
+            )
+        )
+        if "nginx" in r:
+            ng = r["nginx"]
+            rows.append(
+                Row(
+                    t,
+                    "rr vs nginx",
+                    "",
+                    "nginx " + rps(ng),
+                    rr.rps / ng.rps,
+                    ">= 0.35x (aim)",
+                    rr.rps >= 0.35 * ng.rps,
+                    paired(rr, ng),
+                )
+            )
+        d = r["direct"]
+        rows.append(
+            Row(t, "rr vs direct", "", "direct " + rps(d), rr.rps / d.rps, "", None, paired(rr, d))
+        )
+        if "nginx" in r:
+            ng = r["nginx"]
+            rows.append(
+                Row(
+                    t,
+                    "nginx vs direct",
+                    "",
+                    "(issue: 30.5k/36.2k = 0.84x)",
+                    ng.rps / d.rps,
+                    "",
+                    None,
+                    paired(ng, d),
+                )
+            )
+        rows.append(
+            Row(
+                t,
+                "CPU per request",
+                f"rr {rr.cpu_us_per_request:.0f} us",
+                f"asgiproxy {ap.cpu_us_per_request:.0f} us",
+                rr.cpu_us_per_request / ap.cpu_us_per_request,
+                "",
+                None,
+            )
+        )
+        if "rr-everything" in r:
+            ev = r["rr-everything"]
+            rows.append(
+                Row(
+                    f"6. GET -c{c}",
+                    "everything on",
+                    f"{rps(ev)}, CPU {ev.cpu_us_per_request:.0f} us",
+                    f"rr-middleware, CPU {rr.cpu_us_per_request:.0f} us",
+                    ev.rps / rr.rps,
+                    ">= 0.90x",
+                    ev.rps >= 0.9 * rr.rps,
+                    paired(ev, rr),
+                )
+            )
+            rows.append(
+                Row(
+                    f"6. GET -c{c}",
+                    "everything on vs asgiproxy",
+                    "",
+                    "asgiproxy",
+                    ev.rps / ap.rps,
+                    ">= 1.35x",
+                    ev.rps >= 1.35 * ap.rps,
+                    paired(ev, ap),
+                )
+            )
+        if "rr-baseline" in r:
+            b = r["rr-baseline"]
+            rows.append(
+                Row(
+                    f"   GET -c{c}",
+                    "rr vs --baseline build",
+                    f"CPU {rr.cpu_us_per_request:.0f} us/req",
+                    f"baseline {rps(b)}, CPU {b.cpu_us_per_request:.0f} us/req",
+                    rr.rps / b.rps,
+                    "",
+                    None,
+                    paired(rr, b),
+                )
+            )
+        if "rr-2-workers" in r:
+            w2 = r["rr-2-workers"]
+            rows.append(
+                Row(
+                    f"   GET -c{c}",
+                    "2 workers vs 1",
+                    f"{rps(w2)}, CPU {w2.cpu_us_per_request:.0f} us",
+                    f"rr-middleware, CPU {rr.cpu_us_per_request:.0f} us",
+                    w2.rps / rr.rps,
+                    "",
+                    None,
+                    paired(w2, rr),
+                )
+            )
+    return rows
+
+
+def post(ctx: Context) -> list[Row]:
+    s, args = ctx.servers, ctx.args
+    specs = [
+        ("direct", "upstream1", "/post"),
+        ("rr-middleware", "rr", "/api/post"),
+        ("asgiproxy", "asgiproxy", "/api/post"),
+        ("nginx", "nginx", "/api/post"),
+        ("rr-baseline", "rr-base", "/api/post"),
+    ]
+    targets = [(Target(n, n, srv, p, b""), s[srv]) for n, srv, p in specs if srv in s]
+    c = args.post_connections
+    for target, server in targets:  # every contender must really answer the 1 MiB
+        reply = http_post(server.base_url, target.path, b"x" * 65536)
+        if reply.status != 200 or len(reply.body) != POST_RESPONSE_BYTES:
+            raise BenchError(
+                f"{target.name}: POST {target.path} -> {reply.status}, "
+                f"{len(reply.body)} bytes, expected 200 and {POST_RESPONSE_BYTES}"
+            )
+    r = wrk_rounds(
+        targets, args, c, script=str(BENCH_DIR / "post.lua"), timeout_s=30, title=f"POST -c{c}"
+    )
+    ctx.raw["post"] = {k: m.as_dict() for k, m in r.items()}
+
+    def mib(m: Measurement) -> str:
+        return f"{m.rps * POST_RESPONSE_BYTES / MIB:,.0f} MiB/s ({m.rps:,.0f} req/s)"
+
+    rr, ap, d = r["rr-middleware"], r["asgiproxy"], r["direct"]
+    t = f"2. POST 64K/1M -c{c}"
+    rows = [
+        Row(
+            t,
+            "rr-middleware",
+            mib(rr),
+            "asgiproxy " + mib(ap),
+            rr.rps / ap.rps,
+            ">= 1.0x",
+            rr.rps >= ap.rps,
+            paired(rr, ap),
+        )
+    ]
+    rows.append(Row(t, "rr vs direct", "", "direct " + mib(d), rr.rps / d.rps, "", None))
+    if "nginx" in r:
+        rows.append(
+            Row(t, "rr vs nginx", "", "nginx " + mib(r["nginx"]), rr.rps / r["nginx"].rps, "", None)
+        )
+    if "rr-baseline" in r:
+        b = r["rr-baseline"]
+        rows.append(
+            Row(
+                t,
+                "rr vs --baseline",
+                f"CPU {rr.cpu_us_per_request:.0f} us/req",
+                f"baseline {mib(b)}, CPU {b.cpu_us_per_request:.0f} us/req",
+                rr.rps / b.rps,
+                "",
+                None,
+                paired(rr, b),
+            )
+        )
+    return rows
+
+
+def stream(ctx: Context) -> list[Row]:
+    s, args = ctx.servers, ctx.args
+    proxy, up = s["rr-stream"], s["upstream1"]
+    pid = proxy.process.pid
+    nbytes = args.stream_mib * MIB
+    contenders = {"direct": (up, ""), "proxy": (proxy, "/api")}
+    if "rr-base" in s:
+        contenders["baseline"] = (s["rr-base"], "/api")
+    #: {kind: {contender: [MiB/s per round]}}, and the proxies' CPU seconds per GiB.
+    rates: dict[str, dict[str, list[float]]] = {"download": {}, "upload": {}}
+    cpu: dict[str, dict[str, list[float]]] = {"download": {}, "upload": {}}
+    growth = {"download": 0, "upload": 0}
+    for round_no in range(1, args.stream_rounds + 1):
+        for kind, move in (("download", bench_stream.download), ("upload", bench_stream.upload)):
+            for name, (server, prefix) in contenders.items():
+                before = tree_cpu_seconds(server.process.pid)
+                with bench_stream.PeakRss(server.process.pid) as rss:
+                    transfer = move(server.port, f"{prefix}/{kind}", nbytes)
+                used = tree_cpu_seconds(server.process.pid) - before
+                rates[kind].setdefault(name, []).append(transfer.mib_per_s)
+                cpu[kind].setdefault(name, []).append(used / (nbytes / 1024 / MIB))
+                if name == "proxy":
+                    growth[kind] = max(growth[kind], rss.growth)
+            progress(
+                f"stream round {round_no} {kind}: "
+                + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rates[kind].items())
+                + " MiB/s"
+            )
+    slow = bench_stream.slow_download(
+        proxy.port,
+        "/api/download",
+        {"upstream1": up.port, "upstream2": s["upstream2"].port},
+        pid,
+        rate=MIB,
+        seconds=args.slow_seconds,
+    )
+    ctx.raw["stream"] = {
+        "mib_per_s": rates,
+        "cpu_s_per_gib": cpu,
+        "rss_growth_bytes": growth,
+        "slow": slow.__dict__,
+    }
+    t = f"3. stream {args.stream_mib} MiB"
+    rows = []
+    for kind in ("download", "upload"):
+        r, c = rates[kind], cpu[kind]
+        med = {n: statistics.median(v) for n, v in r.items()}
+        per_round = [p / d for p, d in zip(r["proxy"], r["direct"], strict=True)]
+        rows.append(
+            Row(
+                t,
+                f"{kind} via proxy",
+                f"{med['proxy']:,.0f} MiB/s",
+                f"direct {med['direct']:,.0f} MiB/s",
+                med["proxy"] / med["direct"],
+                ">= 0.50x",
+                med["proxy"] >= 0.5 * med["direct"],
+                per_round,
+            )
+        )
+        if "baseline" in med:
+            rows.append(
+                Row(
+                    t,
+                    f"{kind}, rr vs --baseline",
+                    f"{med['proxy']:,.0f} MiB/s, {statistics.median(c['proxy']):.2f} CPU s/GiB",
+                    f"baseline {med['baseline']:,.0f} MiB/s, "
+                    f"{statistics.median(c['baseline']):.2f} CPU s/GiB",
+                    med["proxy"] / med["baseline"],
+                    "",
+                    None,
+                    [p / b for p, b in zip(r["proxy"], r["baseline"], strict=True)],
+                )
+            )
+        rows.append(
+            Row(
+                t,
+                f"peak RSS growth, {kind}",
+                f"{growth[kind] / MIB:.1f} MiB",
+                f"proxy CPU {statistics.median(c['proxy']):.2f} s/GiB",
+                None,
+                "< 64 MiB",
+                growth[kind] < 64 * MIB,
+            )
+        )
+    return [
+        *rows,
+        Row(
+            "3. slow reader 1 MiB/s",
+            f"{slow.seconds:.0f} s: RSS growth",
+            f"{slow.rss_growth / MIB:.1f} MiB",
+            "",
+            None,
+            "< 64 MiB",
+            slow.rss_growth < 64 * MIB,
+        ),
+        Row(
+            "3. slow reader 1 MiB/s",
+            "upstream ahead of client",
+            f"{slow.ahead / MIB:.1f} MiB",
+            f"client read {slow.client_read / MIB:.1f} MiB",
+            None,
+            "< 32 MiB",
+            slow.ahead < 32 * MIB,
+        ),
+        Row(
+            "3. slow reader 1 MiB/s",
+            "upstream rate, 2nd half",
+            f"{slow.late_rate / MIB:.2f} MiB/s",
+            "client 1 MiB/s",
+            slow.late_rate / MIB,
+            "",  # kernel socket buffers still grow in the first seconds: shown, not judged
+            None,
+        ),
+    ]
+
+
+def pick(ctx: Context) -> list[Row]:
+    picks = 5_000 if ctx.args.quick else 20_000
+    results = bench_pick.measure(picks, 3 if ctx.args.quick else 7)
+    ctx.raw["pick_ns"] = results
+    rows = []
+    for label in ("round_robin, weights 1/2/5", "round_robin, equal weights", "least_requests"):
+        row = results[label]
+        values = [row[n] for n in bench_pick.SIZES]
+        figure = " / ".join(f"{v:.0f}" for v in values) + " ns"
+        rows.append(
+            Row(
+                "4. pick 2/100/1k/10k",
+                label,
+                figure,
+                "",
+                max(values) / min(values),
+                "<= 2x (max/min)",
+                max(values) <= 2 * min(values),
+            )
+        )
+    return rows
+
+
+def fallthrough(ctx: Context) -> list[Row]:
+    s, args = ctx.servers, ctx.args
+    specs = [("bare", "bare"), ("fallthrough-1", "mw1"), ("fallthrough-50", "mw50")]
+    targets = [(Target(n, n, srv, "/local", b""), s[srv]) for n, srv in specs]
+    c = min(args.connection_levels)
+    r = wrk_rounds(targets, args, c, title=f"fall-through -c{c}")
+    ctx.raw["fallthrough"] = {k: m.as_dict() for k, m in r.items()}
+    bare, one, many = r["bare"], r["fallthrough-1"], r["fallthrough-50"]
+    slower = (1 - one.rps / bare.rps) * 100
+    many_slower = (1 - many.rps / one.rps) * 100
+    cost = bench_micro.fallthrough_cost(repeats=10 if args.quick else 40)
+    local = cost["/local"]
+    per_req = 1e6 / max(x.requests_per_sec for x in bare.rounds)
+    est = local["overhead-1"] / (per_req + local["overhead-1"]) * 100
+    ctx.raw["fallthrough_micro_us"] = cost
+    t = f"5. fall-through -c{c}"
+    return [
+        Row(
+            t,
+            "wrk: 1 prefix vs bare",
+            f"{slower:+.1f}% slower",
+            "bare " + rps(bare),
+            one.rps / bare.rps,
+            "<= 3% slower",
+            slower <= 3.0,
+            paired(one, bare),
+        ),
+        Row(
+            t,
+            "wrk: 50 prefixes vs 1",
+            f"{many_slower:+.1f}% slower",
+            "",
+            many.rps / one.rps,
+            "~ 1.0x",
+            None,
+            paired(many, one),
+        ),
+        Row(
+            "5. fall-through in-process",
+            "+us per request, 1 / 50 prefixes",
+            f"+{local['overhead-1']:.2f} / +{local['overhead-50']:.2f} us",
+            f"bare {local['bare']:.2f} us",
+            None,
+            "50 <= 1 (+0.3 us)",
+            local["overhead-50"] <= local["overhead-1"] + 0.3,
+        ),
+        Row(
+            "5. fall-through in-process",
+            "estimated slowdown of bare",
+            f"{est:+.1f}%",
+            f"bare at {per_req:.0f} us/req",
+            None,
+            "<= 3%",
+            est <= 3.0,
+        ),
+    ]
+
+
+# --- driver ----------------------------------------------------------------------------
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace, servers: dict[str, Server]) -> None:
+        self.args = args
+        self.servers = servers
+        self.raw: dict[str, Any] = {}
+
+
+def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dict[str, Server]:
+    """Start the servers the chosen sections need, and wait until each answers."""
+    want = set(args.only)
+    by: dict[str, Server] = {}
+    for name in ("upstream1", "upstream2"):
+        by[name] = start_server(name, "upstream_app", {"BENCH_NAME": name}, log_dir, servers)
+    urls = ",".join(by[n].base_url for n in ("upstream1", "upstream2"))
+    base = {"BENCH_UPSTREAMS": urls, "BENCH_PREFIXES": "1"}
+    if want & {"throughput", "post"}:
+        by["rr"] = start_proxy("rr", args.proxy_command, 1, base, log_dir, servers)
+        by["asgiproxy"] = start_server("asgiproxy", "asgiproxy_app", base, log_dir, servers)
+        if args.nginx and nginx_ref.available():
+            ports = [by[n].port for n in ("upstream1", "upstream2")]
+            by["nginx"] = nginx_ref.start(ports, log_dir, servers)
+    if args.baseline is not None and want & {"throughput", "post", "stream"}:
+        # The same proxy, importing rr_middleware from the baseline directory instead.
+        old = {**base, "PYTHONPATH": str(args.baseline.resolve())}
+        by["rr-base"] = start_proxy("rr-base", args.proxy_command, 1, old, log_dir, servers)
+    if "throughput" in want:
+        everything = {**base, "BENCH_EVERYTHING": "1"}
+        by["rr-all"] = start_proxy("rr-all", args.proxy_command, 1, everything, log_dir, servers)
+        if args.workers > 1:
+            by["rr-2w"] = start_proxy(
+                "rr-2w", args.proxy_command, args.workers, base, log_dir, servers
+            )
+    if "stream" in want:
+        by["rr-stream"] = start_proxy("rr-stream", args.proxy_command, 1, base, log_dir, servers)
+    if "fallthrough" in want:
+        by["bare"] = start_server("bare", "bare_app", base, log_dir, servers)
+        by["mw1"] = start_server("mw1", "middleware_app", base, log_dir, servers)
+        many = {**base, "BENCH_PREFIXES": "50"}
+        by["mw50"] = start_server("mw50", "middleware_app", many, log_dir, servers)
+    for name, server in by.items():
+        path = "/hello" if name.startswith("upstream") else "/local"
+        if name in ("asgiproxy", "nginx"):
+            path = "/api/hello"
+        wait_ready(server, path)
+    for name in ("rr", "rr-all", "rr-2w", "rr-stream", "rr-base", "asgiproxy", "nginx"):
+        if name in by:
+            seen = {
+                http_get(by[name].base_url, "/api/hello", 10.0).headers.get("x-upstream")
+                for _ in range(4)
+            }
+            if seen != {"upstream1", "upstream2"}:
+                raise BenchError(f"{name}: 4 requests reached {seen}, not both upstreams")
+    return by
+
+
+SECTION_FUNCS: dict[str, Callable[[Context], list[Row]]] = {
+    "throughput": throughput,
+    "post": post,
+    "stream": stream,
+    "pick": pick,
+    "fallthrough": fallthrough,
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    p.add_argument("--duration", type=int, default=4, help="seconds per wrk run (4)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up seconds per target (1)")
+    p.add_argument("--connections", default="32,256", help="wrk -c levels for GETs (32,256)")
+    p.add_argument("--post-connections", type=int, default=32, help="wrk -c for POSTs (32)")
+    p.add_argument("--stream-mib", type=int, default=1024, help="MiB per transfer (1024)")
+    p.add_argument("--stream-rounds", type=int, default=2, help="rounds of transfers (2)")
+    p.add_argument("--slow-seconds", type=float, default=8.0, help="slow reader's time (8)")
+    p.add_argument("--workers", type=int, default=2, help="workers of the multi-worker proxy")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also measure the proxy with rr_middleware imported from DIR (a "
+        "directory holding another build's rr_middleware package), side by side",
+    )
+    p.add_argument("--no-nginx", dest="nginx", action="store_false", help="skip nginx")
+    p.add_argument(
+        "--proxy-command",
+        default=DEFAULT_PROXY_COMMAND,
+        help=f"how to start an rr-middleware proxy ({DEFAULT_PROXY_COMMAND!r})",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 2 s runs, 2 rounds, 256 MiB transfers, 4 s slow reader",
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.warmup = 2, 2, 1
+        args.stream_mib, args.stream_rounds, args.slow_seconds = 256, 1, 4.0
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    args.connection_levels = [int(c) for c in args.connections.split(",")]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None and set(args.only) - {"pick"}:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    env = environment(argparse.Namespace(connections=args.connections, duration=args.duration))
+    servers: list[Server] = []
+    rows: list[Row] = []
+    raw: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="rr-bench-") as tmp:
+        try:
+            by = start(args, Path(tmp), servers)
+            ctx = Context(args, by)
+            for section in args.only:
+                rows += SECTION_FUNCS[section](ctx)
+            raw = ctx.raw
+        except (BenchError, WrkError, OSError, RuntimeError) as exc:
+            print(f"benchmark failed: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            stop_servers(servers)
+        problems = log_problems(servers)
+        tails = {server.name: server.log_tail(6) for server in servers if server.name in problems}
+    env["loadavg_at_end"] = os.getloadavg()
+    print()
+    print(
+        f"{env['cpus']} CPUs, Python {env['python']}, load {env['loadavg_at_start'][0]:.2f} at "
+        f"start, {env['loadavg_at_end'][0]:.2f} at end; wrk -t1 -d{args.duration}s, "
+        f"{args.rounds} alternating rounds, medians; {time.monotonic() - started:.0f} s in all"
+    )
+    print(render(rows))
+    if FLAGGED:
+        print("\nFLAGGED (wrk saw socket errors or non-2xx/3xx):\n    " + "\n    ".join(FLAGGED))
+    for name, lines in problems.items():
+        print(f"\n{name} logged {len(lines)} warning/error line(s); its log ends:")
+        print("\n".join("    " + line for line in tails[name].splitlines()))
+    if args.json is not None:
+        payload = {"environment": env, "rows": [r.as_dict() for r in rows], "raw": raw}
+        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    # asgiproxy's and nginx's own troubles are theirs: reported above, not a failure here.
+    ours = [name for name in problems if name not in ("asgiproxy", "nginx")]
+    return 1 if ours or FLAGGED or any(r.met is False for r in rows) else 0
+
+
+def http_post(base: str, path: str, body: bytes) -> Reply:
+    host, _, port = base.removeprefix("http://").partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30.0)
+    try:
+        conn.request("POST", path, body=body)
+        response = conn.getresponse()
+        return Reply(response.status, dict(response.getheaders()), response.read())
+    finally:
+        conn.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
