@@ -133,6 +133,36 @@ def start_proxy(
     return server
 
 
+def start_gateway(
+    name: str, workers: int, upstreams: str, log_dir: Path, servers: list[Server]
+) -> Server:
+    """``rr-gateway`` (``python -m rr_middleware``) with ``workers`` processes in front of
+    ``upstreams``, configured the way a user would: a TOML file."""
+    config = log_dir / f"{name}.toml"
+    urls = ", ".join(f'"{u}"' for u in upstreams.split(","))
+    config.write_text(
+        f'[server]\nworkers = {workers}\nlog_level = "warning"\n\n'
+        f'[pools."/api"]\nupstreams = [{urls}]\n'
+    )
+    sock = _bound_socket()
+    port = sock.getsockname()[1]
+    sock.close()  # the gateway binds it itself
+    argv = [sys.executable, "-m", "rr_middleware", "--config", str(config)]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=BENCH_DIR.parent,
+        )
+    server = Server(name, port, process, log_path)
+    servers.append(server)
+    return server
+
+
 # --- wrk rounds ------------------------------------------------------------------------
 
 
@@ -194,7 +224,8 @@ def throughput(ctx: Context) -> list[Row]:
         ("asgiproxy", "asgiproxy", "/api/hello"),
         ("nginx", "nginx", "/api/hello"),
         ("rr-everything", "rr-all", "/api/hello"),
-        ("rr-2-workers", "rr-2w", "/api/hello"),
+        ("rr-gateway", "rr-gw1", "/api/hello"),
+        ("rr-gateway-2w", "rr-gw2", "/api/hello"),
         ("rr-baseline", "rr-base", "/api/hello"),
     ]
     targets = [(Target(n, n, srv, p, b""), s[srv]) for n, srv, p in specs if srv in s]
@@ -309,18 +340,18 @@ def throughput(ctx: Context) -> list[Row]:
                     paired(rr, b),
                 )
             )
-        if "rr-2-workers" in r:
-            w2 = r["rr-2-workers"]
+        if "rr-gateway" in r and "rr-gateway-2w" in r:
+            g1, g2 = r["rr-gateway"], r["rr-gateway-2w"]
             rows.append(
                 Row(
                     f"   GET -c{c}",
-                    "2 workers vs 1",
-                    f"{rps(w2)}, CPU {w2.cpu_us_per_request:.0f} us",
-                    f"rr-middleware, CPU {rr.cpu_us_per_request:.0f} us",
-                    w2.rps / rr.rps,
+                    f"rr-gateway {args.workers} workers vs 1",
+                    f"{rps(g2)}, CPU {g2.cpu_us_per_request:.0f} us",
+                    f"1 worker {rps(g1)}, CPU {g1.cpu_us_per_request:.0f} us",
+                    g2.rps / g1.rps,
                     "",
                     None,
-                    paired(w2, rr),
+                    paired(g2, g1),
                 )
             )
     return rows
@@ -618,9 +649,8 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         everything = {**base, "BENCH_EVERYTHING": "1"}
         by["rr-all"] = start_proxy("rr-all", args.proxy_command, 1, everything, log_dir, servers)
         if args.workers > 1:
-            by["rr-2w"] = start_proxy(
-                "rr-2w", args.proxy_command, args.workers, base, log_dir, servers
-            )
+            by["rr-gw1"] = start_gateway("rr-gw1", 1, urls, log_dir, servers)
+            by["rr-gw2"] = start_gateway("rr-gw2", args.workers, urls, log_dir, servers)
     if "stream" in want:
         by["rr-stream"] = start_proxy("rr-stream", args.proxy_command, 1, base, log_dir, servers)
     if "fallthrough" in want:
@@ -630,10 +660,10 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         by["mw50"] = start_server("mw50", "middleware_app", many, log_dir, servers)
     for name, server in by.items():
         path = "/hello" if name.startswith("upstream") else "/local"
-        if name in ("asgiproxy", "nginx"):
+        if name in ("asgiproxy", "nginx") or name.startswith("rr-gw"):
             path = "/api/hello"
         wait_ready(server, path)
-    for name in ("rr", "rr-all", "rr-2w", "rr-stream", "rr-base", "asgiproxy", "nginx"):
+    for name in ("rr", "rr-all", "rr-gw1", "rr-gw2", "rr-stream", "rr-base", "asgiproxy", "nginx"):
         if name in by:
             seen = {
                 http_get(by[name].base_url, "/api/hello", 10.0).headers.get("x-upstream")
