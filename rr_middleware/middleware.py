@@ -99,6 +99,10 @@ class RoundRobinMiddleware:
             for prefix, pool in self.pools.items()
         }
         self._router: PrefixRouter[PoolRuntime] = PrefixRouter(self._states)
+        #: First segments of every prefix, or None with a "/" pool (which takes everything).
+        self._first_segments: frozenset[str] | None = (
+            None if "/" in self.pools else frozenset(p.split("/")[1] for p in self.pools)
+        )
         self.prometheus_collector = PrometheusCollector(self._states)
         self.status_guard = status_guard
         self._admin: dict[str, str] = {}
@@ -145,18 +149,28 @@ class RoundRobinMiddleware:
                 await self.app(scope, receive, send)
             return
 
-        if self._admin and scope["path"] in self._admin:
-            await self._serve_admin(self._admin[scope["path"]], scope, receive, send)
+        path: str = scope["path"]
+        if self._admin and path in self._admin:
+            await self._serve_admin(self._admin[path], scope, receive, send)
             return
+        first_segments = self._first_segments
+        if first_segments is not None:
+            # The fast "not mine": a path whose first segment starts no prefix. The server's
+            # decoded path has the same first segment as the router's decoded raw path
+            # whenever that could match (a prefix never holds "/" or "%").
+            end = path.find("/", 1)
+            if (path[1:end] if end != -1 else path[1:]) not in first_segments:
+                await self.app(scope, receive, send)
+                return
         found = self._match(scope)
         if found is None:
             await self.app(scope, receive, send)
             return
-        state, path, refusal = found
+        state, rest, refusal = found
         if refusal:
             await send_error(send, refusal)
             return
-        await forward(state, scope, receive, send, path, self._settings)
+        await forward(state, scope, receive, send, rest, self._settings)
 
     def _match(self, scope: Scope) -> tuple[PoolRuntime, bytes, int] | None:
         """The pool for this request, the raw path to forward, and the status to refuse
