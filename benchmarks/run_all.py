@@ -7,7 +7,7 @@
 
 Sections (see benchmarks/README.md): ``throughput`` small GETs through a pool of 2 at each
 ``--connections`` (rr-middleware, asgiproxy, nginx, direct; everything on; 2 workers),
-``post`` 64 KiB POST / 1 MiB answer, ``stream`` 1 GiB down and up plus a slow reader,
+``post`` 64 KiB POST / 1 MiB answer, ``stream`` 1 GiB down, up and chunked up plus a slow reader,
 ``pick`` time per pick by pool size, ``fallthrough`` a route that matches no prefix.
 Contenders of a section run in alternating rounds within seconds of each other; figures
 are medians; ratios are of medians (each round's own ratio is in the JSON).
@@ -435,17 +435,23 @@ def stream(ctx: Context) -> list[Row]:
         contenders["baseline"] = (s["rr-base"], "/api")
     contenders["floor"] = (s["asgi-floor"], "/api")  # uploads only
     #: {kind: {contender: [MiB/s per round]}}, and the proxies' CPU seconds per GiB.
-    rates: dict[str, dict[str, list[float]]] = {"download": {}, "upload": {}}
-    cpu: dict[str, dict[str, list[float]]] = {"download": {}, "upload": {}}
-    growth = {"download": 0, "upload": 0}
+    moves = (
+        ("download", "/download", bench_stream.download),
+        ("upload", "/upload", bench_stream.upload),
+        ("chunked upload", "/upload", bench_stream.chunked_upload),
+    )
+    kinds = [kind for kind, _, _ in moves]
+    rates: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
+    cpu: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
+    growth = dict.fromkeys(kinds, 0)
     for round_no in range(1, args.stream_rounds + 1):
-        for kind, move in (("download", bench_stream.download), ("upload", bench_stream.upload)):
+        for kind, path, move in moves:
             for name, (server, prefix) in contenders.items():
-                if name == "floor" and kind == "download":
-                    continue
+                if name == "floor" and kind != "upload":
+                    continue  # it forwards Content-Length uploads only
                 before = tree_cpu_seconds(server.process.pid)
                 with bench_stream.PeakRss(server.process.pid) as rss:
-                    transfer = move(server.port, f"{prefix}/{kind}", nbytes)
+                    transfer = move(server.port, prefix + path, nbytes)
                 used = tree_cpu_seconds(server.process.pid) - before
                 rates[kind].setdefault(name, []).append(transfer.mib_per_s)
                 cpu[kind].setdefault(name, []).append(used / (nbytes / 1024 / MIB))
@@ -472,7 +478,7 @@ def stream(ctx: Context) -> list[Row]:
     }
     t = f"3. stream {args.stream_mib} MiB"
     rows = []
-    for kind in ("download", "upload"):
+    for kind in kinds:
         r, c = rates[kind], cpu[kind]
         med = {n: statistics.median(v) for n, v in r.items()}
         per_round = [p / d for p, d in zip(r["proxy"], r["direct"], strict=True)]
