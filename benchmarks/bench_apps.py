@@ -14,6 +14,7 @@ uvicorn can load it with ``--factory``:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -125,6 +126,55 @@ def upstream_app() -> ASGIApp:
                     return
 
     return app
+
+
+def forwarder_app() -> ASGIApp:
+    """The least any ASGI proxy must do for an upload, as a floor to compare with: read the
+    body with ``receive()`` and write each message as it comes to the first upstream's
+    ``/upload`` on a fresh connection, then answer what the upstream answered. No routing,
+    no header handling, no pooling, no error handling: only the data path. Any other
+    request gets a local 13-byte answer (the harness's readiness check).
+    """
+    _log_to_stderr()
+    host, _, port = _upstreams()[0].removeprefix("http://").partition(":")
+    local = {"type": "http.response.body", "body": UPSTREAM_BODY}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await _lifespan(receive, send)
+            return
+        if scope["path"] != PROXY_PREFIX + "/upload":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send(local)
+            return
+        length = dict(scope["headers"])[b"content-length"]
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /upload HTTP/1.1\r\nhost: up\r\ncontent-length: %s\r\n\r\n" % length)
+        more = True
+        while more:
+            message = await receive()
+            writer.write(message.get("body", b""))
+            await writer.drain()
+            more = message.get("more_body", False)
+        head = await reader.readuntil(b"\r\n\r\n")
+        size = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+        answer = await reader.readexactly(size)
+        writer.close()
+        headers = [(b"content-length", b"%d" % size)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def _upstreams() -> list[str]:

@@ -114,14 +114,25 @@ def download(port: int, path: str, nbytes: int, timeout: float = 120.0) -> Trans
         return Transfer(got, time.perf_counter() - start)
 
 
-def upload(port: int, path: str, nbytes: int, timeout: float = 120.0) -> Transfer:
-    """POST ``nbytes`` zero bytes (Content-Length framed) and check the upstream saw them."""
+def upload(
+    port: int, path: str, nbytes: int, timeout: float = 120.0, chunked: bool = False
+) -> Transfer:
+    """POST ``nbytes`` zero bytes (Content-Length framed, or chunked in 1 MiB chunks) and
+    check the upstream saw them."""
     with _connect(port, timeout) as sock:
         start = time.perf_counter()
-        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {nbytes}\r\n\r\n"
-        sock.sendall(head.encode())
-        block = memoryview(bytes(_BUFFER))
+        framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {nbytes}"
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: bench\r\n{framing}\r\n\r\n".encode())
+        zeros = bytes(_BUFFER)
         remaining = nbytes
+        if chunked:
+            framed = b"%x\r\n%s\r\n" % (_BUFFER, zeros)  # built once: the client is no bottleneck
+            while remaining > 0:
+                size = min(remaining, _BUFFER)
+                sock.sendall(framed if size == _BUFFER else b"%x\r\n%s\r\n" % (size, zeros[:size]))
+                remaining -= size
+            sock.sendall(b"0\r\n\r\n")
+        block = memoryview(zeros)
         while remaining > 0:
             remaining -= sock.send(block[: min(remaining, _BUFFER)])
         status, length, rest, _ = _read_head(sock)
@@ -130,6 +141,11 @@ def upload(port: int, path: str, nbytes: int, timeout: float = 120.0) -> Transfe
         if status != 200 or int(rest) != nbytes:
             raise RuntimeError(f"POST {path}: status {status}, upstream saw {rest[:50]!r}")
         return Transfer(nbytes, time.perf_counter() - start)
+
+
+def chunked_upload(port: int, path: str, nbytes: int) -> Transfer:
+    """``upload`` with a chunked body (no Content-Length)."""
+    return upload(port, path, nbytes, chunked=True)
 
 
 @dataclass

@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/run_all.py [--only throughput,post,stream,pick,fallthrough]
         [--duration 4] [--rounds 3] [--warmup 1] [--connections 32,256] [--quick]
-        [--stream-mib 1024] [--slow-seconds 8] [--proxy-command TEMPLATE] [--json PATH]
+        [--stream-mib 1024] [--slow-seconds 8] [--proxy-command TEMPLATE] [--default-malloc]
+        [--json PATH]
 
 Sections (see benchmarks/README.md): ``throughput`` small GETs through a pool of 2 at each
 ``--connections`` (rr-middleware, asgiproxy, nginx, direct; everything on; 2 workers),
-``post`` 64 KiB POST / 1 MiB answer, ``stream`` 1 GiB down and up plus a slow reader,
+``post`` 64 KiB POST / 1 MiB answer, ``stream`` 1 GiB down, up and chunked up plus a slow reader,
 ``pick`` time per pick by pool size, ``fallthrough`` a route that matches no prefix.
 Contenders of a section run in alternating rounds within seconds of each other; figures
 are medians; ratios are of medians (each round's own ratio is in the JSON).
@@ -54,9 +55,14 @@ from bench_proxy import (
 from report import Row, render
 from wrk_runner import WrkError
 
+MIB = 1024 * 1024
 SECTIONS = ("throughput", "post", "stream", "pick", "fallthrough")
 DEFAULT_PROXY_COMMAND = "{python} {bench}/serve.py {fd} middleware_app --workers {workers}"
-MIB = 1024 * 1024
+#: glibc malloc thresholds every server runs with (unless --default-malloc). By default
+#: glibc moves them as the process frees large blocks, so whether uvicorn's 256 KiB body
+#: buffers are recycled or page-faulted afresh (after the heap top is trimmed) depends on
+#: what the process did before: a direct 1 GiB upload then runs at 1 or at 4 GiB/s.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 * MIB), "MALLOC_TRIM_THRESHOLD_": str(8 * MIB)}
 #: wrk runs that reported socket errors or non-2xx/3xx answers.
 FLAGGED: list[str] = []
 
@@ -427,16 +433,25 @@ def stream(ctx: Context) -> list[Row]:
     contenders = {"direct": (up, ""), "proxy": (proxy, "/api")}
     if "rr-base" in s:
         contenders["baseline"] = (s["rr-base"], "/api")
+    contenders["floor"] = (s["asgi-floor"], "/api")  # uploads only
     #: {kind: {contender: [MiB/s per round]}}, and the proxies' CPU seconds per GiB.
-    rates: dict[str, dict[str, list[float]]] = {"download": {}, "upload": {}}
-    cpu: dict[str, dict[str, list[float]]] = {"download": {}, "upload": {}}
-    growth = {"download": 0, "upload": 0}
+    moves = (
+        ("download", "/download", bench_stream.download),
+        ("upload", "/upload", bench_stream.upload),
+        ("chunked upload", "/upload", bench_stream.chunked_upload),
+    )
+    kinds = [kind for kind, _, _ in moves]
+    rates: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
+    cpu: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
+    growth = dict.fromkeys(kinds, 0)
     for round_no in range(1, args.stream_rounds + 1):
-        for kind, move in (("download", bench_stream.download), ("upload", bench_stream.upload)):
+        for kind, path, move in moves:
             for name, (server, prefix) in contenders.items():
+                if name == "floor" and kind != "upload":
+                    continue  # it forwards Content-Length uploads only
                 before = tree_cpu_seconds(server.process.pid)
                 with bench_stream.PeakRss(server.process.pid) as rss:
-                    transfer = move(server.port, f"{prefix}/{kind}", nbytes)
+                    transfer = move(server.port, prefix + path, nbytes)
                 used = tree_cpu_seconds(server.process.pid) - before
                 rates[kind].setdefault(name, []).append(transfer.mib_per_s)
                 cpu[kind].setdefault(name, []).append(used / (nbytes / 1024 / MIB))
@@ -463,7 +478,7 @@ def stream(ctx: Context) -> list[Row]:
     }
     t = f"3. stream {args.stream_mib} MiB"
     rows = []
-    for kind in ("download", "upload"):
+    for kind in kinds:
         r, c = rates[kind], cpu[kind]
         med = {n: statistics.median(v) for n, v in r.items()}
         per_round = [p / d for p, d in zip(r["proxy"], r["direct"], strict=True)]
@@ -479,6 +494,20 @@ def stream(ctx: Context) -> list[Row]:
                 per_round,
             )
         )
+        if "floor" in med:
+            rows.append(
+                Row(
+                    t,
+                    f"{kind}, rr vs bare ASGI forwarder",
+                    f"{med['proxy']:,.0f} MiB/s, {statistics.median(c['proxy']):.2f} CPU s/GiB",
+                    f"forwarder {med['floor']:,.0f} MiB/s, "
+                    f"{statistics.median(c['floor']):.2f} CPU s/GiB",
+                    med["proxy"] / med["floor"],
+                    "",
+                    None,
+                    [p / f for p, f in zip(r["proxy"], r["floor"], strict=True)],
+                )
+            )
         if "baseline" in med:
             rows.append(
                 Row(
@@ -653,6 +682,7 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
             by["rr-gw2"] = start_gateway("rr-gw2", args.workers, urls, log_dir, servers)
     if "stream" in want:
         by["rr-stream"] = start_proxy("rr-stream", args.proxy_command, 1, base, log_dir, servers)
+        by["asgi-floor"] = start_server("asgi-floor", "forwarder_app", base, log_dir, servers)
     if "fallthrough" in want:
         by["bare"] = start_server("bare", "bare_app", base, log_dir, servers)
         by["mw1"] = start_server("mw1", "middleware_app", base, log_dir, servers)
@@ -702,6 +732,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also measure the proxy with rr_middleware imported from DIR (a "
         "directory holding another build's rr_middleware package), side by side",
     )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="run the servers with glibc's moving malloc thresholds, not fixed ones",
+    )
     p.add_argument("--no-nginx", dest="nginx", action="store_false", help="skip nginx")
     p.add_argument(
         "--proxy-command",
@@ -733,6 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     env = environment(argparse.Namespace(connections=args.connections, duration=args.duration))
+    if not args.default_malloc:
+        os.environ.update(FIXED_MALLOC)  # inherited by every server started below
     servers: list[Server] = []
     rows: list[Row] = []
     raw: dict[str, Any] = {}
@@ -755,7 +792,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{env['cpus']} CPUs, Python {env['python']}, load {env['loadavg_at_start'][0]:.2f} at "
         f"start, {env['loadavg_at_end'][0]:.2f} at end; wrk -t1 -d{args.duration}s, "
-        f"{args.rounds} alternating rounds, medians; {time.monotonic() - started:.0f} s in all"
+        f"{args.rounds} alternating rounds, medians; "
+        f"{'default' if args.default_malloc else 'fixed'} malloc thresholds; "
+        f"{time.monotonic() - started:.0f} s in all"
     )
     print(render(rows))
     if FLAGGED:
