@@ -78,33 +78,45 @@ def _bound_socket() -> socket.socket:
     return sock
 
 
-def start_server(
-    name: str, factory: str, env: dict[str, str], log_dir: Path, servers: list[Server]
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    port: int,
+    log_dir: Path,
+    servers: list[Server],
+    env: dict[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Server:
-    """Start uvicorn serving ``bench_apps.<factory>()`` on a fresh socket; the Server is
-    appended to ``servers`` before anything can fail, so the caller can always stop it."""
-    sock = _bound_socket()
-    try:
-        fd = sock.fileno()
-        port: int = sock.getsockname()[1]
-        # serve.py, not ``uvicorn --fd``: see its docstring (uvicorn --fd loses TCP_NODELAY).
-        command = [sys.executable, str(BENCH_DIR / "serve.py"), str(fd), factory]
-        log_path = log_dir / f"{name}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                pass_fds=(fd,),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
-                cwd=BENCH_DIR.parent,
-            )
-    finally:
-        sock.close()  # the child holds its own copy; the port is freed when it exits
+    """Start one server process, its output in ``<log_dir>/<name>.log``; the Server is
+    appended to ``servers`` at once, so the caller can always stop it."""
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv,
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=BENCH_DIR.parent,
+        )
     server = Server(name, port, process, log_path)
     servers.append(server)
     return server
+
+
+def start_server(
+    name: str, factory: str, env: dict[str, str], log_dir: Path, servers: list[Server]
+) -> Server:
+    """Start uvicorn serving ``bench_apps.<factory>()`` on a fresh socket."""
+    sock = _bound_socket()
+    try:
+        fd = sock.fileno()
+        # serve.py, not ``uvicorn --fd``: see its docstring (uvicorn --fd loses TCP_NODELAY).
+        command = [sys.executable, str(BENCH_DIR / "serve.py"), str(fd), factory]
+        return spawn(name, command, sock.getsockname()[1], log_dir, servers, env, (fd,))
+    finally:
+        sock.close()  # the child holds its own copy; the port is freed when it exits
 
 
 def stop_servers(servers: Sequence[Server]) -> None:

@@ -22,7 +22,6 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from bench_proxy import (
     http_get,
     log_problems,
     progress,
+    spawn,
     start_server,
     stop_servers,
     wait_ready,
@@ -116,27 +116,13 @@ def start_proxy(
             upstreams=env["BENCH_UPSTREAMS"],
         )
     )
-    pass_fd = "{fd}" in template
-    if not pass_fd:
+    if "{fd}" not in template:
         sock.close()  # the command binds the port itself
-    log_path = log_dir / f"{name}.log"
+        return spawn(name, argv, port, log_dir, servers, env)
     try:
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                argv,
-                pass_fds=(fd,) if pass_fd else (),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
-                cwd=BENCH_DIR.parent,
-            )
+        return spawn(name, argv, port, log_dir, servers, env, (fd,))
     finally:
-        if pass_fd:
-            sock.close()
-    server = Server(name, port, process, log_path)
-    servers.append(server)
-    return server
+        sock.close()  # the child holds its own copy
 
 
 def start_gateway(
@@ -155,18 +141,7 @@ def start_gateway(
     sock.close()  # the gateway binds it itself
     argv = [sys.executable, "-m", "rr_middleware", "--config", str(config)]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=BENCH_DIR.parent,
-        )
-    server = Server(name, port, process, log_path)
-    servers.append(server)
-    return server
+    return spawn(name, argv, port, log_dir, servers)
 
 
 # --- wrk rounds ------------------------------------------------------------------------
