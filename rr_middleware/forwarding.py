@@ -207,7 +207,8 @@ async def forward(
     member: UpstreamState | None = None
     response: UpstreamResponse | None = None
     error: UpstreamError | None = None
-    for attempt in range(state.max_attempts):
+    budget = pool.retries + 1  # distinct upstreams one request may try
+    for attempt in range(budget):
         member = state.pick(tried)
         if member is None:
             break
@@ -244,7 +245,11 @@ async def forward(
             error = exc
             if not isinstance(exc, RequestNotForwardable):
                 state.report_failure(member, exc.kind)
-            retry = _may_retry(exc, retryable, stream) and attempt + 1 < state.max_attempts
+            retry = (
+                _may_retry(exc, retryable, stream)
+                and attempt + 1 < budget
+                and state.more_to_try(tried)
+            )
             logger.warning(
                 "pool %s: %s %s failed (%s): %s%s",
                 state.name,
@@ -269,7 +274,8 @@ async def forward(
             state.report_failure(member, f"status {status}")
         if (
             status in pool.retry_on_statuses
-            and attempt + 1 < state.max_attempts
+            and attempt + 1 < budget
+            and state.more_to_try(tried)
             and retryable
             and stream is None
         ):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,17 @@ class ServerSettings:
             raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
+        if self.ssl_certfile is not None and self.ssl_keyfile is not None:
+            # Loaded here, once: a bad file must be a start-up error, not a worker that
+            # dies (and, with workers > 1, is respawned) as it starts.
+            try:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+                raise ValueError(
+                    f"ssl_certfile {self.ssl_certfile!r} with its key cannot be loaded: {reason}"
+                ) from None
 
 
 @dataclasses.dataclass

@@ -131,8 +131,6 @@ class PoolRuntime:
         self.pool = pool
         self.make_member = make_member
         self.members = [make_member(upstream) for upstream in pool.members]
-        #: How many distinct upstreams one request may try: 1 + retries, at most them all.
-        self.max_attempts = min(pool.retries + 1, len(self.members))
         #: Keeps the members in step with ``pool.discovery``, while the lifespan runs.
         self.watcher: Watcher | None = None
         self._checks_due: asyncio.Event | None = None
@@ -199,6 +197,11 @@ class PoolRuntime:
             )
             self.refresh(resume_after=member)  # the probe was a turn of the rotation
         return member
+
+    def more_to_try(self, tried: list[UpstreamState]) -> bool:
+        """Whether a member not yet tried by this request remains (membership may have
+        changed since the request started)."""
+        return any(member not in tried for member in self.members)
 
     def retry_after(self) -> int:
         """Seconds a client should wait when every upstream is down (at least 1)."""
@@ -271,8 +274,16 @@ class PoolRuntime:
         added: list[UpstreamState] = []
         reweighed = False
         now = self.clock()
+        seen: set[str] = set()
         for upstream in upstreams:
-            member = current.pop(_identity(upstream), None)
+            identity = _identity(upstream)
+            if identity in seen:
+                logger.warning(
+                    "pool %s: %s listed twice by discovery; using it once", self.name, upstream.url
+                )
+                continue
+            seen.add(identity)
+            member = current.pop(identity, None)
             if member is None:
                 member = self.make_member(upstream)
                 if self.watcher is not None and self.watcher.updates:
@@ -304,7 +315,6 @@ class PoolRuntime:
         if not members:
             logger.warning("pool %s: no upstreams left; answering 503", self.name)
         self.members = members
-        self.max_attempts = min(self.pool.retries + 1, len(members))
         self.refresh()
         if added and self._checks_due is not None:
             self._checks_due.set()  # check newcomers now, not an interval from now

@@ -103,7 +103,7 @@ async def forward_websocket(
     subprotocols = list(scope.get("subprotocols") or ())
 
     tried: list[UpstreamState] = []
-    for _ in range(state.max_attempts):
+    for _ in range(pool.retries + 1):  # pick() ends it once every upstream was tried
         member = state.pick(tried)
         if member is None:
             break

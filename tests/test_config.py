@@ -270,18 +270,6 @@ def test_bad_max_connections_is_rejected(value: object) -> None:
         Pool(["http://10.0.0.1"], max_connections=value)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("size", "retries", "attempts"), [(1, 2, 1), (3, 0, 1), (3, 1, 2), (3, 2, 3), (3, 10, 3)]
-)
-def test_max_attempts_is_retries_plus_one_capped_at_pool_size(
-    size: int, retries: int, attempts: int
-) -> None:
-    pool = Pool([f"http://10.0.0.{i}" for i in range(1, size + 1)], retries=retries)
-    RoundRobinMiddleware(PlainTextResponse("app"), pools={"/api": pool})
-    assert pool._runtime is not None
-    assert pool._runtime.max_attempts == attempts
-
-
 # ------------------------------------------------------------------------------- prefixes
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +170,25 @@ async def test_an_upstream_that_stays_keeps_its_state(upstreams: list[RunningSer
         assert sorted(await proxy.who(4)) == ["b", "b", "c", "c"]
 
 
+async def test_one_server_listed_twice_is_one_member(
+    upstreams: list[RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, c = upstreams
+    twice = a.url.replace("127.0.0.1", "localhost"), a.url.replace("127.0.0.1", "LOCALHOST")
+    source = QueueDiscovery()
+    source.put(*twice, b.url)
+    async with Proxy(Pool(discovery=source)) as proxy:
+        assert proxy.members() == [twice[0], b.url]
+        await proxy.who(2)
+        state = proxy.pool._serving().members[0]
+        source.put(*twice, b.url)  # the same list again: nothing churns
+        source.put(twice[1], b.url, c.url)
+        await settled(lambda: len(proxy.members()) == 3)
+        assert proxy.pool._serving().members[0] is state
+        assert proxy.row(twice[0])["requests"] == 1
+    assert "listed twice by discovery; using it once" in caplog.text
+
+
 async def test_a_new_weight_is_taken_without_losing_state(upstreams: list[RunningServer]) -> None:
     a, b, _ = upstreams
     source = QueueDiscovery()
@@ -200,6 +221,52 @@ def test_a_removed_upstream_finishes_what_is_in_flight(upstreams: list[RunningSe
         for _ in range(3):
             a.app.proceed.release()
         assert stream.read() == b"AAAABBBBCCCC"
+
+
+class DroppingServer:
+    """A raw TCP server that reads one request, then closes the connection without an
+    answer when the test says so (a deploy taking the instance down mid-request)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.received = threading.Event()
+        self.drop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            while b"\r\n\r\n" not in connection.recv(65536):
+                pass
+            self.received.set()
+            self.drop.wait(10)
+
+    def close(self) -> None:
+        self.drop.set()
+        self.thread.join(10)
+        self.listener.close()
+
+
+async def test_a_request_on_an_upstream_that_leaves_is_retried_on_the_others(
+    upstreams: list[RunningServer],
+) -> None:
+    b = upstreams[1]
+    leaving = DroppingServer()
+    source = QueueDiscovery()
+    source.put(leaving.url, b.url)
+    try:
+        async with Proxy(Pool(discovery=source, retries=1, max_fails=0)) as proxy:
+            request = asyncio.ensure_future(proxy.http.get("/api/x"))
+            await asyncio.get_running_loop().run_in_executor(None, leaving.received.wait, 10)
+            source.put(b.url)  # the instance is deregistered while serving the request
+            await settled(lambda: proxy.members() == [b.url])
+            leaving.drop.set()  # ... and goes away without answering
+            response = await request
+            assert (response.status_code, response.headers["x-upstream"]) == (200, "b")
+    finally:
+        leaving.close()
 
 
 async def test_an_empty_answer_is_a_503_with_retry_after(upstreams: list[RunningServer]) -> None:
@@ -368,9 +435,18 @@ async def test_dns_discovery_through_the_system_resolver(upstreams: list[Running
         assert await proxy.who(1) == ["a"]
 
 
-async def test_dns_name_that_does_not_exist_is_an_empty_pool() -> None:
-    # .invalid never resolves (RFC 6761): an empty pool, not a failure.
+async def test_dns_name_that_does_not_exist_is_an_empty_pool(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # .invalid never resolves (RFC 6761): an empty pool, not a failure, and said so.
     source = DNSDiscovery("no-such-backend.invalid", port=8000, startup_timeout=5)
+    with caplog.at_level(logging.WARNING, logger="rr_middleware"):
+        async with Proxy(Pool(discovery=source)):
+            pass
+    assert (
+        "pool /api: dns name 'no-such-backend.invalid' port 8000 lists no upstreams; "
+        "answering 503 until some arrive" in caplog.text
+    )
     async with Proxy(Pool(discovery=source)) as proxy:
         assert proxy.members() == []
         status = proxy.middleware.status()["pools"][0]["discovery"]
@@ -400,6 +476,7 @@ def test_a_pool_takes_upstreams_or_discovery() -> None:
         ({"tag": ""}, "consul tag must be a non-empty string"),
         ({"passing_only": "yes"}, "consul passing_only must be true or false"),
         ({"min_interval": -1}, "consul min_interval must be >= 0 seconds"),
+        ({"address": "http://user:pw@consul:8500"}, "must not carry credentials; give token="),
     ],
 )
 def test_bad_consul_options_are_rejected(options: dict[str, Any], message: str) -> None:

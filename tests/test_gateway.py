@@ -183,6 +183,12 @@ BAD_CONFIGS = [
     ('upstreams = ["http://127.0.0.1:1"]\n[server]\nport = 70000', "server.port", "0..65535"),
     ('upstreams = ["http://127.0.0.1:1"]\n[pool."/x"]', "pool", "did you mean 'pools'?"),
     ('upstreams = ["http://127.0.0.1:1"]\nretries = = 3', "invalid TOML", "line 3, column 11"),
+    (
+        'upstreams = ["http://127.0.0.1:1"]\n[server]\nssl_certfile = "/nonexistent.pem"\n'
+        'ssl_keyfile = "/nonexistent.key"',
+        "server.ssl_certfile",
+        "cannot be loaded: No such file or directory",
+    ),
 ]
 
 

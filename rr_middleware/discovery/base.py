@@ -94,6 +94,12 @@ class Watcher:
             await asyncio.wait((task,))
 
     def _applied(self, upstreams: list[Upstream]) -> None:
+        if not upstreams and not self.updates:
+            logger.warning(
+                "pool %s: %s lists no upstreams; answering 503 until some arrive",
+                self.pool_name,
+                self.source.describe(),
+            )
         self.apply(upstreams)
         self.updates += 1
         self.updated_at = self.clock()

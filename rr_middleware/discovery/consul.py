@@ -30,6 +30,8 @@ from .base import DiscoveryError, check_seconds
 
 __all__ = ["ConsulDiscovery"]
 
+_FIRST_READ_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
 logger = logging.getLogger("rr_middleware")
 
 
@@ -69,6 +71,9 @@ class ConsulDiscovery:
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"consul address must be http(s)://host[:port], got {self.address!r}")
+        if "@" in parts.netloc:
+            # It would be logged, shown on the status page and printed by --check.
+            raise ValueError("consul address must not carry credentials; give token= instead")
         for name in ("tag", "datacenter", "token"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -109,8 +114,11 @@ class ConsulDiscovery:
         ) as client:
             while True:
                 started = time.monotonic()
-                query = {**params, "index": str(index), "wait": wait} if index else params
-                entries, new_index = await self._read(client, url, query)
+                if index:
+                    query, limit = {**params, "index": str(index), "wait": wait}, timeout
+                else:  # a plain read: an agent that hangs is noticed in seconds
+                    query, limit = params, _FIRST_READ_TIMEOUT
+                entries, new_index = await self._read(client, url, query, limit)
                 # Consul's rules: an index going backwards means the data was reset (a
                 # snapshot restore, another server answering): start over with a query that
                 # does not block; an index below 1 is never used (it would not block).
@@ -125,10 +133,10 @@ class ConsulDiscovery:
                     await asyncio.sleep(pause)
 
     async def _read(
-        self, client: httpx.AsyncClient, url: str, query: Mapping[str, str]
+        self, client: httpx.AsyncClient, url: str, query: Mapping[str, str], limit: httpx.Timeout
     ) -> tuple[list[Any], int]:
         try:
-            response = await client.get(url, params=query)
+            response = await client.get(url, params=query, timeout=limit)
         except httpx.HTTPError as exc:
             reason = str(exc) or type(exc).__name__
             raise DiscoveryError(f"consul at {self.address} unreachable: {reason}") from None
@@ -155,8 +163,9 @@ class ConsulDiscovery:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 logger.warning("%s: skipped an instance: %s", self.describe(), exc)
                 continue
-            # The same address registered twice (two agents, one instance): one member.
-            members.setdefault(upstream.url, upstream)
+            # The same address registered twice (two agents, one instance; the host in
+            # another case): one member.
+            members.setdefault(upstream.origin, upstream)
         return sorted(members.values(), key=lambda u: u.url)
 
     def _upstream(self, entry: Mapping[str, Any]) -> Upstream:

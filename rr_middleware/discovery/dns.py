@@ -164,9 +164,13 @@ async def _resolve(resolver: Any, source: DNSDiscovery) -> list[tuple[str, int, 
     name = source.name
     types = {"any": ("A", "AAAA"), "ipv4": ("A",), "ipv6": ("AAAA",)}[source.family]
 
+    # The system's search domains apply to a short name, as getaddrinfo applies them
+    # (``_http._tcp.backend`` in a cluster); explicit nameservers have none.
+    search = source.nameservers is None
+
     async def query(qname: str, rdtype: str) -> Any:
         try:
-            return await resolver.resolve(qname, rdtype)
+            return await resolver.resolve(qname, rdtype, search=search)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
         except dns.exception.DNSException as exc:
