@@ -241,6 +241,7 @@ async def test_the_index_resets_when_it_goes_backwards_and_never_blocks_on_0() -
     discovery = ConsulDiscovery("users", min_interval=0, transport=transport, token="s3cret")
     results = await follow(discovery, 5)
     assert [m[0].port for m in results] == [1010, 1012, 1005, 1000, 1007]
+    assert results[0][0].url == "http://10.0.0.1:1010"  # no Service.Address: Node.Address
     sent = [request.url.params.get("index") for request in seen]
     # 12 -> 5 went backwards: the next query does not block; 0 is never sent as an index.
     assert sent == [None, "10", "12", None, "1"]
