@@ -189,6 +189,13 @@ def paired(a: Measurement, b: Measurement) -> list[float]:
     ]
 
 
+def compared(
+    target: str, what: str, figure: str, reference: str, a: Measurement, b: Measurement
+) -> Row:
+    """A row for information (no goal): ``a``'s request rate over ``b``'s, per round too."""
+    return Row(target, what, figure, reference, a.rps / b.rps, "", None, paired(a, b))
+
+
 def rps(m: Measurement) -> str:
     return f"{m.rps:,.0f} req/s, p99 {m.p99_ms:.1f} ms"
 
@@ -259,15 +266,13 @@ def throughput(ctx: Context) -> list[Row]:
         if "nginx" in r:
             ng = r["nginx"]
             rows.append(
-                Row(
+                compared(
                     t,
                     "nginx vs direct",
                     "",
                     "(issue: 30.5k/36.2k = 0.84x)",
-                    ng.rps / d.rps,
-                    "",
-                    None,
-                    paired(ng, d),
+                    ng,
+                    d,
                 )
             )
         rows.append(
@@ -310,29 +315,25 @@ def throughput(ctx: Context) -> list[Row]:
         if "rr-baseline" in r:
             b = r["rr-baseline"]
             rows.append(
-                Row(
+                compared(
                     f"   GET -c{c}",
                     "rr vs --baseline build",
                     f"CPU {rr.cpu_us_per_request:.0f} us/req",
                     f"baseline {rps(b)}, CPU {b.cpu_us_per_request:.0f} us/req",
-                    rr.rps / b.rps,
-                    "",
-                    None,
-                    paired(rr, b),
+                    rr,
+                    b,
                 )
             )
         if "rr-gateway" in r and "rr-gateway-2w" in r:
             g1, g2 = r["rr-gateway"], r["rr-gateway-2w"]
             rows.append(
-                Row(
+                compared(
                     f"   GET -c{c}",
                     f"rr-gateway {args.workers} workers vs 1",
                     f"{rps(g2)}, CPU {g2.cpu_us_per_request:.0f} us",
                     f"1 worker {rps(g1)}, CPU {g1.cpu_us_per_request:.0f} us",
-                    g2.rps / g1.rps,
-                    "",
-                    None,
-                    paired(g2, g1),
+                    g2,
+                    g1,
                 )
             )
     return rows
@@ -386,15 +387,13 @@ def post(ctx: Context) -> list[Row]:
     if "rr-baseline" in r:
         b = r["rr-baseline"]
         rows.append(
-            Row(
+            compared(
                 t,
                 "rr vs --baseline",
                 f"CPU {rr.cpu_us_per_request:.0f} us/req",
                 f"baseline {mib(b)}, CPU {b.cpu_us_per_request:.0f} us/req",
-                rr.rps / b.rps,
-                "",
-                None,
-                paired(rr, b),
+                rr,
+                b,
             )
         )
     return rows

@@ -113,19 +113,10 @@ def wait_for_state(http: httpx.Client, url: str, state: str, timeout: float = 15
         time.sleep(0.02)  # the poll's pace, not a synchronisation
 
 
-def screenshot(url: str, output: Path, profile: Path, chromium: str = CHROMIUM) -> None:
-    """Headless Chromium's picture of ``url``, after 3 s of the page's (virtual) time."""
-    width, height = WINDOW_SIZE
-    command = [
-        chromium,
-        *CHROMIUM_FLAGS,
-        f"--user-data-dir={profile}",
-        "--hide-scrollbars",
-        "--virtual-time-budget=3000",
-        f"--window-size={width},{height}",
-        f"--screenshot={output}",
-        url,
-    ]
+def run_chromium(arguments: list[str], profile: Path, chromium: str = CHROMIUM) -> str:
+    """Run headless Chromium (a fresh profile, the flags above) with ``arguments`` and
+    return its standard output; RuntimeError if it fails or takes over 60 s."""
+    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments]
     with subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -134,13 +125,24 @@ def screenshot(url: str, output: Path, profile: Path, chromium: str = CHROMIUM) 
         start_new_session=True,
     ) as process:
         try:
-            _, stderr = process.communicate(timeout=60)
+            stdout, stderr = process.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # its own session: Chromium's helpers too
             process.communicate()
-            raise RuntimeError("Chromium did not finish the screenshot within 60 s") from None
-    if process.returncode != 0 or not output.is_file() or output.stat().st_size == 0:
+            raise RuntimeError("Chromium did not finish within 60 s") from None
+    if process.returncode != 0:
         raise RuntimeError(f"Chromium failed ({process.returncode}): {stderr[-2000:]}")
+    return stdout
+
+
+def screenshot(url: str, output: Path, profile: Path, chromium: str = CHROMIUM) -> None:
+    """Headless Chromium's picture of ``url``, after 3 s of the page's (virtual) time."""
+    width, height = WINDOW_SIZE
+    arguments = ["--hide-scrollbars", "--virtual-time-budget=3000"]
+    arguments += [f"--window-size={width},{height}", f"--screenshot={output}", url]
+    run_chromium(arguments, profile, chromium)
+    if not output.is_file() or output.stat().st_size == 0:
+        raise RuntimeError(f"Chromium wrote no screenshot to {output}")
 
 
 def render(output: Path, chromium: str = CHROMIUM, profile: Path | None = None) -> Path:

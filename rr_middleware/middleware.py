@@ -100,9 +100,7 @@ class RoundRobinMiddleware:
         }
         self._router: PrefixRouter[PoolRuntime] = PrefixRouter(self._states)
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
-        self._first_segments: frozenset[str] | None = (
-            None if "/" in self.pools else frozenset(p.split("/")[1] for p in self.pools)
-        )
+        self._first_segments = self._router.first_segments
         self.prometheus_collector = PrometheusCollector(self._states)
         self.status_guard = status_guard
         self._admin: dict[str, str] = {}

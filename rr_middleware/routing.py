@@ -67,6 +67,14 @@ class PrefixRouter(Generic[T]):
         # one find, one slice and one set lookup.
         self._first = frozenset(p.split(b"/")[1] for p in self._table)
 
+    @property
+    def first_segments(self) -> frozenset[str] | None:
+        """The prefixes' first segments, for a caller's own fast "no pool" test on a
+        decoded path; None when a "/" pool takes every path."""
+        if self._root is not None:
+            return None
+        return frozenset(segment.decode("ascii") for segment in self._first)
+
     def match(self, raw_path: bytes) -> tuple[int, T] | None:
         """Return ``(length of the matched raw prefix, value)``, or None.
 

@@ -7,6 +7,7 @@ connections made before the server is ready wait in the backlog: no polling, no 
 from __future__ import annotations
 
 import socket
+import socketserver
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,3 +67,33 @@ def serve(app: Any, port: int = 0, **config: Any) -> Iterator[RunningServer]:
         yield running
     finally:
         running.stop()
+
+
+class RawUpstream(socketserver.ThreadingTCPServer):
+    """A raw TCP upstream answering with fixed bytes, for responses no ASGI server would
+    produce; ``handler`` decides how (keep-alive, or one answer then close). The request
+    heads it read are in ``heads``."""
+
+    daemon_threads = True
+
+    def __init__(self, response: bytes, handler: type[socketserver.BaseRequestHandler]) -> None:
+        self.response = response
+        self.heads: list[bytes] = []
+        super().__init__(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@contextmanager
+def raw_upstream(
+    response: bytes, handler: type[socketserver.BaseRequestHandler]
+) -> Iterator[RawUpstream]:
+    """Serve ``RawUpstream(response, handler)`` in a thread until the block ends."""
+    server = RawUpstream(response, handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

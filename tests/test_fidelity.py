@@ -18,7 +18,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import anyio
@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from rr_middleware import AiohttpTransport, Pool, RoundRobinMiddleware
 
-from .servers import RunningServer, serve
+from .servers import RawUpstream, RunningServer, raw_upstream, serve
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -267,7 +267,7 @@ class MiscUpstream:
 
 
 class _CannedHandler(socketserver.StreamRequestHandler):
-    server: CannedUpstream
+    server: RawUpstream
 
     def handle(self) -> None:
         while True:  # keep-alive: one canned answer per request head (bodiless requests)
@@ -280,30 +280,10 @@ class _CannedHandler(socketserver.StreamRequestHandler):
             self.wfile.write(self.server.response)
 
 
-class CannedUpstream(socketserver.ThreadingTCPServer):
-    """A raw HTTP/1.1 upstream answering every request with the same bytes: for responses
-    an ASGI server will not produce."""
-
-    daemon_threads = True
-
-    def __init__(self, response: bytes) -> None:
-        self.response = response
-        self.heads: list[bytes] = []
-        super().__init__(("127.0.0.1", 0), _CannedHandler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-
-@contextmanager
-def canned_upstream(response: bytes) -> Iterator[CannedUpstream]:
-    server = CannedUpstream(response)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+def canned_upstream(response: bytes) -> AbstractContextManager[RawUpstream]:
+    """A raw HTTP/1.1 upstream answering every request with the same bytes (keep-alive):
+    for responses an ASGI server will not produce."""
+    return raw_upstream(response, _CannedHandler)
 
 
 # --------------------------------------------------------------------------- routing

@@ -22,7 +22,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -36,7 +36,7 @@ from starlette.types import Message, Receive, Scope, Send
 from rr_middleware import Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.config import HealthCheck
 
-from .servers import RunningServer, serve
+from .servers import RawUpstream, RunningServer, raw_upstream, serve
 from .test_fidelity import RawClient, host_app, raw_request, running_proxy, values
 from .upstream_app import UpstreamApp
 
@@ -434,7 +434,7 @@ def test_set_cookie_for_client_a_never_reaches_client_bs_requests(site: Site) ->
 
 
 class _OneShotHandler(socketserver.BaseRequestHandler):
-    server: OneShotUpstream
+    server: RawUpstream
 
     def handle(self) -> None:
         head = b""
@@ -448,30 +448,10 @@ class _OneShotHandler(socketserver.BaseRequestHandler):
         self.request.shutdown(socket.SHUT_WR)  # then the connection ends
 
 
-class OneShotUpstream(socketserver.ThreadingTCPServer):
+def one_shot_upstream(response: bytes) -> AbstractContextManager[RawUpstream]:
     """A raw upstream that answers each connection's request with fixed bytes, then
     closes it: for responses no ASGI server would produce."""
-
-    daemon_threads = True
-
-    def __init__(self, response: bytes) -> None:
-        self.response = response
-        self.heads: list[bytes] = []
-        super().__init__(("127.0.0.1", 0), _OneShotHandler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-
-@contextmanager
-def one_shot_upstream(response: bytes) -> Iterator[OneShotUpstream]:
-    server = OneShotUpstream(response)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    return raw_upstream(response, _OneShotHandler)
 
 
 BROKEN_RESPONSES = {

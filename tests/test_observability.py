@@ -19,8 +19,6 @@ import logging
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 import threading
 from collections import Counter
@@ -160,29 +158,9 @@ def load_screenshot_script() -> Any:
 def dump_dom(url: str, profile: Path) -> str:
     """Headless Chromium's DOM of ``url`` after 3 s of (virtual) page time: the page's
     script has fetched the JSON and rebuilt the table (twice: it refreshes every 2 s)."""
-    command = [
-        chromium_or_skip(),
-        *load_screenshot_script().CHROMIUM_FLAGS,
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=3000",
-        "--dump-dom",
-        url,
-    ]
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # its own session: Chromium's helpers too
-            process.communicate()
-            pytest.fail("Chromium did not dump the DOM within 60 s")
-    assert process.returncode == 0, stderr[-2000:]
-    return stdout
+    arguments = ["--virtual-time-budget=3000", "--dump-dom", url]
+    dom: str = load_screenshot_script().run_chromium(arguments, profile, chromium_or_skip())
+    return dom
 
 
 class StatusTable(HTMLParser):

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..config import Upstream
 
-__all__ = ["Discovery", "DiscoveryError", "Watcher", "check_seconds"]
+__all__ = ["Discovery", "DiscoveryError", "Watcher", "check_seconds", "upstream_at"]
 
 logger = logging.getLogger("rr_middleware")
 
@@ -153,3 +153,9 @@ def check_seconds(
         limit = f" and at most {maximum:g}" if maximum != math.inf else ""
         floor = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {floor}{limit} seconds, got {value!r}")
+
+
+def upstream_at(scheme: str, host: str, port: int, weight: int = 1) -> Upstream:
+    """The ``Upstream`` for an address a registry returned (IPv6 in brackets)."""
+    netloc = f"[{host}]" if ":" in host else host
+    return Upstream(f"{scheme}://{netloc}:{port}", weight=weight)

@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ..config import Upstream
-from .base import DiscoveryError, check_seconds
+from .base import DiscoveryError, check_seconds, upstream_at
 
 __all__ = ["ConsulDiscovery"]
 
@@ -181,8 +181,7 @@ class ConsulDiscovery:
         scheme = meta.get("scheme", "http")
         if scheme not in ("http", "https"):
             raise ValueError(f"instance {service.get('ID')!r}: scheme {scheme!r} is not http(s)")
-        netloc = f"[{host}]" if ":" in host else host
-        return Upstream(f"{scheme}://{netloc}:{port}", weight=self._weight(entry, meta))
+        return upstream_at(scheme, host, port, self._weight(entry, meta))
 
     def _weight(self, entry: Mapping[str, Any], meta: Mapping[str, Any]) -> int:
         if "weight" in meta:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Upstream
-from .base import DiscoveryError, check_seconds
+from .base import DiscoveryError, check_seconds, upstream_at
 
 __all__ = ["DNSDiscovery"]
 
@@ -108,7 +108,7 @@ class DNSDiscovery:
             else:
                 found = await _resolve(resolver, self)
             upstreams = sorted(
-                {u.url: u for u in (self._upstream(*f) for f in found)}.values(),
+                {u.url: u for u in (upstream_at(self.scheme, *f) for f in found)}.values(),
                 key=lambda u: u.url,
             )
             current = [(u.url, u.weight) for u in upstreams]
@@ -116,10 +116,6 @@ class DNSDiscovery:
                 last = current
                 yield upstreams
             await asyncio.sleep(self.interval)
-
-    def _upstream(self, address: str, port: int, weight: int) -> Upstream:
-        netloc = f"[{address}]" if ":" in address else address
-        return Upstream(f"{self.scheme}://{netloc}:{port}", weight=weight)
 
     async def _getaddrinfo(self) -> list[str]:
         loop = asyncio.get_running_loop()
