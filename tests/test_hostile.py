@@ -37,22 +37,18 @@ from rr_middleware import Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.config import HealthCheck
 
 from .servers import RawUpstream, RunningServer, raw_upstream, serve
-from .test_fidelity import RawClient, host_app, raw_request, running_proxy, values
+from .test_fidelity import (
+    HOP_BY_HOP_NAMES,
+    RawClient,
+    host_app,
+    raw_request,
+    running_proxy,
+    values,
+)
 from .upstream_app import UpstreamApp
 
 Headers = list[tuple[bytes, bytes]]
 
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-}
 FORWARDING = {
     "forwarded",
     "x-forwarded-for",
@@ -668,8 +664,8 @@ def expected_headers(sent: list[tuple[str, str]], prefix: str, member: Member) -
     for name, value in sent:
         if name == "connection":
             named |= {t.strip().lower() for t in value.split(",")}
-    named -= HOP_BY_HOP
-    special = HOP_BY_HOP | FORWARDING | {"host", "content-length", "expect"}
+    named -= HOP_BY_HOP_NAMES
+    special = HOP_BY_HOP_NAMES | FORWARDING | {"host", "content-length", "expect"}
     kept = [(n, v) for n, v in sent if n not in special and n not in named]
     hosts = [v for n, v in sent if n == "host"]
     added = [("x-forwarded-for", FUZZ_CLIENT[0]), ("x-forwarded-proto", "http")]
