@@ -9,7 +9,8 @@ client gets.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+import contextvars
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,7 @@ from .base import (
     RequestNotForwardable,
     UpstreamBroken,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamRequest,
     UpstreamResponse,
     UpstreamTimeout,
@@ -42,8 +44,7 @@ def _translate(exc: BaseException) -> UpstreamError:
     elif isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
         error = UpstreamTimeout("read timed out")
     elif isinstance(exc, aiohttp.ClientResponseError):
-        error = UpstreamBroken(f"invalid response: {exc.message}")
-        error.kind = "protocol"
+        error = UpstreamProtocolError(f"invalid response: {exc.message}")
     elif isinstance(exc, aiohttp.ClientPayloadError):
         error = UpstreamBroken(f"incomplete body: {exc}")
     else:
@@ -73,6 +74,68 @@ class _Response:
     async def aclose(self) -> None:
         # release() keeps the connection only if the body was read to the end.
         self._response.release()
+
+
+class _PacedBody:
+    """The request body as aiohttp pulls it, with a deadline on each pull.
+
+    aiohttp's body writer waits for the upstream to take each part with no time limit,
+    so an upstream that stops reading an upload would hold the exchange forever. Here a
+    part handed to aiohttp must be followed by aiohttp asking for the next one within
+    ``timeout`` seconds (nginx's ``proxy_send_timeout``); past it the connection is
+    aborted (closing it would wait for the unsent bytes forever), and ``send`` reports
+    ``UpstreamTimeout``. Waiting on the body's own source (the client) does not count.
+    ``_Connector`` tells it which connection carries the request.
+    """
+
+    __slots__ = ("_body", "_timeout", "_timer", "connection", "stalled")
+
+    def __init__(self, body: AsyncIterable[bytes], timeout: float) -> None:
+        self._body = body
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self.connection: aiohttp.connector.Connection | None = None
+        self.stalled = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        try:
+            async for chunk in self._body:
+                self._timer = loop.call_later(self._timeout, self._stall)
+                yield chunk
+                self.disarm()
+        finally:
+            self.disarm()
+
+    def _stall(self) -> None:
+        self._timer = None
+        transport = self.connection.transport if self.connection is not None else None
+        if transport is not None:
+            self.stalled = True
+            transport.abort()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+#: The paced body of the request this task is sending, for the connector to tell it which
+#: connection carries it (aiohttp hands the connection to no public hook).
+_SENDING: contextvars.ContextVar[_PacedBody | None] = contextvars.ContextVar(
+    "rr_middleware_aiohttp_sending", default=None
+)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, telling a paced body which connection it goes up on."""
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> aiohttp.connector.Connection:
+        connection = await super().connect(req, traces, timeout)
+        paced = _SENDING.get()
+        if paced is not None:
+            paced.connection = connection
+        return connection
 
 
 async def _close_at_loop_end(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
@@ -110,7 +173,7 @@ class AiohttpTransport(UpstreamTransport):
         # "with" runs each request in its own) gets a new session; the old loop is gone,
         # so its session can only be dropped.
         self._loop = asyncio.get_running_loop()
-        connector = aiohttp.TCPConnector(
+        connector = _Connector(
             limit=0,  # concurrency is bounded per upstream by the pool (max_connections)
             keepalive_timeout=self._keepalive_timeout,
             ssl=self._ssl,
@@ -158,17 +221,28 @@ class AiohttpTransport(UpstreamTransport):
             raise RequestNotForwardable(
                 "a request header value is not UTF-8 and cannot be sent byte for byte"
             ) from None
+        body = request.body
+        paced = None
+        if body is not None and not isinstance(body, bytes):
+            paced = _PacedBody(body, request.read_timeout)
+        sending = _SENDING.set(paced)
         try:
             response = await session.request(
                 request.method,
                 url,
                 headers=headers,
-                data=request.body,
+                data=paced.__aiter__() if paced is not None else body,
                 allow_redirects=False,
                 timeout=self._timeout(request.connect_timeout, request.read_timeout),
             )
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            if paced is not None and paced.stalled:
+                raise UpstreamTimeout(
+                    f"upstream took no request body for {request.read_timeout}s"
+                ) from exc
             raise _translate(exc) from exc
+        finally:
+            _SENDING.reset(sending)
         return _Response(response)
 
     @property

@@ -24,6 +24,7 @@ __all__ = [
     "RequestNotForwardable",
     "UpstreamBroken",
     "UpstreamError",
+    "UpstreamProtocolError",
     "UpstreamRequest",
     "UpstreamResponse",
     "UpstreamTimeout",
@@ -80,6 +81,13 @@ class UpstreamBroken(UpstreamError):
     something that is not HTTP."""
 
     kind = "reset"
+
+
+class UpstreamProtocolError(UpstreamBroken):
+    """The upstream's answer is not valid HTTP/1.x (a malformed or oversized head or
+    trailer, a status outside 200..599 for a final response, another protocol version)."""
+
+    kind = "protocol"
 
 
 @dataclass

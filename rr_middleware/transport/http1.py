@@ -289,15 +289,19 @@ class Http1Transport(UpstreamTransport):
                 transport.write(
                     _head(request, b"transfer-encoding: chunked\r\n" if chunked else b"")
                 )
-                writer = asyncio.ensure_future(_write_body(conn, body, chunked))
+                writer = asyncio.ensure_future(
+                    _write_body(conn, body, chunked, request.read_timeout)
+                )
             while not conn.headers_done:
                 if conn.error is not None:
                     raise conn.error
                 if writer is None or writer.done():
-                    # The read timeout runs once the request is out: an upload goes at
-                    # the client's pace, however long that takes.
                     await conn.wait(request.read_timeout)
                 else:
+                    # While the body goes up, the read timeout is not running: an upload
+                    # goes at the client's pace. Its waits have deadlines of their own:
+                    # the upstream taking the body (``drain``) and the client sending it
+                    # (the body iterable's).
                     await conn.wait_or(writer)
         except BaseException:
             await _settle(writer, conn)
@@ -323,7 +327,9 @@ def _replayable(request: UpstreamRequest) -> bool:
     return request.method in _IDEMPOTENT and not isinstance(request.body, AsyncIterable)
 
 
-async def _write_body(conn: Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+async def _write_body(
+    conn: Connection, body: AsyncIterable[bytes], chunked: bool, timeout: float
+) -> None:
     transport = conn.transport
     assert transport is not None
     try:
@@ -338,7 +344,7 @@ async def _write_body(conn: Connection, body: AsyncIterable[bytes], chunked: boo
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
-            await conn.drain()
+            await conn.drain(timeout)
         if chunked and not conn.closed:
             transport.write(b"0\r\n\r\n")
     except UpstreamError:

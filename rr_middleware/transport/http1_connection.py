@@ -1,6 +1,7 @@
 """One HTTP/1.1 connection to an upstream, as an asyncio protocol over httptools.
 
-It parses the response with llhttp's callbacks, keeps the head within bounds, skips
+It parses the response with llhttp's callbacks, keeps the head and the trailer within
+bounds, refuses what is not an HTTP/1.x response with a status in 100..599, skips
 interim (1xx) responses, buffers body bytes until ``read()`` takes them (pausing the
 socket past a high-water mark, so a slow client holds the upstream back), and turns every
 way a connection can fail into an ``UpstreamError`` the exchange reports. Pooling and
@@ -16,22 +17,16 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .base import UpstreamBroken, UpstreamError, UpstreamTimeout
+from .base import UpstreamBroken, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 
 if TYPE_CHECKING:
     from .http1 import Connections
 
-__all__ = ["Connection", "protocol_error"]
+__all__ = ["Connection"]
 
-_MAX_HEADER_BYTES = 64 * 1024  # the upstream's whole response head
+_MAX_HEADER_BYTES = 64 * 1024  # the upstream's whole response head, and its trailer
 _MAX_HEADERS = 256
 _READ_HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the upstream pauses
-
-
-def protocol_error(message: str) -> UpstreamBroken:
-    error = UpstreamBroken(message)
-    error.kind = "protocol"
-    return error
 
 
 class Connection(asyncio.Protocol):
@@ -55,6 +50,9 @@ class Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes = 0
         self.head_received = 0
+        #: Bytes received in a row that carried no body byte (chunk framing, a trailer):
+        #: past the head limit, an upstream is sending an endless trailer or extension.
+        self.framing_run = 0
         self.headers_done = False
         self.interim = False
         self.complete = False
@@ -94,18 +92,28 @@ class Connection(asyncio.Protocol):
         elif self.body_due is not None or (not self.bypass_checked and self._body_bypass()):
             self._body_bytes(data)
             return
+        seen = self.body_seen
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             cause = exc.__context__ if isinstance(exc.__context__, UpstreamError) else None
-            self._fail(cause or protocol_error(f"invalid response from upstream: {exc}"))
+            self._fail(cause or UpstreamProtocolError(f"invalid response from upstream: {exc}"))
             self.abort()
             return
-        if not self.headers_done and self.head_received > _MAX_HEADER_BYTES:
-            # The parser holds a partial header line without calling back: an endless
-            # head is cut off by the bytes received, not by the headers seen.
-            self._fail(protocol_error("upstream response head is too large"))
-            self.abort()
+        # The parser holds a partial header line without calling back (and grows it by
+        # concatenation): an endless head, or trailer, is cut off by the bytes received,
+        # not by the fields seen.
+        if not self.headers_done:
+            if self.head_received > _MAX_HEADER_BYTES:
+                self._fail(UpstreamProtocolError("upstream response head is too large"))
+                self.abort()
+        elif self.body_seen != seen:
+            self.framing_run = 0
+        elif not self.complete:
+            self.framing_run += len(data)
+            if self.framing_run > _MAX_HEADER_BYTES:
+                self._fail(UpstreamProtocolError("upstream response trailer is too large"))
+                self.abort()
 
     def _body_bypass(self) -> bool:
         """Whether the rest of this response's body may skip the parser: only a body
@@ -169,26 +177,38 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.complete:
             # A second response to one request: a desynchronised or malicious upstream.
-            raise protocol_error("upstream sent more than one response")
+            raise UpstreamProtocolError("upstream sent more than one response")
 
     def on_status(self, status: bytes) -> None:
         self.header_bytes += len(status)  # the reason phrase counts toward the head
         if self.header_bytes > _MAX_HEADER_BYTES:
-            raise protocol_error("upstream response head is too large")
+            raise UpstreamProtocolError("upstream response head is too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.headers_done:
-            return  # a trailer field: hop-by-hop by nature (RFC 9110 §6.5), not relayed
         self.header_bytes += len(name) + len(value) + 4
+        if self.headers_done:
+            # A trailer field: not relayed (ASGI has no trailers for a proxied response),
+            # but counted with the head against the same limit.
+            if self.header_bytes > _MAX_HEADER_BYTES:
+                raise UpstreamProtocolError("upstream response trailer is too large")
+            return
         if self.header_bytes > _MAX_HEADER_BYTES or len(self.headers) >= _MAX_HEADERS:
-            raise protocol_error("upstream response headers are too large")
+            raise UpstreamProtocolError("upstream response headers are too large")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            # An ASGI server cannot send it (it fails after marking the response started,
+            # leaving the client with nothing): the upstream broke the protocol.
+            raise UpstreamProtocolError(f"upstream answered status {status:03d}")
+        if self.parser.get_http_version() not in ("1.1", "1.0"):
+            raise UpstreamProtocolError(
+                f"upstream answered HTTP/{self.parser.get_http_version()} on an HTTP/1.1 connection"
+            )
         if 100 <= status < 200:
             if status == 101:
-                raise protocol_error("upstream switched protocols unasked")
+                raise UpstreamProtocolError("upstream switched protocols unasked")
             self.interim = True  # 100 Continue, 103 Early Hints: not the response
             self.headers = []
             self.header_bytes = 0
@@ -271,14 +291,23 @@ class Connection(asyncio.Protocol):
         finally:
             self.waiter = None
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float) -> None:
+        """Wait until the upstream takes what was written, at most ``timeout`` seconds
+        (nginx's ``proxy_send_timeout``: between two successful writes); past it the
+        exchange fails with ``UpstreamTimeout`` and the connection is closed."""
         if self.closed:
             raise UpstreamBroken("upstream closed the connection")
         if self._write_paused:
-            self._drain = self.loop.create_future()
+            drain = self._drain = self.loop.create_future()
+            timer = self.loop.call_later(
+                timeout,
+                self._expire,
+                UpstreamTimeout(f"upstream took no request body for {timeout}s"),
+            )
             try:
-                await self._drain
+                await drain
             finally:
+                timer.cancel()
                 self._drain = None
 
     def take_body(self) -> bytes:

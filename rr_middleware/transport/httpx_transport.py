@@ -21,6 +21,7 @@ from .base import (
     RequestNotForwardable,
     UpstreamBroken,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamRequest,
     UpstreamResponse,
     UpstreamTimeout,
@@ -43,8 +44,7 @@ def _translate(exc: httpx.HTTPError) -> UpstreamError:
     elif isinstance(exc, httpx.ConnectError):
         error = ConnectFailed(str(exc) or "connection failed")
     elif isinstance(exc, httpx.RemoteProtocolError):
-        error = UpstreamBroken(f"invalid response: {exc}")
-        error.kind = "protocol"
+        error = UpstreamProtocolError(f"invalid response: {exc}")
     else:
         error = UpstreamBroken(f"{type(exc).__name__}: {exc}")
     error.__cause__ = exc
