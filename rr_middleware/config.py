@@ -180,9 +180,12 @@ class Pool:
     on_all_down: str = "try_all"
     retry_non_idempotent: bool = False
     retry_body_limit: int = 64 * 1024
+    request_buffer_size: int = 64 * 1024
     retry_on_statuses: Collection[int] = frozenset()
     slow_start: float = 0.0
     max_body_size: int | None = None
+    client_body_timeout: float = 30.0
+    client_send_timeout: float = 60.0
     websocket_timeout: float | None = None
     websocket_idle_timeout: float | None = None
     websocket_ping_interval: float | None = 20.0
@@ -217,12 +220,20 @@ class Pool:
                 raise ValueError(f"upstream {member.url!r} appears twice in one pool")
             seen.add(key)
         self.upstreams = members
-        for name in ("timeout", "connect_timeout", "pool_timeout", "fail_timeout"):
+        for name in (
+            "timeout",
+            "connect_timeout",
+            "pool_timeout",
+            "fail_timeout",
+            "client_body_timeout",
+            "client_send_timeout",
+        ):
             _positive_number(name, getattr(self, name))
         _int_at_least("retries", self.retries, 0)
         _int_at_least("max_connections", self.max_connections, 1)
         _int_at_least("max_fails", self.max_fails, 0)
         _int_at_least("retry_body_limit", self.retry_body_limit, 0)
+        _int_at_least("request_buffer_size", self.request_buffer_size, 0)
         if self.policy not in ("round_robin", "least_requests", "random"):
             raise ValueError(
                 f"policy must be 'round_robin', 'least_requests' or 'random', got {self.policy!r}"

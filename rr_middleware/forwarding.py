@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+from .client import ClientBodyError, ClientSide, Sweeper
 from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
 from .transport.base import (
     PoolTimeout,
     RequestNotForwardable,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamRequest,
     UpstreamResponse,
     UpstreamTimeout,
@@ -33,9 +35,8 @@ from .transport.base import (
 )
 
 if TYPE_CHECKING:
-    from starlette.types import Message, Receive, Scope, Send
+    from starlette.types import Receive, Scope, Send
 
-    from .metrics import UpstreamStats
     from .state import PoolRuntime, UpstreamState
 
 __all__ = ["ProxySettings", "ResponseAborted", "forward", "send_error"]
@@ -47,6 +48,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 
 _REASONS = {
     400: b"Bad Request",
+    408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
@@ -65,15 +67,13 @@ class ProxySettings:
     hidden_response_headers: frozenset[bytes]
     max_header_bytes: int = 64 * 1024
     access_log: bool = False
+    #: Keeps the deadlines of every exchange in flight (see ``client``).
+    sweeper: Sweeper = field(default_factory=Sweeper)
 
 
 class ResponseAborted(Exception):
     """The upstream failed after the response had started; the client connection must be
     aborted so the client sees an incomplete response, not a complete wrong one."""
-
-
-class ClientDisconnected(Exception):
-    """The client went away while its request body was being read."""
 
 
 async def send_error(
@@ -98,59 +98,6 @@ async def send_error(
         }
     )
     await send({"type": message + ".body", "body": body})
-
-
-class BodyTooLarge(Exception):
-    """The client's body passed the pool's ``max_body_size``."""
-
-
-class _RequestBody:
-    """The rest of the client's body, pulled from ``receive`` as the upstream takes it;
-    ``limit`` bytes at most in all (None: no limit)."""
-
-    __slots__ = (
-        "_first",
-        "_receive",
-        "complete",
-        "disconnected",
-        "limit",
-        "size",
-        "started",
-        "too_large",
-    )
-
-    def __init__(self, receive: Receive, first: bytes, limit: int | None) -> None:
-        self._receive = receive
-        self._first = first
-        self.limit = limit
-        self.started = False
-        self.complete = False
-        self.disconnected = False
-        self.too_large = False
-        self.size = 0  # bytes read so far
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        self.started = True
-        self.size = len(self._first)
-        if self._first:
-            yield self._first
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.disconnected = True
-                raise ClientDisconnected
-            chunk = message.get("body", b"")
-            self.size += len(chunk)
-            if self.limit is not None and self.size > self.limit:
-                self.too_large = True
-                raise BodyTooLarge
-            if not message.get("more_body", False):
-                self.complete = True
-                if chunk:
-                    yield chunk
-                return
-            if chunk:
-                yield chunk
 
 
 async def forward(
@@ -187,22 +134,66 @@ async def forward(
     query: bytes = scope.get("query_string", b"")
     suffix = path + b"?" + query if query else path
 
-    retryable = method in IDEMPOTENT_METHODS or pool.retry_non_idempotent
     size_limit = pool.max_body_size
     if size_limit is not None and (_declared_length(scope["headers"]) or 0) > size_limit:
         await send_error(send, 413)  # said up front: not a byte of the body is read
         return
+    # The start of a body is read before an upstream is picked, so a client that stalls
+    # early holds no upstream connection, and a short body, read whole, can be sent again
+    # by a retry; a longer one streams from there at the client's pace.
+    retryable = method in IDEMPOTENT_METHODS or pool.retry_non_idempotent
+    buffer = max(pool.request_buffer_size, pool.retry_body_limit if retryable else 0)
+    client = ClientSide(
+        receive,
+        limit=size_limit,
+        body_timeout=pool.client_body_timeout,
+        send_timeout=pool.client_send_timeout,
+        sweeper=settings.sweeper,
+    )
     try:
-        body, stream = await _read_body(
-            receive, pool.retry_body_limit if retryable else 0, size_limit
+        try:
+            body = await client.start(buffer)
+        except ClientBodyError as exc:
+            await _client_body_ended(state, exc, send)
+            return
+        stream = None if client.complete else client
+        await _exchange(state, scope, send, method, suffix, headers, body, stream, settings, client)
+    except asyncio.CancelledError:
+        if not client.swallows():
+            raise
+        if client.stalled:
+            logger.info(
+                "pool %s: the client took no response for %ss; aborting its connection",
+                state.name,
+                pool.client_send_timeout,
+            )
+            raise ResponseAborted("the client stopped reading its response") from None
+        logger.info(
+            "pool %s: client left during %s %s; upstream exchange closed",
+            state.name,
+            method,
+            scope.get("path", ""),
         )
-    except ClientDisconnected:
-        return
-    except BodyTooLarge:
-        logger.info("pool %s: request body over max_body_size (%d)", state.name, size_limit)
-        await send_error(send, 413)
-        return
+    finally:
+        client.close()
 
+
+async def _exchange(
+    state: PoolRuntime,
+    scope: Scope,
+    send: Send,
+    method: str,
+    suffix: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes | None,
+    stream: ClientSide | None,
+    settings: ProxySettings,
+    client: ClientSide,
+) -> None:
+    pool = state.pool
+    retryable = method in IDEMPOTENT_METHODS or pool.retry_non_idempotent
+    # Only a body held whole, within retry_body_limit, is sent again.
+    replayable = stream is None and (body is None or len(body) <= pool.retry_body_limit)
     tried: list[UpstreamState] = []
     member: UpstreamState | None = None
     response: UpstreamResponse | None = None
@@ -233,20 +224,24 @@ async def forward(
         started = time.monotonic()
         try:
             response = await (member.transport or settings.transport).send(request)
-        except (UpstreamError, ClientDisconnected, BodyTooLarge) as exc:
+            if not 200 <= response.status <= 599:
+                await response.aclose()
+                raise UpstreamProtocolError(f"upstream answered status {response.status:03d}")
+        except (UpstreamError, ClientBodyError) as exc:
             member.limiter.release()
-            if stream is not None and (stream.disconnected or stream.too_large):
+            response = None
+            if stream is not None and stream.failure is not None:
                 # The client's side of the body ended the exchange, however the transport
                 # reported it (its own exception, or the broken upstream connection).
-                await _client_body_ended(state, stream, send)
+                await _client_body_ended(state, stream.failure, send)
                 return
             if not isinstance(exc, UpstreamError):
-                raise  # the other two only come from the stream, which flags them
+                raise  # a ClientBodyError only comes from the stream, which keeps it
             error = exc
             if not isinstance(exc, RequestNotForwardable):
                 state.report_failure(member, exc.kind)
             retry = (
-                _may_retry(exc, retryable, stream)
+                _may_retry(exc, retryable, replayable)
                 and attempt + 1 < budget
                 and state.more_to_try(tried)
             )
@@ -277,7 +272,7 @@ async def forward(
             and attempt + 1 < budget
             and state.more_to_try(tried)
             and retryable
-            and stream is None
+            and replayable
         ):
             if status not in pool.unhealthy_statuses:
                 state.report_success(member)
@@ -288,8 +283,10 @@ async def forward(
                 upstream.url,
                 status,
             )
-            await response.aclose()
-            member.limiter.release()
+            try:
+                await response.aclose()
+            finally:
+                member.limiter.release()
             stats.retries += 1
             response = None
             continue
@@ -305,6 +302,7 @@ async def forward(
             logger.warning("pool %s: no upstream available", state.name)
         status = _status_for(error)
         await send_error(send, status)
+        client.close()
         if settings.access_log:
             tried_urls = ", ".join(m.upstream.url for m in tried) or "-"
             _access_log(state, method, scope, tried_urls, status, 0.0)
@@ -320,7 +318,7 @@ async def forward(
             ", ".join(m.upstream.url for m in tried),
         )
     try:
-        await _relay(response, method, receive, send, stream, state, member, settings)
+        await _relay(response, method, send, stream, state, member, settings, client)
     finally:
         member.limiter.release()
         elapsed = time.monotonic() - started
@@ -334,38 +332,6 @@ async def forward(
         state.report_success(member)
 
 
-async def _read_body(
-    receive: Receive, buffer_limit: int, size_limit: int | None
-) -> tuple[bytes | None, _RequestBody | None]:
-    """The request body as bytes (complete, so replayable) or as a stream.
-
-    A body that arrives in one message, or in several totalling at most ``buffer_limit``
-    bytes (``retry_body_limit`` for requests that may be retried), is held in memory; a
-    longer one streams to the upstream, starting with what was already read. Raises
-    ClientDisconnected if the client leaves first, BodyTooLarge past ``size_limit``.
-    """
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientDisconnected
-    chunks = [message.get("body", b"")]
-    size = len(chunks[0])
-    while True:
-        if size_limit is not None and size > size_limit:
-            raise BodyTooLarge
-        if not message.get("more_body", False):
-            break
-        if size > buffer_limit:
-            return None, _RequestBody(receive, b"".join(chunks), size_limit)
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected
-        chunk = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return body or None, None
-
-
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     for name, value in headers:
         if name == b"content-length":
@@ -373,12 +339,10 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-async def _client_body_ended(state: PoolRuntime, stream: _RequestBody, send: Send) -> None:
-    if stream.too_large:
-        logger.info("pool %s: request body over max_body_size", state.name)
-        await send_error(send, 413)
-    else:
-        logger.info("pool %s: client left during the request body", state.name)
+async def _client_body_ended(state: PoolRuntime, failure: ClientBodyError, send: Send) -> None:
+    logger.info("pool %s: %s", state.name, failure)
+    if failure.status:
+        await send_error(send, failure.status, [(b"connection", b"close")])
 
 
 def _access_log(
@@ -395,12 +359,12 @@ def _access_log(
     )
 
 
-def _may_retry(exc: UpstreamError, retryable: bool, stream: _RequestBody | None) -> bool:
+def _may_retry(exc: UpstreamError, retryable: bool, replayable: bool) -> bool:
     if isinstance(exc, (UpstreamTimeout, RequestNotForwardable)):
         return False  # a silent upstream costs the client one timeout, not one per retry
-    if stream is not None and stream.started:
-        return False  # the body was consumed: it cannot be sent again
-    return not exc.sent or retryable
+    if not exc.sent:
+        return True  # nothing reached the upstream (a streamed body was not read yet)
+    return retryable and replayable
 
 
 def _status_for(error: UpstreamError | None) -> int:
@@ -418,52 +382,60 @@ def _status_for(error: UpstreamError | None) -> int:
 async def _relay(
     response: UpstreamResponse,
     method: str,
-    receive: Receive,
     send: Send,
-    stream: _RequestBody | None,
+    stream: ClientSide | None,
     state: PoolRuntime,
     member: UpstreamState,
     settings: ProxySettings,
+    client: ClientSide,
 ) -> None:
-    """Relay the response, counting the body bytes into the upstream's stats as they go."""
+    """Relay the response, counting the body bytes into the upstream's stats as they go.
+    The client leaving, or not reading, cancels this wherever it waits."""
     status = response.status
     stats = member.stats
     headers = response_headers(response.headers, settings.hidden_response_headers)
+    time = client.loop.time
     try:
+        # Each send marks when it began (client.sending_since): a client that takes
+        # nothing for client_send_timeout is cut off (see ClientSide).
+        client.sending_since = time()
         if status in (204, 304) or status < 200:
             # No body, by definition. A 304's Content-Length (the size of the cached
             # representation, RFC 9110 §8.6) would make the ASGI server expect one.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
+            client.close()
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if method == "HEAD":
             await send({"type": "http.response.body", "body": b""})
+            client.close()
             return
         if response.body_complete():
             body = b""
             while chunk := await response.read():
                 body += chunk
             await send({"type": "http.response.body", "body": body})
+            client.close()
             stats.bytes_out += len(body)
             return
-        # A streamed body: relay it while listening for the client leaving, which must
-        # end the upstream exchange at once (an SSE stream never ends by itself). Only
-        # once the client's own body is fully read can we listen without stealing it.
-        if stream is None or stream.complete:
-            client_gone = asyncio.ensure_future(receive())
-            try:
-                await _pump_watching(response, send, client_gone, stats)
-            finally:
-                client_gone.cancel()
-        else:
-            await _pump(response, send, stats)
+        # A streamed body (an SSE stream never ends by itself): ended when the client
+        # leaves (see ClientSide).
+        client.sending_since = None
+        while chunk := await response.read():
+            stats.bytes_out += len(chunk)
+            client.sending_since = time()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            client.sending_since = None
+        client.sending_since = time()
+        await send({"type": "http.response.body", "body": b""})
+        client.close()
     except UpstreamError as exc:
-        if stream is not None and stream.disconnected:
-            # The client left mid-upload, which broke the upstream exchange: not the
+        if stream is not None and stream.failure is not None:
+            # The client's side of the body broke the upstream exchange: not the
             # upstream's failure, and no one is left to tell.
-            logger.info("pool %s: client left during the request body", state.name)
+            logger.info("pool %s: %s", state.name, stream.failure)
             return
         state.report_failure(member, exc.kind)
         logger.warning(
@@ -477,47 +449,3 @@ async def _relay(
         raise ResponseAborted(f"upstream {member.upstream.url} failed mid-response") from None
     finally:
         await response.aclose()
-
-
-async def _pump(response: UpstreamResponse, send: Send, stats: UpstreamStats) -> None:
-    while chunk := await response.read():
-        stats.bytes_out += len(chunk)
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
-
-
-async def _pump_watching(
-    response: UpstreamResponse,
-    send: Send,
-    client_gone: asyncio.Future[Message],
-    stats: UpstreamStats,
-) -> None:
-    """``_pump``, but stop as soon as ``client_gone`` resolves (the disconnect message).
-
-    The client leaving cancels this task wherever it waits (reading the upstream or
-    sending to the client), rather than each read racing the disconnect in a task of its
-    own: a per-chunk task and ``asyncio.wait`` cost more than relaying the chunk.
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    gone = finished = False
-
-    def on_gone(_: asyncio.Future[Message]) -> None:
-        nonlocal gone
-        # A callback already scheduled runs even once removed: after the pump, no-op.
-        if not gone and not finished:
-            gone = True
-            task.cancel()
-
-    client_gone.add_done_callback(on_gone)
-    try:
-        await _pump(response, send, stats)
-    except asyncio.CancelledError:
-        # Ours (the client left): swallowed, and the caller's aclose() discards the
-        # half-read upstream connection. Anyone else's (shutdown): passed on.
-        uncancel = getattr(task, "uncancel", None)  # Python 3.11+
-        if not gone or (uncancel is not None and uncancel() > 0):
-            raise
-    finally:
-        finished = True
-        client_gone.remove_done_callback(on_gone)
