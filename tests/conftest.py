@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from .consul_agent import ConsulAgent, find_consul, start_agent
+from .proxy import LeakLog
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
 
@@ -18,6 +19,18 @@ def upstreams() -> Iterator[list[RunningServer]]:
     """Three real uvicorn upstreams named a, b, c on ephemeral 127.0.0.1 ports."""
     with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b, serve(UpstreamApp("c")) as c:
         yield [a, b, c]
+
+
+@pytest.fixture
+def leak_log() -> Iterator[LeakLog]:
+    """Where leaks and crashes are logged (asyncio, rr_middleware, uvicorn), as text; see
+    ``tests.proxy.leaks``."""
+    handler = LeakLog()
+    handler.watch()
+    try:
+        yield handler
+    finally:
+        handler.unwatch()
 
 
 @pytest.fixture

@@ -511,7 +511,13 @@ def test_half_open_probe_abandoned_by_its_client_does_not_keep_the_upstream_out(
     x_app = Switchable(UpstreamApp("x"))
     now = [1000.0]
     with serve(x_app) as x:
-        pool = Pool([x.url, y.url], max_fails=1, fail_timeout=10.0, clock=lambda: now[0])
+        pool = Pool(
+            [x.url, y.url],
+            max_fails=1,
+            fail_timeout=10.0,
+            clock=lambda: now[0],
+            request_buffer_size=0,  # the upload reaches x with its first bytes
+        )
         with running_proxy({"/h": pool}) as (proxy, _), client() as http:
             url = f"{proxy.url}/h/p"
             x_app.status = 503

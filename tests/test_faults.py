@@ -15,250 +15,40 @@ import asyncio
 import contextlib
 import gc
 import itertools
-import logging
-import os
 import socket
 import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from rr_middleware import HealthCheck, Pool, RoundRobinMiddleware
+from rr_middleware import HealthCheck, Pool
 
-from .servers import RunningServer, bind_socket, serve
+from .proxy import (
+    LeakLog,
+    aclient,
+    aproxy_state,
+    asettle,
+    client,
+    fault_proxy,
+    leaks,
+    proxy_state,
+    rss_bytes,
+    settle,
+)
+from .servers import RawListener, serve
 from .upstream_app import UpstreamApp
 
 Scope = dict[str, Any]
-SETTLE = 5.0  # the longest any test waits for connections or tasks to settle
 HEALTH_PATH = "/?action=status&code=200"  # UpstreamApp has no /health; this serves as one
-LEAK_TEXTS = ("Task was destroyed", "Task exception was never retrieved", "Unclosed", "unclosed")
 
 
-# --------------------------------------------------------------------------- logs
-
-
-class LeakLog(logging.Handler):
-    """The messages of the loggers where leaks and crashes are reported, as text: a record
-    kept whole would keep its traceback's frames, and the tasks they refer to, alive.
-    uvicorn configures its own loggers (dropping their handlers) whenever a server is
-    configured, so ``watch`` must be called once the servers are created."""
-
-    NAMES = ("asyncio", "rr_middleware", "uvicorn")  # uvicorn.error propagates to uvicorn
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self._messages: list[str] = []
-        self._messages_lock = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = f"{record.name} {record.levelname}: {record.getMessage()}"
-        if record.exc_info and record.exc_info[1] is not None:
-            text += f" [{type(record.exc_info[1]).__name__}: {record.exc_info[1]}]"
-        with self._messages_lock:
-            self._messages.append(text)
-
-    def watch(self) -> None:
-        for name in self.NAMES:
-            logger = logging.getLogger(name)
-            if self not in logger.handlers:
-                logger.addHandler(self)
-
-    def unwatch(self) -> None:
-        for name in self.NAMES:
-            logging.getLogger(name).removeHandler(self)
-
-    def messages(self) -> list[str]:
-        with self._messages_lock:
-            return list(self._messages)
-
-
-@pytest.fixture
-def leak_log() -> Iterator[LeakLog]:
-    handler = LeakLog()
-    handler.watch()
-    try:
-        yield handler
-    finally:
-        handler.unwatch()
-
-
-def leaks(log: LeakLog) -> list[str]:
-    gc.collect()  # a task destroyed while pending is reported when it is collected
-    return [m for m in log.messages() if any(text in m for text in LEAK_TEXTS)]
-
-
-# --------------------------------------------------------------------------- the proxy
-
-
-class ProxyProbe:
-    """The host app the middleware wraps: ``/debug/state`` answers, from the proxy's own
-    event loop, how many asyncio tasks exist on it and how many upstream connections the
-    middleware's default transport holds. ``tasks_at_shutdown``: the coroutine names of
-    the tasks alive on the loop as the host app's own lifespan shutdown runs, which is
-    after the middleware's own shutdown (it handles the message before passing it on)."""
-
-    def __init__(self) -> None:
-        self.middleware: RoundRobinMiddleware | None = None
-        self.tasks_at_shutdown: list[str] | None = None
-
-    def app(self) -> Starlette:
-        async def state(request: Request) -> JSONResponse:
-            assert self.middleware is not None
-            transport: Any = self.middleware.transport
-            return JSONResponse(
-                {"tasks": len(asyncio.all_tasks()), "connections": transport.open_connections}
-            )
-
-        @asynccontextmanager
-        async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            yield
-            self.tasks_at_shutdown = [
-                getattr(task.get_coro(), "__qualname__", repr(task.get_coro()))
-                for task in asyncio.all_tasks()
-            ]
-
-        return Starlette(routes=[Route("/debug/state", state)], lifespan=lifespan)
-
-
-@contextmanager
-def fault_proxy(
-    pools: dict[str, Any], log: LeakLog | None = None, **config: Any
-) -> Iterator[tuple[RunningServer, RoundRobinMiddleware, ProxyProbe]]:
-    """The middleware around a ``ProxyProbe`` app under uvicorn. Start it after the
-    upstreams: ``log`` (if given) is attached once uvicorn has configured its loggers."""
-    probe = ProxyProbe()
-    middleware = RoundRobinMiddleware(probe.app(), pools=pools)
-    probe.middleware = middleware
-    with serve(middleware, proxy_headers=False, **config) as server:
-        if log is not None:
-            log.watch()
-        yield server, middleware, probe
-
-
-def proxy_state(http: httpx.Client, proxy: RunningServer) -> dict[str, int]:
-    response = http.get(f"{proxy.url}/debug/state")
-    assert response.status_code == 200, response.text
-    state: dict[str, int] = response.json()
-    return state
-
-
-def settle(
-    http: httpx.Client, proxy: RunningServer, done: Callable[[dict[str, int]], bool]
-) -> dict[str, int]:
-    """Poll the proxy (one request per poll) until ``done(state)``, or ``SETTLE`` seconds
-    have passed; the last state seen, settled or not."""
-    deadline = time.monotonic() + SETTLE
-    while True:
-        state = proxy_state(http, proxy)
-        if done(state) or time.monotonic() > deadline:
-            return state
-
-
-async def aproxy_state(http: httpx.AsyncClient, proxy: RunningServer) -> dict[str, int]:
-    response = await http.get(f"{proxy.url}/debug/state")
-    assert response.status_code == 200, response.text
-    state: dict[str, int] = response.json()
-    return state
-
-
-async def asettle(
-    http: httpx.AsyncClient, proxy: RunningServer, done: Callable[[dict[str, int]], bool]
-) -> dict[str, int]:
-    deadline = time.monotonic() + SETTLE
-    while True:
-        state = await aproxy_state(http, proxy)
-        if done(state) or time.monotonic() > deadline:
-            return state
-
-
-def client(**options: Any) -> httpx.Client:
-    return httpx.Client(trust_env=False, timeout=10, **options)
-
-
-def aclient(**options: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(trust_env=False, timeout=10, **options)
-
-
-def rss_bytes() -> int:
-    """The resident set size of this process (proxy, upstreams and clients all run in it)."""
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs /proc/self/status (Linux) to read the RSS")
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-# --------------------------------------------------------------------------- raw listeners
-
-
-class RawListener:
-    """An asyncio TCP server on its own thread and loop; ``handle`` serves one connection.
-    Counts connections accepted and ended (``open`` is the difference)."""
-
-    def __init__(self) -> None:
-        self.sock = bind_socket(0)
-        self.port: int = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.accepted = 0
-        self.ended = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
-
-    @property
-    def open(self) -> int:
-        return self.accepted - self.ended
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._connection, sock=self.sock)
-        self._ready.set()
-        async with server:
-            await self._stopping.wait()
-            server.close()
-            # Connections still open are left to the loop's end.
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        try:
-            await self.handle(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.ended += 1
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> RawListener:
-        self._thread.start()
-        assert self._ready.wait(timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._loop is not None
-        assert self._stopping is not None
-        self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(timeout=10)
-        assert not self._thread.is_alive()
+# --------------------------------------------------------------------------- raw upstreams
 
 
 class SilentUpstream(RawListener):
@@ -456,7 +246,14 @@ async def abort_download(port: int, number: int) -> None:
 
 
 def abort_pool(url: str) -> Pool:
-    return Pool([url], max_connections=2 * ABORT_CONCURRENCY, pool_timeout=5, max_fails=0)
+    # request_buffer_size=0: an upload reaches the upstream with its first bytes.
+    return Pool(
+        [url],
+        max_connections=2 * ABORT_CONCURRENCY,
+        pool_timeout=5,
+        max_fails=0,
+        request_buffer_size=0,
+    )
 
 
 async def test_client_aborts_mid_download_leak_nothing(leak_log: LeakLog) -> None:

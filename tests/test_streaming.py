@@ -48,7 +48,12 @@ class RecordingUpload:
 
 def test_upload_chunks_reach_the_upstream_as_the_client_sends_them() -> None:
     upload = RecordingUpload()
-    with serve(upload) as upstream, running_proxy({"/up": [upstream.url]}) as (proxy, _):
+    # request_buffer_size=0: the body streams from its first byte (by default the first
+    # 64 KiB of a body are read before an upstream is picked).
+    with (
+        serve(upload) as upstream,
+        running_proxy({"/up": Pool([upstream.url], request_buffer_size=0)}) as (proxy, _),
+    ):
         sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
         try:
             sock.sendall(
