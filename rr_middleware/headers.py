@@ -3,11 +3,20 @@
 Works on the raw ``(bytes, bytes)`` pairs of the ASGI scope, never through a dict, so
 repeated headers (several ``Cookie`` or ``Set-Cookie`` lines) survive.
 
-Trust: ``X-Forwarded-*``, ``Forwarded`` and ``X-Real-IP`` sent by a client are dropped
-unless the client's address is in ``trusted_proxies``; otherwise any client could tell
-the upstreams it is someone else. From a trusted proxy they are kept and extended (our
-hop is appended to ``X-Forwarded-For``). The headers the proxy adds itself are added after
+Trust: every ``X-Forwarded-*`` header (``-For``, ``-Proto`` and ``-Host``, but also
+``-Ssl``, ``-Scheme``, ``-Client-Cert``, ``-Server``, ``-Uri`` and whatever else a framework
+reads), ``Forwarded`` and ``X-Real-IP`` sent by a client are dropped unless the client's
+address is in ``trusted_proxies``; otherwise any client could tell the upstreams it is
+someone else, or that it came over TLS with a certificate. From a trusted proxy they are
+kept, and the ones the proxy sets itself are extended (our hop is appended to
+``X-Forwarded-For``). The headers the proxy adds itself are added after
 ``Connection``-named headers are removed, so a client cannot ask us to drop them.
+
+Underscore look-alikes (``X_Forwarded_For``, ``X_Real_IP``, ``X-Forwarded_Proto``: any name
+that reads as a forwarding header once ``_`` is ``-``) are dropped from every client,
+trusted or not. CGI and WSGI servers turn both ``X-Forwarded-For`` and ``X_Forwarded_For``
+into ``HTTP_X_FORWARDED_FOR``, so such a name can only be there to pass for the real one;
+no proxy sets it (nginx drops names with underscores by default).
 
 References: RFC 9110 §7.6.1 (Connection, hop-by-hop), RFC 7239 (Forwarded); the
 ``X-Forwarded-*`` family is the de facto convention of nginx, HAProxy and Envoy.
@@ -43,7 +52,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Set by a proxy about its client: only believable from a proxy we trust.
+# Set by a proxy about its client: only believable from a proxy we trust. So is any other
+# name starting with _FORWARDED_PREFIX, which request_headers tests for apart from the set.
 _FORWARDING = frozenset(
     {
         b"forwarded",
@@ -59,6 +69,7 @@ _FORWARDING = frozenset(
 # body is first read), so the expectation is not passed on.
 _REQUEST_HANDLED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _REQUEST_SPECIAL = _REQUEST_HANDLED | _FORWARDING
+_FORWARDED_PREFIX = b"x-forwarded-"
 
 
 class BadRequestHeaders(Exception):
@@ -147,7 +158,18 @@ def request_headers(
     for name, value in raw:
         size += len(name) + len(value)
         if name not in _REQUEST_SPECIAL:
-            out.append((name, value))
+            # Most names are done here: every forwarding name and look-alike not in the
+            # set starts with "x", so one comparison lets the rest through.
+            if name < b"x" or not (name.startswith(_FORWARDED_PREFIX) or b"_" in name):
+                out.append((name, value))
+            elif b"_" in name:
+                dashed = name.replace(b"_", b"-")
+                if dashed not in _FORWARDING and not dashed.startswith(_FORWARDED_PREFIX):
+                    out.append((name, value))  # an underscore name of its own: kept
+            else:  # an X-Forwarded-* name outside the set: a trusted proxy's only
+                if forwarded is None:
+                    forwarded = []
+                forwarded.append((name, value))
         elif name == b"host":
             if host is not None:
                 raise BadRequestHeaders("more than one Host header")

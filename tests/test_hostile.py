@@ -121,6 +121,21 @@ def site(site_servers: Site) -> Site:
     return site_servers
 
 
+@pytest.fixture(scope="module")
+def trusted_site_servers(site_servers: Site) -> Iterator[Site]:
+    """The same upstreams behind a second proxy that trusts the test client (127.0.0.1)."""
+    pools = {"/api": [site_servers.api.url], "/admin": [site_servers.admin.url]}
+    with running_proxy(pools, trusted_proxies="127.0.0.1") as (proxy, _):
+        yield Site(proxy, site_servers.api, site_servers.admin)
+
+
+@pytest.fixture
+def trusted_site(trusted_site_servers: Site) -> Site:
+    trusted_site_servers.api.app.requests.clear()
+    trusted_site_servers.admin.app.requests.clear()
+    return trusted_site_servers
+
+
 def assert_refused_by_middleware(status: int, body: bytes, expected: int = 400) -> None:
     assert (status, body) == (expected, ERROR_BODIES[expected])
 
@@ -270,6 +285,65 @@ def test_x_forwarded_for_from_an_untrusted_client_is_replaced(site: Site) -> Non
     status, _ = site.get("/api/h", [*FRONT, ("X-Forwarded-For", "1.2.3.4")])
     assert status == 200
     assert values(site.forwarded_once(), "x-forwarded-for") == ["127.0.0.1"]
+
+
+# Names as a client writes them; the upstream records them lower-cased.
+OTHER_X_FORWARDED = [
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Forwarded-Scheme", "https"),
+    ("X-Forwarded-Client-Cert", 'Hash=abc;Subject="CN=admin"'),
+    ("X-Forwarded-Server", "internal.example"),
+    ("X-Forwarded-Uri", "/admin"),
+]
+UNDERSCORE_LOOKALIKES = [
+    ("X_Forwarded_For", "6.6.6.6"),
+    ("X_Real_IP", "6.6.6.6"),
+    ("X_Forwarded_Proto", "https"),
+    ("X_Forwarded_Host", "evil.example"),
+    ("X-Forwarded_For", "6.6.6.6"),
+    ("X_Forwarded_Ssl", "on"),
+]
+
+
+def sent_values(record: dict[str, Any]) -> list[str]:
+    return [v for _, v in record["headers"]]
+
+
+@pytest.mark.parametrize(("name", "value"), OTHER_X_FORWARDED)
+def test_any_x_forwarded_header_from_an_untrusted_client_is_not_forwarded(
+    site: Site, name: str, value: str
+) -> None:
+    status, _ = site.get("/api/h", [*FRONT, (name, value), ("X-Kept", "yes")])
+    assert status == 200
+    record = site.forwarded_once()
+    assert values(record, name.lower()) == []
+    assert values(record, "x-kept") == ["yes"]
+    assert value not in sent_values(record)
+
+
+@pytest.mark.parametrize(("name", "value"), OTHER_X_FORWARDED)
+def test_any_x_forwarded_header_from_a_trusted_proxy_is_forwarded(
+    trusted_site: Site, name: str, value: str
+) -> None:
+    status, _ = trusted_site.get("/api/h", [*FRONT, (name, value)])
+    assert status == 200
+    assert values(trusted_site.forwarded_once(), name.lower()) == [value]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted"])
+@pytest.mark.parametrize(("name", "value"), UNDERSCORE_LOOKALIKES)
+def test_underscore_lookalikes_of_forwarding_headers_are_never_forwarded(
+    site: Site, trusted_site: Site, name: str, value: str, trusted: bool
+) -> None:
+    """CGI and WSGI upstreams read ``X_Forwarded_For`` as ``HTTP_X_FORWARDED_FOR``: passed
+    on, it would stand in for the real header, even behind a trusted proxy."""
+    front = trusted_site if trusted else site
+    status, _ = front.get("/api/h", [*FRONT, (name, value)])
+    assert status == 200
+    record = front.forwarded_once()
+    assert values(record, name.lower()) == []
+    assert value not in sent_values(record)
+    assert values(record, "x-forwarded-for") == ["127.0.0.1"]
 
 
 def test_two_host_headers_are_refused(site: Site) -> None:
@@ -659,6 +733,13 @@ def must_refuse(raw_path: bytes) -> bool:
     return dot_segment(raw_path) or b"\\" in raw_path or b"%00" in raw_path
 
 
+def forwarding_name(name: str) -> bool:
+    """Any X-Forwarded-* name, or a look-alike with "_" for "-" (SECURITY.md): never
+    forwarded from the fuzz's client, which is not a trusted proxy."""
+    dashed = name.replace("_", "-")
+    return dashed in FORWARDING or dashed.startswith("x-forwarded-")
+
+
 def expected_headers(sent: list[tuple[str, str]], prefix: str, member: Member) -> list[Any]:
     named: set[str] = set()
     for name, value in sent:
@@ -666,7 +747,9 @@ def expected_headers(sent: list[tuple[str, str]], prefix: str, member: Member) -
             named |= {t.strip().lower() for t in value.split(",")}
     named -= HOP_BY_HOP_NAMES
     special = HOP_BY_HOP_NAMES | FORWARDING | {"host", "content-length", "expect"}
-    kept = [(n, v) for n, v in sent if n not in special and n not in named]
+    kept = [
+        (n, v) for n, v in sent if n not in special and n not in named and not forwarding_name(n)
+    ]
     hosts = [v for n, v in sent if n == "host"]
     added = [("x-forwarded-for", FUZZ_CLIENT[0]), ("x-forwarded-proto", "http")]
     added += [("x-forwarded-host", h) for h in hosts]
@@ -685,7 +768,8 @@ HEADER_NAMES = [
     "host", "cookie", "authorization", "accept", "x-a", "x-b", "user-agent", "expect",
     "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-prefix",
     "forwarded", "x-real-ip", "keep-alive", "te", "trailer", "upgrade",
-    "proxy-authorization", "proxy-connection",
+    "proxy-authorization", "proxy-connection", "x-forwarded-ssl", "x-forwarded-client-cert",
+    "x_forwarded_for", "x_real_ip", "x-forwarded_proto", "x_request_id", "x-forwarded",
 ]  # fmt: skip
 HEADER_VALUE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12)
 CONNECTION_TOKENS = [*HEADER_NAMES, "close", "X-A", "Cookie", " X-B ", "Host"]
