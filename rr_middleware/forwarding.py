@@ -171,7 +171,7 @@ async def forward(
     method: str = scope["method"]
     client = scope.get("client")
     try:
-        headers = request_headers(
+        headers, has_host = request_headers(
             scope["headers"],
             client_host=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
@@ -225,7 +225,7 @@ async def forward(
             method=method,
             upstream=upstream,
             target=target,
-            headers=headers if pool.preserve_host else [*headers, (b"host", upstream.host_header)],
+            headers=headers if has_host else [*headers, (b"host", upstream.host_header)],
             body=stream.chunks() if stream is not None else body,
             connect_timeout=pool.connect_timeout,
             read_timeout=pool.timeout,

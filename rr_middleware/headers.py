@@ -137,13 +137,16 @@ def request_headers(
     keep_host: bool,
     prefix: bytes,
     max_bytes: int = 64 * 1024,
-) -> Headers:
-    """Build the upstream request's headers from the client's.
+) -> tuple[Headers, bool]:
+    """Build the upstream request's headers from the client's; and whether they hold a
+    Host.
 
     A body the client framed with Transfer-Encoding is re-framed by the transport, so
     the client's Content-Length, if any, is dropped with it.
-    With ``keep_host`` the client's Host is passed on; otherwise the caller appends the
-    upstream's own Host (it differs per upstream, so per attempt). ``prefix`` is the
+    With ``keep_host`` the client's Host is passed on, if it sent one. When the headers
+    hold no Host (no ``keep_host``, or a client that sent none, as HTTP/1.0 allows), the
+    caller appends the upstream's own: the request upstream is HTTP/1.1, which must have
+    one (RFC 9112 §3.2), and it differs per upstream, so per attempt. ``prefix`` is the
     stripped path prefix (empty when nothing was stripped).
     Raises BadRequestHeaders for framing or Host ambiguities, HeadersTooLarge when the
     names and values add up to more than ``max_bytes``.
@@ -200,8 +203,10 @@ def request_headers(
     if content_length is not None and not chunked:
         out.append((b"content-length", content_length))
 
+    kept_host = False
     if keep_host and host is not None:
         out.append((b"host", host))
+        kept_host = True
 
     forwarded_for = client_host.encode("latin-1") if client_host else None
     forwarded_proto = scheme.encode("latin-1")
@@ -226,7 +231,7 @@ def request_headers(
         out.append((b"x-forwarded-host", forwarded_host))
     if prefix:
         out.append((b"x-forwarded-prefix", prefix))
-    return out
+    return out, kept_host
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]], hidden: frozenset[bytes]) -> Headers:

@@ -27,7 +27,7 @@ def forward(
     keep_host: bool = False,
     prefix: bytes = b"",
 ) -> Headers:
-    return request_headers(
+    out, has_host = request_headers(
         raw,
         client_host=client,
         scheme=scheme,
@@ -35,6 +35,8 @@ def forward(
         keep_host=keep_host,
         prefix=prefix,
     )
+    assert has_host == (b"host" in names(out))
+    return out
 
 
 def values(headers: Headers, name: bytes) -> list[bytes]:
@@ -74,6 +76,23 @@ def test_host_is_left_to_the_caller_unless_preserved() -> None:
     assert values(out, b"x-forwarded-host") == [b"example.com"]
     kept = forward(raw, keep_host=True)
     assert values(kept, b"host") == [b"example.com"]
+
+
+def test_without_a_client_host_none_is_kept_and_the_caller_is_told() -> None:
+    raw = [(b"accept", b"*/*")]  # HTTP/1.0 allows a request without Host
+    out, has_host = request_headers(
+        raw, client_host=None, scheme="http", trusted=TrustedProxies(), keep_host=True, prefix=b""
+    )
+    assert (values(out, b"host"), has_host) == ([], False)
+    out, has_host = request_headers(
+        [(b"host", b"h"), *raw],
+        client_host=None,
+        scheme="http",
+        trusted=TrustedProxies(),
+        keep_host=True,
+        prefix=b"",
+    )
+    assert (values(out, b"host"), has_host) == ([b"h"], True)
 
 
 def test_headers_named_by_connection_are_removed() -> None:
