@@ -32,6 +32,8 @@ _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._~-]+)?")
 # RFC 3986 path characters: unreserved, sub-delims, ":", "@", "/" and percent-escapes.
 _PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 _PATH_AND_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+# A method name is a token (RFC 9110 §9.1, §5.6.2).
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 @dataclass(eq=False)
@@ -165,6 +167,7 @@ class Pool:
 
     upstreams: Sequence[Upstream | str] = ()
     strip_prefix: bool = True
+    refuse_methods: Collection[str] = frozenset({"CONNECT", "TRACE"})
     timeout: float = 60.0
     connect_timeout: float = 5.0
     pool_timeout: float = 5.0
@@ -249,6 +252,18 @@ class Pool:
                 _positive_number(name, getattr(self, name))
         if not callable(self.clock):
             raise ValueError(f"clock must be a callable returning seconds, got {self.clock!r}")
+        methods = self.refuse_methods
+        if (
+            isinstance(methods, (str, bytes))
+            or not isinstance(methods, Collection)
+            or not all(isinstance(m, str) and _METHOD.fullmatch(m) for m in methods)
+        ):
+            raise ValueError(
+                f"refuse_methods must be a collection of HTTP method names, got {methods!r}"
+            )
+        # Method names are case-sensitive (RFC 9110 §9.1), but an upstream that reads
+        # "trace" as TRACE is not rare: the refusal goes by the upper-case name.
+        self.refuse_methods = frozenset(m.upper() for m in methods)
 
     @property
     def members(self) -> list[Upstream]:

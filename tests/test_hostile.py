@@ -243,6 +243,75 @@ def test_absolute_form_target_goes_to_the_configured_upstream_as_its_path(site: 
     assert (record["raw_path"], record["query"]) == ("/x", "q=1")
 
 
+# --------------------------------------------------------------------------- the table, methods
+
+# What a 405 says the pool takes (RFC 9110 §15.5.6): the standard methods it does not refuse.
+DEFAULT_ALLOW = b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
+
+
+def allow(headers: Headers) -> list[bytes]:
+    return [v for n, v in headers if n == b"allow"]
+
+
+def test_trace_is_refused_with_405_and_allow_and_nothing_forwarded(site: Site) -> None:
+    """TRACE through uvicorn's default parser (httptools), which delivers it: an upstream
+    would echo the request back, cookies and credentials included (cross-site tracing)."""
+    sent = [*FRONT, ("Cookie", "session=s3cret"), ("Authorization", "Bearer t0k3n")]
+    status, headers, body = site.exchange(raw_request("TRACE", "/api/x", sent))
+    assert (status, body) == (405, b"405 Method Not Allowed\n")
+    assert allow(headers) == [DEFAULT_ALLOW]
+    assert site.nothing_forwarded()
+
+
+def test_connect_in_origin_form_is_refused_with_405(site: Site) -> None:
+    """httptools refuses a CONNECT to an authority (``CONNECT host:443``) itself, with
+    400, but delivers one whose target is a path; that one reaches the middleware."""
+    status, headers, body = site.exchange(raw_request("CONNECT", "/api/x", FRONT))
+    assert (status, body) == (405, b"405 Method Not Allowed\n")
+    assert allow(headers) == [DEFAULT_ALLOW]
+    assert site.nothing_forwarded()
+
+
+def test_connect_to_an_authority_and_a_lower_case_trace_are_refused_under_h11() -> None:
+    """uvicorn with h11 delivers what httptools does not: ``CONNECT example.com:443`` (whose
+    path is then ``example.com:443``: only a ``/`` pool takes it) and method names in lower
+    case, which some upstreams read as the upper-case method."""
+    with (
+        serve(UpstreamApp("root")) as root,
+        proxy_with({"/": [root.url]}, http="h11") as proxy,
+        RawClient(proxy.port) as raw,
+    ):
+        for method, target in (("CONNECT", "example.com:443"), ("trace", "/x")):
+            status, headers, body = raw.request(raw_request(method, target, FRONT))
+            assert (status, body) == (405, b"405 Method Not Allowed\n"), method
+            assert allow(headers) == [DEFAULT_ALLOW]
+        assert root.app.requests == []
+
+
+def test_a_pool_that_does_not_refuse_a_method_forwards_it() -> None:
+    """Opting in: each pool names the methods it refuses, and its 405 names the rest. A
+    CONNECT a pool lets through goes upstream as an ordinary request (no tunnel)."""
+    with serve(UpstreamApp("api")) as api:
+        pools = {
+            "/trace": Pool([api.url], refuse_methods={"CONNECT"}),
+            "/connect": Pool([api.url], refuse_methods={"TRACE", "DELETE"}),
+        }
+        with running_proxy(pools) as (proxy, _):
+            with RawClient(proxy.port) as raw:
+                status, _, body = raw.request(raw_request("TRACE", "/trace/x", FRONT))
+                assert status == 200, body
+                status, headers, body = raw.request(raw_request("DELETE", "/connect/x", FRONT))
+                assert (status, body) == (405, b"405 Method Not Allowed\n")
+                assert allow(headers) == [b"GET, HEAD, POST, PUT, CONNECT, OPTIONS, PATCH"]
+            with RawClient(proxy.port) as raw:
+                status, _, body = raw.request(raw_request("CONNECT", "/connect/x", FRONT))
+                assert status == 200, body
+    assert [(r["method"], r["raw_path"]) for r in api.app.requests] == [
+        ("TRACE", "/x"),
+        ("CONNECT", "/x"),
+    ]
+
+
 # --------------------------------------------------------------------------- the table, headers
 
 
