@@ -53,7 +53,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by a proxy about its client: only believable from a proxy we trust. So is any other
-# name starting with _FORWARDED_PREFIX, which request_headers tests for apart from the set.
+# name starting with "x-forwarded-", which request_headers tests for apart from the set.
 _FORWARDING = frozenset(
     {
         b"forwarded",
@@ -69,7 +69,11 @@ _FORWARDING = frozenset(
 # body is first read), so the expectation is not passed on.
 _REQUEST_HANDLED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _REQUEST_SPECIAL = _REQUEST_HANDLED | _FORWARDING
-_FORWARDED_PREFIX = b"x-forwarded-"
+# The names starting with "x-forwarded-" are those from here up to (not including) the
+# next, "x-forwarded." ("." follows "-" in ASCII): two comparisons, cheaper than startswith.
+_FORWARDED_FIRST = b"x-forwarded-"
+_FORWARDED_PAST = b"x-forwarded."
+_UNDERSCORE = ord("_")  # an int is found by memchr; b"_" in name costs several times more
 
 
 class BadRequestHeaders(Exception):
@@ -163,11 +167,13 @@ def request_headers(
         if name not in _REQUEST_SPECIAL:
             # Most names are done here: every forwarding name and look-alike not in the
             # set starts with "x", so one comparison lets the rest through.
-            if name < b"x" or not (name.startswith(_FORWARDED_PREFIX) or b"_" in name):
+            if name < b"x" or not (
+                _UNDERSCORE in name or _FORWARDED_FIRST <= name < _FORWARDED_PAST
+            ):
                 out.append((name, value))
-            elif b"_" in name:
+            elif _UNDERSCORE in name:
                 dashed = name.replace(b"_", b"-")
-                if dashed not in _FORWARDING and not dashed.startswith(_FORWARDED_PREFIX):
+                if dashed not in _FORWARDING and not dashed.startswith(_FORWARDED_FIRST):
                     out.append((name, value))  # an underscore name of its own: kept
             else:  # an X-Forwarded-* name outside the set: a trusted proxy's only
                 if forwarded is None:
