@@ -18,7 +18,7 @@ from .discovery import Watcher
 from .forwarding import ProxySettings, forward, logger, send_error
 from .headers import TrustedProxies
 from .metrics import PrometheusCollector, status_json
-from .routing import PrefixRouter, has_dot_segment, is_unsafe_path
+from .routing import PrefixRouter, has_dot_segment, is_ambiguous_path, is_unsafe_path
 from .state import PoolRuntime, UpstreamState
 from .status_page import render_html, render_json
 from .transport.base import UpstreamTransport
@@ -43,6 +43,7 @@ class Refusal:
 
 _URL_TOO_LONG = Refusal(414, "path and query longer than max_url_length")
 _UNSAFE_PATH = Refusal(400, "a dot segment or unsafe bytes in the path")
+_AMBIGUOUS_PATH = Refusal(400, "a path some upstreams read as having a dot segment")
 # The methods a 405's Allow lists (RFC 9110 §9.3, and PATCH, RFC 5789): those of these a
 # pool does not refuse. The upstreams may take others; the proxy cannot know which.
 _STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
@@ -222,6 +223,8 @@ class RoundRobinMiddleware:
         # must neither reach the /api pool nor be re-read as "/admin" by an upstream.
         elif is_unsafe_path(raw_path) or has_dot_segment(raw_path):
             refusal = _UNSAFE_PATH
+        elif pool.refuse_ambiguous_paths and is_ambiguous_path(raw_path):
+            refusal = _AMBIGUOUS_PATH
         if refusal is not None:
             logger.info(
                 "pool %s: refused %s %r (%d: %s)",

@@ -191,6 +191,13 @@ def test_pool_defaults() -> None:
     assert pool.retries == 2
     assert pool.transport is None
     assert pool.refuse_methods == frozenset({"CONNECT", "TRACE"})
+    assert pool.refuse_ambiguous_paths is True
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, "false", "no"])
+def test_refuse_ambiguous_paths_must_be_a_bool(value: object) -> None:
+    with pytest.raises(ValueError, match=r"refuse_ambiguous_paths must be True or False, got "):
+        Pool(["http://10.0.0.1"], refuse_ambiguous_paths=value)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import select
 import socket
 import socketserver
@@ -188,6 +189,59 @@ def test_nul_control_bytes_and_spaces_are_refused(site: Site, target: bytes) -> 
     if target == b"/api/%00x":
         assert body == ERROR_BODIES[400]  # well-formed: the middleware itself refuses it
     assert site.nothing_forwarded()
+
+
+AMBIGUOUS_PATHS = {
+    "dot-dot-params": "/api/..;/admin",
+    "dot-params": "/api/.;/x",
+    "dot-dot-encoded-semicolon": "/api/..%3b/admin",
+    "encoded-dots-params": "/api/%2e%2e;x/admin",
+    "double-encoded-dots": "/api/%252e%252e/admin",
+    "double-encoded-slash": "/api/..%252fadmin",
+    "overlong-dots": "/api/%c0%ae%c0%ae/admin",
+    "overlong-slash": "/api/..%c0%afadmin",
+    "overlong-3-byte-dots": "/api/%e0%80%ae%e0%80%ae/x",
+    "overlong-backslash": "/api/..%c1%9cadmin",
+}
+
+
+@pytest.mark.parametrize("path", AMBIGUOUS_PATHS.values(), ids=AMBIGUOUS_PATHS.keys())
+def test_paths_some_upstreams_read_as_dot_segments_are_refused(site: Site, path: str) -> None:
+    """Tomcat and Spring drop ``;params`` before resolving dot segments, frameworks that
+    decode twice see ``%252e`` as ``.``, lenient UTF-8 decoders read ``%c0%ae`` as ``.``:
+    the proxy sees no dot segment in these, such an upstream does."""
+    status, body = site.get(path)
+    assert_refused_by_middleware(status, body)
+    assert site.nothing_forwarded()
+
+
+def test_refuse_ambiguous_paths_false_forwards_them_as_sent() -> None:
+    with (
+        serve(UpstreamApp("api")) as api,
+        running_proxy({"/api": Pool([api.url], refuse_ambiguous_paths=False)}) as (proxy, _),
+        RawClient(proxy.port) as raw,
+    ):
+        for path in AMBIGUOUS_PATHS.values():
+            status, _, body = raw.request(raw_request("GET", path, FRONT))
+            assert status == 200, (path, body)
+        status, _, body = raw.request(raw_request("GET", "/api/../admin", FRONT))
+        assert_refused_by_middleware(status, body)  # plain dot segments: always refused
+    forwarded = [r["raw_path"] for r in api.app.requests]
+    assert forwarded == [path.removeprefix("/api") for path in AMBIGUOUS_PATHS.values()]
+
+
+def test_path_parameters_and_encoded_text_are_forwarded(site: Site) -> None:
+    """What the ambiguous-path checks leave alone: matrix parameters, a name holding an
+    encoded "%2f", UTF-8 and Latin-1 escapes."""
+    for path in ("/api/items;v=1/x", "/api/a%252fb", "/api/caf%c3%a9", "/api/%e9t%e9"):
+        status, body = site.get(path)
+        assert status == 200, (path, body)
+    assert [r["raw_path"] for r in site.api_requests] == [
+        "/items;v=1/x",
+        "/a%252fb",
+        "/caf%c3%a9",
+        "/%e9t%e9",
+    ]
 
 
 def test_path_and_query_over_max_url_length_get_414(site: Site) -> None:
@@ -796,10 +850,37 @@ def dot_segment(path: bytes) -> bool:
     return any(s in (b".", b"..") for s in decoded.split(b"/"))
 
 
+def read_as_dot_segment_by_some(path: bytes) -> bool:
+    """SECURITY.md's ambiguous paths: decoded once or more, a dot segment with ";params",
+    or overlong UTF-8; decoded twice or more, any dot segment."""
+    levels = [unquote_to_bytes(path)]
+    while (again := unquote_to_bytes(levels[-1])) != levels[-1]:
+        levels.append(again)
+    for depth, text in enumerate(levels, start=1):
+        for segment in text.replace(b"\\", b"/").split(b"/"):
+            name, params, _ = segment.partition(b";")
+            if name in (b".", b"..") and (params or depth > 1):
+                return True
+        if OVERLONG.search(text):
+            return True
+    return False
+
+
+OVERLONG = re.compile(
+    rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]|\xf0[\x80-\x8f][\x80-\xbf]{2}"
+)
+
+
 def must_refuse(raw_path: bytes) -> bool:
-    """Dot segments, raw or encoded or with backslashes, and NUL (SECURITY.md); and any raw
-    backslash at all (routing.py: some upstreams read it as "/")."""
-    return dot_segment(raw_path) or b"\\" in raw_path or b"%00" in raw_path
+    """Dot segments, raw or encoded or with backslashes, NUL and ambiguous paths
+    (SECURITY.md); and any raw backslash at all (routing.py: some upstreams read it as
+    "/")."""
+    return (
+        dot_segment(raw_path)
+        or b"\\" in raw_path
+        or b"%00" in raw_path
+        or read_as_dot_segment_by_some(raw_path)
+    )
 
 
 def forwarding_name(name: str) -> bool:
@@ -831,6 +912,7 @@ DECOY_STARTS = ["/apix", "/api/v2x", "/api%2Fv2", "/API", "//api", "/static%2F",
 SEGMENT_TOKENS = [
     ".", ".", "..", "%", *"0123456789abcdefABCDEF", "@", ":", "\\", *"xyzXYZ", "/",
     "%2e", "%2E", "%2e%2e", "%2f", "%2F", "%5c", "%5C", "%00", "api", "v2", "static",
+    ";", "%3b", "%25", "%252e", "%252f", "%c0%ae", "%c0", "%ae", "%e0%80", "%c3%a9",
 ]  # fmt: skip
 QUERY_ALPHABET = "abcXYZ019=&%./?:@+,;-_~!$'()*[]"
 HEADER_NAMES = [
