@@ -764,6 +764,7 @@ def test_304_with_content_length_relayed_without_breaking_the_connection() -> No
             status, headers = raw.read_head()
             assert status == 304, f"request {attempt}"
             assert dict(headers)[b"etag"] == b'"v1"'
+            assert b"content-length" not in dict(headers)  # README: not passed on
     assert len(upstream.heads) == 2
 
 
