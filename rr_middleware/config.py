@@ -32,6 +32,8 @@ _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._~-]+)?")
 # RFC 3986 path characters: unreserved, sub-delims, ":", "@", "/" and percent-escapes.
 _PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 _PATH_AND_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+# A method name is a token (RFC 9110 §9.1, §5.6.2).
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 @dataclass(eq=False)
@@ -158,6 +160,11 @@ class Pool:
     Give ``discovery=`` (``ConsulDiscovery``, ``DNSDiscovery``) instead of upstreams for
     members that follow a registry while the app runs.
 
+    Some requests the pool answers itself, before any upstream: a method in
+    ``refuse_methods`` (CONNECT and TRACE) with 405, and with 400 a path with a dot
+    segment or unsafe bytes, or (``refuse_ambiguous_paths=True``) one that some upstream
+    servers read as having a dot segment (``/api/..;/admin``, ``%252e%252e``, ``%c0%ae``).
+
     Every option and its default is in the README's configuration reference. Keep a
     reference to the Pool to read ``pool.snapshot()`` or ``pool.drain(url)`` while it
     serves.
@@ -165,6 +172,8 @@ class Pool:
 
     upstreams: Sequence[Upstream | str] = ()
     strip_prefix: bool = True
+    refuse_methods: Collection[str] = frozenset({"CONNECT", "TRACE"})
+    refuse_ambiguous_paths: bool = True
     timeout: float = 60.0
     connect_timeout: float = 5.0
     pool_timeout: float = 5.0
@@ -260,6 +269,22 @@ class Pool:
                 _positive_number(name, getattr(self, name))
         if not callable(self.clock):
             raise ValueError(f"clock must be a callable returning seconds, got {self.clock!r}")
+        methods = self.refuse_methods
+        if (
+            isinstance(methods, (str, bytes))
+            or not isinstance(methods, Collection)
+            or not all(isinstance(m, str) and _METHOD.fullmatch(m) for m in methods)
+        ):
+            raise ValueError(
+                f"refuse_methods must be a collection of HTTP method names, got {methods!r}"
+            )
+        # Method names are case-sensitive (RFC 9110 §9.1), but an upstream that reads
+        # "trace" as TRACE is not rare: the refusal goes by the upper-case name.
+        self.refuse_methods = frozenset(m.upper() for m in methods)
+        if not isinstance(self.refuse_ambiguous_paths, bool):
+            raise ValueError(
+                f"refuse_ambiguous_paths must be True or False, got {self.refuse_ambiguous_paths!r}"
+            )
 
     @property
     def members(self) -> list[Upstream]:

@@ -116,11 +116,11 @@ async def forward(
         return
     pool = state.pool
     method: str = scope["method"]
-    client = scope.get("client")
+    peer = scope.get("client")
     try:
-        headers = request_headers(
+        headers, has_host = request_headers(
             scope["headers"],
-            client_host=client[0] if client else None,
+            client_host=peer[0] if peer else None,
             scheme=scope.get("scheme", "http"),
             trusted=settings.trusted,
             keep_host=pool.preserve_host,
@@ -157,7 +157,9 @@ async def forward(
             await _client_body_ended(state, exc, send)
             return
         stream = None if client.complete else client
-        await _exchange(state, scope, send, method, suffix, headers, body, stream, settings, client)
+        await _exchange(
+            state, scope, send, method, suffix, headers, has_host, body, stream, settings, client
+        )
     except asyncio.CancelledError:
         if not client.swallows():
             raise
@@ -185,6 +187,7 @@ async def _exchange(
     method: str,
     suffix: bytes,
     headers: list[tuple[bytes, bytes]],
+    has_host: bool,
     body: bytes | None,
     stream: ClientSide | None,
     settings: ProxySettings,
@@ -216,7 +219,7 @@ async def _exchange(
             method=method,
             upstream=upstream,
             target=target,
-            headers=headers if pool.preserve_host else [*headers, (b"host", upstream.host_header)],
+            headers=headers if has_host else [*headers, (b"host", upstream.host_header)],
             body=stream.chunks() if stream is not None else body,
             connect_timeout=pool.connect_timeout,
             read_timeout=pool.timeout,

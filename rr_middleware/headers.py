@@ -3,11 +3,20 @@
 Works on the raw ``(bytes, bytes)`` pairs of the ASGI scope, never through a dict, so
 repeated headers (several ``Cookie`` or ``Set-Cookie`` lines) survive.
 
-Trust: ``X-Forwarded-*``, ``Forwarded`` and ``X-Real-IP`` sent by a client are dropped
-unless the client's address is in ``trusted_proxies``; otherwise any client could tell
-the upstreams it is someone else. From a trusted proxy they are kept and extended (our
-hop is appended to ``X-Forwarded-For``). The headers the proxy adds itself are added after
+Trust: every ``X-Forwarded-*`` header (``-For``, ``-Proto`` and ``-Host``, but also
+``-Ssl``, ``-Scheme``, ``-Client-Cert``, ``-Server``, ``-Uri`` and whatever else a framework
+reads), ``Forwarded`` and ``X-Real-IP`` sent by a client are dropped unless the client's
+address is in ``trusted_proxies``; otherwise any client could tell the upstreams it is
+someone else, or that it came over TLS with a certificate. From a trusted proxy they are
+kept, and the ones the proxy sets itself are extended (our hop is appended to
+``X-Forwarded-For``). The headers the proxy adds itself are added after
 ``Connection``-named headers are removed, so a client cannot ask us to drop them.
+
+Underscore look-alikes (``X_Forwarded_For``, ``X_Real_IP``, ``X-Forwarded_Proto``: any name
+that reads as a forwarding header once ``_`` is ``-``) are dropped from every client,
+trusted or not. CGI and WSGI servers turn both ``X-Forwarded-For`` and ``X_Forwarded_For``
+into ``HTTP_X_FORWARDED_FOR``, so such a name can only be there to pass for the real one;
+no proxy sets it (nginx drops names with underscores by default).
 
 References: RFC 9110 §7.6.1 (Connection, hop-by-hop), RFC 7239 (Forwarded); the
 ``X-Forwarded-*`` family is the de facto convention of nginx, HAProxy and Envoy.
@@ -43,7 +52,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Set by a proxy about its client: only believable from a proxy we trust.
+# Set by a proxy about its client: only believable from a proxy we trust. So is any other
+# name starting with "x-forwarded-", which request_headers tests for apart from the set.
 _FORWARDING = frozenset(
     {
         b"forwarded",
@@ -59,6 +69,11 @@ _FORWARDING = frozenset(
 # body is first read), so the expectation is not passed on.
 _REQUEST_HANDLED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _REQUEST_SPECIAL = _REQUEST_HANDLED | _FORWARDING
+# The names starting with "x-forwarded-" are those from here up to (not including) the
+# next, "x-forwarded." ("." follows "-" in ASCII): two comparisons, cheaper than startswith.
+_FORWARDED_FIRST = b"x-forwarded-"
+_FORWARDED_PAST = b"x-forwarded."
+_UNDERSCORE = ord("_")  # an int is found by memchr; b"_" in name costs several times more
 
 
 class BadRequestHeaders(Exception):
@@ -126,13 +141,16 @@ def request_headers(
     keep_host: bool,
     prefix: bytes,
     max_bytes: int = 64 * 1024,
-) -> Headers:
-    """Build the upstream request's headers from the client's.
+) -> tuple[Headers, bool]:
+    """Build the upstream request's headers from the client's; and whether they hold a
+    Host.
 
     A body the client framed with Transfer-Encoding is re-framed by the transport, so
     the client's Content-Length, if any, is dropped with it.
-    With ``keep_host`` the client's Host is passed on; otherwise the caller appends the
-    upstream's own Host (it differs per upstream, so per attempt). ``prefix`` is the
+    With ``keep_host`` the client's Host is passed on, if it sent one. When the headers
+    hold no Host (no ``keep_host``, or a client that sent none, as HTTP/1.0 allows), the
+    caller appends the upstream's own: the request upstream is HTTP/1.1, which must have
+    one (RFC 9112 §3.2), and it differs per upstream, so per attempt. ``prefix`` is the
     stripped path prefix (empty when nothing was stripped).
     Raises BadRequestHeaders for framing or Host ambiguities, HeadersTooLarge when the
     names and values add up to more than ``max_bytes``.
@@ -147,7 +165,20 @@ def request_headers(
     for name, value in raw:
         size += len(name) + len(value)
         if name not in _REQUEST_SPECIAL:
-            out.append((name, value))
+            # Most names are done here: every forwarding name and look-alike not in the
+            # set starts with "x", so one comparison lets the rest through.
+            if name < b"x" or not (
+                _UNDERSCORE in name or _FORWARDED_FIRST <= name < _FORWARDED_PAST
+            ):
+                out.append((name, value))
+            elif _UNDERSCORE in name:
+                dashed = name.replace(b"_", b"-")
+                if dashed not in _FORWARDING and not dashed.startswith(_FORWARDED_FIRST):
+                    out.append((name, value))  # an underscore name of its own: kept
+            else:  # an X-Forwarded-* name outside the set: a trusted proxy's only
+                if forwarded is None:
+                    forwarded = []
+                forwarded.append((name, value))
         elif name == b"host":
             if host is not None:
                 raise BadRequestHeaders("more than one Host header")
@@ -178,8 +209,10 @@ def request_headers(
     if content_length is not None and not chunked:
         out.append((b"content-length", content_length))
 
+    kept_host = False
     if keep_host and host is not None:
         out.append((b"host", host))
+        kept_host = True
 
     forwarded_for = client_host.encode("latin-1") if client_host else None
     forwarded_proto = scheme.encode("latin-1")
@@ -204,7 +237,7 @@ def request_headers(
         out.append((b"x-forwarded-host", forwarded_host))
     if prefix:
         out.append((b"x-forwarded-prefix", prefix))
-    return out
+    return out, kept_host
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]], hidden: frozenset[bytes]) -> Headers:

@@ -4,6 +4,12 @@ Counting is plain attribute and dict arithmetic on the request path (no locks: o
 loop), with fixed-bucket histograms for latency; the views read them when asked. The
 Prometheus view needs the optional ``prometheus_client`` (``pip install
 'rr-middleware[metrics]'``); everything else works without it.
+
+Health is said twice, apart: ``rr_upstream_up`` (``eligible`` in the JSON) is 1 when an
+upstream may take traffic on its own health (not down, ejected, drained or weighing 0);
+``rr_pool_panic`` (``panic``) is 1 while none of a pool's upstreams may and the pool routes
+to them all the same (``on_all_down="try_all"``). Panic mode does not set ``up``: an alert
+on ``up`` keeps firing while the pool limps on.
 """
 
 from __future__ import annotations
@@ -126,6 +132,7 @@ def status_json(runtimes: dict[str, PoolRuntime]) -> dict[str, Any]:
             {
                 "prefix": prefix,
                 "policy": runtime.pool.policy,
+                "panic": runtime.panic,
                 "discovery": runtime.discovery_status(),
                 "upstreams": rows,
             }
@@ -165,7 +172,16 @@ class PrometheusCollector:
         transferred = CounterMetricFamily(
             "rr_upstream_bytes", "Body bytes, by direction", labels=[*labels, "direction"]
         )
-        up = GaugeMetricFamily("rr_upstream_up", "1 if the upstream takes traffic", labels=labels)
+        up = GaugeMetricFamily(
+            "rr_upstream_up",
+            "1 if the upstream is eligible for traffic on its own health (panic mode aside)",
+            labels=labels,
+        )
+        panic = GaugeMetricFamily(
+            "rr_pool_panic",
+            "1 while no upstream is eligible and the pool routes to all anyway",
+            labels=["pool"],
+        )
         in_flight = GaugeMetricFamily("rr_upstream_in_flight", "Requests in flight", labels=labels)
         websockets = GaugeMetricFamily(
             "rr_upstream_websockets", "Open WebSocket connections", labels=labels
@@ -182,6 +198,7 @@ class PrometheusCollector:
         )
         for prefix, runtime in self._runtimes.items():
             runtime.refresh_if_due()
+            panic.add_metric([prefix], 1 if runtime.panic else 0)
             eligible = {id(m) for m in runtime.eligible} if not runtime.all_down else set()
             for member in runtime.members:
                 key = [prefix, member.upstream.url]
@@ -219,6 +236,7 @@ class PrometheusCollector:
             checks,
             transferred,
             up,
+            panic,
             in_flight,
             websockets,
             latency,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
 import httpx
@@ -17,7 +18,7 @@ from .discovery import Watcher
 from .forwarding import ProxySettings, forward, logger, send_error
 from .headers import TrustedProxies
 from .metrics import PrometheusCollector, status_json
-from .routing import PrefixRouter, has_dot_segment, is_unsafe_path
+from .routing import PrefixRouter, has_dot_segment, is_ambiguous_path, is_unsafe_path
 from .state import PoolRuntime, UpstreamState
 from .status_page import render_html, render_json
 from .transport.base import UpstreamTransport
@@ -28,6 +29,31 @@ from .websocket import forward_websocket
 __all__ = ["RoundRobinMiddleware"]
 
 TransportArg = Union[UpstreamTransport, httpx.AsyncBaseTransport, None]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request under a pool that the proxy answers itself, before any upstream is
+    picked: the status, the headers that go with it, and why (for the log)."""
+
+    status: int
+    why: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+_URL_TOO_LONG = Refusal(414, "path and query longer than max_url_length")
+_UNSAFE_PATH = Refusal(400, "a dot segment or unsafe bytes in the path")
+_AMBIGUOUS_PATH = Refusal(400, "a path some upstreams read as having a dot segment")
+# The methods a 405's Allow lists (RFC 9110 §9.3, and PATCH, RFC 5789): those of these a
+# pool does not refuse. The upstreams may take others; the proxy cannot know which.
+_STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+
+
+def _method_refusal(refused: Collection[str]) -> Refusal:
+    """The 405 of a pool refusing ``refused``, with the Allow header RFC 9110 §15.5.6
+    requires."""
+    allowed = ", ".join(m for m in _STANDARD_METHODS if m not in refused)
+    return Refusal(405, "method refused", ((b"allow", allowed.encode("ascii")),))
 
 
 class RoundRobinMiddleware:
@@ -98,6 +124,9 @@ class RoundRobinMiddleware:
             prefix: PoolRuntime(prefix, pool, self._member_factory(pool))
             for prefix, pool in self.pools.items()
         }
+        self._method_refusals = {
+            prefix: _method_refusal(pool.refuse_methods) for prefix, pool in self.pools.items()
+        }
         self._router: PrefixRouter[PoolRuntime] = PrefixRouter(self._states)
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
         self._first_segments = self._router.first_segments
@@ -165,14 +194,15 @@ class RoundRobinMiddleware:
             await self.app(scope, receive, send)
             return
         state, rest, refusal = found
-        if refusal:
-            await send_error(send, refusal)
+        if refusal is not None:
+            await send_error(send, refusal.status, refusal.headers)
             return
         await forward(state, scope, receive, send, rest, self._settings)
 
-    def _match(self, scope: Scope) -> tuple[PoolRuntime, bytes, int] | None:
-        """The pool for this request, the raw path to forward, and the status to refuse
-        it with (0 if none); None if no pool matches."""
+    def _match(self, scope: Scope) -> tuple[PoolRuntime, bytes, Refusal | None] | None:
+        """The pool for this request, the raw path to forward, and the Refusal to answer
+        instead (None: forward it); None if no pool matches. (A tuple, not an object: it
+        is built for every pooled request.)"""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         if b"?" in raw_path:  # some servers leave the query in raw_path
             raw_path = raw_path.partition(b"?")[0]
@@ -180,16 +210,31 @@ class RoundRobinMiddleware:
         if found is None:
             return None
         end, state = found
-        refusal = 0
-        if len(raw_path) + len(scope.get("query_string", b"")) > self.max_url_length:
-            refusal = 414
+        pool = state.pool
+        # A WebSocket scope has no method: its handshake is a GET.
+        method: str = scope.get("method", "GET")
+        refused = pool.refuse_methods
+        refusal: Refusal | None = None
+        if method in refused or (not method.isupper() and method.upper() in refused):
+            refusal = self._method_refusals[state.name]
+        elif len(raw_path) + len(scope.get("query_string", b"")) > self.max_url_length:
+            refusal = _URL_TOO_LONG
         # The whole path is checked, not just the part after the prefix: "/api/../admin"
         # must neither reach the /api pool nor be re-read as "/admin" by an upstream.
         elif is_unsafe_path(raw_path) or has_dot_segment(raw_path):
-            refusal = 400
-        if refusal:
-            logger.info("pool %s: refused path %r (%d)", state.name, raw_path[:200], refusal)
-        return state, raw_path[end:] if state.pool.strip_prefix else raw_path, refusal
+            refusal = _UNSAFE_PATH
+        elif pool.refuse_ambiguous_paths and is_ambiguous_path(raw_path):
+            refusal = _AMBIGUOUS_PATH
+        if refusal is not None:
+            logger.info(
+                "pool %s: refused %s %r (%d: %s)",
+                state.name,
+                method,
+                raw_path[:200],
+                refusal.status,
+                refusal.why,
+            )
+        return state, raw_path[end:] if pool.strip_prefix else raw_path, refusal
 
     def status(self) -> dict[str, Any]:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""
@@ -225,7 +270,7 @@ class RoundRobinMiddleware:
             await self.app(scope, receive, send)
             return
         state, path, refusal = found
-        if refusal:
+        if refusal is not None:
             await send({"type": "websocket.close", "code": 1008})
             return
         await forward_websocket(state, scope, receive, send, path, self._settings)

@@ -8,6 +8,11 @@ Matching is on path-segment boundaries (``/api`` matches ``/api`` and ``/api/x``
 ``/apix``); the longest prefix wins and ``/`` matches everything. Segments are compared
 percent-decoded (``/%61pi`` is under ``/api``), but an encoded slash never splits a
 segment: ``/api%2Fx`` is the single segment ``api/x``.
+
+Under a pool, a path is refused outright when it is not safe to forward
+(``is_unsafe_path``), has a dot segment (``has_dot_segment``), or, unless the pool turns
+it off, when some upstream servers would read one into it (``is_ambiguous_path``). Each
+is a pure function of the raw path, quick to say no on ordinary paths.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Mapping
 from typing import Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["PrefixRouter", "has_dot_segment", "is_unsafe_path"]
+__all__ = ["PrefixRouter", "has_dot_segment", "is_ambiguous_path", "is_unsafe_path"]
 
 T = TypeVar("T")
 
@@ -27,6 +32,16 @@ T = TypeVar("T")
 # tricks).
 _UNSAFE_RAW = re.compile(rb"[\x00-\x20\x7f-\xff\\#]")
 _DOT_SEGMENTS = (b".", b"..")
+# Overlong UTF-8: a character in more bytes than it needs, which RFC 3629 §3 forbids and
+# lenient decoders read anyway ("%c0%ae" as "."). Lead C0 or C1 (2 bytes), E0 with a second
+# byte below A0 (3 bytes), F0 with a second byte below 90 (4 bytes).
+# Bytes looked for as ints: "b'%' in path" goes through the buffer protocol and costs
+# several times "37 in path" (a memchr).
+_PERCENT = ord("%")
+_SEMICOLON = ord(";")
+_OVERLONG = re.compile(
+    rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]|\xf0[\x80-\x8f][\x80-\xbf]{2}"
+)
 
 
 def has_dot_segment(raw_path: bytes) -> bool:
@@ -39,6 +54,52 @@ def has_dot_segment(raw_path: bytes) -> bool:
         return False
     decoded = unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path
     return any(seg in _DOT_SEGMENTS for seg in decoded.replace(b"\\", b"/").split(b"/"))
+
+
+def is_ambiguous_path(raw_path: bytes) -> bool:
+    """True for a path that upstream servers read differently, one of them as a dot
+    segment where the proxy sees none (``has_dot_segment`` has the plain ones):
+
+    - a dot segment with path parameters, ``..;x`` or ``.;`` (also ``%3b``): Tomcat and
+      Spring drop a segment's ``;params`` before resolving dot segments, so
+      ``/api/..;/admin`` leaves the upstream's base path;
+    - a dot segment once decoded a second time or more (``%252e%252e``, ``..%252f``), for
+      upstreams (and the frameworks behind them) that decode again;
+    - overlong UTF-8 (``%c0%ae``, ``%c0%af``, ``%e0%80%ae``, ``%c1%9c``): invalid, and read
+      as ``.``, ``/`` and ``\\`` by lenient decoders.
+
+    A path with no ``%`` and no ``;`` (most paths) is answered at once.
+    """
+    if _PERCENT not in raw_path:
+        if _SEMICOLON not in raw_path:
+            return False
+        decoded = raw_path
+    else:
+        decoded = unquote_to_bytes(raw_path)
+    while True:
+        if _SEMICOLON in decoded and _dot_segment_with_params_in(decoded):
+            return True
+        if not decoded.isascii() and _OVERLONG.search(decoded) is not None:
+            return True
+        if _PERCENT not in decoded:
+            return False
+        again = unquote_to_bytes(decoded)
+        if again == decoded:  # only "%" signs that escape nothing
+            return False
+        if _dot_segment_in(again):
+            return True
+        decoded = again  # shorter by two bytes an escape at least: this ends
+
+
+def _dot_segment_in(decoded: bytes) -> bool:
+    return any(seg in _DOT_SEGMENTS for seg in decoded.replace(b"\\", b"/").split(b"/"))
+
+
+def _dot_segment_with_params_in(decoded: bytes) -> bool:
+    return any(
+        b";" in seg and seg.partition(b";")[0] in _DOT_SEGMENTS
+        for seg in decoded.replace(b"\\", b"/").split(b"/")
+    )
 
 
 def is_unsafe_path(raw_path: bytes) -> bool:

@@ -198,6 +198,13 @@ class PoolRuntime:
             self.refresh(resume_after=member)  # the probe was a turn of the rotation
         return member
 
+    @property
+    def panic(self) -> bool:
+        """True while no upstream is eligible on its own health and the pool routes to
+        them all anyway (``on_all_down="try_all"``, Envoy's panic mode). Not when every
+        upstream is drained or weighs 0: then there is nowhere to route."""
+        return self.all_down and bool(self.eligible)
+
     def more_to_try(self, tried: list[UpstreamState]) -> bool:
         """Whether a member not yet tried by this request remains (membership may have
         changed since the request started)."""

@@ -22,6 +22,10 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
+# A pool in panic mode gets this line above its upstreams (the script is handed it too).
+PANIC = "panic: every upstream is down; requests go to all of them anyway"
+
+
 def _rows(status: dict[str, Any]) -> str:
     rows = []
     for pool in status["pools"]:
@@ -29,6 +33,13 @@ def _rows(status: dict[str, Any]) -> str:
             rows.append(
                 "<tr class='down'><td>{pool}</td><td colspan='9'>{text}</td></tr>".format(
                     pool=html.escape(pool["prefix"]), text=html.escape(_no_members(pool))
+                )
+            )
+        if pool.get("panic"):
+            rows.append(
+                "<tr class='panic' data-panic='{pool}'><td>{pool}</td>"
+                "<td colspan='9'>{text}</td></tr>".format(
+                    pool=html.escape(pool["prefix"]), text=html.escape(PANIC)
                 )
             )
         for up in pool["upstreams"]:
@@ -78,6 +89,7 @@ tr.up td.state {{ color: #1a7f37; }}
 tr.down td.state, tr.ejected td.state {{ color: #cf222e; }}
 tr.probing td.state, tr.drained td.state {{ color: #9a6700; }}
 tr.down, tr.ejected {{ background: #fff5f5; }}
+tr.panic td {{ background: #fff8c5; color: #9a6700; font-weight: 600; }}
 </style></head>
 <body>
 <h1>rr-middleware</h1>
@@ -90,6 +102,7 @@ tr.down, tr.ejected {{ background: #fff5f5; }}
 </tbody></table>
 <script>
 const JSON_URL = {json_url};
+const PANIC = {panic};
 let last = null;
 function ms(s) {{ return s === null ? "-" : Math.round(s * 1000) + " ms"; }}
 function cell(text, cls) {{
@@ -108,6 +121,12 @@ async function refresh() {{
     const text = found ? "no upstreams from " + found.source +
       (found.error ? "; last error: " + found.error : "") : "no upstreams";
     const td = cell(text); td.colSpan = 9;
+    tr.append(cell(pool.prefix), td); rows.push(tr);
+  }}
+  if (pool.panic) {{
+    const tr = document.createElement("tr"); tr.className = "panic";
+    tr.dataset.panic = pool.prefix;
+    const td = cell(PANIC); td.colSpan = 9;
     tr.append(cell(pool.prefix), td); rows.push(tr);
   }}
   for (const up of pool.upstreams) {{
@@ -137,4 +156,6 @@ setInterval(() => refresh().catch(() => {{}}), 2000);
 
 
 def render_html(status: dict[str, Any], json_url: str) -> bytes:
-    return _PAGE.format(rows=_rows(status), json_url=json.dumps(json_url)).encode()
+    return _PAGE.format(
+        rows=_rows(status), json_url=json.dumps(json_url), panic=json.dumps(PANIC)
+    ).encode()

@@ -79,7 +79,7 @@ async def forward_websocket(
     pool = state.pool
     client = scope.get("client")
     try:
-        headers = request_headers(
+        headers, _ = request_headers(
             scope["headers"],
             client_host=client[0] if client else None,
             scheme="https" if scope.get("scheme") == "wss" else "http",

@@ -190,6 +190,34 @@ def test_pool_defaults() -> None:
     assert pool.preserve_host is False
     assert pool.retries == 2
     assert pool.transport is None
+    assert pool.refuse_methods == frozenset({"CONNECT", "TRACE"})
+    assert pool.refuse_ambiguous_paths is True
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, "false", "no"])
+def test_refuse_ambiguous_paths_must_be_a_bool(value: object) -> None:
+    with pytest.raises(ValueError, match=r"refuse_ambiguous_paths must be True or False, got "):
+        Pool(["http://10.0.0.1"], refuse_ambiguous_paths=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ((), frozenset()),
+        ({"TRACE"}, frozenset({"TRACE"})),
+        (["connect", "Trace", "PROPFIND"], frozenset({"CONNECT", "TRACE", "PROPFIND"})),
+        (("M-SEARCH",), frozenset({"M-SEARCH"})),
+    ],
+)
+def test_refuse_methods_is_stored_upper_cased(given: object, stored: frozenset[str]) -> None:
+    pool = Pool(["http://10.0.0.1"], refuse_methods=given)  # type: ignore[arg-type]
+    assert pool.refuse_methods == stored
+
+
+@pytest.mark.parametrize("value", ["TRACE", b"TRACE", ["GET POST"], [""], ["GET", 1], None, 5])
+def test_bad_refuse_methods_are_rejected_naming_the_value(value: object) -> None:
+    with pytest.raises(ValueError, match=r"refuse_methods must be .*" + _names(value)):
+        Pool(["http://10.0.0.1"], refuse_methods=value)  # type: ignore[arg-type]
 
 
 def test_pool_accepts_url_strings_and_upstream_objects() -> None:

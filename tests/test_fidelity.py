@@ -662,6 +662,26 @@ def test_host_rewritten_unless_preserve_host(upstreams: list[RunningServer]) -> 
         assert values(record, "x-forwarded-host") == ["front.example:8443"]
 
 
+def test_preserve_host_without_a_client_host_sends_the_upstreams(
+    upstreams: list[RunningServer],
+) -> None:
+    """An HTTP/1.0 client may send no Host; the upstream request is HTTP/1.1, which must
+    have one (RFC 9112 §3.2), so the upstream's own is sent, as without preserve_host."""
+    a, b, _ = upstreams
+    pools = {"/h": Pool([a.url]), "/ph": Pool([b.url], preserve_host=True)}
+    with running_proxy(pools) as (proxy, _):
+        for prefix, upstream in (("/ph", b), ("/h", a)):
+            with RawClient(proxy.port) as raw:
+                status, _, body = raw.request(
+                    b"GET %s/?action=echo HTTP/1.0\r\n\r\n" % prefix.encode()
+                )
+            assert status == 200, body
+            record = json.loads(body)
+            assert record["http_version"] == "1.1"
+            assert values(record, "host") == [f"127.0.0.1:{upstream.port}"]
+            assert values(record, "x-forwarded-host") == []  # the client named no host
+
+
 SPOOFED = [
     ("X-Forwarded-For", "203.0.113.7"),
     ("X-Forwarded-For", "198.51.100.1"),
@@ -744,6 +764,7 @@ def test_304_with_content_length_relayed_without_breaking_the_connection() -> No
             status, headers = raw.read_head()
             assert status == 304, f"request {attempt}"
             assert dict(headers)[b"etag"] == b'"v1"'
+            assert b"content-length" not in dict(headers)  # README: not passed on
     assert len(upstream.heads) == 2
 
 

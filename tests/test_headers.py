@@ -27,7 +27,7 @@ def forward(
     keep_host: bool = False,
     prefix: bytes = b"",
 ) -> Headers:
-    return request_headers(
+    out, has_host = request_headers(
         raw,
         client_host=client,
         scheme=scheme,
@@ -35,6 +35,8 @@ def forward(
         keep_host=keep_host,
         prefix=prefix,
     )
+    assert has_host == (b"host" in names(out))
+    return out
 
 
 def values(headers: Headers, name: bytes) -> list[bytes]:
@@ -74,6 +76,23 @@ def test_host_is_left_to_the_caller_unless_preserved() -> None:
     assert values(out, b"x-forwarded-host") == [b"example.com"]
     kept = forward(raw, keep_host=True)
     assert values(kept, b"host") == [b"example.com"]
+
+
+def test_without_a_client_host_none_is_kept_and_the_caller_is_told() -> None:
+    raw = [(b"accept", b"*/*")]  # HTTP/1.0 allows a request without Host
+    out, has_host = request_headers(
+        raw, client_host=None, scheme="http", trusted=TrustedProxies(), keep_host=True, prefix=b""
+    )
+    assert (values(out, b"host"), has_host) == ([], False)
+    out, has_host = request_headers(
+        [(b"host", b"h"), *raw],
+        client_host=None,
+        scheme="http",
+        trusted=TrustedProxies(),
+        keep_host=True,
+        prefix=b"",
+    )
+    assert (values(out, b"host"), has_host) == ([b"h"], True)
 
 
 def test_headers_named_by_connection_are_removed() -> None:
@@ -227,6 +246,65 @@ def test_forwarding_headers_from_a_trusted_network_are_kept_and_extended() -> No
     assert values(out, b"forwarded") == [b"for=6.6.6.6;proto=https"]
     assert values(out, b"x-real-ip") == [b"6.6.6.6"]
     assert values(out, b"x-forwarded-port") == [b"443"]
+
+
+# The rest of the X-Forwarded-* family: frameworks read these too (Rack and Django read
+# X-Forwarded-Ssl and -Scheme, Envoy sets -Client-Cert, Traefik -Server and -Uri).
+OTHER_FORWARDED: Headers = [
+    (b"x-forwarded-ssl", b"on"),
+    (b"x-forwarded-scheme", b"https"),
+    (b"x-forwarded-client-cert", b'Hash=abc;Subject="CN=admin"'),
+    (b"x-forwarded-server", b"internal.example"),
+    (b"x-forwarded-uri", b"/admin"),
+    (b"x-forwarded-anything-new", b"1"),
+]
+# Read as X-Forwarded-For, X-Real-IP, ... by CGI and WSGI servers (HTTP_X_FORWARDED_FOR).
+LOOKALIKES: Headers = [
+    (b"x_forwarded_for", b"6.6.6.6"),
+    (b"x_real_ip", b"6.6.6.6"),
+    (b"x_forwarded_proto", b"https"),
+    (b"x_forwarded_host", b"evil.example"),
+    (b"x-forwarded_for", b"6.6.6.6"),
+    (b"x_forwarded-port", b"443"),
+    (b"x-real_ip", b"6.6.6.6"),
+    (b"x_forwarded_ssl", b"on"),
+    (b"x-forwarded-client_cert", b"Hash=abc"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), OTHER_FORWARDED)
+def test_any_x_forwarded_header_from_an_untrusted_client_is_dropped(
+    name: bytes, value: bytes
+) -> None:
+    out = forward([(b"accept", b"*/*"), (name, value)], trusted=TrustedProxies("10.0.0.0/8"))
+    assert values(out, name) == []
+    assert out[0] == (b"accept", b"*/*")
+
+
+@pytest.mark.parametrize(("name", "value"), OTHER_FORWARDED)
+def test_any_x_forwarded_header_from_a_trusted_proxy_is_kept(name: bytes, value: bytes) -> None:
+    out = forward([(name, value)], client="10.0.0.1", trusted=TrustedProxies("10.0.0.0/8"))
+    assert values(out, name) == [value]
+
+
+@pytest.mark.parametrize("client", ["203.0.113.7", "10.0.0.1"], ids=["untrusted", "trusted"])
+@pytest.mark.parametrize(("name", "value"), LOOKALIKES)
+def test_underscore_lookalikes_of_forwarding_headers_are_dropped_from_everyone(
+    name: bytes, value: bytes, client: str
+) -> None:
+    out = forward([(name, value)], client=client, trusted=TrustedProxies("10.0.0.0/8"))
+    assert values(out, name) == []
+    # And they do not feed the real ones either.
+    assert values(out, b"x-forwarded-for") == [client.encode()]
+    assert values(out, b"x-forwarded-proto") == [b"http"]
+
+
+@pytest.mark.parametrize(
+    "name", [b"x_request_id", b"x_custom", b"x-forwarded", b"x_forwarded", b"y_forwarded_for"]
+)
+def test_other_names_with_underscores_are_kept(name: bytes) -> None:
+    out = forward([(name, b"v")])
+    assert values(out, name) == [b"v"]
 
 
 def test_repeated_x_forwarded_for_from_a_trusted_proxy_is_one_chain() -> None:

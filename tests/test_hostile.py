@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import select
 import socket
 import socketserver
@@ -121,6 +122,21 @@ def site(site_servers: Site) -> Site:
     return site_servers
 
 
+@pytest.fixture(scope="module")
+def trusted_site_servers(site_servers: Site) -> Iterator[Site]:
+    """The same upstreams behind a second proxy that trusts the test client (127.0.0.1)."""
+    pools = {"/api": [site_servers.api.url], "/admin": [site_servers.admin.url]}
+    with running_proxy(pools, trusted_proxies="127.0.0.1") as (proxy, _):
+        yield Site(proxy, site_servers.api, site_servers.admin)
+
+
+@pytest.fixture
+def trusted_site(trusted_site_servers: Site) -> Site:
+    trusted_site_servers.api.app.requests.clear()
+    trusted_site_servers.admin.app.requests.clear()
+    return trusted_site_servers
+
+
 def assert_refused_by_middleware(status: int, body: bytes, expected: int = 400) -> None:
     assert (status, body) == (expected, ERROR_BODIES[expected])
 
@@ -173,6 +189,59 @@ def test_nul_control_bytes_and_spaces_are_refused(site: Site, target: bytes) -> 
     if target == b"/api/%00x":
         assert body == ERROR_BODIES[400]  # well-formed: the middleware itself refuses it
     assert site.nothing_forwarded()
+
+
+AMBIGUOUS_PATHS = {
+    "dot-dot-params": "/api/..;/admin",
+    "dot-params": "/api/.;/x",
+    "dot-dot-encoded-semicolon": "/api/..%3b/admin",
+    "encoded-dots-params": "/api/%2e%2e;x/admin",
+    "double-encoded-dots": "/api/%252e%252e/admin",
+    "double-encoded-slash": "/api/..%252fadmin",
+    "overlong-dots": "/api/%c0%ae%c0%ae/admin",
+    "overlong-slash": "/api/..%c0%afadmin",
+    "overlong-3-byte-dots": "/api/%e0%80%ae%e0%80%ae/x",
+    "overlong-backslash": "/api/..%c1%9cadmin",
+}
+
+
+@pytest.mark.parametrize("path", AMBIGUOUS_PATHS.values(), ids=AMBIGUOUS_PATHS.keys())
+def test_paths_some_upstreams_read_as_dot_segments_are_refused(site: Site, path: str) -> None:
+    """Tomcat and Spring drop ``;params`` before resolving dot segments, frameworks that
+    decode twice see ``%252e`` as ``.``, lenient UTF-8 decoders read ``%c0%ae`` as ``.``:
+    the proxy sees no dot segment in these, such an upstream does."""
+    status, body = site.get(path)
+    assert_refused_by_middleware(status, body)
+    assert site.nothing_forwarded()
+
+
+def test_refuse_ambiguous_paths_false_forwards_them_as_sent() -> None:
+    with (
+        serve(UpstreamApp("api")) as api,
+        running_proxy({"/api": Pool([api.url], refuse_ambiguous_paths=False)}) as (proxy, _),
+        RawClient(proxy.port) as raw,
+    ):
+        for path in AMBIGUOUS_PATHS.values():
+            status, _, body = raw.request(raw_request("GET", path, FRONT))
+            assert status == 200, (path, body)
+        status, _, body = raw.request(raw_request("GET", "/api/../admin", FRONT))
+        assert_refused_by_middleware(status, body)  # plain dot segments: always refused
+    forwarded = [r["raw_path"] for r in api.app.requests]
+    assert forwarded == [path.removeprefix("/api") for path in AMBIGUOUS_PATHS.values()]
+
+
+def test_path_parameters_and_encoded_text_are_forwarded(site: Site) -> None:
+    """What the ambiguous-path checks leave alone: matrix parameters, a name holding an
+    encoded "%2f", UTF-8 and Latin-1 escapes."""
+    for path in ("/api/items;v=1/x", "/api/a%252fb", "/api/caf%c3%a9", "/api/%e9t%e9"):
+        status, body = site.get(path)
+        assert status == 200, (path, body)
+    assert [r["raw_path"] for r in site.api_requests] == [
+        "/items;v=1/x",
+        "/a%252fb",
+        "/caf%c3%a9",
+        "/%e9t%e9",
+    ]
 
 
 def test_path_and_query_over_max_url_length_get_414(site: Site) -> None:
@@ -228,6 +297,75 @@ def test_absolute_form_target_goes_to_the_configured_upstream_as_its_path(site: 
     assert (record["raw_path"], record["query"]) == ("/x", "q=1")
 
 
+# --------------------------------------------------------------------------- the table, methods
+
+# What a 405 says the pool takes (RFC 9110 §15.5.6): the standard methods it does not refuse.
+DEFAULT_ALLOW = b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
+
+
+def allow(headers: Headers) -> list[bytes]:
+    return [v for n, v in headers if n == b"allow"]
+
+
+def test_trace_is_refused_with_405_and_allow_and_nothing_forwarded(site: Site) -> None:
+    """TRACE through uvicorn's default parser (httptools), which delivers it: an upstream
+    would echo the request back, cookies and credentials included (cross-site tracing)."""
+    sent = [*FRONT, ("Cookie", "session=s3cret"), ("Authorization", "Bearer t0k3n")]
+    status, headers, body = site.exchange(raw_request("TRACE", "/api/x", sent))
+    assert (status, body) == (405, b"405 Method Not Allowed\n")
+    assert allow(headers) == [DEFAULT_ALLOW]
+    assert site.nothing_forwarded()
+
+
+def test_connect_in_origin_form_is_refused_with_405(site: Site) -> None:
+    """httptools refuses a CONNECT to an authority (``CONNECT host:443``) itself, with
+    400, but delivers one whose target is a path; that one reaches the middleware."""
+    status, headers, body = site.exchange(raw_request("CONNECT", "/api/x", FRONT))
+    assert (status, body) == (405, b"405 Method Not Allowed\n")
+    assert allow(headers) == [DEFAULT_ALLOW]
+    assert site.nothing_forwarded()
+
+
+def test_connect_to_an_authority_and_a_lower_case_trace_are_refused_under_h11() -> None:
+    """uvicorn with h11 delivers what httptools does not: ``CONNECT example.com:443`` (whose
+    path is then ``example.com:443``: only a ``/`` pool takes it) and method names in lower
+    case, which some upstreams read as the upper-case method."""
+    with (
+        serve(UpstreamApp("root")) as root,
+        proxy_with({"/": [root.url]}, http="h11") as proxy,
+        RawClient(proxy.port) as raw,
+    ):
+        for method, target in (("CONNECT", "example.com:443"), ("trace", "/x")):
+            status, headers, body = raw.request(raw_request(method, target, FRONT))
+            assert (status, body) == (405, b"405 Method Not Allowed\n"), method
+            assert allow(headers) == [DEFAULT_ALLOW]
+        assert root.app.requests == []
+
+
+def test_a_pool_that_does_not_refuse_a_method_forwards_it() -> None:
+    """Opting in: each pool names the methods it refuses, and its 405 names the rest. A
+    CONNECT a pool lets through goes upstream as an ordinary request (no tunnel)."""
+    with serve(UpstreamApp("api")) as api:
+        pools = {
+            "/trace": Pool([api.url], refuse_methods={"CONNECT"}),
+            "/connect": Pool([api.url], refuse_methods={"TRACE", "DELETE"}),
+        }
+        with running_proxy(pools) as (proxy, _):
+            with RawClient(proxy.port) as raw:
+                status, _, body = raw.request(raw_request("TRACE", "/trace/x", FRONT))
+                assert status == 200, body
+                status, headers, body = raw.request(raw_request("DELETE", "/connect/x", FRONT))
+                assert (status, body) == (405, b"405 Method Not Allowed\n")
+                assert allow(headers) == [b"GET, HEAD, POST, PUT, CONNECT, OPTIONS, PATCH"]
+            with RawClient(proxy.port) as raw:
+                status, _, body = raw.request(raw_request("CONNECT", "/connect/x", FRONT))
+                assert status == 200, body
+    assert [(r["method"], r["raw_path"]) for r in api.app.requests] == [
+        ("TRACE", "/x"),
+        ("CONNECT", "/x"),
+    ]
+
+
 # --------------------------------------------------------------------------- the table, headers
 
 
@@ -270,6 +408,65 @@ def test_x_forwarded_for_from_an_untrusted_client_is_replaced(site: Site) -> Non
     status, _ = site.get("/api/h", [*FRONT, ("X-Forwarded-For", "1.2.3.4")])
     assert status == 200
     assert values(site.forwarded_once(), "x-forwarded-for") == ["127.0.0.1"]
+
+
+# Names as a client writes them; the upstream records them lower-cased.
+OTHER_X_FORWARDED = [
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Forwarded-Scheme", "https"),
+    ("X-Forwarded-Client-Cert", 'Hash=abc;Subject="CN=admin"'),
+    ("X-Forwarded-Server", "internal.example"),
+    ("X-Forwarded-Uri", "/admin"),
+]
+UNDERSCORE_LOOKALIKES = [
+    ("X_Forwarded_For", "6.6.6.6"),
+    ("X_Real_IP", "6.6.6.6"),
+    ("X_Forwarded_Proto", "https"),
+    ("X_Forwarded_Host", "evil.example"),
+    ("X-Forwarded_For", "6.6.6.6"),
+    ("X_Forwarded_Ssl", "on"),
+]
+
+
+def sent_values(record: dict[str, Any]) -> list[str]:
+    return [v for _, v in record["headers"]]
+
+
+@pytest.mark.parametrize(("name", "value"), OTHER_X_FORWARDED)
+def test_any_x_forwarded_header_from_an_untrusted_client_is_not_forwarded(
+    site: Site, name: str, value: str
+) -> None:
+    status, _ = site.get("/api/h", [*FRONT, (name, value), ("X-Kept", "yes")])
+    assert status == 200
+    record = site.forwarded_once()
+    assert values(record, name.lower()) == []
+    assert values(record, "x-kept") == ["yes"]
+    assert value not in sent_values(record)
+
+
+@pytest.mark.parametrize(("name", "value"), OTHER_X_FORWARDED)
+def test_any_x_forwarded_header_from_a_trusted_proxy_is_forwarded(
+    trusted_site: Site, name: str, value: str
+) -> None:
+    status, _ = trusted_site.get("/api/h", [*FRONT, (name, value)])
+    assert status == 200
+    assert values(trusted_site.forwarded_once(), name.lower()) == [value]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted"])
+@pytest.mark.parametrize(("name", "value"), UNDERSCORE_LOOKALIKES)
+def test_underscore_lookalikes_of_forwarding_headers_are_never_forwarded(
+    site: Site, trusted_site: Site, name: str, value: str, trusted: bool
+) -> None:
+    """CGI and WSGI upstreams read ``X_Forwarded_For`` as ``HTTP_X_FORWARDED_FOR``: passed
+    on, it would stand in for the real header, even behind a trusted proxy."""
+    front = trusted_site if trusted else site
+    status, _ = front.get("/api/h", [*FRONT, (name, value)])
+    assert status == 200
+    record = front.forwarded_once()
+    assert values(record, name.lower()) == []
+    assert value not in sent_values(record)
+    assert values(record, "x-forwarded-for") == ["127.0.0.1"]
 
 
 def test_two_host_headers_are_refused(site: Site) -> None:
@@ -653,10 +850,44 @@ def dot_segment(path: bytes) -> bool:
     return any(s in (b".", b"..") for s in decoded.split(b"/"))
 
 
+def read_as_dot_segment_by_some(path: bytes) -> bool:
+    """SECURITY.md's ambiguous paths: decoded once or more, a dot segment with ";params",
+    or overlong UTF-8; decoded twice or more, any dot segment."""
+    levels = [unquote_to_bytes(path)]
+    while (again := unquote_to_bytes(levels[-1])) != levels[-1]:
+        levels.append(again)
+    for depth, text in enumerate(levels, start=1):
+        for segment in text.replace(b"\\", b"/").split(b"/"):
+            name, params, _ = segment.partition(b";")
+            if name in (b".", b"..") and (params or depth > 1):
+                return True
+        if OVERLONG.search(text):
+            return True
+    return False
+
+
+OVERLONG = re.compile(
+    rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]|\xf0[\x80-\x8f][\x80-\xbf]{2}"
+)
+
+
 def must_refuse(raw_path: bytes) -> bool:
-    """Dot segments, raw or encoded or with backslashes, and NUL (SECURITY.md); and any raw
-    backslash at all (routing.py: some upstreams read it as "/")."""
-    return dot_segment(raw_path) or b"\\" in raw_path or b"%00" in raw_path
+    """Dot segments, raw or encoded or with backslashes, NUL and ambiguous paths
+    (SECURITY.md); and any raw backslash at all (routing.py: some upstreams read it as
+    "/")."""
+    return (
+        dot_segment(raw_path)
+        or b"\\" in raw_path
+        or b"%00" in raw_path
+        or read_as_dot_segment_by_some(raw_path)
+    )
+
+
+def forwarding_name(name: str) -> bool:
+    """Any X-Forwarded-* name, or a look-alike with "_" for "-" (SECURITY.md): never
+    forwarded from the fuzz's client, which is not a trusted proxy."""
+    dashed = name.replace("_", "-")
+    return dashed in FORWARDING or dashed.startswith("x-forwarded-")
 
 
 def expected_headers(sent: list[tuple[str, str]], prefix: str, member: Member) -> list[Any]:
@@ -666,7 +897,9 @@ def expected_headers(sent: list[tuple[str, str]], prefix: str, member: Member) -
             named |= {t.strip().lower() for t in value.split(",")}
     named -= HOP_BY_HOP_NAMES
     special = HOP_BY_HOP_NAMES | FORWARDING | {"host", "content-length", "expect"}
-    kept = [(n, v) for n, v in sent if n not in special and n not in named]
+    kept = [
+        (n, v) for n, v in sent if n not in special and n not in named and not forwarding_name(n)
+    ]
     hosts = [v for n, v in sent if n == "host"]
     added = [("x-forwarded-for", FUZZ_CLIENT[0]), ("x-forwarded-proto", "http")]
     added += [("x-forwarded-host", h) for h in hosts]
@@ -679,13 +912,15 @@ DECOY_STARTS = ["/apix", "/api/v2x", "/api%2Fv2", "/API", "//api", "/static%2F",
 SEGMENT_TOKENS = [
     ".", ".", "..", "%", *"0123456789abcdefABCDEF", "@", ":", "\\", *"xyzXYZ", "/",
     "%2e", "%2E", "%2e%2e", "%2f", "%2F", "%5c", "%5C", "%00", "api", "v2", "static",
+    ";", "%3b", "%25", "%252e", "%252f", "%c0%ae", "%c0", "%ae", "%e0%80", "%c3%a9",
 ]  # fmt: skip
 QUERY_ALPHABET = "abcXYZ019=&%./?:@+,;-_~!$'()*[]"
 HEADER_NAMES = [
     "host", "cookie", "authorization", "accept", "x-a", "x-b", "user-agent", "expect",
     "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-prefix",
     "forwarded", "x-real-ip", "keep-alive", "te", "trailer", "upgrade",
-    "proxy-authorization", "proxy-connection",
+    "proxy-authorization", "proxy-connection", "x-forwarded-ssl", "x-forwarded-client-cert",
+    "x_forwarded_for", "x_real_ip", "x-forwarded_proto", "x_request_id", "x-forwarded",
 ]  # fmt: skip
 HEADER_VALUE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12)
 CONNECTION_TOKENS = [*HEADER_NAMES, "close", "X-A", "Cookie", " X-B ", "Host"]

@@ -75,6 +75,21 @@ class FlakyUpstream(UpstreamApp):
         await _respond(send, 503, [(b"x-upstream", self.name.encode())], b"failing")
 
 
+class SickUpstream(UpstreamApp):
+    """An UpstreamApp whose health checks (``/health``) fail while ``failing`` is set; its
+    traffic is answered as usual all along."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.failing = threading.Event()
+
+    async def _handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["raw_path"] == b"/health" and self.failing.is_set():
+            await _respond(send, 503, [], b"sick")
+            return
+        await super()._handle(scope, receive, send)
+
+
 class ManualClock:
     """A pool clock the test moves: ejections run out when the test says so."""
 
@@ -163,12 +178,17 @@ def dump_dom(url: str, profile: Path) -> str:
     return dom
 
 
+PANIC_TEXT = "panic: every upstream is down; requests go to all of them anyway"
+
+
 class StatusTable(HTMLParser):
-    """The rows of the status page's table, and its "updated" note."""
+    """The rows of the status page's table, its panic lines (``{pool: text}``), and its
+    "updated" note."""
 
     def __init__(self, dom: str) -> None:
         super().__init__()
         self.rows: list[dict[str, Any]] = []
+        self.panics: dict[str, str] = {}
         self.updated = ""
         self._row: dict[str, Any] | None = None
         self._cell: list[str] | None = None
@@ -181,6 +201,8 @@ class StatusTable(HTMLParser):
         if tag == "tr" and "data-upstream" in attributes:
             self._row = {"url": attributes["data-upstream"], "class": attributes.get("class")}
             self._row["cells"] = []
+        elif tag == "tr" and "data-panic" in attributes:
+            self._row = {"panic": attributes["data-panic"], "cells": []}
         elif tag == "td" and self._row is not None:
             self._cell = []
         elif tag == "span" and attributes.get("id") == "updated":
@@ -191,7 +213,11 @@ class StatusTable(HTMLParser):
             self._row["cells"].append("".join(self._cell).strip())
             self._cell = None
         elif tag == "tr" and self._row is not None:
-            self.rows.append(self._row)
+            if "panic" in self._row:
+                assert self._row["cells"][0] == self._row["panic"]
+                self.panics[self._row["panic"]] = self._row["cells"][1]
+            else:
+                self.rows.append(self._row)
             self._row = None
         elif tag == "span":
             self._in_updated = False
@@ -824,6 +850,117 @@ def test_access_log_one_info_line_per_proxied_request(caplog: pytest.LogCaptureF
             assert level == want_level
             assert line.startswith(start), (line, start)
             assert re.fullmatch(r"\d+\.\d ms", line[len(start) :]), line
+
+
+# ----------------------------------------------------------------------- panic mode
+
+
+def pool_status(http: httpx.Client, prefix: str) -> dict[str, Any]:
+    """One pool's entry in the status JSON, fetched now."""
+    response = http.get("/status.json")
+    assert response.status_code == 200, response.text
+    [pool] = [p for p in response.json()["pools"] if p["prefix"] == prefix]
+    return pool  # type: ignore[no-any-return]
+
+
+def test_panic_mode_is_a_pool_gauge_and_flag_and_leaves_rr_upstream_up_alone() -> None:
+    """Every upstream fails its checks. ``/api`` (``on_all_down="try_all"``) routes to
+    them anyway: ``rr_pool_panic`` 1, ``panic`` true in the JSON, a line on the page, while
+    ``rr_upstream_up`` stays 0 (each upstream, on its own health, is not eligible).
+    ``/fail`` answers 503 instead: not panic. Once checks pass again, all of it reverts."""
+    a_app, b_app = SickUpstream("a"), SickUpstream("b")
+    checks = HealthCheck(interval=0.05, rise=1, fall=1)
+    with serve(a_app) as a, serve(b_app) as b, ExitStack() as stack:
+        pools = {
+            "/api": Pool([a.url, b.url], health_check=checks),
+            "/fail": Pool([a.url, b.url], health_check=checks, on_all_down="fail"),
+        }
+        server, _ = stack.enter_context(
+            running_proxy(pools, metrics_path="/metrics", status_path="/status")
+        )
+        http = stack.enter_context(client(base_url=server.url))
+        before = scrape(http)
+        assert before.types["rr_pool_panic"] == "gauge"
+        assert before.by("rr_pool_panic", "pool") == {"/api": 0, "/fail": 0}
+        assert pool_status(http, "/api")["panic"] is False
+
+        a_app.failing.set()
+        b_app.failing.set()
+        wait_for(
+            lambda: all(
+                up["state"] == "down"
+                for prefix in pools
+                for up in pool_status(http, prefix)["upstreams"]
+            ),
+            "the checks to mark every upstream down",
+        )
+        served = {http.get(f"/api/{n}").headers["x-upstream"] for n in range(4)}
+        assert served == {"a", "b"}  # panic mode: both still take traffic
+        refused = http.get("/fail/x")
+        assert refused.status_code == 503
+        assert "retry-after" in refused.headers
+
+        during = scrape(http)
+        assert during.by("rr_pool_panic", "pool") == {"/api": 1, "/fail": 0}
+        assert set(during.by("rr_upstream_up", "upstream", pool="/api").values()) == {0}
+        assert set(during.by("rr_upstream_up", "upstream", pool="/fail").values()) == {0}
+        api = pool_status(http, "/api")
+        assert api["panic"] is True
+        assert {up["eligible"] for up in api["upstreams"]} == {False}
+        assert pool_status(http, "/fail")["panic"] is False
+        page = http.get("/status").text
+        assert "data-panic='/api'" in page
+        assert "data-panic='/fail'" not in page
+
+        a_app.failing.clear()
+        b_app.failing.clear()
+        wait_for(lambda: not pool_status(http, "/api")["panic"], "the checks to pass again")
+        after = scrape(http)
+        assert after.by("rr_pool_panic", "pool") == {"/api": 0, "/fail": 0}
+        assert set(after.by("rr_upstream_up", "upstream", pool="/api").values()) == {1}
+        assert "data-panic" not in http.get("/status").text
+
+
+def test_panic_mode_from_ejections_ends_when_they_run_out() -> None:
+    """Both upstreams ejected by their own 503s (passive, on the pool's injected clock):
+    panic until the ejections run out."""
+    clock = ManualClock()
+    with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b, ExitStack() as stack:
+        pool = Pool([a.url, b.url], max_fails=1, fail_timeout=5, clock=clock)
+        server, mw = stack.enter_context(
+            running_proxy({"/api": pool}, metrics_path="/metrics", status_path="/status")
+        )
+        http = stack.enter_context(client(base_url=server.url))
+        first = http.get("/api/x?action=status&code=503").headers["x-upstream"]
+        assert scrape(http).get("rr_pool_panic", pool="/api") == 0  # one left: no panic
+        second = http.get("/api/x?action=status&code=503").headers["x-upstream"]
+        assert {first, second} == {"a", "b"}
+        assert scrape(http).get("rr_pool_panic", pool="/api") == 1
+        assert mw.status()["pools"][0]["panic"] is True
+        assert http.get("/api/x").status_code == 200  # served all the same
+        clock.now += 6
+        assert scrape(http).get("rr_pool_panic", pool="/api") == 0
+        assert mw.status()["pools"][0]["panic"] is False
+
+
+def test_status_page_shows_panic_in_headless_chromium(tmp_path: Path) -> None:
+    """The panic line is on the page as the script rebuilds it from the JSON, not only as
+    the server first rendered it."""
+    chromium_or_skip()
+    clock = ManualClock()
+    with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b, ExitStack() as stack:
+        pools = {
+            "/api": Pool([a.url, b.url], max_fails=1, fail_timeout=5, clock=clock),
+            "/web": [a.url],
+        }
+        server, _ = stack.enter_context(running_proxy(pools, status_path="/status"))
+        http = stack.enter_context(client(base_url=server.url))
+        for _ in range(2):
+            assert http.get("/api/x?action=status&code=503").status_code == 503
+        status = http.get("/status.json").json()
+        dom = dump_dom(server.url + "/status", tmp_path / "profile")
+        check_page(dom, status)
+        assert StatusTable(dom).panics == {"/api": PANIC_TEXT}
 
 
 # ------------------------------------------------------------------- bugs, pinned down

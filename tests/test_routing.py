@@ -1,10 +1,12 @@
-"""PrefixRouter matching and the path filters (dot segments, unsafe bytes)."""
+"""PrefixRouter matching and the path filters (dot segments, unsafe bytes, ambiguous paths)."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from rr_middleware.routing import PrefixRouter, has_dot_segment, is_unsafe_path
+from rr_middleware.routing import PrefixRouter, has_dot_segment, is_ambiguous_path, is_unsafe_path
 
 
 @pytest.fixture
@@ -260,6 +262,123 @@ def test_unsafe_paths(path: bytes) -> None:
 )
 def test_safe_paths(path: bytes) -> None:
     assert not is_unsafe_path(path)
+
+
+# --------------------------------------------------------------------------- ambiguous paths
+
+AMBIGUOUS = [
+    # A dot segment with path parameters: Tomcat and Spring drop ";..." first.
+    b"/api/..;/admin",
+    b"/api/..;jsessionid=x/admin",
+    b"/api/.;/x",
+    b"/api/x/..;",
+    b"/api/..%3b/admin",
+    b"/api/..%3B/admin",
+    b"/api/%2e%2e;/admin",
+    b"/api/%2e%2e%3bx/admin",
+    b"/api/x%2f..;%2fadmin",
+    # Dot segments once decoded twice (or more).
+    b"/api/%252e%252e/admin",
+    b"/api/%252E%252E/admin",
+    b"/api/.%252e/admin",
+    b"/api/..%252fadmin",
+    b"/api/x%252f..%252fadmin",
+    b"/api/..%255cadmin",
+    b"/api/%252e",
+    b"/api/%25252e%25252e/admin",
+    b"/api/..%253b/admin",
+    # Overlong UTF-8 for ".", "/" and "\\" (and any other overlong form).
+    b"/api/%c0%ae%c0%ae/admin",
+    b"/api/%C0%AE%C0%AE/admin",
+    b"/api/..%c0%afadmin",
+    b"/api/%e0%80%ae%e0%80%ae/x",
+    b"/api/..%c1%9cadmin",
+    b"/api/%c1%81",
+    b"/api/%f0%80%80%ae",
+    b"/api/%25c0%25ae%25c0%25ae/admin",
+]
+
+
+@pytest.mark.parametrize("path", AMBIGUOUS)
+def test_ambiguous_paths_are_detected(path: bytes) -> None:
+    assert is_ambiguous_path(path)
+    assert not has_dot_segment(path)  # not refused without the ambiguous-path checks
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/",
+        b"/api/x",
+        b"/api/items;v=1/x",
+        b"/api/a;b/c;d=e",
+        b"/api/a%3bb",
+        b"/api/...;x",
+        b"/api/..x;y",
+        b"/api/;/x",
+        b"/api/a%252fb",  # a name holding "%2f": decoded twice it is a slash, not a dot segment
+        b"/api/100%25",
+        b"/api/%2525",
+        b"/api/caf%c3%a9",  # UTF-8
+        b"/api/%e2%82%ac",
+        b"/api/%f0%9f%98%80",
+        b"/api/%e9t%e9",  # Latin-1
+        b"/api/%c0",
+        b"/api/%ff%fe",
+        b"/api/%zz%2",
+    ],
+)
+def test_no_false_positive_ambiguous_paths(path: bytes) -> None:
+    assert not is_ambiguous_path(path)
+
+
+segment_text = st.text(st.characters(codec="ascii", exclude_characters="%;/\\?#"), max_size=8)
+
+
+@given(st.lists(segment_text, max_size=6))
+def test_paths_without_percent_or_semicolon_are_never_ambiguous(segments: list[str]) -> None:
+    assert not is_ambiguous_path(("/" + "/".join(segments)).encode())
+
+
+def encode(text: bytes, times: int) -> bytes:
+    """Percent-encode every byte ``times`` times (the second and later time, only "%")."""
+    once = b"".join(b"%%%02x" % byte for byte in text)
+    for _ in range(times - 1):
+        once = once.replace(b"%", b"%25")
+    return once
+
+
+@given(
+    dots=st.sampled_from([b".", b".."]),
+    times=st.integers(2, 4),
+    head=segment_text,
+    tail=segment_text,
+)
+def test_dot_segments_encoded_twice_or_more_are_ambiguous(
+    dots: bytes, times: int, head: str, tail: str
+) -> None:
+    for separator in (b"/", encode(b"/", times), encode(b"\\", times)):
+        path = (
+            b"/api/" + head.encode() + separator + encode(dots, times) + separator + tail.encode()
+        )
+        assert is_ambiguous_path(path), path
+
+
+@given(dots=st.sampled_from([b".", b".."]), params=segment_text, times=st.integers(0, 3))
+def test_dot_segments_with_parameters_are_ambiguous(dots: bytes, params: str, times: int) -> None:
+    semicolon = encode(b";", times) if times else b";"
+    assert is_ambiguous_path(b"/api/" + dots + semicolon + params.encode() + b"/admin")
+
+
+@given(char=st.sampled_from([0x2E, 0x2F, 0x5C]), length=st.sampled_from([2, 3, 4]))
+def test_overlong_utf8_of_dot_and_slashes_is_ambiguous(char: int, length: int) -> None:
+    if length == 2:  # 110xxxxx 10xxxxxx with the value in 7 bits
+        raw = bytes([0xC0 | char >> 6, 0x80 | char & 0x3F])
+    elif length == 3:
+        raw = bytes([0xE0, 0x80 | char >> 6, 0x80 | char & 0x3F])
+    else:
+        raw = bytes([0xF0, 0x80, 0x80 | char >> 6, 0x80 | char & 0x3F])
+    assert is_ambiguous_path(b"/api/" + encode(raw, 1) + b"x")
 
 
 def test_dot_segments_are_refused_under_a_pool_and_untouched_elsewhere() -> None:

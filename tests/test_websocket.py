@@ -436,6 +436,21 @@ def test_upstream_refusal_is_the_clients_status(a: WsUpstream, b: WsUpstream) ->
         assert caught.value.response.status_code == 502
 
 
+def test_a_handshake_is_a_get_for_refuse_methods(a: WsUpstream) -> None:
+    """The default ``refuse_methods`` (CONNECT, TRACE) leave WebSockets alone; a pool
+    refusing GET refuses the handshake too (closed before accepting: uvicorn says 403)."""
+    pools = {"/ws": [a.url], "/noget": Pool([a.url], refuse_methods={"GET"})}
+    with ws_proxy(pools) as (server, _):
+        with sync_client(ws_url(server, "/ws/echo")) as ws:
+            ws.send("hi")
+            assert ws.recv(timeout=WAIT) == "hi"
+        a.handshake()
+        with pytest.raises(InvalidStatus) as caught, sync_client(ws_url(server, "/noget/echo")):
+            pass
+        assert caught.value.response.status_code == 403
+    assert a.handshakes.empty()
+
+
 # ------------------------------------------------------------------------------- closing
 
 
