@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, runtime_checkable
 
-from ..config import Upstream
+from ..config import FieldError, Upstream
 
 __all__ = ["Discovery", "DiscoveryError", "Watcher", "check_seconds", "upstream_at"]
 
@@ -144,15 +144,16 @@ class Watcher:
 
 
 def check_seconds(
-    name: str, value: Any, *, allow_zero: bool = False, maximum: float = math.inf
+    owner: str, name: str, value: Any, *, allow_zero: bool = False, maximum: float = math.inf
 ) -> None:
-    """Validate an option given in seconds; ValueError naming it otherwise."""
+    """Validate option ``name`` of ``owner`` (``"consul"``), given in seconds; a
+    ``FieldError`` naming it otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+        raise FieldError.of(owner, name, f"must be a number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero) or value > maximum:
         limit = f" and at most {maximum:g}" if maximum != math.inf else ""
         floor = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {floor}{limit} seconds, got {value!r}")
+        raise FieldError.of(owner, name, f"must be {floor}{limit} seconds, got {value!r}")
 
 
 def upstream_at(scheme: str, host: str, port: int, weight: int = 1) -> Upstream:
