@@ -271,7 +271,25 @@ def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> G
             normalize_prefix(prefix)
         except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
-        pools[prefix] = POOL.build(table_of(table, where), where)
+        arguments = POOL.arguments(table_of(table, where), where)
+        _check_members(arguments, where)
+        pools[prefix] = POOL.create(arguments, where)
     # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".
     app = MIDDLEWARE.create(middleware, "middleware", Starlette(), pools, elsewhere="pools")
     return GatewayConfig(path, server, middleware, pools, app)
+
+
+def _check_members(arguments: dict[str, Any], where: str) -> None:
+    """A pool's members come from ``upstreams = [...]`` or a discovery table: said in
+    TOML here (``Pool`` says the same in Python: "upstreams or discovery=")."""
+    discovery = f"a [{key_path(where, 'discovery')}] table"
+    if arguments.get("discovery") is None:
+        if "upstreams" not in arguments:
+            raise ConfigError(where, f"a pool needs upstreams = [...] or {discovery}")
+        if not arguments["upstreams"]:
+            raise ConfigError(
+                key_path(where, "upstreams"),
+                f"is empty: list at least one upstream, or give {discovery}",
+            )
+    elif arguments.get("upstreams"):
+        raise ConfigError(where, f"give upstreams = [...] or {discovery}, not both")

@@ -156,7 +156,11 @@ BAD_CONFIGS = [
     ('upstreams = ["http://127.0.0.1:1"]\npolicy = "fastest"', 'pools."/api".policy', "fastest"),
     ('upstreams = ["http://127.0.0.1:1"]\nclock = 1', 'pools."/api".clock', "Python API"),
     ('upstreams = "http://127.0.0.1:1"', 'pools."/api".upstreams', "expected an array"),
-    ("timeout = 1.0", 'pools."/api"', "needs at least one upstream"),
+    (
+        "timeout = 1.0",
+        'pools."/api"',
+        """: a pool needs upstreams = [...] or a [pools."/api".discovery] table""",
+    ),
     (
         'upstreams = ["http://127.0.0.1:1"]\n[pools."/api".health_check]\nexpect = [200, "ok"]',
         'pools."/api".health_check.expect[1]',

@@ -317,6 +317,45 @@ def test_a_python_only_option_says_so(tmp_path: Path, text: str, key: str) -> No
     assert (error.key, error.message) == (key, "takes a Python object: set it with the Python API")
 
 
+# ----------------------------------------------- where a pool's members come from
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        (
+            '[pools."/api"]\ntimeout = 5',
+            'pools."/api"',
+            'a pool needs upstreams = [...] or a [pools."/api".discovery] table',
+        ),
+        (
+            '[pools."/api"]\nupstreams = []',
+            'pools."/api".upstreams',
+            'is empty: list at least one upstream, or give a [pools."/api".discovery] table',
+        ),
+        (
+            '[pools."/api"]\nupstreams = ["http://10.0.0.1"]\n'
+            '[pools."/api".discovery]\ntype = "dns"\nname = "backend"',
+            'pools."/api"',
+            'give upstreams = [...] or a [pools."/api".discovery] table, not both',
+        ),
+    ],
+)
+def test_pool_members_are_explained_in_toml(
+    tmp_path: Path, text: str, key: str, message: str
+) -> None:
+    error = mistake(tmp_path, text)
+    assert (error.key, error.message) == (key, message)
+    assert "discovery=" not in str(error)  # Python's spelling, not the file's
+
+
+def test_the_python_api_explains_pool_members_in_python() -> None:
+    with pytest.raises(ValueError, match=r"^a pool needs at least one upstream \(or discovery=\)$"):
+        Pool()
+    with pytest.raises(ValueError, match=r"^give a pool upstreams or discovery=, not both$"):
+        Pool(["http://10.0.0.1"], discovery=DNSDiscovery("backend"))
+
+
 # ------------------------------------------------------------ the Python side of it
 
 
