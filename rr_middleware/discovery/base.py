@@ -131,12 +131,17 @@ class Watcher:
                 problem = f"{type(exc).__name__}: {exc}"
             self.error = problem
             wait = delay * self._rng.uniform(0.8, 1.2)  # workers must not retry in step
+            kept = (
+                "keeping the upstreams it last returned"
+                if self.updates
+                else "no upstreams yet (the pool answers 503)"
+            )
             logger.warning(
-                "pool %s: %s failed (%s); keeping the upstreams it last returned; "
-                "retrying in %.1fs",
+                "pool %s: %s failed (%s); %s; retrying in %.1fs",
                 self.pool_name,
                 self.source.describe(),
                 problem,
+                kept,
                 wait,
             )
             await asyncio.sleep(wait)
