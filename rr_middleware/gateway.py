@@ -8,8 +8,9 @@ It serves a bare Starlette app (404 for every path under no pool) wrapped in
 command-line flag, then environment (``RR_GATEWAY_CONFIG``, ``RR_GATEWAY_HOST``,
 ``RR_GATEWAY_PORT``), then the file's ``[server]`` table, then the defaults. SIGTERM or
 SIGINT stops accepting connections, lets requests in flight finish within
-``graceful_timeout`` and exits 0. Exit 2: bad configuration or command line (one line on
-stderr naming the file and key); 1: the server could not run (address in use, ...).
+``graceful_timeout`` and exits 0. Exit 2: bad configuration or command line, TLS files
+that cannot be loaded included (one line on stderr naming the file and key; ``--check``
+finds the same); 1: the server could not run (address in use, ...).
 """
 
 from __future__ import annotations

@@ -209,6 +209,48 @@ def test_bad_configuration_names_file_and_key_and_exits_2(
     assert result.stderr.count("\n") == 1  # one line
 
 
+@pytest.mark.parametrize("flag", ["--config", "--check"])
+@pytest.mark.parametrize("problem", ["missing", "not a certificate"])
+def test_tls_files_that_cannot_be_loaded_are_configuration_exit_2(
+    tmp_path: Path, flag: str, problem: str
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    if problem == "not a certificate":
+        cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+        key.write_text("not a key\n")
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        pool_toml(["http://127.0.0.1:1"], server=f'ssl_certfile = "{cert}"\nssl_keyfile = "{key}"')
+    )
+    result = subprocess.run(
+        gateway_command(flag, str(path)), capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert result.returncode == 2
+    assert (
+        f"{path}: server.ssl_certfile: {str(cert)!r} with its key cannot be loaded" in result.stderr
+    )
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""  # --check prints no configuration it cannot serve
+
+
+def test_an_address_in_use_is_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "gateway.toml"
+        path.write_text(pool_toml(["http://127.0.0.1:1"]))
+        result = subprocess.run(
+            gateway_command("--config", str(path), "--port", str(port)),
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+    assert result.returncode == 1
+    assert f"rr-gateway: cannot listen on 127.0.0.1:{port}: " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
