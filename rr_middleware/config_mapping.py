@@ -19,8 +19,8 @@ Why no library: pydantic, msgspec and cattrs all read the classes' type hints (t
 evaluation of annotations this module exists to avoid, with ``httpx`` and ``ASGIApp``
 imported only for type checking) or want a second model class per configuration class;
 their error locations and wording would need translating into key paths anyway, and
-pydantic's compiled core would be the gateway's heaviest dependency. The converters here
-are a page, and the messages are ours.
+pydantic and msgspec are compiled dependencies for the sake of one small file. The
+converters here are a page, and the messages are ours.
 """
 
 from __future__ import annotations
