@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean system-deps consul
+.PHONY: demo test test-pythons lint bench clean system-deps consul
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,18 @@ consul: | $(BIN)/python
 	@.ci/install-consul $(VENV)
 
 # pytest exits 5 when it collects no test; make fails on any non-zero exit.
+# Then the same suite on every other Python of PYTHONS found on the machine (see
+# .ci/test-pythons; about 3.5 min each): `make test PYTHONS=` runs .venv's alone.
+PYTHONS ?= 3.10 3.11 3.12 3.13
+
 test: $(VENV)/.dev system-deps consul lint
 	$(BIN)/python -m pytest
+ifneq ($(strip $(PYTHONS)),)
+	.ci/test-pythons $(PYTHONS)
+endif
+
+test-pythons: $(VENV)/.dev system-deps consul
+	.ci/test-pythons $(PYTHONS)
 
 # Every performance target in one table (~6 min); BENCH_ARGS="--quick" for a smoke run,
 # "--only throughput,post" for a subset (see benchmarks/README.md). nginx is the reference
@@ -53,4 +63,4 @@ bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-3.* .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .state import PoolRuntime
     from .transport.base import UpstreamTransport
 
-__all__ = ["HealthCheck", "Pool", "PoolsArg", "Upstream", "normalize_pools"]
+__all__ = ["FieldError", "HealthCheck", "Pool", "PoolsArg", "Upstream", "normalize_pools"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # A DNS name or IPv4 address (letters, digits, "-", ".", "_"), or an IPv6 literal.
@@ -34,6 +34,28 @@ _PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 _PATH_AND_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 # A method name is a token (RFC 9110 §9.1, §5.6.2).
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class FieldError(ValueError):
+    """One option has a wrong value: ``field`` is its name (the keyword argument, and the
+    gateway's TOML key), ``problem`` what is wrong with it. ``str()`` is the message the
+    Python API gives; the gateway prints ``problem`` after the key path instead, so no
+    caller has to find the option's name in the text.
+
+    >>> error = FieldError("retries", "must be an integer >= 0, got -1")
+    >>> str(error), error.field
+    ('retries must be an integer >= 0, got -1', 'retries')
+    """
+
+    def __init__(self, field: str, problem: str, message: str | None = None) -> None:
+        super().__init__(f"{field} {problem}" if message is None else message)
+        self.field = field
+        self.problem = problem
+
+    @classmethod
+    def of(cls, owner: str, field: str, problem: str) -> FieldError:
+        """The Python message names the option's owner: ``"health check rise must ..."``."""
+        return cls(field, problem, f"{owner} {field} {problem}" if owner else None)
 
 
 @dataclass(eq=False)
@@ -64,37 +86,36 @@ class Upstream:
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str):
-            raise ValueError(f"upstream URL must be a string, got {self.url!r}")
+            raise _url_error(f"must be a string, got {self.url!r}")
         try:
             parts = urlsplit(self.url)
             port = parts.port
         except ValueError as exc:
-            raise ValueError(f"upstream URL {self.url!r} is not a valid URL: {exc}") from None
+            raise _url_error(f"{self.url!r} is not a valid URL: {exc}") from None
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
-            raise ValueError(f"upstream URL {self.url!r} must start with http:// or https://")
+            raise _url_error(f"{self.url!r} must start with http:// or https://")
         if not parts.hostname:
-            raise ValueError(f"upstream URL {self.url!r} has no host")
+            raise _url_error(f"{self.url!r} has no host")
         if not _HOST.fullmatch(parts.hostname):
-            raise ValueError(f"upstream URL {self.url!r}: {parts.hostname!r} is not a valid host")
+            raise _url_error(f"{self.url!r}: {parts.hostname!r} is not a valid host")
         if not _PATH.fullmatch(parts.path):
-            raise ValueError(
-                f"upstream URL {self.url!r}: the path may hold only ASCII URL characters; "
+            raise _url_error(
+                f"{self.url!r}: the path may hold only ASCII URL characters; "
                 "percent-encode anything else"
             )
         if parts.query or self.url.rstrip().endswith("?"):
-            raise ValueError(f"upstream URL {self.url!r} must not have a query string")
+            raise _url_error(f"{self.url!r} must not have a query string")
         if parts.fragment or "#" in self.url:
-            raise ValueError(f"upstream URL {self.url!r} must not have a fragment")
+            raise _url_error(f"{self.url!r} must not have a fragment")
         if parts.username is not None or parts.password is not None:
-            raise ValueError(
-                f"upstream URL {self.url!r} must not carry credentials; "
+            raise _url_error(
+                f"{self.url!r} must not carry credentials; "
                 "set an Authorization header in the upstream app instead"
             )
         if isinstance(self.weight, bool) or not isinstance(self.weight, int) or self.weight < 0:
-            raise ValueError(
-                f"upstream {self.url!r}: weight must be an integer >= 0, got {self.weight!r}"
-            )
+            problem = f"must be an integer >= 0, got {self.weight!r}"
+            raise FieldError("weight", problem, f"upstream {self.url!r}: weight {problem}")
         if self.app is not None and self.transport is not None:
             raise ValueError(f"upstream {self.url!r}: give app= or transport=, not both")
 
@@ -135,18 +156,20 @@ class HealthCheck:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
+        owner = "health check"
         if not isinstance(self.path, str) or not self.path.startswith("/"):
-            raise ValueError(f"health check path must start with '/', got {self.path!r}")
+            raise FieldError.of(owner, "path", f"must start with '/', got {self.path!r}")
         if not _PATH_AND_QUERY.fullmatch(self.path):
-            raise ValueError(f"health check path {self.path!r} must be ASCII URL characters")
-        _positive_number("health check interval", self.interval)
-        _positive_number("health check timeout", self.timeout)
-        _int_at_least("health check rise", self.rise, 1)
-        _int_at_least("health check fall", self.fall, 1)
+            problem = f"{self.path!r} must be ASCII URL characters"
+            raise FieldError("path", problem, f"health check path {problem}")
+        _positive_number("interval", self.interval, owner)
+        _positive_number("timeout", self.timeout, owner)
+        _int_at_least("rise", self.rise, 1, owner)
+        _int_at_least("fall", self.fall, 1, owner)
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)):
-            raise ValueError(f"health check jitter must be a number, got {self.jitter!r}")
+            raise FieldError.of(owner, "jitter", f"must be a number, got {self.jitter!r}")
         if not 0 <= self.jitter < 1:
-            raise ValueError(f"health check jitter must be in [0, 1), got {self.jitter!r}")
+            raise FieldError.of(owner, "jitter", f"must be in [0, 1), got {self.jitter!r}")
 
 
 @dataclass(eq=False)
@@ -206,17 +229,19 @@ class Pool:
 
     def __post_init__(self) -> None:
         if isinstance(self.upstreams, (str, bytes)) or not isinstance(self.upstreams, Sequence):
-            raise ValueError(
-                f"a pool needs a list of upstream URLs or Upstream objects, got {self.upstreams!r}"
+            raise FieldError(
+                "upstreams",
+                f"must be a list of upstream URLs or Upstream objects, got {self.upstreams!r}",
             )
         members = [u if isinstance(u, Upstream) else _upstream_from(u) for u in self.upstreams]
         if self.discovery is not None:
             from .discovery import Discovery
 
             if not isinstance(self.discovery, Discovery):
-                raise ValueError(
-                    "discovery must be a ConsulDiscovery, a DNSDiscovery or another Discovery, "
-                    f"got {self.discovery!r}"
+                raise FieldError(
+                    "discovery",
+                    "must be a ConsulDiscovery, a DNSDiscovery or another Discovery, "
+                    f"got {self.discovery!r}",
                 )
             if members:
                 raise ValueError("give a pool upstreams or discovery=, not both")
@@ -226,7 +251,10 @@ class Pool:
         for member in members:
             key = member.origin + member.base_path.decode("ascii")
             if key in seen:
-                raise ValueError(f"upstream {member.url!r} appears twice in one pool")
+                problem = f"has {member.url!r} twice (the same server as an earlier entry)"
+                raise FieldError(
+                    "upstreams", problem, f"upstream {member.url!r} appears twice in one pool"
+                )
             seen.add(key)
         self.upstreams = members
         for name in (
@@ -244,46 +272,50 @@ class Pool:
         _int_at_least("retry_body_limit", self.retry_body_limit, 0)
         _int_at_least("request_buffer_size", self.request_buffer_size, 0)
         if self.policy not in ("round_robin", "least_requests", "random"):
-            raise ValueError(
-                f"policy must be 'round_robin', 'least_requests' or 'random', got {self.policy!r}"
+            raise FieldError(
+                "policy",
+                f"must be 'round_robin', 'least_requests' or 'random', got {self.policy!r}",
             )
         if self.on_all_down not in ("try_all", "fail"):
-            raise ValueError(f"on_all_down must be 'try_all' or 'fail', got {self.on_all_down!r}")
+            raise FieldError(
+                "on_all_down", f"must be 'try_all' or 'fail', got {self.on_all_down!r}"
+            )
         if self.health_check is not None and not isinstance(self.health_check, HealthCheck):
-            raise ValueError(f"health_check must be a HealthCheck, got {self.health_check!r}")
+            raise FieldError("health_check", f"must be a HealthCheck, got {self.health_check!r}")
         for name in ("unhealthy_statuses", "retry_on_statuses"):
             statuses = getattr(self, name)
             if isinstance(statuses, (str, bytes)) or not all(
                 isinstance(code, int) and 100 <= code <= 599 for code in statuses
             ):
-                raise ValueError(f"{name} must be HTTP status codes, got {statuses!r}")
+                raise FieldError(name, f"must be HTTP status codes, got {statuses!r}")
             setattr(self, name, frozenset(statuses))
         if isinstance(self.slow_start, bool) or not isinstance(self.slow_start, (int, float)):
-            raise ValueError(f"slow_start must be a number of seconds, got {self.slow_start!r}")
+            raise FieldError("slow_start", f"must be a number of seconds, got {self.slow_start!r}")
         if not math.isfinite(self.slow_start) or self.slow_start < 0:
-            raise ValueError(f"slow_start must be >= 0 seconds, got {self.slow_start!r}")
+            raise FieldError("slow_start", f"must be >= 0 seconds, got {self.slow_start!r}")
         if self.max_body_size is not None:
             _int_at_least("max_body_size", self.max_body_size, 0)
         for name in ("websocket_timeout", "websocket_idle_timeout", "websocket_ping_interval"):
             if getattr(self, name) is not None:
                 _positive_number(name, getattr(self, name))
         if not callable(self.clock):
-            raise ValueError(f"clock must be a callable returning seconds, got {self.clock!r}")
+            raise FieldError("clock", f"must be a callable returning seconds, got {self.clock!r}")
         methods = self.refuse_methods
         if (
             isinstance(methods, (str, bytes))
             or not isinstance(methods, Collection)
             or not all(isinstance(m, str) and _METHOD.fullmatch(m) for m in methods)
         ):
-            raise ValueError(
-                f"refuse_methods must be a collection of HTTP method names, got {methods!r}"
+            raise FieldError(
+                "refuse_methods", f"must be a collection of HTTP method names, got {methods!r}"
             )
         # Method names are case-sensitive (RFC 9110 §9.1), but an upstream that reads
         # "trace" as TRACE is not rare: the refusal goes by the upper-case name.
         self.refuse_methods = frozenset(m.upper() for m in methods)
         if not isinstance(self.refuse_ambiguous_paths, bool):
-            raise ValueError(
-                f"refuse_ambiguous_paths must be True or False, got {self.refuse_ambiguous_paths!r}"
+            raise FieldError(
+                "refuse_ambiguous_paths",
+                f"must be True or False, got {self.refuse_ambiguous_paths!r}",
             )
 
     @property
@@ -315,16 +347,20 @@ class Pool:
 PoolsArg = Mapping[str, Union[Pool, Sequence[Union[Upstream, str]]]]
 
 
-def _positive_number(name: str, value: Any) -> None:
+def _positive_number(name: str, value: Any, owner: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+        raise FieldError.of(owner, name, f"must be a number of seconds, got {value!r}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        raise FieldError.of(owner, name, f"must be a positive number of seconds, got {value!r}")
 
 
-def _int_at_least(name: str, value: Any, minimum: int) -> None:
+def _int_at_least(name: str, value: Any, minimum: int, owner: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise FieldError.of(owner, name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _url_error(problem: str) -> FieldError:
+    return FieldError("url", problem, f"upstream URL {problem}")
 
 
 def _upstream_from(value: Any) -> Upstream:

@@ -1,36 +1,57 @@
-"""TOML values onto the configuration dataclasses, generically.
+"""TOML values onto the configuration classes, through declared key tables.
 
-``build_dataclass(Pool, table, 'pools."/api"')`` reads the dataclass's fields and their
-type hints and converts every value to its field's type (bool, int, float, str, unions,
-arrays as lists or frozensets, nested dataclasses), so an option added to ``Pool``,
-``HealthCheck`` or ``Upstream`` is a TOML key at once. Every mistake is a
-:class:`ConfigError` naming the key path (``pools."/api".upstreams[1].weight``).
+Each configurable class has a :class:`KeyTable` (the gateway's are in ``gateway_config``):
+every TOML key it takes, with the converter that checks the value's TOML type and turns it
+into what the Python API takes, and the init fields that take Python objects and so have
+no key. ``NUMBER`` takes ``30`` or ``30.0`` as a float; ``optional(NUMBER)`` also takes
+``false`` for ``None`` (TOML has no null); ``Array(INTEGER, frozenset)``,
+``Table(HEALTH_CHECK)`` and ``Tagged({"consul": ..., "dns": ...})`` nest. Nothing is
+inferred from annotations or names, so what a file may say is exactly what the tables say,
+whatever a module imports only for type checking; a test holds every table to its class's
+init fields, so an option cannot be added to a class and forgotten here.
+
+Validation stays in the classes, one rule in one place for both front ends: their
+:class:`~rr_middleware.config.FieldError` names the field, and the mapping puts its
+``problem`` after the key path (``pools."/api".upstreams[1].weight: must be an integer >=
+0, got -1``). Every mistake is a :class:`ConfigError`.
+
+Why no library: pydantic, msgspec and cattrs all read the classes' type hints (the
+evaluation of annotations this module exists to avoid, with ``httpx`` and ``ASGIApp``
+imported only for type checking) or want a second model class per configuration class;
+their error locations and wording would need translating into key paths anyway, and
+pydantic and msgspec are compiled dependencies for the sake of one small file. The
+converters here are a page, and the messages are ours.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import inspect
 import re
-import sys
-import types
-from collections.abc import Callable, Collection, Container, Iterable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
-from typing import Any, Union, get_args, get_origin
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from .config import FieldError
 
 __all__ = [
+    "BOOLEAN",
+    "INTEGER",
+    "NUMBER",
+    "STRING",
+    "AnyOf",
+    "Array",
     "ConfigError",
-    "build_dataclass",
-    "convert",
-    "field_hints",
-    "key_named_in",
+    "Converter",
+    "KeyTable",
+    "Table",
+    "Tagged",
     "key_path",
+    "optional",
     "reject_unknown",
-    "resolve_hint",
-    "supported",
     "table_of",
 ]
 
+T = TypeVar("T")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -48,199 +69,217 @@ class ConfigError(Exception):
 
 
 class _Mismatch(ConfigError):
-    """The value has the wrong TOML type (a union tries its next alternative)."""
+    """The value at ``key`` has the wrong TOML type (``AnyOf`` tries its next choice)."""
 
 
-def build_dataclass(cls: type[Any], table: Any, where: str) -> Any:
-    """``cls(**table)`` with every value converted to its field's type hint; errors name
-    the key. A string stands for a table holding just the first field when that field
-    is the only required one (``"http://..."`` for ``Upstream(url)``)."""
-    hints = field_hints(cls)
-    shorthand = _shorthand_field(cls)
-    if isinstance(table, str) and shorthand is not None:
-        table = {shorthand: table}
-    if not isinstance(table, dict):
-        raise _Mismatch(where, f"expected a table, got {_describe_value(table)}")
-    kwargs: dict[str, Any] = {}
-    for key, build in _TAGGED_FIELDS.items():  # first: they say what this version lacks
-        if key in table:
-            kwargs[key] = build(table[key], key_path(where, key))
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]
-    reject_unknown(table, hints, where, fields)
-    for key, value in table.items():
-        if key not in kwargs:
-            kwargs[key] = _settled(convert, value, hints[key], key_path(where, key))
-    optional = {"upstreams"} if "discovery" in table else set()  # the Pool decides
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.init and _is_required(f) and f.name not in kwargs and f.name not in optional
-    ]
-    if missing:
-        raise ConfigError(where, f"missing required key {missing[0]!r}")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        named = key_named_in(str(exc), table)
-        where = key_path(where, named) if named else where
-        raise ConfigError(where, str(exc).removeprefix(f"{named}: ")) from None
+class Converter(Generic[T]):
+    """Checks one TOML value and turns it into what the Python API takes."""
+
+    #: What the value should be, for "expected <expected>, got ...".
+    expected: str
+
+    def __call__(self, value: object, where: str) -> T:
+        raise NotImplementedError
+
+    def mismatch(self, value: object, where: str) -> _Mismatch:
+        return _Mismatch(where, f"expected {self.expected}, got {_describe_value(value)}")
+
+    def tables(self) -> Iterator[KeyTable[Any]]:
+        """The key tables of the tables this converter builds, however deep."""
+        return iter(())
 
 
-def convert(value: Any, hint: Any, where: str) -> Any:
-    """Convert a TOML value to ``hint`` (bool, int, float, str, unions, collections of
-    those, dataclasses), or raise ConfigError."""
-    origin = get_origin(hint)
-    if origin is Union or origin is types.UnionType:
-        alternatives = [a for a in get_args(hint) if a is not type(None) and supported(a)]
-        if value is False and type(None) in get_args(hint) and bool not in alternatives:
-            return None  # TOML has no null: `false` turns an optional setting off
-        for alternative in alternatives:
-            try:
-                return convert(value, alternative, where)
-            except _Mismatch:
-                continue
-        raise _Mismatch(where, f"expected {_describe_hint(hint)}, got {_describe_value(value)}")
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, where)  # type: ignore[arg-type]
-    if origin in _COLLECTIONS:
+class _Scalar(Converter[T]):
+    def __init__(self, expected: str, fits: Callable[[object], bool], make: Callable[[Any], T]):
+        self.expected = expected
+        self._fits = fits
+        self._make = make
+
+    def __call__(self, value: object, where: str) -> T:
+        if not self._fits(value):
+            raise self.mismatch(value, where)
+        return self._make(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+BOOLEAN = _Scalar("true or false", lambda v: isinstance(v, bool), bool)
+INTEGER = _Scalar("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool), int)
+NUMBER = _Scalar("a number", _is_number, float)  # seconds: 30 and 30.0 alike
+STRING = _Scalar("a string", lambda v: isinstance(v, str), str)
+
+
+class _Optional(Converter[T | None]):
+    def __init__(self, inner: Converter[T]) -> None:
+        self.inner = inner
+        self.expected = f"{inner.expected} (or false: unset)"
+
+    def __call__(self, value: object, where: str) -> T | None:
+        if value is False:
+            return None
+        return self.inner(value, where)
+
+    def tables(self) -> Iterator[KeyTable[Any]]:
+        return self.inner.tables()
+
+
+def optional(inner: Converter[T]) -> Converter[T | None]:
+    """``inner``, or ``false`` for ``None``: TOML has no null."""
+    return _Optional(inner)
+
+
+class Array(Converter[Any]):
+    """A TOML array, each item converted (errors name ``key[i]``), collected by ``into``."""
+
+    def __init__(self, item: Converter[Any], into: Callable[[list[Any]], Any] = list) -> None:
+        self.item = item
+        self.into = into
+        self.expected = f"an array (each {item.expected})"
+
+    def __call__(self, value: object, where: str) -> Any:
         if not isinstance(value, list):
-            raise _Mismatch(where, f"expected {_describe_hint(hint)}, got {_describe_value(value)}")
-        item_hint = get_args(hint)[0] if get_args(hint) else Any
-        items = [_settled(convert, v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
-        return _COLLECTIONS[origin](items)
-    if hint is Any or (hint in (int, float, str, bool) and _scalar_fits(value, hint)):
-        return float(value) if hint is float else value
-    raise _Mismatch(where, f"expected {_describe_hint(hint)}, got {_describe_value(value)}")
+            raise self.mismatch(value, where)
+        return self.into([_settled(self.item, v, f"{where}[{i}]") for i, v in enumerate(value)])
+
+    def tables(self) -> Iterator[KeyTable[Any]]:
+        return self.item.tables()
 
 
-def field_hints(cls: type[Any]) -> dict[str, Any]:
-    """The init fields of a dataclass that TOML can set, with their resolved type hints."""
-    module = vars(sys.modules[cls.__module__])
-    hints = {}
-    for field in dataclasses.fields(cls):
-        if field.init and not field.name.startswith("_"):
-            hint = resolve_hint(field.type, module)
-            if field.name in _TAGGED_FIELDS or supported(hint):
-                hints[field.name] = hint
-    return hints
+class AnyOf(Converter[Any]):
+    """The first alternative whose TOML type fits (``"10.0.0.0/8"`` or an array of them)."""
+
+    def __init__(self, *alternatives: Converter[Any]) -> None:
+        self.alternatives = alternatives
+        self.expected = " or ".join(a.expected for a in alternatives)
+
+    def __call__(self, value: object, where: str) -> Any:
+        for alternative in self.alternatives:
+            try:
+                return alternative(value, where)
+            except _Mismatch:  # a mistake inside a part is a ConfigError, not this
+                continue
+        raise self.mismatch(value, where)
+
+    def tables(self) -> Iterator[KeyTable[Any]]:
+        for alternative in self.alternatives:
+            yield from alternative.tables()
+
+
+class KeyTable(Generic[T]):
+    """The TOML keys of one configurable class.
+
+    ``keys`` maps each key to its converter; ``python_only`` names the init fields that
+    take Python objects (a transport, a clock), which a file cannot set. With
+    ``shorthand``, a bare string stands for a table holding just that key
+    (``"http://a:8000"`` for ``{ url = "http://a:8000" }``).
+    """
+
+    def __init__(
+        self,
+        target: Callable[..., T],
+        keys: Mapping[str, Converter[Any]],
+        *,
+        python_only: Iterable[str] = (),
+        shorthand: str | None = None,
+    ) -> None:
+        self.target = target
+        self.keys = dict(keys)
+        self.python_only = frozenset(python_only)
+        self.shorthand = shorthand
+        parameters = inspect.signature(target).parameters
+        self.required = [k for k in self.keys if parameters[k].default is inspect.Parameter.empty]
+
+    def arguments(self, table: object, where: str) -> dict[str, Any]:
+        """The keyword arguments ``table`` stands for, each converted; ConfigError
+        naming the key of the first mistake."""
+        if isinstance(table, str) and self.shorthand is not None:
+            table = {self.shorthand: table}
+        if not isinstance(table, dict):
+            raise _Mismatch(where, f"expected a table, got {_describe_value(table)}")
+        reject_unknown(table, self.keys, where, self.python_only)
+        missing = [key for key in self.required if key not in table]
+        if missing:
+            raise ConfigError(where, f"missing required key {missing[0]!r}")
+        return {key: _settled(self.keys[key], v, key_path(where, key)) for key, v in table.items()}
+
+    def create(
+        self, arguments: dict[str, Any], where: str, *positional: Any, elsewhere: str = ""
+    ) -> T:
+        """``target(*positional, **arguments)``. Its FieldError about one of the keys
+        becomes a ConfigError at that key; any other ValueError one at ``elsewhere`` (by
+        default the table itself)."""
+        try:
+            return self.target(*positional, **arguments)
+        except FieldError as exc:
+            if exc.field in self.keys:
+                raise ConfigError(key_path(where, exc.field), exc.problem) from None
+            raise ConfigError(elsewhere or where, str(exc)) from None
+        except ValueError as exc:
+            raise ConfigError(elsewhere or where, str(exc)) from None
+
+    def build(self, table: object, where: str) -> T:
+        return self.create(self.arguments(table, where), where)
+
+    def tables(self) -> Iterator[KeyTable[Any]]:
+        """The key tables of the tables nested in this one, however deep."""
+        for convert in self.keys.values():
+            yield from convert.tables()
+
+
+class Table(Converter[T]):
+    """A TOML table (or its shorthand string) built by a :class:`KeyTable`."""
+
+    def __init__(self, keys: KeyTable[T]) -> None:
+        self.table = keys
+        self.expected = f"a {keys.shorthand} string or a table" if keys.shorthand else "a table"
+
+    def __call__(self, value: object, where: str) -> T:
+        return self.table.build(value, where)
+
+    def tables(self) -> Iterator[KeyTable[Any]]:
+        yield self.table
+        yield from self.table.tables()
+
+
+class Tagged(Converter[Any]):
+    """A table whose ``type`` key picks the class: ``{type = "consul", service = ...}``."""
+
+    def __init__(self, choices: Mapping[str, KeyTable[Any]], tag: str = "type") -> None:
+        self.choices = dict(choices)
+        self.tag = tag
+        self.expected = "a table"
+
+    def __call__(self, value: object, where: str) -> Any:
+        table = table_of(value, where)
+        kind = table.get(self.tag)
+        if not isinstance(kind, str):
+            raise ConfigError(key_path(where, self.tag), self._choice(f"a {self.tag} is required"))
+        if kind.lower() not in self.choices:
+            raise ConfigError(
+                key_path(where, self.tag), self._choice(f"unknown {self.tag} {kind!r}")
+            )
+        rest = {k: v for k, v in table.items() if k != self.tag}
+        return self.choices[kind.lower()].build(rest, where)
+
+    def tables(self) -> Iterator[KeyTable[Any]]:
+        for choice in self.choices.values():
+            yield choice
+            yield from choice.tables()
+
+    def name_of(self, value: object) -> str:
+        """The ``type`` that builds ``value``'s class."""
+        return next(name for name, keys in self.choices.items() if type(value) is keys.target)
+
+    def _choice(self, message: str) -> str:
+        return f"{message} (known: {', '.join(repr(k) for k in sorted(self.choices))})"
 
 
 def key_path(where: str, key: str) -> str:
     """``pools`` + ``/api`` → ``pools."/api"``: keys written as TOML would write them."""
     part = key if _BARE_KEY.fullmatch(key) else '"' + key.replace('"', '\\"') + '"'
     return f"{where}.{part}" if where else part
-
-
-def _build_discovery(value: Any, where: str) -> Any:
-    """``{type = "consul", ...}``: the class ``rr_middleware.<Type>Discovery``, its
-    other keys mapped like any dataclass."""
-    import rr_middleware
-
-    table = table_of(value, where)
-    kinds = {
-        name.removesuffix("Discovery").lower(): getattr(rr_middleware, name)
-        for name in dir(rr_middleware)
-        if name.endswith("Discovery") and dataclasses.is_dataclass(getattr(rr_middleware, name))
-    }
-    kind = table.get("type")
-    if not isinstance(kind, str):
-        raise ConfigError(key_path(where, "type"), _choice("a discovery type is required", kinds))
-    if kind.lower() not in kinds:
-        raise ConfigError(key_path(where, "type"), _choice(f"unknown type {kind!r}", kinds))
-    rest = {k: v for k, v in table.items() if k != "type"}
-    return build_dataclass(kinds[kind.lower()], rest, where)
-
-
-# Fields whose table names its class with a "type" key.
-_TAGGED_FIELDS: dict[str, Callable[[Any, str], Any]] = {"discovery": _build_discovery}
-_COLLECTIONS: dict[Any, Callable[[list[Any]], Any]] = {
-    list: list,
-    Sequence: list,
-    tuple: tuple,
-    set: frozenset,
-    frozenset: frozenset,
-    AbstractSet: frozenset,
-    Collection: frozenset,
-    Container: frozenset,
-    Iterable: list,
-}
-
-
-def _settled(conversion: Callable[[Any, Any, str], Any], value: Any, hint: Any, where: str) -> Any:
-    """Convert a part of a value: once its container's type fits, a mistake inside it is
-    the error to report (not a reason for a union to try another type)."""
-    try:
-        return conversion(value, hint, where)
-    except _Mismatch as exc:
-        raise ConfigError(exc.key, exc.message) from None
-
-
-def _choice(message: str, kinds: Mapping[str, Any]) -> str:
-    known = ", ".join(repr(k) for k in sorted(kinds)) or "none in this version"
-    return f"{message} (known: {known})"
-
-
-def resolve_hint(annotation: Any, module: dict[str, Any]) -> Any:
-    if not isinstance(annotation, str):
-        return annotation
-    try:
-        return eval(annotation, module)  # annotations are postponed strings here
-    except Exception:  # names only imported for type checking: not settable from TOML
-        return None
-
-
-def supported(hint: Any) -> bool:
-    origin = get_origin(hint)
-    if origin is Union or origin is types.UnionType:
-        return any(a is not type(None) and supported(a) for a in get_args(hint))
-    if origin in _COLLECTIONS:
-        args = get_args(hint)
-        return not args or supported(args[0])
-    return hint in (bool, int, float, str) or dataclasses.is_dataclass(hint)
-
-
-def _scalar_fits(value: Any, hint: type) -> bool:
-    if hint is bool or isinstance(value, bool):
-        return hint is bool and isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, hint)
-
-
-def _describe_hint(hint: Any) -> str:
-    origin = get_origin(hint)
-    if origin is Union or origin is types.UnionType:
-        alternatives = [a for a in get_args(hint) if a is not type(None) and supported(a)]
-        if str in alternatives and any(_shorthand_field(a) for a in alternatives):
-            alternatives.remove(str)  # "a URL string" said it already
-        return " or ".join(_describe_hint(a) for a in alternatives)
-    if origin in _COLLECTIONS:
-        args = get_args(hint)
-        return f"an array (each {_describe_hint(args[0])})" if args else "an array"
-    if dataclasses.is_dataclass(hint):
-        shorthand = _shorthand_field(hint)
-        return f"a table or a {shorthand} string" if shorthand else "a table"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    return names.get(hint, str(hint))
-
-
-def _describe_value(value: Any) -> str:
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-    kinds.update({list: "an array", dict: "a table"})
-    return f"{kinds.get(type(value), type(value).__name__)} ({value!r})"
-
-
-def _shorthand_field(cls: Any) -> str | None:
-    if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
-        return None
-    required = [f for f in dataclasses.fields(cls) if f.init and _is_required(f)]
-    if len(required) == 1 and field_hints(cls).get(required[0].name) is str:
-        return required[0].name
-    return None
-
-
-def _is_required(field: dataclasses.Field[Any]) -> bool:
-    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def table_of(value: Any, where: str) -> dict[str, Any]:
@@ -254,7 +293,7 @@ def reject_unknown(
 ) -> None:
     known = list(known)
     for key in table:
-        if key in python_only and key not in known:
+        if key in python_only:
             raise ConfigError(
                 key_path(where, key), "takes a Python object: set it with the Python API"
             )
@@ -266,7 +305,16 @@ def reject_unknown(
             )
 
 
-def key_named_in(message: str, table: Mapping[str, Any]) -> str | None:
-    """The one key of ``table`` a validation message talks about, if exactly one."""
-    named = [k for k in table if re.search(rf"\b{re.escape(k)}\b", message, re.IGNORECASE)]
-    return named[0] if len(named) == 1 else None
+def _settled(convert: Converter[Any], value: object, where: str) -> Any:
+    """Convert a part of a value: once its container's type fits, a mistake inside it is
+    the error to report (not a reason for an ``AnyOf`` to try another choice)."""
+    try:
+        return convert(value, where)
+    except _Mismatch as exc:
+        raise ConfigError(exc.key, exc.message) from None
+
+
+def _describe_value(value: object) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    kinds.update({list: "an array", dict: "a table"})
+    return f"{kinds.get(type(value), type(value).__name__)} ({value!r})"

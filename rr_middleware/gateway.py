@@ -8,8 +8,9 @@ It serves a bare Starlette app (404 for every path under no pool) wrapped in
 command-line flag, then environment (``RR_GATEWAY_CONFIG``, ``RR_GATEWAY_HOST``,
 ``RR_GATEWAY_PORT``), then the file's ``[server]`` table, then the defaults. SIGTERM or
 SIGINT stops accepting connections, lets requests in flight finish within
-``graceful_timeout`` and exits 0. Exit 2: bad configuration or command line (one line on
-stderr naming the file and key); 1: the server could not run (address in use, ...).
+``graceful_timeout`` and exits 0. Exit 2: bad configuration or command line, TLS files
+that cannot be loaded included (one line on stderr naming the file and key; ``--check``
+finds the same); 1: the server could not run (address in use, ...).
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ from types import FrameType
 from typing import Any
 
 from . import __version__
-from .config_mapping import ConfigError, field_hints, key_path
+from .config_mapping import ConfigError, KeyTable, key_path
 from .gateway_config import (
+    DISCOVERY,
     GATEWAY_MIDDLEWARE_DEFAULTS,
+    KEY_TABLES,
+    MIDDLEWARE,
+    POOL,
+    SERVER,
     GatewayConfig,
     ServerSettings,
     load_config,
-    middleware_options,
 )
 from .middleware import RoundRobinMiddleware
 
@@ -154,11 +159,11 @@ def create_app() -> RoundRobinMiddleware:
 
 
 def describe(config: GatewayConfig) -> str:
-    """The resolved configuration, TOML-like: every option with its value, ``# default``
-    beside those left at their default."""
+    """The resolved configuration, TOML-like: every key of the file format with its value,
+    ``# default`` beside those left at their default, secrets as ``(set, not shown)``."""
     lines = [f"# {config.path}: OK, {len(config.pools)} pool(s)", "", "[server]"]
     server_defaults = ServerSettings()
-    for name in field_hints(ServerSettings):
+    for name in SERVER.keys:
         value = getattr(config.server, name)
         lines.append(_line(name, value, getattr(server_defaults, name)))
     lines += ["", "[middleware]"]
@@ -166,21 +171,21 @@ def describe(config: GatewayConfig) -> str:
         lines.append(_line(name, config.middleware.get(name, default), default))
     for prefix, pool in config.pools.items():
         lines += ["", f"[{key_path('pools', prefix)}]"]
-        lines += _dataclass_lines(pool, key_path("pools", prefix))
+        lines += _table_lines(pool, POOL, key_path("pools", prefix))
     return "\n".join(lines)
 
 
-def _dataclass_lines(obj: Any, where: str) -> list[str]:
+def _table_lines(obj: Any, keys: KeyTable[Any], where: str) -> list[str]:
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
     fields = {f.name: f for f in dataclasses.fields(obj)}
-    for name in field_hints(type(obj)):
+    for name in keys.keys:
         value = getattr(obj, name)
         if not fields[name].repr and value is not None:
             lines.append(f"{name} = (set, not shown)")  # a secret, such as a token
-        elif dataclasses.is_dataclass(value):
+        elif type(value) in KEY_TABLES:
             tables.append((name, value))
-        elif _is_list_of_dataclasses(value):
+        elif isinstance(value, list) and value and type(value[0]) in KEY_TABLES:
             lines.append(f"{name} = [")
             lines += [f"    {_inline(item)}," for item in value]
             lines.append("]")
@@ -189,8 +194,8 @@ def _dataclass_lines(obj: Any, where: str) -> list[str]:
     for name, table in tables:
         lines += ["", f"[{key_path(where, name)}]"]
         if name == "discovery":
-            lines.append(_line("type", type(table).__name__.removesuffix("Discovery").lower()))
-        lines += _dataclass_lines(table, key_path(where, name))
+            lines.append(_line(DISCOVERY.tag, DISCOVERY.name_of(table)))
+        lines += _table_lines(table, KEY_TABLES[type(table)], key_path(where, name))
     return lines
 
 
@@ -218,17 +223,13 @@ def _render(value: Any) -> str:
 
 
 def _inline(obj: Any) -> str:
-    pairs = (f"{name} = {_render(getattr(obj, name))}" for name in field_hints(type(obj)))
-    return "{ " + ", ".join(pairs) + " }"
-
-
-def _is_list_of_dataclasses(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and dataclasses.is_dataclass(value[0])
+    keys = KEY_TABLES[type(obj)].keys
+    return "{ " + ", ".join(f"{name} = {_render(getattr(obj, name))}" for name in keys) + " }"
 
 
 def _middleware_defaults() -> dict[str, Any]:
-    parameters = inspect.signature(RoundRobinMiddleware.__init__).parameters
-    defaults = {name: parameters[name].default for name in middleware_options()}
+    parameters = inspect.signature(RoundRobinMiddleware).parameters
+    defaults = {name: parameters[name].default for name in MIDDLEWARE.keys}
     return {**defaults, **GATEWAY_MIDDLEWARE_DEFAULTS}
 
 

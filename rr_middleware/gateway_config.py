@@ -5,16 +5,16 @@
 URLs or ``{url = ..., weight = ...}`` tables, ``[pools."/prefix".health_check]`` a
 ``HealthCheck``, ``[pools."/prefix".discovery]`` the discovery class its ``type`` names).
 
-The mapping is generic (``config_mapping``): it reads the dataclass fields, and the
-middleware's signature, with their type hints, so an option added to the Python API is a
-TOML key at once. Every mistake becomes a :class:`ConfigError` naming the file and the key
+The key tables below are the whole file format: one line per key, next to the converter
+that checks its TOML type (see ``config_mapping``). A new option of a class becomes a TOML
+key by one line in its table, or is listed as ``python_only``; a test fails until it is
+one or the other. Every mistake becomes a :class:`ConfigError` naming the file and the key
 path, never a traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import ssl
 import sys
@@ -23,18 +23,24 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from .config import Pool, normalize_prefix
+from .config import FieldError, HealthCheck, Pool, Upstream, normalize_prefix
 from .config_mapping import (
+    BOOLEAN,
+    INTEGER,
+    NUMBER,
+    STRING,
+    AnyOf,
+    Array,
     ConfigError,
-    build_dataclass,
-    convert,
-    key_named_in,
+    KeyTable,
+    Table,
+    Tagged,
     key_path,
+    optional,
     reject_unknown,
-    resolve_hint,
-    supported,
     table_of,
 )
+from .discovery import ConsulDiscovery, DNSDiscovery
 from .middleware import RoundRobinMiddleware
 
 if sys.version_info >= (3, 11):
@@ -67,32 +73,156 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+            raise FieldError("port", f"must be in 0..65535, got {self.port}")
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise FieldError("workers", f"must be >= 1, got {self.workers}")
         if self.log_level.lower() not in _LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+            raise FieldError("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
         for name in ("graceful_timeout", "keepalive_timeout"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a number of seconds >= 0, got {value}")
+                raise FieldError(name, f"must be a number of seconds >= 0, got {value}")
         if self.backlog < 1:
-            raise ValueError(f"backlog must be >= 1, got {self.backlog}")
+            raise FieldError("backlog", f"must be >= 1, got {self.backlog}")
         if self.limit_concurrency is not None and self.limit_concurrency < 1:
-            raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
-        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            raise ValueError("ssl_certfile and ssl_keyfile go together")
+            raise FieldError("limit_concurrency", f"must be >= 1, got {self.limit_concurrency}")
+        if self.ssl_certfile is None and self.ssl_keyfile is not None:
+            raise FieldError("ssl_keyfile", "needs ssl_certfile beside it (both or neither)")
+        if self.ssl_certfile is not None and self.ssl_keyfile is None:
+            raise FieldError("ssl_certfile", "needs ssl_keyfile beside it (both or neither)")
         if self.ssl_certfile is not None and self.ssl_keyfile is not None:
-            # Loaded here, once: a bad file must be a start-up error, not a worker that
-            # dies (and, with workers > 1, is respawned) as it starts.
+            # Loaded here, once: a bad file must be a start-up error (exit 2, and caught by
+            # --check), not a worker that dies (and, with workers > 1, is respawned).
             try:
                 context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
             except (OSError, ssl.SSLError) as exc:
                 reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
-                raise ValueError(
-                    f"ssl_certfile {self.ssl_certfile!r} with its key cannot be loaded: {reason}"
+                raise FieldError(
+                    "ssl_certfile",
+                    f"{self.ssl_certfile!r} with its key cannot be loaded: {reason}",
                 ) from None
+
+
+# The file format: one line per key. A new option of one of these classes needs a line
+# here, or its name in python_only (tests/test_gateway_config.py checks every init field).
+SERVER = KeyTable(
+    ServerSettings,
+    {
+        "host": STRING,
+        "port": INTEGER,
+        "workers": INTEGER,
+        "log_level": STRING,
+        "graceful_timeout": NUMBER,
+        "keepalive_timeout": NUMBER,
+        "backlog": INTEGER,
+        "limit_concurrency": optional(INTEGER),
+        "ssl_certfile": optional(STRING),
+        "ssl_keyfile": optional(STRING),
+    },
+)
+MIDDLEWARE = KeyTable(
+    RoundRobinMiddleware,
+    {
+        "trusted_proxies": AnyOf(STRING, Array(STRING)),
+        "max_url_length": INTEGER,
+        "hide_response_headers": Array(STRING),
+        "max_header_bytes": INTEGER,
+        "metrics_path": optional(STRING),
+        "status_path": optional(STRING),
+        "access_log": BOOLEAN,
+    },
+    python_only={"transport", "status_guard"},
+)
+UPSTREAM = KeyTable(
+    Upstream,
+    {"url": STRING, "weight": INTEGER},
+    python_only={"app", "transport"},
+    shorthand="url",
+)
+HEALTH_CHECK = KeyTable(
+    HealthCheck,
+    {
+        "path": STRING,
+        "interval": NUMBER,
+        "timeout": NUMBER,
+        "rise": INTEGER,
+        "fall": INTEGER,
+        "expect": Array(INTEGER, frozenset),
+        "jitter": NUMBER,
+    },
+)
+CONSUL = KeyTable(
+    ConsulDiscovery,
+    {
+        "service": STRING,
+        "address": STRING,
+        "tag": optional(STRING),
+        "datacenter": optional(STRING),
+        "token": optional(STRING),
+        "passing_only": BOOLEAN,
+        "wait": NUMBER,
+        "min_interval": NUMBER,
+        "startup_timeout": NUMBER,
+        "retry_initial": NUMBER,
+        "retry_max": NUMBER,
+    },
+    python_only={"transport"},
+)
+DNS = KeyTable(
+    DNSDiscovery,
+    {
+        "name": STRING,
+        "port": optional(INTEGER),  # false: SRV records
+        "interval": NUMBER,
+        "scheme": STRING,
+        "family": STRING,
+        "nameservers": optional(Array(STRING, tuple)),
+        "timeout": NUMBER,
+        "startup_timeout": NUMBER,
+        "retry_initial": NUMBER,
+        "retry_max": NUMBER,
+    },
+)
+# [pools."/x".discovery] type = "...": every discovery class the file can name.
+DISCOVERY = Tagged({"consul": CONSUL, "dns": DNS})
+POOL = KeyTable(
+    Pool,
+    {
+        "upstreams": Array(Table(UPSTREAM)),
+        "strip_prefix": BOOLEAN,
+        "refuse_methods": Array(STRING),
+        "refuse_ambiguous_paths": BOOLEAN,
+        "timeout": NUMBER,
+        "connect_timeout": NUMBER,
+        "pool_timeout": NUMBER,
+        "max_connections": INTEGER,
+        "preserve_host": BOOLEAN,
+        "retries": INTEGER,
+        "policy": STRING,
+        "health_check": optional(Table(HEALTH_CHECK)),
+        "max_fails": INTEGER,
+        "fail_timeout": NUMBER,
+        "unhealthy_statuses": Array(INTEGER),
+        "on_all_down": STRING,
+        "retry_non_idempotent": BOOLEAN,
+        "retry_body_limit": INTEGER,
+        "request_buffer_size": INTEGER,
+        "retry_on_statuses": Array(INTEGER),
+        "slow_start": NUMBER,
+        "max_body_size": optional(INTEGER),
+        "client_body_timeout": NUMBER,
+        "client_send_timeout": NUMBER,
+        "websocket_timeout": optional(NUMBER),
+        "websocket_idle_timeout": optional(NUMBER),
+        "websocket_ping_interval": optional(NUMBER),  # false: no pings
+        "discovery": optional(DISCOVERY),
+    },
+    python_only={"transport", "clock", "random"},
+)
+_TOP_LEVEL: list[KeyTable[Any]] = [SERVER, POOL]
+#: The key table of each class a file builds, for ``--check`` to print them back.
+KEY_TABLES = {keys.target: keys for top in _TOP_LEVEL for keys in (top, *top.tables())}
 
 
 @dataclasses.dataclass
@@ -129,16 +259,13 @@ def load_config(path: str | Path, **server_overrides: Any) -> GatewayConfig:
 def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> GatewayConfig:
     reject_unknown(document, ("server", "middleware", "pools"), "")
     server_table = {**table_of(document.get("server", {}), "server"), **overrides}
-    server = build_dataclass(ServerSettings, server_table, "server")
-    options = middleware_options()
-    middleware_table = table_of(document.get("middleware", {}), "middleware")
-    signature = inspect.signature(RoundRobinMiddleware.__init__).parameters.values()
-    python_only = [p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    reject_unknown(middleware_table, options, "middleware", python_only)
-    middleware = dict(GATEWAY_MIDDLEWARE_DEFAULTS)
-    for key, value in middleware_table.items():
-        middleware[key] = convert(value, options[key], key_path("middleware", key))
-
+    server = SERVER.build(server_table, "server")
+    middleware = {
+        **GATEWAY_MIDDLEWARE_DEFAULTS,
+        **MIDDLEWARE.arguments(
+            table_of(document.get("middleware", {}), "middleware"), "middleware"
+        ),
+    }
     pools_table = table_of(document.get("pools", {}), "pools")
     if not pools_table:
         raise ConfigError("pools", 'no pool configured: add a [pools."/prefix"] table')
@@ -149,23 +276,25 @@ def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> G
             normalize_prefix(prefix)
         except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
-        pools[prefix] = build_dataclass(Pool, table_of(table, where), where)
-    try:
-        app = RoundRobinMiddleware(Starlette(), pools, **middleware)
-    except ValueError as exc:
-        named = key_named_in(str(exc), middleware_table)
-        where = key_path("middleware", named) if named else "pools"
-        raise ConfigError(where, str(exc).removeprefix(f"{named}: ")) from None
+        arguments = POOL.arguments(table_of(table, where), where)
+        _check_members(arguments, where)
+        pools[prefix] = POOL.create(arguments, where)
+    # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".
+    app = MIDDLEWARE.create(middleware, "middleware", Starlette(), pools, elsewhere="pools")
     return GatewayConfig(path, server, middleware, pools, app)
 
 
-def middleware_options() -> dict[str, Any]:
-    """RoundRobinMiddleware's keyword options that TOML can set, with their type hints."""
-    module = vars(sys.modules[RoundRobinMiddleware.__module__])
-    options = {}
-    for name, param in inspect.signature(RoundRobinMiddleware.__init__).parameters.items():
-        if param.kind is inspect.Parameter.KEYWORD_ONLY:
-            hint = resolve_hint(param.annotation, module)
-            if supported(hint):
-                options[name] = hint
-    return options
+def _check_members(arguments: dict[str, Any], where: str) -> None:
+    """A pool's members come from ``upstreams = [...]`` or a discovery table: said in
+    TOML here (``Pool`` says the same in Python: "upstreams or discovery=")."""
+    discovery = f"a [{key_path(where, 'discovery')}] table"
+    if arguments.get("discovery") is None:
+        if "upstreams" not in arguments:
+            raise ConfigError(where, f"a pool needs upstreams = [...] or {discovery}")
+        if not arguments["upstreams"]:
+            raise ConfigError(
+                key_path(where, "upstreams"),
+                f"is empty: list at least one upstream, or give {discovery}",
+            )
+    elif arguments.get("upstreams"):
+        raise ConfigError(where, f"give upstreams = [...] or {discovery}, not both")

@@ -28,6 +28,8 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Union
 
+from .config import FieldError
+
 __all__ = [
     "HOP_BY_HOP",
     "BadRequestHeaders",
@@ -105,8 +107,9 @@ class TrustedProxies:
             try:
                 self._networks.append(ipaddress.ip_network(item, strict=False))
             except ValueError:
-                raise ValueError(
-                    f"trusted_proxies: {item!r} is not an IP address or network"
+                problem = f"{item!r} is not an IP address or network"
+                raise FieldError(
+                    "trusted_proxies", problem, f"trusted_proxies: {problem}"
                 ) from None
         self._cache: dict[str, bool] = {}
 

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import Pool, PoolsArg, Upstream, normalize_pools
+from .config import FieldError, Pool, PoolsArg, Upstream, normalize_pools
 from .discovery import Watcher
 from .forwarding import ProxySettings, forward, logger, send_error
 from .headers import TrustedProxies
@@ -101,14 +101,16 @@ class RoundRobinMiddleware:
         self.pools: dict[str, Pool] = normalize_pools(pools)
         self.trusted_proxies = TrustedProxies(trusted_proxies)
         if max_url_length < 1:
-            raise ValueError(f"max_url_length must be >= 1, got {max_url_length!r}")
+            raise FieldError("max_url_length", f"must be >= 1, got {max_url_length!r}")
         self.max_url_length = max_url_length
         if (
             isinstance(max_header_bytes, bool)
             or not isinstance(max_header_bytes, int)
             or max_header_bytes < 1
         ):
-            raise ValueError(f"max_header_bytes must be an integer >= 1, got {max_header_bytes!r}")
+            raise FieldError(
+                "max_header_bytes", f"must be an integer >= 1, got {max_header_bytes!r}"
+            )
         self._own_transport = transport is None
         self._transport: UpstreamTransport = _adapt(transport) or Http1Transport()
         self._settings = ProxySettings(
@@ -138,8 +140,9 @@ class RoundRobinMiddleware:
             try:
                 from prometheus_client import CollectorRegistry
             except ImportError:
-                raise ValueError(
-                    "metrics_path needs prometheus_client: pip install 'rr-middleware[metrics]'"
+                raise FieldError(
+                    "metrics_path",
+                    "needs prometheus_client: pip install 'rr-middleware[metrics]'",
                 ) from None
             self._registry = CollectorRegistry(auto_describe=False)
             self._registry.register(self.prometheus_collector)
@@ -148,7 +151,7 @@ class RoundRobinMiddleware:
             status_path = _admin_path("status_path", status_path)
             for path in (status_path, status_path + ".json"):
                 if path in self._admin:
-                    raise ValueError(f"status_path {status_path!r} collides with metrics_path")
+                    raise FieldError("status_path", f"{status_path!r} collides with metrics_path")
             self._admin[status_path] = "html"
             self._admin[status_path + ".json"] = "json"
             self._status_json_url = status_path + ".json"
@@ -356,5 +359,5 @@ def _adapt(transport: Any) -> UpstreamTransport | None:
 
 def _admin_path(option: str, path: str) -> str:
     if not isinstance(path, str) or not path.startswith("/") or "?" in path:
-        raise ValueError(f"{option} must be a path starting with '/', got {path!r}")
+        raise FieldError(option, f"must be a path starting with '/', got {path!r}")
     return path

@@ -318,6 +318,12 @@ async def test_a_registry_down_at_startup_does_not_stop_the_app(
             assert "pool /api: no upstreams from the test's queue within 0.2s" in errors[0]
             assert "registry unreachable" in errors[0]
             assert "answers 503" in errors[0]
+            messages = [r.getMessage() for r in caplog.records]
+            failures = [m for m in messages if "failed (registry unreachable" in m]
+            assert failures, "the watcher logs the failure"
+            # Nothing was ever listed: there is nothing to keep.
+            assert all("no upstreams yet (the pool answers 503)" in m for m in failures)
+            assert "keeping the upstreams" not in caplog.text
             source.put(a.url)  # the watcher kept retrying; the registry is back
             await settled(lambda: proxy.members() == [a.url])
             assert await proxy.who(1) == ["a"]

@@ -12,14 +12,11 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-
-from rr_middleware.config_mapping import ConfigError, build_dataclass
 
 from .consul_agent import ConsulAgent
 from .polling import wait_for
@@ -152,14 +149,18 @@ BAD_CONFIGS = [
     (
         'upstreams = ["http://127.0.0.1:1", { url = "http://127.0.0.1:2", weight = -1 }]',
         'pools."/api".upstreams[1].weight',
-        "weight must be an integer >= 0, got -1",
+        ": must be an integer >= 0, got -1",
     ),
     ('upstreams = ["http://127.0.0.1:1"]\ntimeout = "30"', 'pools."/api".timeout', "a number"),
     ('upstreams = ["http://127.0.0.1:1"]\nretries = -1', 'pools."/api".retries', ">= 0"),
     ('upstreams = ["http://127.0.0.1:1"]\npolicy = "fastest"', 'pools."/api".policy', "fastest"),
     ('upstreams = ["http://127.0.0.1:1"]\nclock = 1', 'pools."/api".clock', "Python API"),
     ('upstreams = "http://127.0.0.1:1"', 'pools."/api".upstreams', "expected an array"),
-    ("timeout = 1.0", 'pools."/api"', "needs at least one upstream"),
+    (
+        "timeout = 1.0",
+        'pools."/api"',
+        """: a pool needs upstreams = [...] or a [pools."/api".discovery] table""",
+    ),
     (
         'upstreams = ["http://127.0.0.1:1"]\n[pools."/api".health_check]\nexpect = [200, "ok"]',
         'pools."/api".health_check.expect[1]',
@@ -168,7 +169,7 @@ BAD_CONFIGS = [
     (
         'upstreams = ["http://127.0.0.1:1"]\n[pools."/api".health_check]\nrise = 0',
         'pools."/api".health_check.rise',
-        "rise must be an integer >= 1",
+        ": must be an integer >= 1, got 0",
     ),
     (
         'upstreams = ["http://127.0.0.1:1"]\n[pools."/api".discovery]\ntype = "zookeeper"',
@@ -206,6 +207,48 @@ def test_bad_configuration_names_file_and_key_and_exits_2(
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1  # one line
+
+
+@pytest.mark.parametrize("flag", ["--config", "--check"])
+@pytest.mark.parametrize("problem", ["missing", "not a certificate"])
+def test_tls_files_that_cannot_be_loaded_are_configuration_exit_2(
+    tmp_path: Path, flag: str, problem: str
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    if problem == "not a certificate":
+        cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+        key.write_text("not a key\n")
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        pool_toml(["http://127.0.0.1:1"], server=f'ssl_certfile = "{cert}"\nssl_keyfile = "{key}"')
+    )
+    result = subprocess.run(
+        gateway_command(flag, str(path)), capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert result.returncode == 2
+    assert (
+        f"{path}: server.ssl_certfile: {str(cert)!r} with its key cannot be loaded" in result.stderr
+    )
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""  # --check prints no configuration it cannot serve
+
+
+def test_an_address_in_use_is_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "gateway.toml"
+        path.write_text(pool_toml(["http://127.0.0.1:1"]))
+        result = subprocess.run(
+            gateway_command("--config", str(path), "--port", str(port)),
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+    assert result.returncode == 1
+    assert f"rr-gateway: cannot listen on 127.0.0.1:{port}: " in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -357,39 +400,6 @@ def test_idle_gateway_stops_on_signal_with_exit_0(
     with run_gateway(tmp_path, pool_toml([upstreams[0].url])) as gateway:
         assert gateway.stop(sig) == 0
         assert "Traceback" not in gateway.output()
-
-
-# Discovery: the loader finds the class a pool's [discovery] table names on the package.
-@dataclass(frozen=True)
-class StubDiscovery:
-    service: str
-    address: str = "http://127.0.0.1:8500"
-    tag: str | None = None
-    passing_only: bool = True
-    wait: float = 30.0
-
-
-@dataclass
-class StubPool:
-    upstreams: Sequence[str]
-    discovery: StubDiscovery | None = None
-
-
-def test_discovery_table_maps_onto_the_class_its_type_names(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import rr_middleware
-
-    monkeypatch.setattr(rr_middleware, "StubDiscovery", StubDiscovery, raising=False)
-    table = {"discovery": {"type": "stub", "service": "users", "tag": "v2", "wait": 5}}
-    pool = build_dataclass(StubPool, {"upstreams": [], **table}, 'pools."/users"')
-    assert pool.discovery == StubDiscovery(service="users", tag="v2", wait=5.0)
-
-    table["discovery"]["passing"] = False
-    with pytest.raises(ConfigError) as caught:
-        build_dataclass(StubPool, {"upstreams": [], **table}, 'pools."/users"')
-    assert caught.value.key == 'pools."/users".discovery.passing'
-    assert "did you mean 'passing_only'?" in caught.value.message
 
 
 def test_check_shows_discovery_and_hides_its_token(tmp_path: Path) -> None:

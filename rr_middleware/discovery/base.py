@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, runtime_checkable
 
-from ..config import Upstream
+from ..config import FieldError, Upstream
 
 __all__ = ["Discovery", "DiscoveryError", "Watcher", "check_seconds", "upstream_at"]
 
@@ -131,12 +131,17 @@ class Watcher:
                 problem = f"{type(exc).__name__}: {exc}"
             self.error = problem
             wait = delay * self._rng.uniform(0.8, 1.2)  # workers must not retry in step
+            kept = (
+                "keeping the upstreams it last returned"
+                if self.updates
+                else "no upstreams yet (the pool answers 503)"
+            )
             logger.warning(
-                "pool %s: %s failed (%s); keeping the upstreams it last returned; "
-                "retrying in %.1fs",
+                "pool %s: %s failed (%s); %s; retrying in %.1fs",
                 self.pool_name,
                 self.source.describe(),
                 problem,
+                kept,
                 wait,
             )
             await asyncio.sleep(wait)
@@ -144,15 +149,16 @@ class Watcher:
 
 
 def check_seconds(
-    name: str, value: Any, *, allow_zero: bool = False, maximum: float = math.inf
+    owner: str, name: str, value: Any, *, allow_zero: bool = False, maximum: float = math.inf
 ) -> None:
-    """Validate an option given in seconds; ValueError naming it otherwise."""
+    """Validate option ``name`` of ``owner`` (``"consul"``), given in seconds; a
+    ``FieldError`` naming it otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+        raise FieldError.of(owner, name, f"must be a number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero) or value > maximum:
         limit = f" and at most {maximum:g}" if maximum != math.inf else ""
         floor = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {floor}{limit} seconds, got {value!r}")
+        raise FieldError.of(owner, name, f"must be {floor}{limit} seconds, got {value!r}")
 
 
 def upstream_at(scheme: str, host: str, port: int, weight: int = 1) -> Upstream:

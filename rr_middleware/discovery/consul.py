@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from ..config import Upstream
+from ..config import FieldError, Upstream
 from .base import DiscoveryError, check_seconds, upstream_at
 
 __all__ = ["ConsulDiscovery"]
@@ -64,28 +64,35 @@ class ConsulDiscovery:
 
     def __post_init__(self) -> None:
         if not isinstance(self.service, str) or not self.service:
-            raise ValueError(f"consul service name must be a non-empty string: {self.service!r}")
+            problem = f"must be a non-empty string, got {self.service!r}"
+            raise FieldError("service", problem, f"consul service name {problem}")
         try:
             parts = urlsplit(self.address)
         except (TypeError, ValueError):
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"consul address must be http(s)://host[:port], got {self.address!r}")
+            raise FieldError.of(
+                "consul", "address", f"must be http(s)://host[:port], got {self.address!r}"
+            )
         if "@" in parts.netloc:
             # It would be logged, shown on the status page and printed by --check.
-            raise ValueError("consul address must not carry credentials; give token= instead")
+            raise FieldError.of(
+                "consul", "address", "must not carry credentials; give token= instead"
+            )
         for name in ("tag", "datacenter", "token"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"consul {name} must be a non-empty string, got {value!r}")
+                raise FieldError.of("consul", name, f"must be a non-empty string, got {value!r}")
         if not isinstance(self.passing_only, bool):
-            raise ValueError(f"consul passing_only must be true or false: {self.passing_only!r}")
+            raise FieldError.of(
+                "consul", "passing_only", f"must be true or false, got {self.passing_only!r}"
+            )
         # Consul caps a blocking query's wait at 10 minutes.
-        check_seconds("consul wait", self.wait, maximum=600)
-        check_seconds("consul min_interval", self.min_interval, allow_zero=True)
-        check_seconds("consul startup_timeout", self.startup_timeout, allow_zero=True)
-        check_seconds("consul retry_initial", self.retry_initial)
-        check_seconds("consul retry_max", self.retry_max)
+        check_seconds("consul", "wait", self.wait, maximum=600)
+        check_seconds("consul", "min_interval", self.min_interval, allow_zero=True)
+        check_seconds("consul", "startup_timeout", self.startup_timeout, allow_zero=True)
+        check_seconds("consul", "retry_initial", self.retry_initial)
+        check_seconds("consul", "retry_max", self.retry_max)
 
     def describe(self) -> str:
         tag = f" (tag {self.tag!r})" if self.tag else ""

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import Upstream
+from ..config import FieldError, Upstream
 from .base import DiscoveryError, check_seconds, upstream_at
 
 __all__ = ["DNSDiscovery"]
@@ -54,26 +54,30 @@ class DNSDiscovery:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip("."):
-            raise ValueError(f"dns name must be a non-empty string, got {self.name!r}")
+            raise FieldError.of("dns", "name", f"must be a non-empty string, got {self.name!r}")
         if self.port is not None and (
             isinstance(self.port, bool)
             or not isinstance(self.port, int)
             or not 0 < self.port < 65536
         ):
-            raise ValueError(f"dns port must be 1..65535 (or None for SRV), got {self.port!r}")
+            raise FieldError.of(
+                "dns", "port", f"must be 1..65535 (or None for SRV), got {self.port!r}"
+            )
         if self.scheme not in ("http", "https"):
-            raise ValueError(f"dns scheme must be 'http' or 'https', got {self.scheme!r}")
+            raise FieldError.of("dns", "scheme", f"must be 'http' or 'https', got {self.scheme!r}")
         if self.family not in _FAMILIES:
-            raise ValueError(f"dns family must be 'any', 'ipv4' or 'ipv6', got {self.family!r}")
-        check_seconds("dns interval", self.interval)
-        check_seconds("dns timeout", self.timeout)
-        check_seconds("dns startup_timeout", self.startup_timeout, allow_zero=True)
-        check_seconds("dns retry_initial", self.retry_initial)
-        check_seconds("dns retry_max", self.retry_max)
+            raise FieldError.of(
+                "dns", "family", f"must be 'any', 'ipv4' or 'ipv6', got {self.family!r}"
+            )
+        check_seconds("dns", "interval", self.interval)
+        check_seconds("dns", "timeout", self.timeout)
+        check_seconds("dns", "startup_timeout", self.startup_timeout, allow_zero=True)
+        check_seconds("dns", "retry_initial", self.retry_initial)
+        check_seconds("dns", "retry_max", self.retry_max)
         if self.nameservers is not None:
             if isinstance(self.nameservers, str) or not self.nameservers:
-                raise ValueError(
-                    f"dns nameservers must be a list of addresses, got {self.nameservers!r}"
+                raise FieldError.of(
+                    "dns", "nameservers", f"must be a list of addresses, got {self.nameservers!r}"
                 )
             object.__setattr__(self, "nameservers", tuple(self.nameservers))
             for server in self.nameservers:
@@ -206,7 +210,7 @@ async def _resolve(resolver: Any, source: DNSDiscovery) -> list[tuple[str, int, 
 def _split_nameserver(server: Any) -> tuple[str, int]:
     """``"10.0.0.2"`` → (``"10.0.0.2"``, 53); ``"[::1]:5353"`` → (``"::1"``, 5353)."""
     if not isinstance(server, str):
-        raise ValueError(f"dns nameserver must be a string, got {server!r}")
+        raise _nameserver_error(f"must be a string, got {server!r}")
     host, port = server, 53
     if server.startswith("["):
         host, _, rest = server[1:].partition("]")
@@ -218,11 +222,15 @@ def _split_nameserver(server: Any) -> tuple[str, int]:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"dns nameserver {server!r} must be an IP address[:port]") from None
+        raise _nameserver_error(f"{server!r} must be an IP address[:port]") from None
     return host, port
+
+
+def _nameserver_error(problem: str) -> FieldError:
+    return FieldError("nameservers", problem, f"dns nameserver {problem}")
 
 
 def _port(server: str, text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"dns nameserver {server!r} has a bad port")
+        raise _nameserver_error(f"{server!r} has a bad port")
     return int(text)
