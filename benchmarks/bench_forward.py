@@ -1,0 +1,155 @@
+"""In-process CPU cost of one proxied GET through the middleware, in microseconds.
+
+Everything the middleware does for a request except the wire: routing, the request
+headers, the pick and its connection slot, the client's side (body, deadlines), the
+response headers and the relay, with a transport that answers at once (13 bytes with a
+Content-Length) and a ``receive``/``send`` pair that behaves as uvicorn's does (after the
+body, ``receive()`` waits until the response is complete). No sockets and no server, so
+the figure is the middleware's own cost and barely moves with machine noise.
+
+    .venv/bin/python benchmarks/bench_forward.py [--baseline DIR] [--rounds 7]
+
+``--baseline DIR`` measures the ``rr_middleware`` package in DIR too (say, ``git archive
+<commit> rr_middleware | tar -x -C DIR``), in alternating rounds, each in a process of its
+own, and prints both with their ratio per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+async def _measure(calls: int) -> float:
+    from rr_middleware import Pool, RoundRobinMiddleware
+    from rr_middleware.transport.base import UpstreamRequest, UpstreamTransport
+
+    class Answer:
+        def __init__(self) -> None:
+            self.status = 200
+            self.headers = [(b"content-length", b"13"), (b"content-type", b"text/plain")]
+            self._body = b"Hello, world!"
+
+        def body_complete(self) -> bool:
+            return True
+
+        async def read(self) -> bytes:
+            body, self._body = self._body, b""
+            return body
+
+        async def aclose(self) -> None:
+            return None
+
+    class AtOnce(UpstreamTransport):
+        async def send(self, request: UpstreamRequest) -> Any:
+            return Answer()
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("nothing falls through")
+
+    pools = {"/api": Pool(["http://127.0.0.1:9", "http://127.0.0.1:10"])}
+    middleware = RoundRobinMiddleware(host, pools=pools, transport=AtOnce())
+    template = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/api/hello",
+        "raw_path": b"/api/hello",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+    class Exchange:
+        """uvicorn's receive/send for one bodiless request: after the body, receive()
+        waits until the response is complete."""
+
+        def __init__(self) -> None:
+            self.complete = asyncio.Event()
+            self.body_sent = False
+
+        async def receive(self) -> Any:
+            if not self.body_sent:
+                self.body_sent = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await self.complete.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(self, message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.complete.set()
+
+    started = time.perf_counter()
+    for _ in range(calls):
+        exchange = Exchange()
+        await middleware(dict(template), exchange.receive, exchange.send)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def _one_round(calls: int, repeats: int) -> float:
+    import uvloop
+
+    async def best() -> float:
+        await _measure(2000)  # warm-up
+        return min([await _measure(calls) for _ in range(repeats)])
+
+    return uvloop.run(best())
+
+
+def _round_in(path: str | None, calls: int, repeats: int) -> float:
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", str(calls), str(repeats)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(json.loads(output)["us"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", metavar="DIR", help="also measure rr_middleware in DIR")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps({"us": _one_round(*args.child)}))
+        return
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(args.rounds):
+        ours.append(_round_in(here, args.calls, args.repeats))
+        if args.baseline:
+            theirs.append(_round_in(os.path.abspath(args.baseline), args.calls, args.repeats))
+    print(f"proxied GET, in-process: {statistics.median(ours):.2f} us/request (median)")
+    print("  rounds: " + " ".join(f"{us:.2f}" for us in ours))
+    if theirs:
+        print(f"baseline {args.baseline}: {statistics.median(theirs):.2f} us/request")
+        print("  rounds: " + " ".join(f"{us:.2f}" for us in theirs))
+        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+        print(
+            f"ratio this/baseline: {statistics.median(ours) / statistics.median(theirs):.3f}x"
+            "; per round " + " ".join(f"{r:.3f}" for r in ratios)
+        )
+
+
+if __name__ == "__main__":
+    main()
