@@ -27,6 +27,7 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict rr_middleware
+	$(BIN)/python .ci/check-structure
 
 # System packages the tests drive for real: headless Chromium for the status page.
 # Installed with apt-get (root on CI) unless already there.

@@ -4,28 +4,65 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import HealthCheck, Pool, Upstream
+from .config import HealthCheck, Pool
 from .discovery import ConsulDiscovery, Discovery, DiscoveryError, DNSDiscovery
-from .forwarding import ResponseAborted
+from .errors import (
+    BodyTooLarge,
+    ClientBodyError,
+    ClientBodyTimeout,
+    ClientDisconnected,
+    ConnectFailed,
+    ConnectTimeout,
+    FieldError,
+    NoUpstream,
+    PoolTimeout,
+    ProxyError,
+    RequestNotForwardable,
+    ResponseAborted,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from .middleware import RoundRobinMiddleware
+from .pool_runtime import PoolRuntime
+from .runtime import Balancer
 from .transport import Http1Transport, HttpxTransport, UpstreamTransport
+from .upstream import Upstream
 
 if TYPE_CHECKING:
     from .transport.aiohttp_transport import AiohttpTransport
 
 __all__ = [
     "AiohttpTransport",
+    "Balancer",
+    "BodyTooLarge",
+    "ClientBodyError",
+    "ClientBodyTimeout",
+    "ClientDisconnected",
+    "ConnectFailed",
+    "ConnectTimeout",
     "ConsulDiscovery",
     "DNSDiscovery",
     "Discovery",
     "DiscoveryError",
+    "FieldError",
     "HealthCheck",
     "Http1Transport",
     "HttpxTransport",
+    "NoUpstream",
     "Pool",
+    "PoolRuntime",
+    "PoolTimeout",
+    "ProxyError",
+    "RequestNotForwardable",
     "ResponseAborted",
     "RoundRobinMiddleware",
     "Upstream",
+    "UpstreamBroken",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamTimeout",
     "UpstreamTransport",
 ]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ import random as random_module
 from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["POLICIES", "Balancer", "LeastRequests", "SmoothWeighted", "WeightedRandom", "build"]
+__all__ = ["POLICIES", "LeastRequests", "Policy", "SmoothWeighted", "WeightedRandom", "build"]
 
 
 class _Member(Protocol):
@@ -33,7 +33,7 @@ class _Member(Protocol):
 M = TypeVar("M", bound=_Member)
 
 
-class Balancer(Protocol[M]):
+class Policy(Protocol[M]):
     def pick(self, tried: Sequence[M] = ()) -> M | None: ...
 
 
@@ -238,9 +238,9 @@ def build(
     members: Sequence[M],
     weights: Sequence[int],
     rng: random_module.Random,
-    previous: Balancer[M] | None = None,
+    previous: Policy[M] | None = None,
     resume_after: M | None = None,
-) -> Balancer[M]:
+) -> Policy[M]:
     """The balancer for ``policy`` over ``members`` with these (effective) ``weights``.
     Round robin carries on after ``resume_after``, or after the last pick of ``previous``
     (the balancer it replaces)."""

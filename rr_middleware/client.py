@@ -31,46 +31,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .errors import BodyTooLarge, ClientBodyError, ClientBodyTimeout, ClientDisconnected
+
 if TYPE_CHECKING:
     from starlette.types import Message, Receive
 
-__all__ = [
-    "TICK",
-    "BodyTooLarge",
-    "ClientBodyError",
-    "ClientBodyTimeout",
-    "ClientDisconnected",
-    "ClientSide",
-    "Sweeper",
-]
+__all__ = ["TICK", "ClientSide", "Sweeper"]
 
 #: Seconds between two looks at the exchanges in flight: how late a deadline may be
 #: noticed, and how long an exchange runs before its client is watched for leaving.
 TICK = 0.1
-
-
-class ClientBodyError(Exception):
-    """The client's side ended the request body before it was whole; ``status`` is the
-    answer it gets (0: none, it is gone)."""
-
-    status = 0
-
-
-class ClientDisconnected(ClientBodyError):
-    """The client went away while its request body was being read."""
-
-
-class BodyTooLarge(ClientBodyError):
-    """The client's body passed the pool's ``max_body_size``."""
-
-    status = 413
-
-
-class ClientBodyTimeout(ClientBodyError):
-    """The client sent nothing of its body for ``client_body_timeout`` seconds: a stalled
-    upload, or a slow-upload attack."""
-
-    status = 408
 
 
 class Sweeper:

@@ -1,8 +1,9 @@
-"""Configuration: plain dataclasses, validated once when they are built.
+"""Configuration: immutable values, validated once when they are built.
 
-``Upstream`` is one server, ``Pool`` the servers behind one path prefix. Everything the
-request path needs (the upstream's origin, its ``Host`` value, its base path as bytes) is
-derived here, once, so forwarding a request does no parsing of configuration.
+``Pool`` is the servers behind one path prefix and how requests reach them, ``HealthCheck``
+how they are checked, ``Upstream`` (``upstream.py``) one server. They describe; they never
+run: what changes while serving (health, counters, the members a registry returns) lives
+in the runtime (``runtime.py``), so one ``Pool`` value may serve any number of apps.
 """
 
 from __future__ import annotations
@@ -14,124 +15,21 @@ import time
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
-from urllib.parse import urlsplit
+
+from .discovery.base import Discovery
+from .errors import FieldError
+from .upstream import Upstream
 
 if TYPE_CHECKING:
     import httpx
-    from starlette.types import ASGIApp
 
-    from .discovery import Discovery
-    from .state import PoolRuntime
     from .transport.base import UpstreamTransport
 
 __all__ = ["FieldError", "HealthCheck", "Pool", "PoolsArg", "Upstream", "normalize_pools"]
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-# A DNS name or IPv4 address (letters, digits, "-", ".", "_"), or an IPv6 literal.
-_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._~-]+)?")
-# RFC 3986 path characters: unreserved, sub-delims, ":", "@", "/" and percent-escapes.
-_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 _PATH_AND_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 # A method name is a token (RFC 9110 §9.1, §5.6.2).
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-class FieldError(ValueError):
-    """One option has a wrong value: ``field`` is its name (the keyword argument, and the
-    gateway's TOML key), ``problem`` what is wrong with it. ``str()`` is the message the
-    Python API gives; the gateway prints ``problem`` after the key path instead, so no
-    caller has to find the option's name in the text.
-
-    >>> error = FieldError("retries", "must be an integer >= 0, got -1")
-    >>> str(error), error.field
-    ('retries must be an integer >= 0, got -1', 'retries')
-    """
-
-    def __init__(self, field: str, problem: str, message: str | None = None) -> None:
-        super().__init__(f"{field} {problem}" if message is None else message)
-        self.field = field
-        self.problem = problem
-
-    @classmethod
-    def of(cls, owner: str, field: str, problem: str) -> FieldError:
-        """The Python message names the option's owner: ``"health check rise must ..."``."""
-        return cls(field, problem, f"{owner} {field} {problem}" if owner else None)
-
-
-@dataclass(eq=False)
-class Upstream:
-    """One upstream server.
-
-    ``url`` is ``http://host[:port][/base/path]``; the base path is prepended to every
-    forwarded path. ``weight`` is the server's share of the pool (``0`` drains it).
-    ``app=`` makes the upstream an in-process ASGI app (no sockets, through
-    ``httpx.ASGITransport``); ``transport=`` takes any ``httpx.AsyncBaseTransport``.
-
-    >>> Upstream("http://10.0.0.3:8000/v1", weight=2).origin
-    'http://10.0.0.3:8000'
-    """
-
-    url: str
-    weight: int = 1
-    app: ASGIApp | None = field(default=None, repr=False)
-    transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
-
-    # Derived once in __post_init__; never set them yourself.
-    scheme: str = field(init=False, repr=False)
-    host: str = field(init=False, repr=False)
-    port: int = field(init=False, repr=False)
-    origin: str = field(init=False, repr=False)
-    host_header: bytes = field(init=False, repr=False)
-    base_path: bytes = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.url, str):
-            raise _url_error(f"must be a string, got {self.url!r}")
-        try:
-            parts = urlsplit(self.url)
-            port = parts.port
-        except ValueError as exc:
-            raise _url_error(f"{self.url!r} is not a valid URL: {exc}") from None
-        scheme = parts.scheme.lower()
-        if scheme not in _DEFAULT_PORTS:
-            raise _url_error(f"{self.url!r} must start with http:// or https://")
-        if not parts.hostname:
-            raise _url_error(f"{self.url!r} has no host")
-        if not _HOST.fullmatch(parts.hostname):
-            raise _url_error(f"{self.url!r}: {parts.hostname!r} is not a valid host")
-        if not _PATH.fullmatch(parts.path):
-            raise _url_error(
-                f"{self.url!r}: the path may hold only ASCII URL characters; "
-                "percent-encode anything else"
-            )
-        if parts.query or self.url.rstrip().endswith("?"):
-            raise _url_error(f"{self.url!r} must not have a query string")
-        if parts.fragment or "#" in self.url:
-            raise _url_error(f"{self.url!r} must not have a fragment")
-        if parts.username is not None or parts.password is not None:
-            raise _url_error(
-                f"{self.url!r} must not carry credentials; "
-                "set an Authorization header in the upstream app instead"
-            )
-        if isinstance(self.weight, bool) or not isinstance(self.weight, int) or self.weight < 0:
-            problem = f"must be an integer >= 0, got {self.weight!r}"
-            raise FieldError("weight", problem, f"upstream {self.url!r}: weight {problem}")
-        if self.app is not None and self.transport is not None:
-            raise ValueError(f"upstream {self.url!r}: give app= or transport=, not both")
-
-        self.scheme = scheme
-        self.host = parts.hostname
-        self.port = port if port is not None else _DEFAULT_PORTS[scheme]
-        netloc_host = f"[{self.host}]" if ":" in self.host else self.host
-        self.origin = f"{scheme}://{netloc_host}:{self.port}"
-        default_port = self.port == _DEFAULT_PORTS[scheme]
-        host_value = netloc_host if default_port else f"{netloc_host}:{self.port}"
-        self.host_header = host_value.encode("ascii")
-        # Kept exactly as written (already percent-encoded); "/" alone means "no base path".
-        self.base_path = parts.path.rstrip("/").encode("ascii")
-
-    def __repr__(self) -> str:
-        return f"Upstream({self.url!r}, weight={self.weight})"
 
 
 @dataclass(frozen=True)
@@ -172,7 +70,7 @@ class HealthCheck:
             raise FieldError.of(owner, "jitter", f"must be in [0, 1), got {self.jitter!r}")
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Pool:
     """The upstreams behind one path prefix, and how requests reach them.
 
@@ -188,9 +86,9 @@ class Pool:
     segment or unsafe bytes, or (``refuse_ambiguous_paths=True``) one that some upstream
     servers read as having a dot segment (``/api/..;/admin``, ``%252e%252e``, ``%c0%ae``).
 
-    Every option and its default is in the README's configuration reference. Keep a
-    reference to the Pool to read ``pool.snapshot()`` or ``pool.drain(url)`` while it
-    serves.
+    Every option and its default is in the configuration reference. A Pool only
+    describes: to drain an upstream or read its state while the app serves, use the
+    ``Balancer`` serving it (``balancer["/prefix"].drain(url)``).
     """
 
     upstreams: Sequence[Upstream | str] = ()
@@ -224,10 +122,36 @@ class Pool:
     discovery: Discovery | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
-    # The run-time state of the middleware serving this pool (set when one does).
-    _runtime: PoolRuntime | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        normalised: dict[str, Any] = {"upstreams": self._members()}
+        for name in (
+            "timeout",
+            "connect_timeout",
+            "pool_timeout",
+            "fail_timeout",
+            "client_body_timeout",
+            "client_send_timeout",
+        ):
+            _positive_number(name, getattr(self, name))
+        for name in ("websocket_timeout", "websocket_idle_timeout", "websocket_ping_interval"):
+            if getattr(self, name) is not None:
+                _positive_number(name, getattr(self, name))
+        _int_at_least("retries", self.retries, 0)
+        _int_at_least("max_connections", self.max_connections, 1)
+        _int_at_least("max_fails", self.max_fails, 0)
+        _int_at_least("retry_body_limit", self.retry_body_limit, 0)
+        _int_at_least("request_buffer_size", self.request_buffer_size, 0)
+        if self.max_body_size is not None:
+            _int_at_least("max_body_size", self.max_body_size, 0)
+        for name in ("unhealthy_statuses", "retry_on_statuses"):
+            normalised[name] = _statuses(name, getattr(self, name))
+        normalised["refuse_methods"] = _methods(self.refuse_methods)
+        self._check_choices()
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+
+    def _members(self) -> tuple[Upstream, ...]:
         if isinstance(self.upstreams, (str, bytes)) or not isinstance(self.upstreams, Sequence):
             raise FieldError(
                 "upstreams",
@@ -235,8 +159,6 @@ class Pool:
             )
         members = [u if isinstance(u, Upstream) else _upstream_from(u) for u in self.upstreams]
         if self.discovery is not None:
-            from .discovery import Discovery
-
             if not isinstance(self.discovery, Discovery):
                 raise FieldError(
                     "discovery",
@@ -249,28 +171,15 @@ class Pool:
             raise ValueError("a pool needs at least one upstream (or discovery=)")
         seen: set[str] = set()
         for member in members:
-            key = member.origin + member.base_path.decode("ascii")
-            if key in seen:
+            if member.identity in seen:
                 problem = f"has {member.url!r} twice (the same server as an earlier entry)"
                 raise FieldError(
                     "upstreams", problem, f"upstream {member.url!r} appears twice in one pool"
                 )
-            seen.add(key)
-        self.upstreams = members
-        for name in (
-            "timeout",
-            "connect_timeout",
-            "pool_timeout",
-            "fail_timeout",
-            "client_body_timeout",
-            "client_send_timeout",
-        ):
-            _positive_number(name, getattr(self, name))
-        _int_at_least("retries", self.retries, 0)
-        _int_at_least("max_connections", self.max_connections, 1)
-        _int_at_least("max_fails", self.max_fails, 0)
-        _int_at_least("retry_body_limit", self.retry_body_limit, 0)
-        _int_at_least("request_buffer_size", self.request_buffer_size, 0)
+            seen.add(member.identity)
+        return tuple(members)
+
+    def _check_choices(self) -> None:
         if self.policy not in ("round_robin", "least_requests", "random"):
             raise FieldError(
                 "policy",
@@ -282,36 +191,12 @@ class Pool:
             )
         if self.health_check is not None and not isinstance(self.health_check, HealthCheck):
             raise FieldError("health_check", f"must be a HealthCheck, got {self.health_check!r}")
-        for name in ("unhealthy_statuses", "retry_on_statuses"):
-            statuses = getattr(self, name)
-            if isinstance(statuses, (str, bytes)) or not all(
-                isinstance(code, int) and 100 <= code <= 599 for code in statuses
-            ):
-                raise FieldError(name, f"must be HTTP status codes, got {statuses!r}")
-            setattr(self, name, frozenset(statuses))
         if isinstance(self.slow_start, bool) or not isinstance(self.slow_start, (int, float)):
             raise FieldError("slow_start", f"must be a number of seconds, got {self.slow_start!r}")
         if not math.isfinite(self.slow_start) or self.slow_start < 0:
             raise FieldError("slow_start", f"must be >= 0 seconds, got {self.slow_start!r}")
-        if self.max_body_size is not None:
-            _int_at_least("max_body_size", self.max_body_size, 0)
-        for name in ("websocket_timeout", "websocket_idle_timeout", "websocket_ping_interval"):
-            if getattr(self, name) is not None:
-                _positive_number(name, getattr(self, name))
         if not callable(self.clock):
             raise FieldError("clock", f"must be a callable returning seconds, got {self.clock!r}")
-        methods = self.refuse_methods
-        if (
-            isinstance(methods, (str, bytes))
-            or not isinstance(methods, Collection)
-            or not all(isinstance(m, str) and _METHOD.fullmatch(m) for m in methods)
-        ):
-            raise FieldError(
-                "refuse_methods", f"must be a collection of HTTP method names, got {methods!r}"
-            )
-        # Method names are case-sensitive (RFC 9110 §9.1), but an upstream that reads
-        # "trace" as TRACE is not rare: the refusal goes by the upper-case name.
-        self.refuse_methods = frozenset(m.upper() for m in methods)
         if not isinstance(self.refuse_ambiguous_paths, bool):
             raise FieldError(
                 "refuse_ambiguous_paths",
@@ -319,29 +204,9 @@ class Pool:
             )
 
     @property
-    def members(self) -> list[Upstream]:
-        """The upstreams, as ``Upstream`` objects."""
+    def members(self) -> tuple[Upstream, ...]:
+        """The configured upstreams, as ``Upstream`` values (empty with discovery)."""
         return self.upstreams  # type: ignore[return-value]  # normalised in __post_init__
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Per upstream (the current members, with discovery): url, weight, effective
-        weight, health (active), ejection (passive), drained, in-flight, requests,
-        failures, last check. Reads the state of the middleware serving this pool (the
-        last one built with it)."""
-        return self._serving().snapshot()
-
-    def drain(self, url: str) -> None:
-        """Stop sending new requests to ``url``; requests in flight finish."""
-        self._serving().set_drained(url, True)
-
-    def undrain(self, url: str) -> None:
-        """Send requests to ``url`` again."""
-        self._serving().set_drained(url, False)
-
-    def _serving(self) -> PoolRuntime:
-        if self._runtime is None:
-            raise RuntimeError("this Pool is not served by a RoundRobinMiddleware yet")
-        return self._runtime
 
 
 PoolsArg = Mapping[str, Union[Pool, Sequence[Union[Upstream, str]]]]
@@ -359,8 +224,26 @@ def _int_at_least(name: str, value: Any, minimum: int, owner: str = "") -> None:
         raise FieldError.of(owner, name, f"must be an integer >= {minimum}, got {value!r}")
 
 
-def _url_error(problem: str) -> FieldError:
-    return FieldError("url", problem, f"upstream URL {problem}")
+def _statuses(name: str, statuses: Any) -> frozenset[int]:
+    if isinstance(statuses, (str, bytes)) or not all(
+        isinstance(code, int) and 100 <= code <= 599 for code in statuses
+    ):
+        raise FieldError(name, f"must be HTTP status codes, got {statuses!r}")
+    return frozenset(statuses)
+
+
+def _methods(methods: Any) -> frozenset[str]:
+    if (
+        isinstance(methods, (str, bytes))
+        or not isinstance(methods, Collection)
+        or not all(isinstance(m, str) and _METHOD.fullmatch(m) for m in methods)
+    ):
+        raise FieldError(
+            "refuse_methods", f"must be a collection of HTTP method names, got {methods!r}"
+        )
+    # Method names are case-sensitive (RFC 9110 §9.1), but an upstream that reads "trace"
+    # as TRACE is not rare: the refusal goes by the upper-case name.
+    return frozenset(m.upper() for m in methods)
 
 
 def _upstream_from(value: Any) -> Upstream:
@@ -405,7 +288,5 @@ def normalize_pools(pools: Any) -> dict[str, Pool]:
             pool = spec if isinstance(spec, Pool) else Pool(spec)
         except ValueError as exc:
             raise ValueError(f"pool {raw_prefix!r}: {exc}") from None
-        if any(pool is other for other in result.values()):
-            raise ValueError(f"pool {raw_prefix!r}: the same Pool object is used for two prefixes")
         result[prefix] = pool
     return result

@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
-from .config import FieldError
+from .errors import FieldError
 
 __all__ = [
     "BOOLEAN",

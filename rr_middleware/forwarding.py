@@ -1,14 +1,20 @@
-"""One request upstream and back: target, headers, body streaming, retries, error mapping.
+"""One HTTP request upstream and back, in three layers (httpx's ``send`` →
+``_send_handling_redirects`` → ``_send_single_request`` is the model):
 
-Read top to bottom, ``forward`` is the data path: build the target and headers once, read
-the first body message, pick an upstream (retrying the next one when that is safe), then
-relay the response as it arrives. Nothing is buffered whole; errors become short generic
-responses, with the cause logged.
+1. ``forward``: what every request needs once: the upstream headers, the refusals that
+   need no upstream, the client's side (``ClientSide``: the body, and a deadline on every
+   wait on the client), and what happens when the client leaves.
+2. ``_Forwarding.try_upstreams``: the retry policy, written once: which failures and
+   statuses move the request to the next upstream, and what the client gets when none
+   answered.
+3. ``Attempt`` (``pool_runtime.py``): one try on one upstream, from the pick to the end of
+   the response; it holds the connection slot and records the outcome exactly once.
 
-Failure → status: connect refused/reset before a response, every attempt used → 502;
-upstream read timeout → 504; no free connection within ``pool_timeout`` → 503; the
-upstream failing after the response started → the client connection is aborted (the ASGI
-app raises ``ResponseAborted``), never a silently truncated response.
+Nothing is buffered whole; errors become short generic responses (``send_error``), with
+the cause logged. Each failure's status is its class's (``errors.py``): connect refused
+or reset before a response, every attempt used → 502; a silent upstream → 504; no free
+connection → 503; the upstream failing after the response started → the client
+connection is aborted (``ResponseAborted``), never a silently truncated response.
 """
 
 from __future__ import annotations
@@ -21,23 +27,23 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from .client import ClientBodyError, ClientSide, Sweeper
-from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
-from .transport.base import (
+from .client import ClientSide, Sweeper
+from .errors import (
+    ClientBodyError,
+    NoUpstream,
     PoolTimeout,
-    RequestNotForwardable,
+    ResponseAborted,
     UpstreamError,
-    UpstreamProtocolError,
-    UpstreamRequest,
-    UpstreamResponse,
-    UpstreamTimeout,
-    UpstreamTransport,
 )
+from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
+from .transport.base import UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
-    from .state import PoolRuntime, UpstreamState
+    from .attempt import Attempt
+    from .members import Member
+    from .pool_runtime import PoolRuntime
 
 __all__ = ["ProxySettings", "ResponseAborted", "forward", "send_error"]
 
@@ -62,7 +68,6 @@ _REASONS = {
 class ProxySettings:
     """What every pool of one middleware shares."""
 
-    transport: UpstreamTransport
     trusted: TrustedProxies
     hidden_response_headers: frozenset[bytes]
     max_header_bytes: int = 64 * 1024
@@ -70,10 +75,22 @@ class ProxySettings:
     #: Keeps the deadlines of every exchange in flight (see ``client``).
     sweeper: Sweeper = field(default_factory=Sweeper)
 
-
-class ResponseAborted(Exception):
-    """The upstream failed after the response had started; the client connection must be
-    aborted so the client sees an incomplete response, not a complete wrong one."""
+    def upstream_headers(
+        self, runtime: PoolRuntime, scope: Scope, scheme: str
+    ) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """The headers to send upstream, and whether they hold the Host (the client's,
+        with ``preserve_host``); raises BadRequestHeaders."""
+        pool = runtime.pool
+        peer = scope.get("client")
+        return request_headers(
+            scope["headers"],
+            client_host=peer[0] if peer else None,
+            scheme=scheme,
+            trusted=self.trusted,
+            keep_host=pool.preserve_host,
+            prefix=runtime.prefix if pool.strip_prefix else b"",
+            max_bytes=self.max_header_bytes,
+        )
 
 
 async def send_error(
@@ -101,7 +118,7 @@ async def send_error(
 
 
 async def forward(
-    state: PoolRuntime,
+    runtime: PoolRuntime,
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -110,39 +127,21 @@ async def forward(
 ) -> None:
     """Forward one HTTP request to the pool and relay the answer. ``path`` is the raw path
     to send (prefix already stripped when the pool strips it)."""
-    if not state.members:  # a discovered pool with no upstreams (yet, or any more)
-        logger.info("pool %s: no upstreams; answering 503", state.name)
-        await send_error(send, 503, [(b"retry-after", b"%d" % state.retry_after())])
+    pool = runtime.pool
+    if not runtime.members:  # a discovered pool with no upstreams (yet, or any more)
+        logger.info("pool %s: no upstreams; answering 503", runtime.name)
+        await send_error(send, 503, [(b"retry-after", b"%d" % runtime.retry_after())])
         return
-    pool = state.pool
-    method: str = scope["method"]
-    peer = scope.get("client")
     try:
-        headers, has_host = request_headers(
-            scope["headers"],
-            client_host=peer[0] if peer else None,
-            scheme=scope.get("scheme", "http"),
-            trusted=settings.trusted,
-            keep_host=pool.preserve_host,
-            prefix=state.prefix if pool.strip_prefix else b"",
-            max_bytes=settings.max_header_bytes,
-        )
+        headers, has_host = settings.upstream_headers(runtime, scope, scope.get("scheme", "http"))
     except BadRequestHeaders as exc:
-        logger.info("pool %s: refused request: %s", state.name, exc)
+        logger.info("pool %s: refused request: %s", runtime.name, exc)
         await send_error(send, exc.status)
         return
-    query: bytes = scope.get("query_string", b"")
-    suffix = path + b"?" + query if query else path
-
     size_limit = pool.max_body_size
     if size_limit is not None and (_declared_length(scope["headers"]) or 0) > size_limit:
         await send_error(send, 413)  # said up front: not a byte of the body is read
         return
-    # The start of a body is read before an upstream is picked, so a client that stalls
-    # early holds no upstream connection, and a short body, read whole, can be sent again
-    # by a retry; a longer one streams from there at the client's pace.
-    retryable = method in IDEMPOTENT_METHODS or pool.retry_non_idempotent
-    buffer = max(pool.request_buffer_size, pool.retry_body_limit if retryable else 0)
     client = ClientSide(
         receive,
         limit=size_limit,
@@ -150,281 +149,314 @@ async def forward(
         send_timeout=pool.client_send_timeout,
         sweeper=settings.sweeper,
     )
+    forwarding = _Forwarding(runtime, scope, send, path, headers, has_host, client, settings)
     try:
-        try:
-            body = await client.start(buffer)
-        except ClientBodyError as exc:
-            await _client_body_ended(state, exc, send)
-            return
-        stream = None if client.complete else client
-        await _exchange(
-            state, scope, send, method, suffix, headers, has_host, body, stream, settings, client
-        )
+        await forwarding.run()
     except asyncio.CancelledError:
         if not client.swallows():
             raise
         if client.stalled:
             logger.info(
                 "pool %s: the client took no response for %ss; aborting its connection",
-                state.name,
+                runtime.name,
                 pool.client_send_timeout,
             )
             raise ResponseAborted("the client stopped reading its response") from None
         logger.info(
             "pool %s: client left during %s %s; upstream exchange closed",
-            state.name,
-            method,
+            runtime.name,
+            forwarding.method,
             scope.get("path", ""),
         )
     finally:
         client.close()
 
 
-async def _exchange(
-    state: PoolRuntime,
-    scope: Scope,
-    send: Send,
-    method: str,
-    suffix: bytes,
-    headers: list[tuple[bytes, bytes]],
-    has_host: bool,
-    body: bytes | None,
-    stream: ClientSide | None,
-    settings: ProxySettings,
-    client: ClientSide,
-) -> None:
-    pool = state.pool
-    retryable = method in IDEMPOTENT_METHODS or pool.retry_non_idempotent
-    # Only a body held whole, within retry_body_limit, is sent again.
-    replayable = stream is None and (body is None or len(body) <= pool.retry_body_limit)
-    tried: list[UpstreamState] = []
-    member: UpstreamState | None = None
-    response: UpstreamResponse | None = None
-    error: UpstreamError | None = None
-    budget = pool.retries + 1  # distinct upstreams one request may try
-    for attempt in range(budget):
-        member = state.pick(tried)
-        if member is None:
-            break
-        tried.append(member)
-        upstream = member.upstream
-        if not await member.limiter.acquire(pool.pool_timeout):
-            error = PoolTimeout(f"no free connection within {pool.pool_timeout}s")
-            logger.warning("pool %s: %s: %s", state.name, upstream.url, error)
-            continue
-        target = upstream.base_path + suffix
+class _Forwarding:
+    """One request's way through the pool: its body, the attempts, the relay (starlette's
+    ``GZipResponder`` is the model: per-request state on an object)."""
+
+    __slots__ = (
+        "body",
+        "client",
+        "has_host",
+        "headers",
+        "method",
+        "replayable",
+        "response_started",
+        "retryable",
+        "runtime",
+        "scope",
+        "send",
+        "settings",
+        "stream",
+        "suffix",
+    )
+
+    def __init__(
+        self,
+        runtime: PoolRuntime,
+        scope: Scope,
+        send: Send,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        has_host: bool,
+        client: ClientSide,
+        settings: ProxySettings,
+    ) -> None:
+        self.runtime = runtime
+        self.scope = scope
+        self.send = send
+        self.method: str = scope["method"]
+        query: bytes = scope.get("query_string", b"")
+        self.suffix = path + b"?" + query if query else path
+        self.headers = headers
+        self.has_host = has_host
+        self.client = client
+        self.settings = settings
+        self.retryable = self.method in IDEMPOTENT_METHODS or runtime.pool.retry_non_idempotent
+        self.body: bytes | None = None
+        self.stream: ClientSide | None = None
+        self.replayable = False
+        self.response_started = False
+
+    async def run(self) -> None:
+        pool = self.runtime.pool
+        # The start of a body is read before an upstream is picked, so a client that
+        # stalls early holds no upstream connection, and a short body, read whole, can be
+        # sent again by a retry; a longer one streams from there at the client's pace.
+        buffer = max(pool.request_buffer_size, pool.retry_body_limit if self.retryable else 0)
+        try:
+            self.body = await self.client.start(buffer)
+            if not self.client.complete:
+                self.stream = self.client
+            # Only a body held whole, within retry_body_limit, is sent again.
+            self.replayable = self.stream is None and len(self.body or b"") <= pool.retry_body_limit
+            await self.try_upstreams()
+        except ClientBodyError as exc:
+            await self._client_failed(exc)
+
+    async def try_upstreams(self) -> None:
+        """The retry policy: attempts on distinct upstreams until one answers, the pool's
+        ``retries`` are used, or a failure makes another try unsafe."""
+        runtime = self.runtime
+        tried: list[Member] = []
+        error: UpstreamError | None = None
+        for _ in range(runtime.pool.retries + 1):
+            try:
+                async with runtime.attempt(tried) as attempt:
+                    response = await self._send(attempt)
+                    if self._retry_on_status(attempt, tried):
+                        await response.aclose()
+                        continue
+                    await self._relay(attempt, response)
+                    return
+            except NoUpstream as exc:
+                error = error or exc
+                break
+            except PoolTimeout as exc:
+                logger.warning("pool %s: %s", runtime.name, exc)
+                error = exc
+            except UpstreamError as exc:
+                error = exc
+                if not self._retry_on_failure(exc, tried):
+                    break
+        await self._answer_failure(error, tried)
+
+    async def _send(self, attempt: Attempt) -> UpstreamResponse:
+        upstream = attempt.upstream
+        target = upstream.base_path + self.suffix
         if not target.startswith(b"/"):
             target = b"/" + target
+        headers = self.headers
+        pool = self.runtime.pool
         request = UpstreamRequest(
-            method=method,
+            method=self.method,
             upstream=upstream,
             target=target,
-            headers=headers if has_host else [*headers, (b"host", upstream.host_header)],
-            body=stream.chunks() if stream is not None else body,
+            headers=headers if self.has_host else [*headers, (b"host", upstream.host_header)],
+            body=self.stream.chunks() if self.stream is not None else self.body,
             connect_timeout=pool.connect_timeout,
             read_timeout=pool.timeout,
         )
-        started = time.monotonic()
         try:
-            response = await (member.transport or settings.transport).send(request)
-            if not 200 <= response.status <= 599:
-                await response.aclose()
-                raise UpstreamProtocolError(f"upstream answered status {response.status:03d}")
-        except (UpstreamError, ClientBodyError) as exc:
-            member.limiter.release()
-            response = None
-            if stream is not None and stream.failure is not None:
+            return await attempt.send(request)
+        except UpstreamError as exc:
+            failure = self.client.failure
+            if failure is not None:
                 # The client's side of the body ended the exchange, however the transport
                 # reported it (its own exception, or the broken upstream connection).
-                await _client_body_ended(state, stream.failure, send)
-                return
-            if not isinstance(exc, UpstreamError):
-                raise  # a ClientBodyError only comes from the stream, which keeps it
-            error = exc
-            if not isinstance(exc, RequestNotForwardable):
-                state.report_failure(member, exc.kind)
-            retry = (
-                _may_retry(exc, retryable, replayable)
-                and attempt + 1 < budget
-                and state.more_to_try(tried)
-            )
-            logger.warning(
-                "pool %s: %s %s failed (%s): %s%s",
-                state.name,
-                method,
-                upstream.url,
-                exc.kind,
-                exc,
-                "; trying the next upstream" if retry else "",
-            )
-            if not retry:
-                break
-            member.stats.retries += 1
-            continue
-        except BaseException:
-            member.limiter.release()
+                raise failure from exc
             raise
-        status = response.status
-        stats = member.stats
-        stats.headers_latency.record(time.monotonic() - started)
-        stats.codes[status] = stats.codes.get(status, 0) + 1
-        if status in pool.unhealthy_statuses:
-            state.report_failure(member, f"status {status}")
-        if (
+
+    def _retry_on_status(self, attempt: Attempt, tried: list[Member]) -> bool:
+        status = attempt.status
+        runtime = self.runtime
+        pool = runtime.pool
+        if not (
             status in pool.retry_on_statuses
-            and attempt + 1 < budget
-            and state.more_to_try(tried)
-            and retryable
-            and replayable
+            and len(tried) <= pool.retries
+            and self.retryable
+            and self.replayable
+            and runtime.more_to_try(tried)
         ):
-            if status not in pool.unhealthy_statuses:
-                state.report_success(member)
+            return False
+        logger.warning(
+            "pool %s: %s %s answered %d; trying the next upstream",
+            runtime.name,
+            self.method,
+            attempt.upstream.url,
+            status,
+        )
+        attempt.member.stats.retries += 1
+        return True
+
+    def _retry_on_failure(self, error: UpstreamError, tried: list[Member]) -> bool:
+        runtime = self.runtime
+        member = tried[-1]
+        retry = (
+            error.retriable
+            and (not error.sent or (self.retryable and self.replayable))
+            and len(tried) <= runtime.pool.retries
+            and runtime.more_to_try(tried)
+        )
+        logger.warning(
+            "pool %s: %s %s failed (%s): %s%s",
+            runtime.name,
+            self.method,
+            member.upstream.url,
+            error.kind,
+            error,
+            "; trying the next upstream" if retry else "",
+        )
+        if retry:
+            member.stats.retries += 1
+        return retry
+
+    async def _answer_failure(self, error: UpstreamError | None, tried: list[Member]) -> None:
+        runtime = self.runtime
+        if not tried:  # none to pick: all down with on_all_down="fail", or all drained
+            if runtime.all_down and runtime.pool.on_all_down == "fail":
+                logger.warning("pool %s: every upstream is down; answering 503", runtime.name)
+                retry_after = [(b"retry-after", b"%d" % runtime.retry_after())]
+                await send_error(self.send, 503, retry_after)
+            else:
+                logger.warning("pool %s: no upstream available; answering 503", runtime.name)
+                await send_error(self.send, 503)
+        else:
+            status = error.status if error is not None else 502
+            await send_error(self.send, status)
+            self._access_log(", ".join(m.upstream.url for m in tried), status, 0.0)
+        self.client.close()
+
+    async def _client_failed(self, failure: ClientBodyError) -> None:
+        logger.info("pool %s: %s", self.runtime.name, failure)
+        if self.response_started:
+            if failure.status:  # it stalled its upload while its response went out
+                raise ResponseAborted(str(failure)) from None
+            return  # it left; no one to tell
+        if failure.status:
+            await send_error(self.send, failure.status, [(b"connection", b"close")])
+
+    async def _relay(self, attempt: Attempt, response: UpstreamResponse) -> None:
+        """Relay the response, counting body bytes into the upstream's stats as they go.
+        The client leaving, or not reading, cancels this wherever it waits."""
+        member = attempt.member
+        status = response.status
+        if status in self.runtime.pool.unhealthy_statuses:
             logger.warning(
-                "pool %s: %s %s answered %d; trying the next upstream",
-                state.name,
-                method,
-                upstream.url,
+                "pool %s: %s %s answered %d",
+                self.runtime.name,
+                self.method,
+                member.upstream.url,
                 status,
             )
-            try:
-                await response.aclose()
-            finally:
-                member.limiter.release()
-            stats.retries += 1
-            response = None
-            continue
-        break
+        try:
+            await _Relay(self, member, response).run()
+        except UpstreamError as exc:
+            failure = self.client.failure
+            if failure is not None:  # the client's body broke the upstream exchange
+                raise failure from exc
+            attempt.fail(exc)
+            logger.warning(
+                "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
+                self.runtime.name,
+                member.upstream.url,
+                exc.kind,
+                exc,
+            )
+            # The cause is logged above; keep the server's own traceback short.
+            raise ResponseAborted(f"upstream {member.upstream.url} failed mid-response") from None
+        finally:
+            await response.aclose()
+            elapsed = time.monotonic() - attempt.started
+            member.stats.total_latency.record(elapsed)
+            member.stats.bytes_in += self.client.size
+            self._access_log(member.upstream.url, status, elapsed)
 
-    if response is None or member is None:
-        if not tried and state.all_down and pool.on_all_down == "fail":
-            logger.warning("pool %s: every upstream is down; answering 503", state.name)
-            retry_after = b"%d" % state.retry_after()
-            await send_error(send, 503, [(b"retry-after", retry_after)])
-            return
-        if error is None:
-            logger.warning("pool %s: no upstream available", state.name)
-        status = _status_for(error)
-        await send_error(send, status)
-        client.close()
-        if settings.access_log:
-            tried_urls = ", ".join(m.upstream.url for m in tried) or "-"
-            _access_log(state, method, scope, tried_urls, status, 0.0)
-        return
-    stats = member.stats
-    if response.status in pool.unhealthy_statuses:
-        logger.warning(
-            "pool %s: %s %s answered %d (tried: %s)",
-            state.name,
-            method,
-            member.upstream.url,
-            response.status,
-            ", ".join(m.upstream.url for m in tried),
+    def _access_log(self, upstream: str, status: int, elapsed: float) -> None:
+        if self.settings.access_log:
+            logger.info(
+                "pool %s: %s %s -> %s %d in %.1f ms",
+                self.runtime.name,
+                self.method,
+                self.scope.get("path", ""),
+                upstream,
+                status,
+                elapsed * 1000,
+            )
+
+
+class _Relay:
+    """The response of one attempt, sent to the client: a body with no bytes (1xx, 204,
+    304, HEAD), a body already whole (one send), or a stream. Each send marks when it
+    began (``client.sending_since``): a client that takes nothing for
+    ``client_send_timeout`` is cut off (see ``ClientSide``)."""
+
+    __slots__ = ("client", "forwarding", "member", "response", "send")
+
+    def __init__(self, forwarding: _Forwarding, member: Member, response: UpstreamResponse):
+        self.forwarding = forwarding
+        self.client = forwarding.client
+        self.send = forwarding.send
+        self.member = member
+        self.response = response
+
+    async def run(self) -> None:
+        response = self.response
+        status = response.status
+        headers = response_headers(
+            response.headers, self.forwarding.settings.hidden_response_headers
         )
-    try:
-        await _relay(response, method, send, stream, state, member, settings, client)
-    finally:
-        member.limiter.release()
-        elapsed = time.monotonic() - started
-        stats.total_latency.record(elapsed)
-        stats.bytes_in += stream.size if stream is not None else len(body or b"")
-        if settings.access_log:
-            _access_log(state, method, scope, member.upstream.url, response.status, elapsed)
-    # Judged on the whole exchange, not the headers: a body that breaks is a failure
-    # (reported by _relay), and a half-open probe must deliver its body to pass.
-    if response.status not in pool.unhealthy_statuses:
-        state.report_success(member)
-
-
-def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
-
-
-async def _client_body_ended(state: PoolRuntime, failure: ClientBodyError, send: Send) -> None:
-    logger.info("pool %s: %s", state.name, failure)
-    if failure.status:
-        await send_error(send, failure.status, [(b"connection", b"close")])
-
-
-def _access_log(
-    state: PoolRuntime, method: str, scope: Scope, upstream: str, status: int, elapsed: float
-) -> None:
-    logger.info(
-        "pool %s: %s %s -> %s %d in %.1f ms",
-        state.name,
-        method,
-        scope.get("path", ""),
-        upstream,
-        status,
-        elapsed * 1000,
-    )
-
-
-def _may_retry(exc: UpstreamError, retryable: bool, replayable: bool) -> bool:
-    if isinstance(exc, (UpstreamTimeout, RequestNotForwardable)):
-        return False  # a silent upstream costs the client one timeout, not one per retry
-    if not exc.sent:
-        return True  # nothing reached the upstream (a streamed body was not read yet)
-    return retryable and replayable
-
-
-def _status_for(error: UpstreamError | None) -> int:
-    if isinstance(error, RequestNotForwardable):
-        return 400
-    if isinstance(error, UpstreamTimeout) or (
-        error is not None and error.kind == "connect_timeout"
-    ):
-        return 504
-    if error is None or isinstance(error, PoolTimeout):
-        return 503
-    return 502
-
-
-async def _relay(
-    response: UpstreamResponse,
-    method: str,
-    send: Send,
-    stream: ClientSide | None,
-    state: PoolRuntime,
-    member: UpstreamState,
-    settings: ProxySettings,
-    client: ClientSide,
-) -> None:
-    """Relay the response, counting the body bytes into the upstream's stats as they go.
-    The client leaving, or not reading, cancels this wherever it waits."""
-    status = response.status
-    stats = member.stats
-    headers = response_headers(response.headers, settings.hidden_response_headers)
-    time = client.loop.time
-    try:
-        # Each send marks when it began (client.sending_since): a client that takes
-        # nothing for client_send_timeout is cut off (see ClientSide).
-        client.sending_since = time()
+        client = self.client
+        send = self.send
+        client.sending_since = client.loop.time()
         if status in (204, 304) or status < 200:
             # No body, by definition. A 304's Content-Length (the size of the cached
             # representation, RFC 9110 §8.6) would make the ASGI server expect one.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-            client.close()
-            return
+        self.forwarding.response_started = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        if method == "HEAD":
+        if status in (204, 304) or status < 200 or self.forwarding.method == "HEAD":
             await send({"type": "http.response.body", "body": b""})
             client.close()
-            return
-        if response.body_complete():
+        elif response.body_complete():
             body = b""
             while chunk := await response.read():
                 body += chunk
             await send({"type": "http.response.body", "body": body})
             client.close()
-            stats.bytes_out += len(body)
-            return
-        # A streamed body (an SSE stream never ends by itself): ended when the client
-        # leaves (see ClientSide).
+            self.member.stats.bytes_out += len(body)
+        else:
+            await self._stream()
+
+    async def _stream(self) -> None:
+        # An SSE stream never ends by itself: ended when the client leaves (ClientSide).
+        response = self.response
+        client = self.client
+        send = self.send
+        stats = self.member.stats
+        time = client.loop.time
         client.sending_since = None
         while chunk := await response.read():
             stats.bytes_out += len(chunk)
@@ -434,21 +466,10 @@ async def _relay(
         client.sending_since = time()
         await send({"type": "http.response.body", "body": b""})
         client.close()
-    except UpstreamError as exc:
-        if stream is not None and stream.failure is not None:
-            # The client's side of the body broke the upstream exchange: not the
-            # upstream's failure, and no one is left to tell.
-            logger.info("pool %s: %s", state.name, stream.failure)
-            return
-        state.report_failure(member, exc.kind)
-        logger.warning(
-            "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
-            state.name,
-            member.upstream.url,
-            exc.kind,
-            exc,
-        )
-        # The cause is logged above; keep the server's own traceback short.
-        raise ResponseAborted(f"upstream {member.upstream.url} failed mid-response") from None
-    finally:
-        await response.aclose()
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None

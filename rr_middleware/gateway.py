@@ -185,7 +185,7 @@ def _table_lines(obj: Any, keys: KeyTable[Any], where: str) -> list[str]:
             lines.append(f"{name} = (set, not shown)")  # a secret, such as a token
         elif type(value) in KEY_TABLES:
             tables.append((name, value))
-        elif isinstance(value, list) and value and type(value[0]) in KEY_TABLES:
+        elif isinstance(value, (list, tuple)) and value and type(value[0]) in KEY_TABLES:
             lines.append(f"{name} = [")
             lines += [f"    {_inline(item)}," for item in value]
             lines.append("]")

@@ -132,7 +132,7 @@ MIDDLEWARE = KeyTable(
         "status_path": optional(STRING),
         "access_log": BOOLEAN,
     },
-    python_only={"transport", "status_guard"},
+    python_only={"balancer", "transport", "status_guard"},
 )
 UPSTREAM = KeyTable(
     Upstream,

@@ -28,7 +28,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Union
 
-from .config import FieldError
+from .errors import FieldError
 
 __all__ = [
     "HOP_BY_HOP",
@@ -145,19 +145,13 @@ def request_headers(
     prefix: bytes,
     max_bytes: int = 64 * 1024,
 ) -> tuple[Headers, bool]:
-    """Build the upstream request's headers from the client's; and whether they hold a
-    Host.
-
-    A body the client framed with Transfer-Encoding is re-framed by the transport, so
-    the client's Content-Length, if any, is dropped with it.
-    With ``keep_host`` the client's Host is passed on, if it sent one. When the headers
-    hold no Host (no ``keep_host``, or a client that sent none, as HTTP/1.0 allows), the
-    caller appends the upstream's own: the request upstream is HTTP/1.1, which must have
-    one (RFC 9112 §3.2), and it differs per upstream, so per attempt. ``prefix`` is the
-    stripped path prefix (empty when nothing was stripped).
-    Raises BadRequestHeaders for framing or Host ambiguities, HeadersTooLarge when the
-    names and values add up to more than ``max_bytes``.
-    """
+    """The upstream request's headers, built from the client's, and whether they hold a
+    Host: the client's with ``keep_host``, if it sent one; otherwise the caller appends
+    the upstream's own (per attempt: the request upstream is HTTP/1.1, which must have
+    one, RFC 9112 §3.2). A body framed with Transfer-Encoding is re-framed by the
+    transport, so the client's Content-Length goes with it. ``prefix``: the stripped path
+    prefix (empty when nothing was stripped). Raises BadRequestHeaders for framing or
+    Host ambiguities, HeadersTooLarge past ``max_bytes`` of names and values."""
     out: Headers = []
     host: bytes | None = None
     content_length: bytes | None = None
@@ -217,6 +211,21 @@ def request_headers(
         out.append((b"host", host))
         kept_host = True
 
+    _add_forwarding(out, forwarded, client_host, scheme, trusted, host, prefix)
+    return out, kept_host
+
+
+def _add_forwarding(
+    out: Headers,
+    forwarded: Headers | None,
+    client_host: str | None,
+    scheme: str,
+    trusted: TrustedProxies,
+    host: bytes | None,
+    prefix: bytes,
+) -> None:
+    """Append the proxy's own forwarding headers, extending a trusted proxy's
+    (``forwarded``: the client's forwarding headers, dropped unless it is trusted)."""
     forwarded_for = client_host.encode("latin-1") if client_host else None
     forwarded_proto = scheme.encode("latin-1")
     forwarded_host = host
@@ -240,7 +249,6 @@ def request_headers(
         out.append((b"x-forwarded-host", forwarded_host))
     if prefix:
         out.append((b"x-forwarded-prefix", prefix))
-    return out, kept_host
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]], hidden: frozenset[bytes]) -> Headers:

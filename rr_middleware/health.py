@@ -4,18 +4,28 @@
 ``UpstreamHealth`` holds one upstream's state and applies the rules; it never reads a
 clock itself (the pool passes ``now``), so thresholds, windows and half-open probing are
 tested with an injected clock and no sleeps. ``probe`` runs one active check through the
-same transport as traffic.
+same transport as traffic; ``HealthChecker`` runs a pool's checks while the app serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from .config import HealthCheck, Upstream
-from .transport.base import UpstreamError, UpstreamRequest, UpstreamTransport
+from .config import HealthCheck
+from .counters import UpstreamStats
+from .errors import UpstreamError
+from .transport.base import UpstreamRequest, UpstreamTransport
+from .upstream import Upstream
 
-__all__ = ["USER_AGENT", "CheckResult", "UpstreamHealth", "probe"]
+__all__ = ["USER_AGENT", "CheckResult", "Checked", "HealthChecker", "UpstreamHealth", "probe"]
+
+logger = logging.getLogger("rr_middleware")
 
 USER_AGENT = b"rr-middleware-health/0.1"
 _MAX_CHECK_BODY = 64 * 1024  # read (and discard) at most this much of a check's body
@@ -190,3 +200,106 @@ async def _exchange(transport: UpstreamTransport, request: UpstreamRequest) -> i
         return response.status
     finally:
         await response.aclose()
+
+
+class Checked(Protocol):
+    """What a checker needs of a pool member."""
+
+    @property
+    def upstream(self) -> Upstream: ...
+    @property
+    def transport(self) -> UpstreamTransport: ...
+    @property
+    def health(self) -> UpstreamHealth: ...
+    @property
+    def stats(self) -> UpstreamStats: ...
+
+
+class HealthChecker:
+    """A pool's active checks while the app serves: every member checked at once, every
+    ``interval`` seconds give or take ``jitter`` (so a fleet of workers does not probe in
+    lockstep), and newcomers from discovery at once (``check_soon``). ``on_change`` is
+    called when a check moved any member up or down."""
+
+    def __init__(
+        self,
+        name: str,
+        check: HealthCheck,
+        members: Callable[[], Sequence[Checked]],
+        clock: Callable[[], float],
+        rng: random.Random,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.name = name
+        self.check = check
+        self._members = members
+        self._clock = clock
+        self._rng = rng
+        self._on_change = on_change
+        self._due: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._due = asyncio.Event()
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        self._due = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait((task,))
+
+    def check_soon(self) -> None:
+        """Check now rather than an interval from now (new members arrived)."""
+        if self._due is not None:
+            self._due.set()
+
+    async def check_now(self) -> None:
+        """Check every member once, concurrently, and apply the results."""
+        check = self.check
+        now = self._clock()
+        members = self._members()  # replaced, never mutated, when membership changes
+        results = await asyncio.gather(
+            *(probe(m.transport, m.upstream, check, now) for m in members)
+        )
+        changed = False
+        for member, result in zip(members, results, strict=True):
+            member.stats.checks["pass" if result.ok else "fail"] += 1
+            transition = member.health.record_check(result, check)
+            if transition is not None:
+                member.stats.transitions += 1
+                changed = True
+                self._log_transition(member, transition, result)
+        if changed:
+            self._on_change()
+
+    async def _run(self) -> None:
+        due = self._due
+        assert due is not None
+        check = self.check
+        while True:
+            due.clear()
+            await self.check_now()
+            spread = check.jitter * (2 * self._rng.random() - 1)
+            # Sleep an interval, or less when newcomers arrive to be checked.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(due.wait(), check.interval * (1 + spread))
+
+    def _log_transition(self, member: Checked, transition: str, result: CheckResult) -> None:
+        if transition == "down":
+            logger.warning(
+                "pool %s: upstream %s is DOWN after %d failed checks (last: %s)",
+                self.name,
+                member.upstream.url,
+                self.check.fall,
+                result.error,
+            )
+        else:
+            logger.warning(
+                "pool %s: upstream %s is UP after %d passed checks",
+                self.name,
+                member.upstream.url,
+                self.check.rise,
+            )

@@ -1,34 +1,30 @@
-"""RoundRobinMiddleware: prefix dispatch, the lifespan, and the upstream client's life."""
+"""RoundRobinMiddleware: prefix dispatch, the requests a pool refuses, and the lifespan.
+
+The pools themselves run in a ``Balancer`` (``runtime.py``); the middleware routes to them
+and drives the balancer's life from the lifespan.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-import httpx
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import FieldError, Pool, PoolsArg, Upstream, normalize_pools
-from .discovery import Watcher
+from .config import PoolsArg
+from .endpoints import Endpoints
+from .errors import FieldError
 from .forwarding import ProxySettings, forward, logger, send_error
 from .headers import TrustedProxies
-from .metrics import PrometheusCollector, status_json
+from .pool_runtime import PoolRuntime
 from .routing import PrefixRouter, has_dot_segment, is_ambiguous_path, is_unsafe_path
-from .state import PoolRuntime, UpstreamState
-from .status_page import render_html, render_json
+from .runtime import Balancer, TransportArg
 from .transport.base import UpstreamTransport
-from .transport.http1 import Http1Transport
-from .transport.httpx_transport import HttpxTransport, in_process
 from .websocket import forward_websocket
 
 __all__ = ["RoundRobinMiddleware"]
-
-TransportArg = Union[UpstreamTransport, httpx.AsyncBaseTransport, None]
 
 
 @dataclass(frozen=True)
@@ -68,10 +64,15 @@ class RoundRobinMiddleware:
     ```
 
     Everything that matches no prefix, and the lifespan, reaches ``app`` unchanged.
-    Options (defaults): ``transport=None`` (the built-in ``Http1Transport``; or any
-    ``httpx.AsyncBaseTransport`` or ``UpstreamTransport`` for every pool),
-    ``trusted_proxies=()`` (addresses whose ``X-Forwarded-*`` headers are believed; ``"*"``
-    for all), ``max_url_length=8192`` (longer path + query → 414),
+
+    Give ``pools`` (``{prefix: Pool}`` or ``{prefix: [url, ...]}``), or ``balancer=`` a
+    ``Balancer`` you built from them and keep, to drain upstreams or read their state while
+    the app serves. ``transport=`` (with ``pools``): the upstream client for every pool
+    (default: the built-in ``Http1Transport``; any ``httpx.AsyncBaseTransport`` or
+    ``UpstreamTransport``).
+
+    Options (defaults): ``trusted_proxies=()`` (addresses whose ``X-Forwarded-*`` headers
+    are believed; ``"*"`` for all), ``max_url_length=8192`` (longer path + query → 414),
     ``hide_response_headers=("date", "server")`` (upstream response headers not passed on,
     as nginx's ``proxy_hide_header``: the ASGI server sets its own),
     ``max_header_bytes=65536`` (request header names and values adding up to more → 431),
@@ -85,8 +86,9 @@ class RoundRobinMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        pools: PoolsArg,
+        pools: PoolsArg | None = None,
         *,
+        balancer: Balancer | None = None,
         transport: TransportArg = None,
         trusted_proxies: Union[str, Sequence[str]] = (),
         max_url_length: int = 8192,
@@ -98,7 +100,22 @@ class RoundRobinMiddleware:
         access_log: bool = False,
     ) -> None:
         self.app = app
-        self.pools: dict[str, Pool] = normalize_pools(pools)
+        if balancer is None:
+            if pools is None:
+                raise FieldError(
+                    "pools", "are required (or balancer=)", "pools= or balancer= is required"
+                )
+            balancer = Balancer(pools, transport=transport)
+        elif pools is not None or transport is not None:
+            raise FieldError(
+                "balancer",
+                "comes with its pools and transport: give pools= and transport= to the "
+                "Balancer, not to the middleware too",
+            )
+        if not isinstance(balancer, Balancer):
+            raise FieldError("balancer", f"must be a Balancer, got {balancer!r}")
+        balancer.attach(self)
+        self.balancer = balancer
         self.trusted_proxies = TrustedProxies(trusted_proxies)
         if max_url_length < 1:
             raise FieldError("max_url_length", f"must be >= 1, got {max_url_length!r}")
@@ -111,10 +128,7 @@ class RoundRobinMiddleware:
             raise FieldError(
                 "max_header_bytes", f"must be an integer >= 1, got {max_header_bytes!r}"
             )
-        self._own_transport = transport is None
-        self._transport: UpstreamTransport = _adapt(transport) or Http1Transport()
         self._settings = ProxySettings(
-            transport=self._transport,
             trusted=self.trusted_proxies,
             hidden_response_headers=frozenset(
                 h.lower().encode("latin-1") for h in hide_response_headers
@@ -122,52 +136,14 @@ class RoundRobinMiddleware:
             max_header_bytes=max_header_bytes,
             access_log=access_log,
         )
-        self._states = {
-            prefix: PoolRuntime(prefix, pool, self._member_factory(pool))
-            for prefix, pool in self.pools.items()
-        }
         self._method_refusals = {
-            prefix: _method_refusal(pool.refuse_methods) for prefix, pool in self.pools.items()
+            prefix: _method_refusal(runtime.pool.refuse_methods)
+            for prefix, runtime in balancer.pools.items()
         }
-        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(self._states)
+        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(balancer.pools)
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
         self._first_segments = self._router.first_segments
-        self.prometheus_collector = PrometheusCollector(self._states)
-        self.status_guard = status_guard
-        self._admin: dict[str, str] = {}
-        self._registry: Any = None
-        if metrics_path is not None:
-            try:
-                from prometheus_client import CollectorRegistry
-            except ImportError:
-                raise FieldError(
-                    "metrics_path",
-                    "needs prometheus_client: pip install 'rr-middleware[metrics]'",
-                ) from None
-            self._registry = CollectorRegistry(auto_describe=False)
-            self._registry.register(self.prometheus_collector)
-            self._admin[_admin_path("metrics_path", metrics_path)] = "metrics"
-        if status_path is not None:
-            status_path = _admin_path("status_path", status_path)
-            for path in (status_path, status_path + ".json"):
-                if path in self._admin:
-                    raise FieldError("status_path", f"{status_path!r} collides with metrics_path")
-            self._admin[status_path] = "html"
-            self._admin[status_path + ".json"] = "json"
-            self._status_json_url = status_path + ".json"
-
-    @staticmethod
-    def _member_factory(pool: Pool) -> Callable[[Upstream], UpstreamState]:
-        pool_transport = _adapt(pool.transport)
-
-        def make_member(upstream: Upstream) -> UpstreamState:
-            if upstream.app is not None:
-                transport: UpstreamTransport | None = in_process(upstream.app)
-            else:
-                transport = _adapt(upstream.transport) or pool_transport
-            return UpstreamState(upstream, transport, pool.max_connections)
-
-        return make_member
+        self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -180,8 +156,9 @@ class RoundRobinMiddleware:
             return
 
         path: str = scope["path"]
-        if self._admin and path in self._admin:
-            await self._serve_admin(self._admin[path], scope, receive, send)
+        endpoints = self.endpoints
+        if endpoints and path in endpoints:
+            await endpoints.serve(path, scope, receive, send)
             return
         first_segments = self._first_segments
         if first_segments is not None:
@@ -241,31 +218,7 @@ class RoundRobinMiddleware:
 
     def status(self) -> dict[str, Any]:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""
-        return status_json(self._states)
-
-    async def _serve_admin(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.status_guard is not None:
-            allowed = self.status_guard(Request(scope, receive))
-            if inspect.isawaitable(allowed):
-                allowed = await allowed
-            if not allowed:
-                await PlainTextResponse("403 Forbidden\n", 403)(scope, receive, send)
-                return
-        headers = {"cache-control": "no-store"}
-        response: Response
-        if kind == "metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-            body = generate_latest(self._registry)
-            response = Response(body, headers={**headers, "content-type": CONTENT_TYPE_LATEST})
-        elif kind == "json":
-            response = Response(
-                render_json(self.status()), media_type="application/json", headers=headers
-            )
-        else:
-            page = render_html(self.status(), self._status_json_url)
-            response = HTMLResponse(page, headers=headers)
-        await response(scope, receive, send)
+        return self.balancer.status()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self._match(scope)
@@ -302,62 +255,14 @@ class RoundRobinMiddleware:
             raise
 
     async def startup(self) -> None:
-        """Open the upstream client, start discovery (waiting, at most each source's
-        ``startup_timeout``, for the first members) and the health checks. Called by the
-        lifespan; without one, the client opens on the first request (and closes when its
-        event loop ends), and discovered pools stay empty. A transport you passed in is
-        left to open itself, and to you to close."""
-        if self._own_transport:
-            await self._transport.aopen()
-        watchers = []
-        for state in self._states.values():
-            source = state.pool.discovery
-            if source is not None:
-                if state.watcher is None:
-                    state.watcher = Watcher(state.name, source, state.set_members)
-                state.watcher.start()
-                watchers.append(state.watcher)
-        arrived = await asyncio.gather(*(w.wait_first(w.source.startup_timeout) for w in watchers))
-        for watcher, came in zip(watchers, arrived, strict=True):
-            if not came:
-                logger.error(
-                    "pool %s: no upstreams from %s within %ss (%s); starting anyway, the pool "
-                    "answers 503 until they arrive",
-                    watcher.pool_name,
-                    watcher.source.describe(),
-                    watcher.source.startup_timeout,
-                    watcher.error or "no answer yet",
-                )
-        for state in self._states.values():
-            state.start_checks(self._transport)
+        """Start the balancer (see ``Balancer.start``); the lifespan calls it."""
+        await self.balancer.start()
 
     async def shutdown(self) -> None:
-        """Stop discovery and health checks, and close the connections this middleware
-        opened. Transports you passed in are yours to close."""
-        for state in self._states.values():
-            if state.watcher is not None:
-                await state.watcher.stop()
-            await state.stop_checks()
-        if self._own_transport:
-            await self._transport.aclose()
+        """Stop the balancer (see ``Balancer.stop``); the lifespan calls it."""
+        await self.balancer.stop()
 
     @property
     def transport(self) -> UpstreamTransport:
-        """The default upstream transport (for introspection and tests)."""
-        return self._transport
-
-
-def _adapt(transport: Any) -> UpstreamTransport | None:
-    if transport is None or isinstance(transport, UpstreamTransport):
-        return transport
-    if isinstance(transport, httpx.AsyncBaseTransport):
-        return HttpxTransport(transport)
-    raise ValueError(
-        f"transport must be an httpx.AsyncBaseTransport or an UpstreamTransport, got {transport!r}"
-    )
-
-
-def _admin_path(option: str, path: str) -> str:
-    if not isinstance(path, str) or not path.startswith("/") or "?" in path:
-        raise FieldError(option, f"must be a path starting with '/', got {path!r}")
-    return path
+        """The balancer's default upstream transport (for introspection and tests)."""
+        return self.balancer.transport

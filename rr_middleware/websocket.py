@@ -22,15 +22,18 @@ import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from .config import Upstream
+from .errors import ConnectFailed, NoUpstream
 from .forwarding import send_error
-from .headers import BadRequestHeaders, request_headers
+from .headers import BadRequestHeaders
+from .upstream import Upstream
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send
 
+    from .attempt import Attempt
     from .forwarding import ProxySettings
-    from .state import PoolRuntime, UpstreamState
+    from .members import Member
+    from .pool_runtime import PoolRuntime
 
 __all__ = ["forward_websocket"]
 
@@ -53,7 +56,7 @@ _CLOSE_TIMEOUT = 5.0  # for the upstream's answer to a close frame
 
 
 async def forward_websocket(
-    state: PoolRuntime,
+    runtime: PoolRuntime,
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -62,82 +65,131 @@ async def forward_websocket(
 ) -> None:
     """Connect the client's WebSocket to an upstream of the pool and relay it."""
     try:
-        import websockets
-        from websockets.asyncio.client import connect
+        import websockets  # noqa: F401 - the optional dependency, checked here once
     except ImportError:
         logger.error(
             "pool %s: a WebSocket arrived but the websockets package is not installed "
             "(pip install 'rr-middleware[websockets]')",
-            state.name,
+            runtime.name,
         )
         await _refuse(scope, send, 500)
         return
-
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    pool = state.pool
-    client = scope.get("client")
+    scheme = "https" if scope.get("scheme") == "wss" else "http"
     try:
-        headers, _ = request_headers(
-            scope["headers"],
-            client_host=client[0] if client else None,
-            scheme="https" if scope.get("scheme") == "wss" else "http",
-            trusted=settings.trusted,
-            keep_host=False,  # the Host goes in the URI below, not as a header
-            prefix=state.prefix if pool.strip_prefix else b"",
-            max_bytes=settings.max_header_bytes,
-        )
+        headers, has_host = settings.upstream_headers(runtime, scope, scheme)
     except BadRequestHeaders as exc:
-        logger.info("pool %s: refused WebSocket: %s", state.name, exc)
+        logger.info("pool %s: refused WebSocket: %s", runtime.name, exc)
         await _refuse(scope, send, exc.status)
         return
-    handshake_headers = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in headers
-        if name not in _HANDSHAKE
-    ]
-    client_host = next((v for n, v in scope["headers"] if n == b"host"), None)
-    query: bytes = scope.get("query_string", b"")
-    suffix = (path + b"?" + query if query else path).decode("latin-1")
-    subprotocols = list(scope.get("subprotocols") or ())
-
-    tried: list[UpstreamState] = []
-    for _ in range(pool.retries + 1):  # pick() ends it once every upstream was tried
-        member = state.pick(tried)
-        if member is None:
+    handshake = _Handshake(runtime, scope, receive, send, path, headers, has_host, message)
+    tried: list[Member] = []
+    for _ in range(runtime.pool.retries + 1):
+        try:
+            async with runtime.attempt(tried, slot=False) as attempt:
+                await handshake.attempt(attempt)
+                return
+        except NoUpstream:
             break
-        tried.append(member)
+        except ConnectFailed as exc:
+            logger.warning(
+                "pool %s: WebSocket to %s failed (%s); trying the next upstream",
+                runtime.name,
+                tried[-1].upstream.url,
+                exc,
+            )
+    if not tried:  # a discovered pool with no upstreams (yet, or any more)
+        logger.info("pool %s: no upstreams for the WebSocket; answering 503", runtime.name)
+        await _refuse(scope, send, 503)
+        return
+    logger.warning("pool %s: no upstream took the WebSocket", runtime.name)
+    await _refuse(scope, send, 502)
+
+
+class _Handshake:
+    """One client WebSocket's way to an upstream: the handshake on each attempt, then the
+    relay (an in-process upstream is handed the socket itself)."""
+
+    def __init__(
+        self,
+        runtime: PoolRuntime,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        has_host: bool,
+        connect_message: Message,
+    ) -> None:
+        self.runtime = runtime
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.path = path
+        self.query: bytes = scope.get("query_string", b"")
+        self.headers = headers
+        self.has_host = has_host
+        self.connect_message = connect_message
+        self.client_host = next((v for n, v in headers if n == b"host"), None)
+        # The handshake's own headers (and the Host, which is in the URI) are made anew.
+        self.handshake_headers = [
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in headers
+            if name not in _HANDSHAKE and name != b"host"
+        ]
+
+    async def attempt(self, attempt: Attempt) -> None:
+        member = attempt.member
         upstream = member.upstream
+        pool = self.runtime.pool
         if upstream.app is not None:
+            attempt.abandon()  # the app itself takes the socket: no exchange to judge
             member.websockets += 1
             try:
-                await _in_process(upstream, scope, message, receive, send, headers, path, query)
+                await self._in_process(upstream)
             finally:
                 member.websockets -= 1
             return
-        if member.transport is not None:
-            logger.warning(
-                "pool %s: %s has a custom transport, which cannot carry a WebSocket",
-                state.name,
-                upstream.url,
-            )
-            continue
+        if upstream.transport is not None or pool.transport is not None:
+            attempt.abandon()
+            raise ConnectFailed(f"{upstream.url} has a custom transport: it cannot carry one")
+        upstream_ws = await self._connect(attempt)
+        if upstream_ws is None:
+            return
+        attempt.succeeded()
+        member.websockets += 1
+        try:
+            await _relay(upstream_ws, self.scope, self.receive, self.send, self.runtime, member)
+        finally:
+            member.websockets -= 1
+
+    async def _connect(self, attempt: Attempt) -> Any:
+        """The upstream's socket, or None once the client was answered (the upstream
+        refused, or the URI cannot be made). Raises ConnectFailed to try another."""
+        import websockets
+        from websockets.asyncio.client import connect
+
+        upstream = attempt.upstream
+        pool = self.runtime.pool
         scheme = "wss" if upstream.scheme == "https" else "ws"
+        query = self.query
+        suffix = (self.path + b"?" + query if query else self.path).decode("latin-1")
         target = upstream.base_path.decode("ascii") + suffix
         # The URI names the Host header (the client's with preserve_host); the TCP and TLS
         # peer is always the configured upstream (host=, port=, server_hostname=).
-        host = client_host if pool.preserve_host and client_host else upstream.host_header
+        host = self.client_host if self.has_host and self.client_host else upstream.host_header
         uri = f"{scheme}://{host.decode('latin-1')}{target or '/'}"
         try:
-            upstream_ws = await connect(
+            return await connect(
                 uri,
                 host=upstream.host,
                 port=upstream.port,
                 server_hostname=upstream.host if scheme == "wss" else None,
                 close_timeout=_CLOSE_TIMEOUT,
-                additional_headers=handshake_headers,
-                subprotocols=subprotocols or None,
+                additional_headers=self.handshake_headers,
+                subprotocols=list(self.scope.get("subprotocols") or ()) or None,
                 compression=None,
                 user_agent_header=None,
                 proxy=None,
@@ -149,75 +201,48 @@ async def forward_websocket(
         except websockets.InvalidStatus as exc:
             # The upstream answered the handshake, and said no: that is its answer.
             status = exc.response.status_code
-            logger.info("pool %s: %s refused the WebSocket (%d)", state.name, upstream.url, status)
-            if status in pool.unhealthy_statuses:
-                state.report_failure(member, f"status {status}")
-            else:
-                state.report_success(member)
-            await _refuse(scope, send, status)
-            return
-        except websockets.InvalidURI:
-            logger.info("pool %s: refused WebSocket with an unusable Host or path", state.name)
-            await _refuse(scope, send, 400)
-            return
-        except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
-            state.report_failure(member, "connect")
-            logger.warning(
-                "pool %s: WebSocket to %s failed (%s: %s); trying the next upstream",
-                state.name,
-                upstream.url,
-                type(exc).__name__,
-                exc,
+            logger.info(
+                "pool %s: %s refused the WebSocket (%d)", self.runtime.name, upstream.url, status
             )
-            continue
-        state.report_success(member)
-        member.websockets += 1
-        try:
-            await _relay(upstream_ws, scope, receive, send, state, member)
-        finally:
-            member.websockets -= 1
-        return
+            attempt.answered(status)
+            await _refuse(self.scope, self.send, status)
+            return None
+        except websockets.InvalidURI:
+            attempt.abandon()
+            logger.info(
+                "pool %s: refused WebSocket with an unusable Host or path", self.runtime.name
+            )
+            await _refuse(self.scope, self.send, 400)
+            return None
+        except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
+            raise ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
 
-    if not tried:  # a discovered pool with no upstreams (yet, or any more)
-        logger.info("pool %s: no upstreams for the WebSocket; answering 503", state.name)
-        await _refuse(scope, send, 503)
-        return
-    logger.warning("pool %s: no upstream took the WebSocket", state.name)
-    await _refuse(scope, send, 502)
+    async def _in_process(self, upstream: Upstream) -> None:
+        """An in-process upstream (``Upstream(app=...)``) is handed the WebSocket itself:
+        its scope describes the forwarded request, and the client's messages reach it
+        directly."""
+        assert upstream.app is not None
+        raw_path = upstream.base_path + self.path or b"/"
+        headers = self.headers
+        inner = {
+            **self.scope,
+            "path": unquote(raw_path.decode("ascii")),
+            "raw_path": raw_path,
+            "query_string": self.query,
+            "root_path": "",
+            "headers": headers if self.has_host else [*headers, (b"host", upstream.host_header)],
+        }
+        replayed = False
+        receive = self.receive
 
+        async def receive_from_client() -> Message:
+            nonlocal replayed
+            if not replayed:  # the connect message was read before the upstream was picked
+                replayed = True
+                return self.connect_message
+            return await receive()
 
-async def _in_process(
-    upstream: Upstream,
-    scope: Scope,
-    connect_message: Message,
-    receive: Receive,
-    send: Send,
-    headers: list[tuple[bytes, bytes]],
-    path: bytes,
-    query: bytes,
-) -> None:
-    """An in-process upstream (``Upstream(app=...)``) is handed the WebSocket itself: its
-    scope describes the forwarded request, and the client's messages reach it directly."""
-    assert upstream.app is not None
-    raw_path = upstream.base_path + path or b"/"
-    inner = {
-        **scope,
-        "path": unquote(raw_path.decode("ascii")),
-        "raw_path": raw_path,
-        "query_string": query,
-        "root_path": "",
-        "headers": [*headers, (b"host", upstream.host_header)],
-    }
-    replayed = False
-
-    async def receive_from_client() -> Message:
-        nonlocal replayed
-        if not replayed:  # the connect message was read before the upstream was picked
-            replayed = True
-            return connect_message
-        return await receive()
-
-    await upstream.app(inner, receive_from_client, send)
+        await upstream.app(inner, receive_from_client, self.send)
 
 
 async def _refuse(scope: Scope, send: Send, status: int) -> None:
@@ -233,40 +258,96 @@ async def _relay(
     scope: Scope,
     receive: Receive,
     send: Send,
-    state: PoolRuntime,
-    member: UpstreamState,
+    runtime: PoolRuntime,
+    member: Member,
 ) -> None:
-    from websockets.exceptions import ConnectionClosed
-
-    pool = state.pool
-    loop = asyncio.get_running_loop()
-    activity = [loop.time()]  # when a message last went either way
     await send({"type": "websocket.accept", "subprotocol": upstream_ws.subprotocol})
+    await _SocketRelay(upstream_ws, receive, send, runtime, member).run()
 
-    async def client_to_upstream() -> None:
-        while True:
-            message: Message = await receive()
-            kind = message["type"]
-            if kind == "websocket.receive":
-                activity[0] = loop.time()
-                data = message.get("text")
-                await upstream_ws.send(data if data is not None else message.get("bytes", b""))
-            elif kind == "websocket.disconnect":
-                code = message.get("code", 1000) or 1000
-                reason = message.get("reason") or ""
-                await upstream_ws.close(_UNSENDABLE.get(code, code), reason)
-                return
 
-    async def client_to_upstream_until_closed() -> None:
+class _SocketRelay:
+    """Messages both ways until either side ends (or a timeout): two relays, each send
+    awaited so a slow reader holds the other side back, and close codes passed on."""
+
+    def __init__(
+        self, upstream_ws: Any, receive: Receive, send: Send, runtime: PoolRuntime, member: Member
+    ) -> None:
+        self.upstream_ws = upstream_ws
+        self.receive = receive
+        self.send = send
+        self.runtime = runtime
+        self.member = member
+        self.loop = asyncio.get_running_loop()
+        self.activity = self.loop.time()  # when a message last went either way
+
+    async def run(self) -> None:
+        relays = [
+            asyncio.ensure_future(self.client_to_upstream()),
+            asyncio.ensure_future(self.upstream_to_client()),
+        ]
+        pool = self.runtime.pool
+        loop = self.loop
+        started = loop.time()
+        try:
+            while True:
+                timeout = _time_left(loop.time(), started, self.activity, pool)
+                done, _ = await asyncio.wait(
+                    relays, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    break
+                if _time_left(loop.time(), started, self.activity, pool) == 0:
+                    logger.info(
+                        "pool %s: closing a WebSocket to %s: timed out",
+                        self.runtime.name,
+                        self.member.upstream.url,
+                    )
+                    await self.send({"type": "websocket.close", "code": 1001, "reason": "timeout"})
+                    break
+            for relay in done:
+                if not relay.cancelled() and relay.exception() is not None:
+                    logger.warning(
+                        "pool %s: WebSocket relay with %s failed: %r",
+                        self.runtime.name,
+                        self.member.upstream.url,
+                        relay.exception(),
+                    )
+        finally:
+            for relay in relays:
+                relay.cancel()
+            await asyncio.wait(relays)
+            for relay in relays:  # collect outcomes so none is reported as never retrieved
+                if not relay.cancelled():
+                    relay.exception()
+            await self.upstream_ws.close()
+
+    async def client_to_upstream(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        upstream_ws = self.upstream_ws
         with contextlib.suppress(ConnectionClosed):  # the upstream closed: its relay says so
-            await client_to_upstream()
+            while True:
+                message: Message = await self.receive()
+                kind = message["type"]
+                if kind == "websocket.receive":
+                    self.activity = self.loop.time()
+                    data = message.get("text")
+                    await upstream_ws.send(data if data is not None else message.get("bytes", b""))
+                elif kind == "websocket.disconnect":
+                    code = message.get("code", 1000) or 1000
+                    reason = message.get("reason") or ""
+                    await upstream_ws.close(_UNSENDABLE.get(code, code), reason)
+                    return
 
-    async def upstream_to_client() -> None:
+    async def upstream_to_client(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        upstream_ws = self.upstream_ws
         try:
             async for data in upstream_ws:
-                activity[0] = loop.time()
+                self.activity = self.loop.time()
                 key = "text" if isinstance(data, str) else "bytes"
-                await send({"type": "websocket.send", key: data})
+                await self.send({"type": "websocket.send", key: data})
         except ConnectionClosed:
             pass
         except OSError:
@@ -281,45 +362,7 @@ async def _relay(
         code = _UNSENDABLE.get(close.code, close.code) if close is not None else 1011
         reason = close.reason if close is not None else ""
         with contextlib.suppress(OSError):
-            await send({"type": "websocket.close", "code": code, "reason": reason})
-
-    relays = [
-        asyncio.ensure_future(client_to_upstream_until_closed()),
-        asyncio.ensure_future(upstream_to_client()),
-    ]
-    started = loop.time()
-    try:
-        while True:
-            timeout = _time_left(loop.time(), started, activity[0], pool)
-            done, _ = await asyncio.wait(
-                relays, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if done:
-                break
-            if _time_left(loop.time(), started, activity[0], pool) == 0:
-                logger.info(
-                    "pool %s: closing a WebSocket to %s: timed out",
-                    state.name,
-                    member.upstream.url,
-                )
-                await send({"type": "websocket.close", "code": 1001, "reason": "timeout"})
-                break
-        for relay in done:
-            if not relay.cancelled() and relay.exception() is not None:
-                logger.warning(
-                    "pool %s: WebSocket relay with %s failed: %r",
-                    state.name,
-                    member.upstream.url,
-                    relay.exception(),
-                )
-    finally:
-        for relay in relays:
-            relay.cancel()
-        await asyncio.wait(relays)
-        for relay in relays:  # collect outcomes so none is reported as never retrieved
-            if not relay.cancelled():
-                relay.exception()
-        await upstream_ws.close()
+            await self.send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 def _time_left(now: float, started: float, last_activity: float, pool: Any) -> float | None:

@@ -371,8 +371,8 @@ def test_middleware_exposes_normalised_pools() -> None:
     mw = RoundRobinMiddleware(
         Starlette(), pools={"/api/": ["http://10.0.0.1"], "/": Pool(["http://10.0.0.2"])}
     )
-    assert set(mw.pools) == {"/api", "/"}
-    assert all(isinstance(p, Pool) for p in mw.pools.values())
+    assert set(mw.balancer) == {"/api", "/"}
+    assert all(isinstance(runtime.pool, Pool) for runtime in mw.balancer.pools.values())
 
 
 @pytest.mark.parametrize(
@@ -404,10 +404,13 @@ def test_pools_must_be_a_non_empty_mapping(pools: object) -> None:
         normalize_pools(pools)
 
 
-def test_same_pool_object_for_two_prefixes_is_rejected() -> None:
-    pool = Pool(["http://10.0.0.1"])
-    with pytest.raises(ValueError, match=r"pool '/b': the same Pool object"):
-        normalize_pools({"/a": pool, "/b": pool})
+def test_one_pool_value_for_two_prefixes_runs_as_two_pools() -> None:
+    """A Pool is a value: under two prefixes it is two pools, each with its own state."""
+    pool = Pool(["http://10.0.0.1", "http://10.0.0.2"])
+    mw = RoundRobinMiddleware(Starlette(), pools={"/a": pool, "/b": pool})
+    mw.balancer["/a"].drain("http://10.0.0.1")
+    assert [r["drained"] for r in mw.balancer["/a"].snapshot()] == [True, False]
+    assert [r["drained"] for r in mw.balancer["/b"].snapshot()] == [False, False]
 
 
 def test_middleware_constructor_raises_the_config_error() -> None:

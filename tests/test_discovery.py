@@ -110,8 +110,8 @@ class Proxy:
     """The middleware around a host app, through its lifespan, driven in process."""
 
     def __init__(self, pool: Pool, **options: Any) -> None:
-        self.pool = pool
         self.middleware = RoundRobinMiddleware(host_app(), pools={"/api": pool}, **options)
+        self.pool = self.middleware.balancer["/api"]
         self.lifespan = LifespanManager(self.middleware, startup_timeout=30)
         self.http = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.lifespan.app), base_url="http://proxy"
@@ -180,11 +180,11 @@ async def test_one_server_listed_twice_is_one_member(
     async with Proxy(Pool(discovery=source)) as proxy:
         assert proxy.members() == [twice[0], b.url]
         await proxy.who(2)
-        state = proxy.pool._serving().members[0]
+        state = proxy.pool.members[0]
         source.put(*twice, b.url)  # the same list again: nothing churns
         source.put(twice[1], b.url, c.url)
         await settled(lambda: len(proxy.members()) == 3)
-        assert proxy.pool._serving().members[0] is state
+        assert proxy.pool.members[0] is state
         assert proxy.row(twice[0])["requests"] == 1
     assert "listed twice by discovery; using it once" in caplog.text
 
@@ -216,7 +216,8 @@ def test_a_removed_upstream_finishes_what_is_in_flight(upstreams: list[RunningSe
     ):
         assert stream.status_code == 200
         source.put(b.url)
-        wait_for(lambda: [row["url"] for row in pool.snapshot()] == [b.url], "b to replace a")
+        runtime = middleware.balancer["/api"]
+        wait_for(lambda: [row["url"] for row in runtime.snapshot()] == [b.url], "b to replace a")
         assert http.get("/api/x").headers["x-upstream"] == "b"
         for _ in range(3):
             a.app.proceed.release()
@@ -411,7 +412,8 @@ async def test_newcomers_are_checked_at_once_and_leavers_no_more(
         checks_of_a = sum(1 for r in a.app.requests if r["raw_path"] == "/health")
         source.put(b.url)
         await settled(lambda: proxy.members() == [b.url])
-        await proxy.pool._serving().check_now(proxy.middleware.transport)
+        assert proxy.pool.checker is not None
+        await proxy.pool.checker.check_now()
         assert sum(1 for r in a.app.requests if r["raw_path"] == "/health") == checks_of_a
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rr_middleware import HealthCheck, Pool
+from rr_middleware import HealthCheck, Pool, PoolRuntime
 
 from .servers import RunningServer, bind_socket, serve
 from .test_fidelity import assert_generic_error, client, running_proxy
@@ -89,10 +89,10 @@ def up(prefix: str, url: str) -> str:
     return f"pool {prefix}: upstream {url} is UP"
 
 
-def row(pool: Pool, url: str) -> dict[str, Any]:
+def row(runtime: PoolRuntime, url: str) -> dict[str, Any]:
     """The snapshot row of one upstream of ``pool``."""
-    rows = [r for r in pool.snapshot() if r["url"] == url]
-    assert len(rows) == 1, pool.snapshot()
+    rows = [r for r in runtime.snapshot() if r["url"] == url]
+    assert len(rows) == 1, runtime.snapshot()
     return rows[0]
 
 
@@ -232,7 +232,8 @@ def test_stopping_one_of_three_upstreams_mid_traffic_loses_no_request(
     results: list[tuple[float, int, str]] = []  # request start, status, upstream name
     errors: list[BaseException] = []
 
-    with running_proxy({"/lb": pool}) as (proxy, _):
+    with running_proxy({"/lb": pool}) as (proxy, mw):
+        runtime = mw.balancer["/lb"]
 
         def work() -> None:
             try:
@@ -262,7 +263,7 @@ def test_stopping_one_of_three_upstreams_mid_traffic_loses_no_request(
             for thread in threads:
                 thread.join(timeout=30)
         assert not errors, errors
-        snapshot = {r["url"]: r for r in pool.snapshot()}
+        snapshot = {r["url"]: r for r in runtime.snapshot()}
 
     assert len(results) == total
     assert Counter(status for _, status, _ in results) == {200: total}
@@ -291,7 +292,8 @@ def test_health_checks_take_a_stopped_upstream_out_and_back_on_the_same_port(
     fall_bound = (check.fall + 1) * check.interval * (1 + check.jitter) + 1.0
     rise_bound = (check.rise + 1) * check.interval * (1 + check.jitter) + 1.0
 
-    with running_proxy({"/hc": pool}) as (proxy, _), client() as http:
+    with running_proxy({"/hc": pool}) as (proxy, mw), client() as http:
+        runtime = mw.balancer["/hc"]
         url = f"{proxy.url}/hc/traffic"
         assert Counter(served_by(http, url) for _ in range(6)) == {"a": 2, "b": 2, "c": 2}
 
@@ -303,7 +305,7 @@ def test_health_checks_take_a_stopped_upstream_out_and_back_on_the_same_port(
             assert served_by(http, url) in ("a", "b", "c")
         went_down = logs.wait_for(down("/hc", b.url), timeout=0)
         assert went_down - stop_done < fall_bound
-        state = row(pool, b.url)
+        state = row(runtime, b.url)
         assert state["healthy"] is False
         assert state["eligible"] is False
         assert state["last_check"]["ok"] is False
@@ -312,14 +314,14 @@ def test_health_checks_take_a_stopped_upstream_out_and_back_on_the_same_port(
 
         served = [served_by(http, url) for _ in range(20)]
         assert Counter(served) == {"a": 10, "c": 10}, served
-        state = row(pool, b.url)
+        state = row(runtime, b.url)
         assert (state["requests"], state["failures"]) == attempts  # b was never tried
 
         restarting = time.monotonic()
         with serve(UpstreamApp("b"), port=b.port) as b2:
             back = logs.wait_for(up("/hc", b.url))
             assert back - restarting < rise_bound
-            state = row(pool, b.url)
+            state = row(runtime, b.url)
             assert state["healthy"] is True
             assert state["eligible"] is True
             assert len(b2.app.requests) >= check.rise  # the checks that brought it back
@@ -345,7 +347,8 @@ def test_on_all_down_try_all_attempts_every_upstream_and_fail_answers_503_at_onc
         "/try": Pool(urls, health_check=FAST_CHECKS),
         "/fail": Pool(urls, health_check=FAST_CHECKS, on_all_down="fail"),
     }
-    with running_proxy(pools) as (proxy, _), client() as http:
+    with running_proxy(pools) as (proxy, mw), client() as http:
+        runtimes = mw.balancer.pools
         for prefix in pools:
             assert served_by(http, f"{proxy.url}{prefix}/x") == "a"
 
@@ -353,14 +356,14 @@ def test_on_all_down_try_all_attempts_every_upstream_and_fail_answers_503_at_onc
         for prefix in pools:
             for url in urls:
                 logs.wait_for(down(prefix, url))
-        for pool in pools.values():
-            assert all(r["healthy"] is False and not r["eligible"] for r in pool.snapshot())
+        for runtime in runtimes.values():
+            assert all(r["healthy"] is False and not r["eligible"] for r in runtime.snapshot())
 
-        failures = {prefix: [r["failures"] for r in p.snapshot()] for prefix, p in pools.items()}
+        failures = {prefix: [r["failures"] for r in p.snapshot()] for prefix, p in runtimes.items()}
         response = http.get(f"{proxy.url}/try/x")
         assert_generic_error(response, 502, urls)
         assert "retry-after" not in response.headers
-        tried = [r["failures"] for r in pools["/try"].snapshot()]
+        tried = [r["failures"] for r in runtimes["/try"].snapshot()]
         assert tried == [n + 1 for n in failures["/try"]]  # each upstream attempted once
 
         started = time.monotonic()
@@ -369,7 +372,7 @@ def test_on_all_down_try_all_attempts_every_upstream_and_fail_answers_503_at_onc
         assert_generic_error(response, 503, urls)
         assert response.headers["retry-after"] == "1"  # ceil(check interval), at least 1
         assert elapsed < 0.5
-        assert [r["failures"] for r in pools["/fail"].snapshot()] == failures["/fail"]
+        assert [r["failures"] for r in runtimes["/fail"].snapshot()] == failures["/fail"]
 
         with serve(UpstreamApp("a"), port=a.port):
             for prefix in pools:
@@ -389,13 +392,14 @@ def test_ejected_upstream_restarted_on_its_port_is_probed_after_fail_timeout(
     every request goes to y; then one request probes x, succeeds, and x is back."""
     x, y = upstreams[0], upstreams[1]
     pool = Pool([x.url, y.url], max_fails=1, fail_timeout=0.5)
-    with running_proxy({"/h": pool}) as (proxy, _), client() as http:
+    with running_proxy({"/h": pool}) as (proxy, mw), client() as http:
+        runtime = mw.balancer["/h"]
         url = f"{proxy.url}/h/p"
         assert sorted(served_by(http, url) for _ in range(2)) == ["a", "b"]
 
         x.stop()
         assert [served_by(http, url) for _ in range(2)] == ["b", "b"]
-        state = row(pool, x.url)
+        state = row(runtime, x.url)
         assert state["ejected"] is True
         assert state["failures"] == 1
         ejected_until = state["ejected_until"]
@@ -415,7 +419,7 @@ def test_ejected_upstream_restarted_on_its_port_is_probed_after_fail_timeout(
             assert probed_at >= ejected_until  # the ejection held for fail_timeout
             assert probed_at - ejected_until < 1.0
             assert traffic(x2.app) == ["/p"]
-            state = row(pool, x.url)
+            state = row(runtime, x.url)
             assert state["ejected"] is False
             assert state["half_open"] is False
             assert state["eligible"] is True
@@ -434,7 +438,8 @@ def test_half_open_probe_answered_503_ejects_again_then_a_good_probe_restores(
     x_app = Switchable(UpstreamApp("x"))
     with serve(x_app) as x:
         pool = Pool([x.url, y.url], max_fails=1, fail_timeout=0.5)
-        with running_proxy({"/h": pool}) as (proxy, _), client() as http:
+        with running_proxy({"/h": pool}) as (proxy, mw), client() as http:
+            runtime = mw.balancer["/h"]
             url = f"{proxy.url}/h/p"
 
             def until_x_answers(deadline: float) -> httpx.Response:
@@ -449,7 +454,7 @@ def test_half_open_probe_answered_503_ejects_again_then_a_good_probe_restores(
             x_app.status = 503
             response = until_x_answers(time.monotonic() + 5)
             assert response.status_code == 503
-            state = row(pool, x.url)
+            state = row(runtime, x.url)
             assert state["ejected"] is True
             first_until = state["ejected_until"]
 
@@ -457,7 +462,7 @@ def test_half_open_probe_answered_503_ejects_again_then_a_good_probe_restores(
             probed_at = time.monotonic()
             assert response.status_code == 503
             assert probed_at >= first_until
-            state = row(pool, x.url)
+            state = row(runtime, x.url)
             assert state["ejected"] is True
             assert state["half_open"] is False
             assert state["ejected_until"] > first_until  # out for another fail_timeout
@@ -481,7 +486,7 @@ def test_half_open_probe_answered_503_ejects_again_then_a_good_probe_restores(
             poller.start()
             try:
                 assert x_app.arrived.wait(timeout=deadline - time.monotonic())
-                state = row(pool, x.url)
+                state = row(runtime, x.url)
                 assert state["half_open"] is True
                 assert state["eligible"] is False
                 assert [served_by(http, url) for _ in range(4)] == ["b"] * 4
@@ -494,7 +499,7 @@ def test_half_open_probe_answered_503_ejects_again_then_a_good_probe_restores(
             assert all(r.status_code == 200 for r in answers)
             assert all(r.headers["x-upstream"] == "b" for r in answers[:-1])
             assert time.monotonic() >= second_until
-            state = row(pool, x.url)
+            state = row(runtime, x.url)
             assert state["ejected"] is False
             assert state["half_open"] is False
             assert Counter(served_by(http, url) for _ in range(4)) == {"x": 2, "b": 2}
@@ -518,12 +523,13 @@ def test_half_open_probe_abandoned_by_its_client_does_not_keep_the_upstream_out(
             clock=lambda: now[0],
             request_buffer_size=0,  # the upload reaches x with its first bytes
         )
-        with running_proxy({"/h": pool}) as (proxy, _), client() as http:
+        with running_proxy({"/h": pool}) as (proxy, mw), client() as http:
+            runtime = mw.balancer["/h"]
             url = f"{proxy.url}/h/p"
             x_app.status = 503
             response = http.get(url)  # a fresh rotation starts with x
             assert (response.status_code, response.headers["x-upstream"]) == (503, "x")
-            assert row(pool, x.url)["ejected"] is True
+            assert row(runtime, x.url)["ejected"] is True
             assert [served_by(http, url) for _ in range(2)] == ["b", "b"]
 
             x_app.status = None
@@ -534,7 +540,7 @@ def test_half_open_probe_abandoned_by_its_client_does_not_keep_the_upstream_out(
                 raw.sendall(head + b"5\r\nhello\r\n")
                 assert x_app.arrived.wait(timeout=5)  # the probe reached x
             logs.wait_for("client left during the request body")
-            state = row(pool, x.url)
+            state = row(runtime, x.url)
             assert state["half_open"] is True
             assert state["eligible"] is False
             assert [served_by(http, url) for _ in range(4)] == ["b"] * 4
@@ -542,7 +548,7 @@ def test_half_open_probe_abandoned_by_its_client_does_not_keep_the_upstream_out(
             now[0] += 3600.0
             served = [served_by(http, url) for _ in range(4)]
             assert "x" in served, "x stays out after its probe was abandoned"
-            state = row(pool, x.url)
+            state = row(runtime, x.url)
             assert state["half_open"] is False
             assert state["eligible"] is True
 

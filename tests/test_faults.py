@@ -723,7 +723,7 @@ def test_client_leaving_a_full_duplex_upload_is_not_an_upstream_failure(
     upstream may be charged a failure or ejected, and nothing is logged as an error."""
     with serve(DuplexUpstream()) as first, serve(DuplexUpstream()) as second:
         pool = Pool([first.url, second.url])  # default max_fails=3 within fail_timeout=10
-        with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _), client() as http:
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, mw, _), client() as http:
             idle = proxy_state(http, proxy)
             for _ in range(6):
                 with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
@@ -737,6 +737,6 @@ def test_client_leaving_a_full_duplex_upload_is_not_an_upstream_failure(
                         assert data, received
                         received += data
             settle(http, proxy, lambda s: s["tasks"] <= idle["tasks"])
-            rows = pool.snapshot()
+            rows = mw.balancer["/p"].snapshot()
     assert [(r["failures"], r["ejected"]) for r in rows] == [(0, False), (0, False)], rows
     assert not [m for m in leak_log.messages() if " ERROR: " in m or "failed" in m]

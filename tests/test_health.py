@@ -5,12 +5,13 @@ Every test runs on an injected clock (``FakeClock``) and a seeded ``random.Rando
 ejections and slow start move when the test advances the clock, never with real time.
 Upstreams are in-process ASGI apps (``Backend``) whose behaviour the test switches, or an
 ``httpx.MockTransport`` in front of one (``Door``) when a failure must happen at connect
-level. ``pool.snapshot()`` shows what the pool believes.
+level. ``balancer["/api"].snapshot()`` shows what the pool believes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import random
@@ -25,9 +26,15 @@ from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from rr_middleware import Pool, ResponseAborted, RoundRobinMiddleware, Upstream
-from rr_middleware.config import HealthCheck
-from rr_middleware.state import PoolRuntime
+from rr_middleware import (
+    Balancer,
+    HealthCheck,
+    Pool,
+    PoolRuntime,
+    ResponseAborted,
+    RoundRobinMiddleware,
+    Upstream,
+)
 
 WAIT = 5.0  # bound on every wait for something that must happen (it happens in ms)
 
@@ -186,13 +193,8 @@ def proxy(pool: Pool) -> RoundRobinMiddleware:
     return RoundRobinMiddleware(Starlette(), pools={"/api": pool})
 
 
-def runtime_of(pool: Pool) -> PoolRuntime:
-    assert pool._runtime is not None
-    return pool._runtime
-
-
-def row(pool: Pool, backend: Backend) -> dict[str, Any]:
-    (found,) = [r for r in pool.snapshot() if r["url"] == backend.url]
+def row(runtime: PoolRuntime, backend: Backend) -> dict[str, Any]:
+    (found,) = [r for r in runtime.snapshot() if r["url"] == backend.url]
     return found
 
 
@@ -208,9 +210,10 @@ async def aserved(client: httpx.AsyncClient, count: int, path: str = "/api/x") -
     return [(await client.get(path)).headers.get("x-upstream", "-") for _ in range(count)]
 
 
-async def check(pool: Pool, mw: RoundRobinMiddleware, times: int = 1) -> None:
+async def check(runtime: PoolRuntime, times: int = 1) -> None:
+    assert runtime.checker is not None
     for _ in range(times):
-        await runtime_of(pool).check_now(mw.transport)
+        await runtime.checker.check_now()
 
 
 def messages(caplog: pytest.LogCaptureFixture, word: str) -> list[str]:
@@ -248,7 +251,9 @@ def test_max_fails_failures_within_fail_timeout_eject_for_fail_timeout(
     def failures_on_a() -> int:
         return len(door.log) if at_connect else len(a.hits)
 
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         if kind == "status 503":
             a.status = 503
         elif kind == "broken response":
@@ -266,16 +271,16 @@ def test_max_fails_failures_within_fail_timeout_eject_for_fail_timeout(
             return responses
 
         responses = fail_a_until(2)
-        assert row(pool, a)["ejected"] is False
-        assert row(pool, a)["eligible"] is True
-        assert row(pool, a)["failures"] == 2
+        assert row(api, a)["ejected"] is False
+        assert row(api, a)["eligible"] is True
+        assert row(api, a)["failures"] == 2
         clock.advance(5)  # still inside the window opened by the first failure
         responses += fail_a_until(3)
-        snap = row(pool, a)
+        snap = row(api, a)
         assert snap["ejected"] is True
         assert snap["eligible"] is False
         assert snap["ejected_until"] == clock.now + 10.0
-        assert row(pool, b)["eligible"] is True
+        assert row(api, b)["eligible"] is True
 
         # What the client saw: a's own 503s; a broken response or a refused connection of
         # a GET retried on b; a 504 for each read timeout (never retried).
@@ -295,14 +300,16 @@ def test_failures_spread_over_more_than_fail_timeout_do_not_eject() -> None:
     clock = FakeClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         a.status = 503
         for failure in range(1, 7):  # one failure every 6 s: never 3 in one 10 s window
             while len(a.hits) < failure:
                 client.get("/api/x")
-            assert row(pool, a)["ejected"] is False, failure
+            assert row(api, a)["ejected"] is False, failure
             clock.advance(6)
-        assert row(pool, a)["failures"] == 6
+        assert row(api, a)["failures"] == 6
         a.status = 200
         assert served(client, 4).count("a") == 2
         # Three failures within a few seconds do eject.
@@ -312,7 +319,7 @@ def test_failures_spread_over_more_than_fail_timeout_do_not_eject() -> None:
             while len(a.hits) < failure:
                 client.get("/api/x")
             clock.advance(1)
-        assert row(pool, a)["ejected"] is True
+        assert row(api, a)["ejected"] is True
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 409, 429, 500])
@@ -320,11 +327,13 @@ def test_client_errors_and_statuses_outside_unhealthy_statuses_never_count(statu
     clock = FakeClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         a.status = status
         responses = [client.get("/api/x") for _ in range(20)]
         assert [r.status_code for r in responses].count(status) == 10
-        snap = row(pool, a)
+        snap = row(api, a)
         assert (snap["ejected"], snap["failures"], snap["requests"]) == (False, 0, 10)
         assert served(client, 4).count("a") == 2
 
@@ -333,11 +342,13 @@ def test_an_upstream_that_raises_counts_when_500_is_an_unhealthy_status() -> Non
     clock = FakeClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, unhealthy_statuses={500, 502, 503, 504})
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         a.mode = "raise"  # the in-process transport answers 500, as a server would
         statuses = [client.get("/api/x").status_code for _ in range(6)]
         assert statuses == [500, 200, 500, 200, 500, 200]
-        assert row(pool, a)["ejected"] is True
+        assert row(api, a)["ejected"] is True
         assert served(client, 4) == ["b"] * 4
 
 
@@ -347,11 +358,12 @@ async def test_after_fail_timeout_exactly_one_request_probes_and_success_brings_
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     async with LifespanManager(mw) as manager, client_for(manager.app) as client:
         a.status = 503
         while len(a.hits) < 3:
             await client.get("/api/x")
-        assert row(pool, a)["ejected"] is True
+        assert row(api, a)["ejected"] is True
 
         a.status = 200
         entered, release = a.hold()
@@ -366,7 +378,7 @@ async def test_after_fail_timeout_exactly_one_request_probes_and_success_brings_
                 tg.start_soon(send_probe)
                 await entered.wait()
                 # The probe is in flight: a is half-open, and nobody else goes there.
-                snap = row(pool, a)
+                snap = row(api, a)
                 assert (snap["ejected"], snap["half_open"], snap["eligible"]) == (
                     False,
                     True,
@@ -379,7 +391,7 @@ async def test_after_fail_timeout_exactly_one_request_probes_and_success_brings_
         assert probe[0].headers["x-upstream"] == "a"
         assert [path for _, path, _ in a.hits].count("/probe") == 1
 
-        snap = row(pool, a)
+        snap = row(api, a)
         assert (snap["ejected"], snap["half_open"], snap["eligible"]) == (False, False, True)
         names = await aserved(client, 6)
         assert names.count("a") == names.count("b") == 3
@@ -389,14 +401,16 @@ def test_a_failed_probe_ejects_again_for_fail_timeout(caplog: pytest.LogCaptureF
     clock = FakeClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         a.status = 503
         while len(a.hits) < 3:
             client.get("/api/x")
         clock.advance(10)
         names = served(client, 6)
         assert names.count("a") == 1  # the one probe, answered 503 again
-        snap = row(pool, a)
+        snap = row(api, a)
         assert (snap["ejected"], snap["half_open"]) == (True, False)
         assert snap["ejected_until"] == clock.now + 10.0
         assert len(a.hits) == 4
@@ -407,7 +421,7 @@ def test_a_failed_probe_ejects_again_for_fail_timeout(caplog: pytest.LogCaptureF
         clock.advance(0.1)
         names = served(client, 6)
         assert names.count("a") >= 2  # probed, recovered, back in rotation
-        assert row(pool, a)["ejected"] is False
+        assert row(api, a)["ejected"] is False
     assert len(messages(caplog, "ejected")) == 2
     assert len(messages(caplog, "recovered")) == 1
 
@@ -418,6 +432,7 @@ async def test_a_probe_whose_client_left_does_not_keep_the_upstream_out_forever(
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     async with LifespanManager(mw) as manager, client_for(manager.app) as client:
         a.status = 503
         while len(a.hits) < 3:
@@ -435,8 +450,8 @@ async def test_a_probe_whose_client_left_does_not_keep_the_upstream_out_forever(
         # However long the probe was allowed to take, it is over now: a may be probed again.
         clock.advance(3600)
         names = await aserved(client, 6)
-        assert "a" in names, (names, row(pool, a))
-        assert row(pool, a)["half_open"] is False
+        assert "a" in names, (names, row(api, a))
+        assert row(api, a)["half_open"] is False
 
 
 @pytest.mark.parametrize("kind", ["status 503", "connect refused"])
@@ -445,14 +460,16 @@ def test_a_pool_of_one_is_never_ejected(kind: str) -> None:
     a = Backend("a")
     door = Door(a)
     pool = make_pool([door.upstream() if kind == "connect refused" else inproc(a)], clock)
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         if kind == "status 503":
             a.status = 503
         else:
             door.mode = "refuse"
         statuses = [client.get("/api/x").status_code for _ in range(10)]
         assert statuses == [503 if kind == "status 503" else 502] * 10
-        snap = row(pool, a)
+        snap = row(api, a)
         assert (snap["ejected"], snap["eligible"], snap["failures"]) == (False, True, 10)
         assert (len(a.hits) if kind == "status 503" else door.refused) == 10
 
@@ -461,10 +478,12 @@ def test_max_fails_zero_turns_passive_ejection_off() -> None:
     clock = FakeClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, max_fails=0)
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         a.status = 503
         assert [client.get("/api/x").status_code for _ in range(20)].count(503) == 10
-        snap = row(pool, a)
+        snap = row(api, a)
         assert (snap["ejected"], snap["eligible"], snap["failures"]) == (False, True, 10)
 
 
@@ -473,11 +492,13 @@ def test_a_response_that_breaks_mid_body_counts_as_one_failed_request() -> None:
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     pool = make_pool([door.upstream(), inproc(b)], clock)
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         door.mode = "midbody"
         with pytest.raises(ResponseAborted):
             client.get("/api/x")
-        snap = row(pool, a)
+        snap = row(api, a)
         assert (snap["requests"], snap["failures"]) == (1, 1)
 
 
@@ -486,11 +507,13 @@ def test_a_probe_whose_response_breaks_mid_body_ejects_again() -> None:
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     pool = make_pool([door.upstream(), inproc(b)], clock)
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         a.status = 503
         while len(a.hits) < 3:
             client.get("/api/x")
-        assert row(pool, a)["ejected"] is True
+        assert row(api, a)["ejected"] is True
         clock.advance(10)
         door.mode = "midbody"
         attempts, aborted = len(door.log), False
@@ -501,7 +524,7 @@ def test_a_probe_whose_response_breaks_mid_body_ejects_again() -> None:
                 aborted = True
         assert aborted
         assert len(door.log) == attempts + 1
-        snap = row(pool, a)
+        snap = row(api, a)
         assert (snap["ejected"], snap["eligible"]) == (True, False)
         assert snap["ejected_until"] == clock.now + 10.0
 
@@ -517,14 +540,15 @@ async def test_down_after_fall_consecutive_failed_checks_up_after_rise_passes(
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=HealthCheck(rise=2, fall=3))
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     async with client_for(mw) as client:
         a.health_status = 500
-        await check(pool, mw, 2)
+        await check(api, 2)
         a.health_status = 200
-        await check(pool, mw)  # a pass in between: the failures must be consecutive
+        await check(api)  # a pass in between: the failures must be consecutive
         a.health_status = 500
-        await check(pool, mw, 2)
-        snap = row(pool, a)
+        await check(api, 2)
+        snap = row(api, a)
         assert (snap["healthy"], snap["eligible"]) == (True, True)
         assert snap["last_check"]["ok"] is False
         assert snap["last_check"]["status"] == 500
@@ -533,18 +557,18 @@ async def test_down_after_fall_consecutive_failed_checks_up_after_rise_passes(
         assert (await aserved(client, 4)).count("a") == 2
 
         clock.advance(1)
-        await check(pool, mw)  # the third consecutive failure
-        snap = row(pool, a)
+        await check(api)  # the third consecutive failure
+        snap = row(api, a)
         assert (snap["healthy"], snap["eligible"], snap["ejected"]) == (False, False, False)
         assert await aserved(client, 6) == ["b"] * 6
-        assert row(pool, b)["healthy"] is True
+        assert row(api, b)["healthy"] is True
 
         a.health_status = 200
-        await check(pool, mw)
-        assert row(pool, a)["healthy"] is False  # one pass is not enough with rise=2
+        await check(api)
+        assert row(api, a)["healthy"] is False  # one pass is not enough with rise=2
         assert await aserved(client, 4) == ["b"] * 4
-        await check(pool, mw)
-        snap = row(pool, a)
+        await check(api)
+        snap = row(api, a)
         assert (snap["healthy"], snap["eligible"]) == (True, True)
         assert snap["last_check"]["ok"] is True
         assert (await aserved(client, 4)).count("a") == 2
@@ -559,16 +583,17 @@ async def test_upstreams_start_healthy_and_the_first_check_counts(fall: int) -> 
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=HealthCheck(rise=1, fall=fall))
     mw = proxy(pool)
-    assert [r["healthy"] for r in pool.snapshot()] == [True, True]
-    assert [r["last_check"] for r in pool.snapshot()] == [None, None]
+    api = mw.balancer["/api"]
+    assert [r["healthy"] for r in api.snapshot()] == [True, True]
+    assert [r["last_check"] for r in api.snapshot()] == [None, None]
     a.health_status = 503
-    await check(pool, mw, fall - 1)
-    assert row(pool, a)["healthy"] is True
-    await check(pool, mw)
-    assert row(pool, a)["healthy"] is False
+    await check(api, fall - 1)
+    assert row(api, a)["healthy"] is True
+    await check(api)
+    assert row(api, a)["healthy"] is False
     a.health_status = 200
-    await check(pool, mw)  # rise=1: the first pass brings it back
-    assert row(pool, a)["healthy"] is True
+    await check(api)  # rise=1: the first pass brings it back
+    assert row(api, a)["healthy"] is True
 
 
 @pytest.mark.anyio
@@ -593,10 +618,11 @@ async def test_check_status_must_be_in_expect(status: int, expect: Any, passes: 
     health = HealthCheck(rise=1, fall=1, expect=expect)
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=health)
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     a.health_status = status
     b.health_status = 204  # passes either way: b keeps the pool out of panic mode
-    await check(pool, mw)
-    snap = row(pool, a)
+    await check(api)
+    snap = row(api, a)
     assert snap["healthy"] is passes
     assert snap["last_check"]["ok"] is passes
     assert snap["last_check"]["status"] == status
@@ -615,6 +641,7 @@ async def test_checks_carry_host_and_user_agent_but_never_client_credentials() -
         health_check=HealthCheck(path="/health?full=1"),
     )
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     async with client_for(mw) as client:
         for _ in range(2):
             response = await client.get(
@@ -622,7 +649,7 @@ async def test_checks_carry_host_and_user_agent_but_never_client_credentials() -
                 headers={"Cookie": "session=s3cret", "Authorization": "Bearer t0k3n"},
             )
             assert response.status_code == 200
-    await check(pool, mw)
+    await check(api)
     assert len(a.checks) == len(b.checks) == 1
     path, headers = a.checks[0]
     assert path == "/v1/health"
@@ -647,6 +674,7 @@ async def test_a_check_that_times_out_or_fails_to_connect_fails(failure: str) ->
     first = door.upstream() if failure == "connect refused" else inproc(a)
     pool = make_pool([first, inproc(b)], clock, health_check=health)
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     if failure == "timeout":
         a.health_hang = True
     elif failure == "connect refused":
@@ -654,8 +682,8 @@ async def test_a_check_that_times_out_or_fails_to_connect_fails(failure: str) ->
     else:
         a.health_raise = True
     with anyio.fail_after(WAIT):
-        await check(pool, mw)
-    snap = row(pool, a)
+        await check(api)
+    snap = row(api, a)
     assert snap["healthy"] is False
     last = snap["last_check"]
     assert last["ok"] is False
@@ -667,8 +695,8 @@ async def test_a_check_that_times_out_or_fails_to_connect_fails(failure: str) ->
         assert last["error"].startswith("connect")
     else:
         assert last["status"] == 500  # the in-process transport answers a raising app 500
-    assert row(pool, b)["healthy"] is True
-    assert row(pool, b)["last_check"]["ok"] is True
+    assert row(api, b)["healthy"] is True
+    assert row(api, b)["last_check"]["ok"] is True
 
 
 # --------------------------------------------------------------- active and passive
@@ -681,30 +709,31 @@ async def test_traffic_only_when_neither_active_nor_passive_says_down() -> None:
     health = HealthCheck(rise=1, fall=1)
     pool = make_pool([inproc(a), inproc(b), inproc(c)], clock, health_check=health, max_fails=1)
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     async with client_for(mw) as client:
         # Passive says down, active says up: no traffic.
         a.status = 503
         while len(a.hits) < 1:
             await client.get("/api/x")
         a.status = 200
-        await check(pool, mw)
-        snap = row(pool, a)
+        await check(api)
+        snap = row(api, a)
         assert (snap["healthy"], snap["ejected"], snap["eligible"]) == (True, True, False)
         assert "a" not in await aserved(client, 6)
 
         # The ejection ends but active now says down: still no traffic.
         a.health_status = 500
-        await check(pool, mw)
+        await check(api)
         clock.advance(10)
         assert "a" not in await aserved(client, 6)
-        assert row(pool, a)["eligible"] is False
+        assert row(api, a)["eligible"] is False
 
         # Both say up: traffic again.
         a.health_status = 200
-        await check(pool, mw)
+        await check(api)
         names = await aserved(client, 9)
         assert names.count("a") >= 2, names
-        snap = row(pool, a)
+        snap = row(api, a)
         assert (snap["healthy"], snap["ejected"], snap["eligible"]) == (True, False, True)
 
         # Active up, a fresh passive ejection: out again.
@@ -712,7 +741,7 @@ async def test_traffic_only_when_neither_active_nor_passive_says_down() -> None:
         hits = len(a.hits)
         while len(a.hits) == hits:
             await client.get("/api/x")
-        assert row(pool, a)["ejected"] is True
+        assert row(api, a)["ejected"] is True
         assert "a" not in await aserved(client, 6)
 
 
@@ -725,9 +754,10 @@ async def test_try_all_routes_round_robin_across_all_when_every_check_fails() ->
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=HealthCheck(rise=1, fall=1))
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     a.health_status = b.health_status = 500
-    await check(pool, mw)
-    assert [r["healthy"] for r in pool.snapshot()] == [False, False]
+    await check(api)
+    assert [r["healthy"] for r in api.snapshot()] == [False, False]
     async with client_for(mw) as client:
         names = await aserved(client, 6)
     assert names in (["a", "b"] * 3, ["b", "a"] * 3)
@@ -737,10 +767,12 @@ def test_try_all_routes_across_all_when_every_upstream_is_ejected() -> None:
     clock = FakeClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, max_fails=1)
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         a.status = b.status = 503
         assert [client.get("/api/x").status_code for _ in range(2)] == [503, 503]
-        assert [r["ejected"] for r in pool.snapshot()] == [True, True]
+        assert [r["ejected"] for r in api.snapshot()] == [True, True]
         a.status = b.status = 200
         names = served(client, 6)
     assert names.count("a") == names.count("b") == 3
@@ -753,8 +785,9 @@ async def test_fail_answers_503_with_retry_after_when_every_check_fails() -> Non
     health = HealthCheck(rise=1, fall=1, interval=10.0)
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=health, on_all_down="fail")
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     a.health_status = b.health_status = 500
-    await check(pool, mw)
+    await check(api)
     async with client_for(mw) as client:
         response = await client.get("/api/x")
         assert response.status_code == 503
@@ -767,7 +800,7 @@ async def test_fail_answers_503_with_retry_after_when_every_check_fails() -> Non
         assert (a.hits, b.hits) == ([], [])
 
         b.health_status = 200
-        await check(pool, mw)
+        await check(api)
         assert await aserved(client, 3) == ["b"] * 3
 
 
@@ -979,8 +1012,10 @@ def test_slow_start_ramps_an_upstream_back_after_a_half_open_recovery() -> None:
     clock = FakeClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, slow_start=10, max_fails=1)
-    with TestClient(proxy(pool)) as client:
-        assert row(pool, a)["effective_weight"] == 1.0  # no ramp for a fresh start
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
+        assert row(api, a)["effective_weight"] == 1.0  # no ramp for a fresh start
         a.status = 503
         while len(a.hits) < 1:
             client.get("/api/x")
@@ -990,10 +1025,10 @@ def test_slow_start_ramps_an_upstream_back_after_a_half_open_recovery() -> None:
         while len(a.hits) == hits:  # the half-open probe
             client.get("/api/x")
         recovered = clock.now
-        snap = row(pool, a)
+        snap = row(api, a)
         assert (snap["ejected"], snap["half_open"], snap["eligible"]) == (False, False, True)
         assert snap["effective_weight"] == pytest.approx(0.1)
-        assert row(pool, b)["effective_weight"] == 1.0
+        assert row(api, b)["effective_weight"] == 1.0
 
         clock.advance(1)
         names = served(client, 100)
@@ -1002,11 +1037,11 @@ def test_slow_start_ramps_an_upstream_back_after_a_half_open_recovery() -> None:
         previous = 0.1
         for elapsed in (2, 3, 5, 7, 9, 9.99, 10, 11, 30):
             clock.now = recovered + elapsed
-            weight = row(pool, a)["effective_weight"]
+            weight = row(api, a)["effective_weight"]
             assert weight >= previous, elapsed
             assert abs(weight - min(1.0, 0.1 + 0.9 * elapsed / 10)) <= 0.1 + 1e-9, elapsed
             previous = weight
-        assert row(pool, a)["effective_weight"] == 1.0
+        assert row(api, a)["effective_weight"] == 1.0
         names = served(client, 100)
         assert names.count("a") == 50
 
@@ -1018,19 +1053,20 @@ async def test_slow_start_ramps_an_upstream_back_after_its_check_comes_up() -> N
     health = HealthCheck(rise=1, fall=1)
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=health, slow_start=10)
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     a.health_status = 500
-    await check(pool, mw)
+    await check(api)
     clock.advance(30)
     a.health_status = 200
-    await check(pool, mw)
-    assert row(pool, a)["effective_weight"] == pytest.approx(0.1)
+    await check(api)
+    assert row(api, a)["effective_weight"] == pytest.approx(0.1)
     async with client_for(mw) as client:
         clock.advance(1)
         assert (await aserved(client, 100)).count("a") <= 20
         clock.advance(4)
-        assert row(pool, a)["effective_weight"] == pytest.approx(0.5)
+        assert row(api, a)["effective_weight"] == pytest.approx(0.5)
         clock.advance(5)
-        assert row(pool, a)["effective_weight"] == 1.0
+        assert row(api, a)["effective_weight"] == 1.0
         assert (await aserved(client, 100)).count("a") == 50
 
 
@@ -1041,14 +1077,16 @@ def test_drain_stops_new_requests_and_undrain_restores(caplog: pytest.LogCapture
     clock = FakeClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
-    with TestClient(proxy(pool)) as client:
-        pool.drain(a.url)
-        snap = row(pool, a)
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
+        api.drain(a.url)
+        snap = row(api, a)
         assert (snap["drained"], snap["eligible"]) == (True, False)
         assert served(client, 6) == ["b"] * 6
         assert a.hits == []
-        pool.undrain(a.url)
-        assert (row(pool, a)["drained"], row(pool, a)["eligible"]) == (False, True)
+        api.undrain(a.url)
+        assert (row(api, a)["drained"], row(api, a)["eligible"]) == (False, True)
         assert served(client, 6).count("a") == 3
     assert len(messages(caplog, "drained")) == 1
 
@@ -1059,6 +1097,7 @@ async def test_drain_lets_requests_in_flight_finish() -> None:
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
+    api = mw.balancer["/api"]
     entered, release = a.hold()
     in_flight: list[httpx.Response] = []
     async with LifespanManager(mw) as manager, client_for(manager.app) as client:
@@ -1070,34 +1109,48 @@ async def test_drain_lets_requests_in_flight_finish() -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(slow_request)
                 await entered.wait()
-                pool.drain(a.url)
-                assert row(pool, a)["in_flight"] == 1
+                api.drain(a.url)
+                assert row(api, a)["in_flight"] == 1
                 assert await aserved(client, 4) == ["b"] * 4
                 release.set()
         assert (in_flight[0].status_code, in_flight[0].text) == (200, "a")
-        assert row(pool, a)["in_flight"] == 0
+        assert row(api, a)["in_flight"] == 0
         assert await aserved(client, 4) == ["b"] * 4
-        pool.undrain(a.url)
+        api.undrain(a.url)
         assert (await aserved(client, 4)).count("a") == 2
 
 
 def test_drain_of_an_unknown_url_is_a_value_error() -> None:
     pool = make_pool([inproc(Backend("a")), inproc(Backend("b"))], FakeClock())
-    proxy(pool)
+    api = proxy(pool).balancer["/api"]
     with pytest.raises(ValueError, match="no upstream"):
-        pool.drain("http://nope.internal")
+        api.drain("http://nope.internal")
     with pytest.raises(ValueError, match="no upstream"):
-        pool.undrain("http://nope.internal")
+        api.undrain("http://nope.internal")
 
 
-def test_snapshot_and_drain_before_any_middleware_are_runtime_errors() -> None:
-    pool = make_pool([inproc(Backend("a"))], FakeClock())
-    with pytest.raises(RuntimeError):
-        pool.snapshot()
-    with pytest.raises(RuntimeError):
-        pool.drain("http://a.internal")
-    with pytest.raises(RuntimeError):
-        pool.undrain("http://a.internal")
+def test_a_pool_is_a_value_that_any_number_of_apps_serve_apart() -> None:
+    """A Pool only describes: two apps built with the same one each run it on their own
+    (draining an upstream in one leaves the other alone), and it cannot be changed."""
+    a, b = Backend("a"), Backend("b")
+    pool = make_pool([inproc(a), inproc(b)], FakeClock())
+    first, second = proxy(pool), proxy(pool)
+    first.balancer["/api"].drain(a.url)
+    assert row(first.balancer["/api"], a)["drained"] is True
+    assert row(second.balancer["/api"], a)["drained"] is False
+    with TestClient(second) as client:
+        assert sorted(served(client, 4)) == ["a", "a", "b", "b"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pool.timeout = 1.0  # type: ignore[misc]
+
+
+def test_a_balancer_serves_one_middleware() -> None:
+    balancer = Balancer({"/api": make_pool([inproc(Backend("a"))], FakeClock())})
+    RoundRobinMiddleware(Starlette(), balancer=balancer)
+    with pytest.raises(ValueError, match="already serves another"):
+        RoundRobinMiddleware(Starlette(), balancer=balancer)
+    with pytest.raises(ValueError, match="not to the middleware too"):
+        RoundRobinMiddleware(Starlette(), pools={"/x": ["http://a"]}, balancer=balancer)
 
 
 # ------------------------------------------------------------------ the checker's life
@@ -1129,10 +1182,12 @@ def test_checks_run_under_the_test_client_lifespan_and_stop_with_it(
     a.on_check = on_check
     health = HealthCheck(interval=0.05, timeout=1.0)
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=health)
-    with TestClient(proxy(pool)) as client:
+    mw = proxy(pool)
+    api = mw.balancer["/api"]
+    with TestClient(mw) as client:
         assert enough.wait(WAIT), len(a.checks)
         assert len(b.checks) >= 2
-        assert row(pool, a)["last_check"]["at"] == clock.now
+        assert row(api, a)["last_check"]["at"] == clock.now
         assert client.get("/api/x").status_code == 200
     stopped = True
     count = len(a.checks)

@@ -442,7 +442,7 @@ def test_mock_transport_on_the_middleware() -> None:
     assert hosts == ["x.internal", "y.internal", "x.internal", "y.internal"]
     assert len(recorder.requests) == 5
     # A transport passed in stays the user's: the middleware does not own it.
-    assert mw._own_transport is False
+    assert mw.balancer._own_transport is False
 
 
 def test_pool_and_upstream_transports_override_the_middleware_transport(a: UpstreamApp) -> None:

@@ -459,7 +459,7 @@ def test_prometheus_metrics_count_what_happened() -> None:
             # The collector in a registry of the user's own (auto_describe collects once at
             # registration) exposes the same samples.
             registry = CollectorRegistry(auto_describe=True)
-            registry.register(mw.prometheus_collector)
+            registry.register(mw.balancer.prometheus_collector())
             own = Metrics(generate_latest(registry).decode())
             assert own.series("rr_upstream_requests_total")
             for name in {name for name, _ in metrics.samples}:
@@ -577,12 +577,12 @@ def test_status_json_reports_what_happened() -> None:
             ]
 
             # Drained: out of rotation, said so.
-            api.drain(b.url)
+            mw.balancer["/api"].drain(b.url)
             drained = row(http, "/api", b.url)
             assert drained["state"] == "drained"
             assert drained["eligible"] is False
             assert {http.get("/api/x").headers["x-upstream"] for _ in range(3)} == {"a"}
-            api.undrain(b.url)
+            mw.balancer["/api"].undrain(b.url)
             assert row(http, "/api", b.url)["state"] == "up"
 
             # Down, by the active checks.
@@ -748,7 +748,7 @@ def test_one_warning_per_state_change_and_per_failed_request(
         drainable = Pool([a.url, c.url])
         pools = {"/flaky": flaky, "/gone": gone, "/checked": checked, "/drain": drainable}
         pools["/broken"] = Pool([a.url])
-        server, _ = stack.enter_context(running_proxy(pools, status_path="/status"))
+        server, mw = stack.enter_context(running_proxy(pools, status_path="/status"))
         http = stack.enter_context(client(base_url=server.url))
 
         # Successful requests log nothing.
@@ -790,8 +790,8 @@ def test_one_warning_per_state_change_and_per_failed_request(
         wait_for(lambda: row(http, "/checked", h.url)["state"] == "up", "h to come back up")
 
         # Drained, and back.
-        drainable.drain(c.url)
-        drainable.undrain(c.url)
+        mw.balancer["/drain"].drain(c.url)
+        mw.balancer["/drain"].undrain(c.url)
 
         # A response that breaks mid-body (a pool of one: never ejected).
         with pytest.raises(httpx.RemoteProtocolError):

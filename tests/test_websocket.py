@@ -3,7 +3,7 @@
 The upstreams are small Starlette apps (``WsUpstream``) that record every handshake they
 see and every close they get; the client is the ``websockets`` library talking TCP to the
 proxy. Nothing waits on a sleep: the tests wait on queues with bounded timeouts, and poll
-``pool.snapshot()`` against a deadline where a counter is what they check (the one sleep
+``snapshot()`` against a deadline where a counter is what they check (the one sleep
 paces messages to show that traffic resets the idle timeout). Every server here runs with
 ``log_config=None`` so that uvicorn does not reconfigure logging and the ``leaks`` fixture
 sees every error any server logs.
@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as sync_connect
 
-from rr_middleware import Pool, RoundRobinMiddleware, Upstream
+from rr_middleware import Pool, PoolRuntime, RoundRobinMiddleware, Upstream
 
 from .servers import RunningServer, bind_socket, serve
 from .test_fidelity import dead_url
@@ -214,8 +214,8 @@ def values(record: dict[str, Any], name: str) -> list[str]:
     return [v for k, v in record["headers"] if k == name]
 
 
-def open_sockets(pool: Pool) -> list[int]:
-    return [row["websockets"] for row in pool.snapshot()]
+def open_sockets(runtime: PoolRuntime) -> list[int]:
+    return [row["websockets"] for row in runtime.snapshot()]
 
 
 async def eventually(check: Callable[[], bool], what: str, within: float = WAIT) -> None:
@@ -299,10 +299,11 @@ async def test_echo_text_and_binary_both_ways(a: WsUpstream) -> None:
     pool = Pool([a.url])
     one_mib = b"\x00" * 64 + os.urandom(MiB - 128) + b"\x00\xff" * 32
     assert len(one_mib) == MiB
-    with ws_proxy({"/ws": pool}) as (server, _):
+    with ws_proxy({"/ws": pool}) as (server, mw):
+        runtime = mw.balancer["/ws"]
         async with client(ws_url(server, "/ws/echo")) as ws:
             with anyio.fail_after(WAIT):
-                assert open_sockets(pool) == [1]
+                assert open_sockets(runtime) == [1]
                 for text in ["hello", "héllo ✓ \x00 nul", "", "x" * 70_000]:
                     await ws.send(text)
                     assert await ws.recv() == text
@@ -312,7 +313,7 @@ async def test_echo_text_and_binary_both_ways(a: WsUpstream) -> None:
                     assert isinstance(echoed, bytes)
                     assert echoed == data
         assert a.close_seen() == (1000, "")
-        await eventually(lambda: open_sockets(pool) == [0], "the socket is no longer counted")
+        await eventually(lambda: open_sockets(runtime) == [0], "the socket is no longer counted")
 
 
 async def test_subprotocol_is_the_upstreams_choice(a: WsUpstream) -> None:
@@ -474,17 +475,18 @@ def test_close_codes_and_reasons_pass_both_ways(a: WsUpstream) -> None:
 
 async def test_client_dropping_the_tcp_connection_closes_the_upstream(a: WsUpstream) -> None:
     pool = Pool([a.url])
-    with ws_proxy({"/ws": pool}) as (server, _):
+    with ws_proxy({"/ws": pool}) as (server, mw):
+        runtime = mw.balancer["/ws"]
         ws = await connect(ws_url(server, "/ws/hello"), proxy=None, open_timeout=WAIT)
         with anyio.fail_after(WAIT):
             assert await ws.recv() == "a"
-        assert open_sockets(pool) == [1]
+        assert open_sockets(runtime) == [1]
         ws.transport.abort()  # no close frame: the TCP connection just goes
         with anyio.fail_after(WAIT):
             await ws.wait_closed()
         code, _ = await asyncio.to_thread(a.close_seen)
         assert code in (1000, 1001)
-        await eventually(lambda: open_sockets(pool) == [0], "the dropped socket is released")
+        await eventually(lambda: open_sockets(runtime) == [0], "the dropped socket is released")
 
 
 async def test_close_code_from_upstream_survives_client_traffic(a: WsUpstream) -> None:
@@ -518,7 +520,8 @@ async def test_client_close_during_upstream_traffic(a: WsUpstream) -> None:
     """The client closes with 4002 while the upstream is still sending: the upstream gets
     4002 "done", and the proxy lets go of both legs at once."""
     pool = Pool([a.url])
-    with ws_proxy({"/ws": pool}) as (server, _):
+    with ws_proxy({"/ws": pool}) as (server, mw):
+        runtime = mw.balancer["/ws"]
         for _ in range(5):
             # max_queue=None: the test client itself must keep reading to see the close.
             async with client(ws_url(server, "/ws/stream"), max_queue=None) as ws:
@@ -527,23 +530,24 @@ async def test_client_close_during_upstream_traffic(a: WsUpstream) -> None:
                     await ws.close(4002, "done")
             assert await asyncio.to_thread(a.close_seen) == (4002, "done")
             try:
-                await eventually(lambda: open_sockets(pool) == [0], "the proxy let go", within=2)
+                await eventually(lambda: open_sockets(runtime) == [0], "the proxy let go", within=2)
             finally:
                 # Should it hang on: let it end before the server stops, or its cancelled
                 # task's sockets would be reported in whichever test comes next.
                 with contextlib.suppress(AssertionError):
-                    await eventually(lambda: open_sockets(pool) == [0], "released", within=15)
+                    await eventually(lambda: open_sockets(runtime) == [0], "released", within=15)
 
 
 async def test_an_upstream_that_dies_closes_the_client_with_1011(a: WsUpstream) -> None:
     pool = Pool([a.url])
-    with ws_proxy({"/ws": pool}) as (server, _):
+    with ws_proxy({"/ws": pool}) as (server, mw):
+        runtime = mw.balancer["/ws"]
         async with client(ws_url(server, "/ws/crash")) as ws:
             await ws.send("go")
             closed = await closed_by_proxy(ws)
         assert closed.rcvd is not None
         assert closed.rcvd.code == 1011
-        await eventually(lambda: open_sockets(pool) == [0], "the socket is released")
+        await eventually(lambda: open_sockets(runtime) == [0], "the socket is released")
 
 
 # ------------------------------------------------------------------------------ balancing
@@ -553,7 +557,8 @@ async def test_200_concurrent_sockets_round_robin_over_two_upstreams(
     a: WsUpstream, b: WsUpstream
 ) -> None:
     pool = Pool([a.url, b.url])
-    with ws_proxy({"/ws": pool}) as (server, _):
+    with ws_proxy({"/ws": pool}) as (server, mw):
+        runtime = mw.balancer["/ws"]
         async with contextlib.AsyncExitStack() as stack:
 
             async def open_one() -> str:
@@ -564,21 +569,22 @@ async def test_200_concurrent_sockets_round_robin_over_two_upstreams(
                 names = await asyncio.gather(*(open_one() for _ in range(200)))
             assert abs(names.count("a") - 100) <= 1, names.count("a")
             assert names.count("a") + names.count("b") == 200
-            counts = open_sockets(pool)
+            counts = open_sockets(runtime)
             assert counts == [names.count("a"), names.count("b")]
         # All closed by the exit stack (a close handshake each).
-        await eventually(lambda: open_sockets(pool) == [0, 0], "all 200 sockets released")
+        await eventually(lambda: open_sockets(runtime) == [0, 0], "all 200 sockets released")
         assert a.closes.qsize() + b.closes.qsize() == 200
 
 
 async def test_a_dead_upstream_is_skipped_before_the_client_is_accepted(a: WsUpstream) -> None:
     pool = Pool([dead_url(), a.url])
-    with ws_proxy({"/ws": pool}) as (server, _):
+    with ws_proxy({"/ws": pool}) as (server, mw):
+        runtime = mw.balancer["/ws"]
         for _ in range(6):
             async with client(ws_url(server, "/ws/hello")) as ws:
                 with anyio.fail_after(WAIT):
                     assert await ws.recv() == "a"
-        dead, live = pool.snapshot()
+        dead, live = runtime.snapshot()
         assert dead["failures"] >= 1
         assert live["failures"] == 0
 
@@ -590,13 +596,14 @@ async def test_an_upstream_that_never_answers_the_handshake_is_skipped(a: WsUpst
     try:
         url = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
         pool = Pool([url, a.url], connect_timeout=0.3)
-        with ws_proxy({"/ws": pool}) as (server, _):
+        with ws_proxy({"/ws": pool}) as (server, mw):
+            runtime = mw.balancer["/ws"]
             started = time.monotonic()
             async with client(ws_url(server, "/ws/hello")) as ws:
                 with anyio.fail_after(WAIT):
                     assert await ws.recv() == "a"
             assert 0.25 <= time.monotonic() - started < WAIT
-            assert pool.snapshot()[0]["failures"] == 1
+            assert runtime.snapshot()[0]["failures"] == 1
     finally:
         blackhole.close()
 
@@ -606,7 +613,8 @@ async def test_an_upstream_that_never_answers_the_handshake_is_skipped(a: WsUpst
 
 async def test_idle_timeout_closes_an_idle_socket_with_1001(a: WsUpstream) -> None:
     pool = Pool([a.url], websocket_idle_timeout=0.3)
-    with ws_proxy({"/ws": pool}) as (server, _):
+    with ws_proxy({"/ws": pool}) as (server, mw):
+        runtime = mw.balancer["/ws"]
         async with client(ws_url(server, "/ws/echo")) as ws:
             started = time.monotonic()
             closed = await closed_by_proxy(ws)
@@ -615,7 +623,7 @@ async def test_idle_timeout_closes_an_idle_socket_with_1001(a: WsUpstream) -> No
         assert closed.rcvd.code == 1001
         assert 0.2 <= elapsed < 1.0, elapsed
         await asyncio.to_thread(a.close_seen)  # and the upstream leg is closed too
-        await eventually(lambda: open_sockets(pool) == [0], "the idle socket is released")
+        await eventually(lambda: open_sockets(runtime) == [0], "the idle socket is released")
 
 
 async def test_idle_timeout_is_reset_by_messages(a: WsUpstream) -> None:
@@ -636,7 +644,8 @@ async def test_idle_timeout_is_reset_by_messages(a: WsUpstream) -> None:
 
 async def test_overall_timeout_closes_an_active_socket_with_1001(a: WsUpstream) -> None:
     pool = Pool([a.url], websocket_timeout=0.5)
-    with ws_proxy({"/ws": pool}) as (server, _):
+    with ws_proxy({"/ws": pool}) as (server, mw):
+        runtime = mw.balancer["/ws"]
         async with client(ws_url(server, "/ws/echo")) as ws:
             started = time.monotonic()
             closed = await echo_until_closed(ws)  # busy all along: only the timeout ends it
@@ -645,7 +654,7 @@ async def test_overall_timeout_closes_an_active_socket_with_1001(a: WsUpstream) 
         assert closed.rcvd.code == 1001
         assert 0.4 <= elapsed < 1.5, elapsed
         await asyncio.to_thread(a.close_seen)
-        await eventually(lambda: open_sockets(pool) == [0], "the socket is released")
+        await eventually(lambda: open_sockets(runtime) == [0], "the socket is released")
 
 
 # ------------------------------------------------------------------ outside the pools
@@ -668,7 +677,7 @@ def test_in_process_upstream_with_testclient() -> None:
     with TestClient(middleware) as test_client:
         with test_client.websocket_connect("/ws/echo?x=1&x=2", subprotocols=["chat.v1"]) as ws:
             assert ws.accepted_subprotocol == "chat.v1"
-            assert open_sockets(pool) == [1]
+            assert open_sockets(middleware.balancer["/ws"]) == [1]
             ws.send_text("hello")
             assert ws.receive_text() == "hello"
             ws.send_bytes(b"\x00\x01\x00")
@@ -680,7 +689,7 @@ def test_in_process_upstream_with_testclient() -> None:
         assert record["query"] == b"x=1&x=2"
         assert values(record, "host") == ["ws.internal"]
         assert values(record, "x-forwarded-prefix") == ["/ws"]
-        assert open_sockets(pool) == [0]
+        assert open_sockets(middleware.balancer["/ws"]) == [0]
 
         with (
             test_client.websocket_connect("/ws/bye") as ws,
@@ -717,19 +726,20 @@ async def test_a_websocket_that_connects_ends_a_half_open_probe() -> None:
         pool = Pool(
             [f"http://127.0.0.1:{port}", b.url], max_fails=1, fail_timeout=10, clock=lambda: now[0]
         )
-        with ws_proxy({"/ws": pool}) as (server, _):
+        with ws_proxy({"/ws": pool}) as (server, mw):
+            runtime = mw.balancer["/ws"]
             async with client(ws_url(server, "/ws/hello")) as ws:
                 with anyio.fail_after(WAIT):
                     assert await ws.recv() == "b"
-            assert pool.snapshot()[0]["ejected"]
+            assert runtime.snapshot()[0]["ejected"]
             with serve(revived.app, port=port, log_config=None):
                 now[0] += 11  # the ejection has run out: one request may probe
-                assert pool.snapshot()[0]["half_open"]
+                assert runtime.snapshot()[0]["half_open"]
                 names = []
                 for _ in range(4):
                     async with client(ws_url(server, "/ws/hello")) as ws:
                         with anyio.fail_after(WAIT):
                             names.append(await ws.recv())
-                row = pool.snapshot()[0]
+                row = runtime.snapshot()[0]
                 assert not row["half_open"], (row, names)
                 assert names.count("revived") == 2, names

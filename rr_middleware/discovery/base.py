@@ -22,7 +22,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, runtime_checkable
 
-from ..config import FieldError, Upstream
+from ..errors import FieldError
+from ..upstream import Upstream
 
 __all__ = ["Discovery", "DiscoveryError", "Watcher", "check_seconds", "upstream_at"]
 

@@ -25,7 +25,8 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from ..config import FieldError, Upstream
+from ..errors import FieldError
+from ..upstream import Upstream
 from .base import DiscoveryError, check_seconds, upstream_at
 
 __all__ = ["ConsulDiscovery"]

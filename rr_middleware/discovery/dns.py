@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import FieldError, Upstream
+from ..errors import FieldError
+from ..upstream import Upstream
 from .base import DiscoveryError, check_seconds, upstream_at
 
 __all__ = ["DNSDiscovery"]

@@ -2,9 +2,9 @@
 
 ``forwarding`` hands a transport an ``UpstreamRequest`` (raw bytes throughout) and gets an
 ``UpstreamResponse`` whose body it pulls chunk by chunk. Implementations translate their
-library's failures into the ``UpstreamError`` family below, which tells forwarding what it
-needs to know: whether anything reached the upstream (so a retry is safe) and which status
-the client gets.
+library's failures into the ``UpstreamError`` family (``errors.py``, re-exported here for
+transport authors), which tells forwarding what it needs to know: whether anything reached
+the upstream (so a retry is safe) and which status the client gets.
 """
 
 from __future__ import annotations
@@ -12,16 +12,27 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import Protocol, Union
 
-if TYPE_CHECKING:
-    from ..config import Upstream
+from ..errors import (
+    ConnectFailed,
+    ConnectTimeout,
+    NoUpstream,
+    PoolTimeout,
+    RequestNotForwardable,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 
 __all__ = [
     "ConnectFailed",
     "ConnectTimeout",
+    "NoUpstream",
     "PoolTimeout",
     "RequestNotForwardable",
+    "UpstreamAddress",
     "UpstreamBroken",
     "UpstreamError",
     "UpstreamProtocolError",
@@ -34,60 +45,20 @@ __all__ = [
 Body = Union[bytes, AsyncIterable[bytes], None]
 
 
-class UpstreamError(Exception):
-    """An exchange with an upstream failed. ``kind`` names the failure for logs and metrics."""
+class UpstreamAddress(Protocol):
+    """Where a request goes, as a transport needs it: what ``Upstream`` (``upstream.py``)
+    derives from its URL. (A protocol, so the transports need nothing of configuration.)"""
 
-    kind = "error"
-    #: False when nothing of the request can have reached the upstream.
-    sent = True
-
-
-class ConnectFailed(UpstreamError):
-    """The connection could not be made (refused, unreachable, DNS, TLS)."""
-
-    kind = "connect"
-    sent = False
-
-
-class ConnectTimeout(ConnectFailed):
-    """The connection was not made within ``connect_timeout``."""
-
-    kind = "connect_timeout"
-
-
-class PoolTimeout(UpstreamError):
-    """No connection to the upstream became free in time."""
-
-    kind = "pool_timeout"
-    sent = False
-
-
-class UpstreamTimeout(UpstreamError):
-    """The upstream did not answer (or went silent mid-body) within ``timeout``."""
-
-    kind = "timeout"
-
-
-class RequestNotForwardable(UpstreamError):
-    """This transport cannot express the request on the wire (say, header bytes its
-    client library would re-encode); nothing was sent, and no upstream would do better."""
-
-    kind = "request"
-    sent = False
-
-
-class UpstreamBroken(UpstreamError):
-    """The connection broke after the request was (maybe) sent, or the upstream spoke
-    something that is not HTTP."""
-
-    kind = "reset"
-
-
-class UpstreamProtocolError(UpstreamBroken):
-    """The upstream's answer is not valid HTTP/1.x (a malformed or oversized head or
-    trailer, a status outside 200..599 for a final response, another protocol version)."""
-
-    kind = "protocol"
+    @property
+    def scheme(self) -> str: ...  # "http" or "https"
+    @property
+    def host(self) -> str: ...  # a name or an IP address (IPv6 without brackets)
+    @property
+    def port(self) -> int: ...
+    @property
+    def origin(self) -> str: ...  # "http://host:port", also a connection pool's key
+    @property
+    def host_header(self) -> bytes: ...  # its Host value
 
 
 @dataclass
@@ -100,7 +71,7 @@ class UpstreamRequest:
     """
 
     method: str
-    upstream: Upstream
+    upstream: UpstreamAddress
     target: bytes
     headers: list[tuple[bytes, bytes]]
     body: Body

@@ -19,11 +19,11 @@ import ssl as ssl_module
 from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
-from ..config import Upstream
 from .base import (
     ConnectFailed,
     ConnectTimeout,
     RequestNotForwardable,
+    UpstreamAddress,
     UpstreamBroken,
     UpstreamError,
     UpstreamRequest,
@@ -232,7 +232,7 @@ class Http1Transport(UpstreamTransport):
         return await self._exchange(conn, connections, request)
 
     async def _connect(
-        self, loop: asyncio.AbstractEventLoop, upstream: Upstream, timeout: float
+        self, loop: asyncio.AbstractEventLoop, upstream: UpstreamAddress, timeout: float
     ) -> Connection:
         ssl_context = self._ssl(upstream)
         try:
@@ -254,7 +254,7 @@ class Http1Transport(UpstreamTransport):
             raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from exc
         return protocol
 
-    def _ssl(self, upstream: Upstream) -> ssl_module.SSLContext | None:
+    def _ssl(self, upstream: UpstreamAddress) -> ssl_module.SSLContext | None:
         if upstream.scheme != "https":
             return None
         if isinstance(self._ssl_option, ssl_module.SSLContext):

@@ -1,0 +1,149 @@
+"""The running side of a set of pools: ``Balancer``, the handle an app keeps to its pools.
+
+Configuration (``Pool``, ``Upstream``, ``HealthCheck``) only describes. A ``Balancer`` is
+what serves it: one ``PoolRuntime`` per prefix (members, health, counters), the upstream
+transport, discovery watches and health checks. The middleware drives its life (opened on
+lifespan startup, closed on shutdown); your code holds it to drain an upstream or read
+state::
+
+    balancer = Balancer({"/api": ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]})
+    app.add_middleware(RoundRobinMiddleware, balancer=balancer)
+    ...
+    balancer["/api"].drain("http://10.0.0.2:8000")
+
+``RoundRobinMiddleware(app, pools=...)`` builds a balancer of its own when you need no
+handle. One balancer serves one middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any, Union
+
+import httpx
+
+from .config import PoolsArg, normalize_pools, normalize_prefix
+from .pool_runtime import PoolRuntime
+from .transport.base import UpstreamTransport
+from .transport.http1 import Http1Transport
+from .transport.httpx_transport import HttpxTransport, in_process
+from .upstream import Upstream
+
+__all__ = ["Balancer", "TransportArg", "as_transport"]
+
+logger = logging.getLogger("rr_middleware")
+
+TransportArg = Union[UpstreamTransport, httpx.AsyncBaseTransport, None]
+
+
+class Balancer:
+    """The pools of one app while it serves: ``balancer["/api"]`` is the ``PoolRuntime``
+    of the pool at that prefix (``drain()``, ``undrain()``, ``snapshot()``).
+
+    ``pools`` is what ``RoundRobinMiddleware`` takes (``{prefix: Pool}`` or ``{prefix:
+    [url, ...]}``). ``transport`` is the upstream client of every pool that names none
+    (default: the built-in ``Http1Transport``, which the balancer opens and closes; one
+    you pass is yours to close).
+
+    >>> balancer = Balancer({"/api": ["http://10.0.0.1:8000"]})
+    >>> [row["url"] for row in balancer["/api"].snapshot()]
+    ['http://10.0.0.1:8000']
+    """
+
+    def __init__(self, pools: PoolsArg, *, transport: TransportArg = None) -> None:
+        configs = normalize_pools(pools)
+        self._own_transport = transport is None
+        self.transport: UpstreamTransport = as_transport(transport) or Http1Transport()
+        self.pools: dict[str, PoolRuntime] = {}
+        for prefix, pool in configs.items():
+            pool_transport = as_transport(pool.transport) or self.transport
+
+            def resolve(upstream: Upstream, default: UpstreamTransport = pool_transport) -> Any:
+                if upstream.app is not None:
+                    return in_process(upstream.app)
+                return as_transport(upstream.transport) or default
+
+            self.pools[prefix] = PoolRuntime(prefix, pool, resolve)
+        self._owner: object | None = None
+
+    # -- the handle -----------------------------------------------------------------------
+
+    def __getitem__(self, prefix: str) -> PoolRuntime:
+        try:
+            return self.pools[normalize_prefix(prefix)]
+        except (KeyError, ValueError):
+            known = ", ".join(self.pools)
+            raise KeyError(f"no pool at {prefix!r} (pools: {known})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pools)
+
+    def __len__(self) -> int:
+        return len(self.pools)
+
+    def status(self) -> dict[str, Any]:
+        """Every pool and upstream with its counters (what ``status_path`` serves)."""
+        from .metrics import status_json
+
+        return status_json(self)
+
+    def prometheus_collector(self) -> Any:
+        """A ``prometheus_client`` collector of every pool's counters, to register in a
+        registry of your own (``metrics_path=`` serves one of its own)."""
+        from .metrics import PrometheusCollector
+
+        return PrometheusCollector(self)
+
+    def attach(self, owner: object) -> None:
+        """Called by the middleware that serves this balancer: one serves one."""
+        if self._owner is not None and self._owner is not owner:
+            raise ValueError("this Balancer already serves another RoundRobinMiddleware")
+        self._owner = owner
+
+    # -- life -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the upstream client, start discovery (waiting, at most each source's
+        ``startup_timeout``, for the first members) and the health checks. Without a
+        lifespan the client opens on the first request (and closes when its event loop
+        ends), and discovered pools stay empty."""
+        if self._own_transport:
+            await self.transport.aopen()
+        runtimes = [runtime for runtime in self.pools.values() if runtime.watcher is not None]
+        for runtime in runtimes:
+            runtime.start_discovery()
+        watchers = [runtime.watcher for runtime in runtimes if runtime.watcher is not None]
+        arrived = await asyncio.gather(*(w.wait_first(w.source.startup_timeout) for w in watchers))
+        for watcher, came in zip(watchers, arrived, strict=True):
+            if not came:
+                logger.error(
+                    "pool %s: no upstreams from %s within %ss (%s); starting anyway, the pool "
+                    "answers 503 until they arrive",
+                    watcher.pool_name,
+                    watcher.source.describe(),
+                    watcher.source.startup_timeout,
+                    watcher.error or "no answer yet",
+                )
+        for runtime in self.pools.values():
+            runtime.start_checks()
+
+    async def stop(self) -> None:
+        """Stop discovery and health checks, and close the connections the balancer
+        opened (a transport you passed in is yours to close)."""
+        for runtime in self.pools.values():
+            await runtime.stop()
+        if self._own_transport:
+            await self.transport.aclose()
+
+
+def as_transport(transport: Any) -> UpstreamTransport | None:
+    """An ``UpstreamTransport`` as is, an ``httpx.AsyncBaseTransport`` adapted, None as is."""
+    if transport is None or isinstance(transport, UpstreamTransport):
+        return transport
+    if isinstance(transport, httpx.AsyncBaseTransport):
+        return HttpxTransport(transport)
+    raise ValueError(
+        f"transport must be an httpx.AsyncBaseTransport or an UpstreamTransport, got {transport!r}"
+    )
