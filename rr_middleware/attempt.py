@@ -68,9 +68,15 @@ class Attempt:
             raise NoUpstream(f"pool {runtime.name}: no upstream left to try")
         self._tried.append(member)
         self.member = member
-        timeout = runtime.pool.pool_timeout
-        if self._slot and not await member.limiter.acquire(timeout):
-            raise PoolTimeout(f"{member.upstream.url}: no free connection within {timeout}s")
+        if self._slot:
+            limiter = member.limiter
+            if limiter.active < limiter.limit and not limiter.waiting:
+                limiter.active += 1  # the common case, without a coroutine to wait in
+            else:
+                timeout = runtime.pool.pool_timeout
+                if not await limiter.acquire(timeout):
+                    url = member.upstream.url
+                    raise PoolTimeout(f"{url}: no free connection within {timeout}s")
         self.started = time.monotonic()
         return self
 
@@ -101,8 +107,12 @@ class Attempt:
         if not 200 <= status <= 599:  # any transport: the ASGI server could not send it
             await response.aclose()
             raise UpstreamProtocolError(f"upstream answered status {status:03d}")
-        self.member.stats.headers_latency.record(time.monotonic() - self.started)
-        self.answered(status)
+        stats = self.member.stats
+        stats.headers_latency.record(time.monotonic() - self.started)
+        stats.codes[status] = stats.codes.get(status, 0) + 1
+        self.status = status
+        if status in self.runtime.pool.unhealthy_statuses:
+            self._unhealthy(status)
         return response
 
     def answered(self, status: int) -> None:
@@ -112,9 +122,12 @@ class Attempt:
         stats.codes[status] = stats.codes.get(status, 0) + 1
         self.status = status
         if status in self.runtime.pool.unhealthy_statuses:
-            self._recorded = True
-            kind = "5xx" if status >= 500 else f"status {status}"
-            self.runtime.failed(self.member, kind, f"status {status}")
+            self._unhealthy(status)
+
+    def _unhealthy(self, status: int) -> None:
+        self._recorded = True
+        kind = "5xx" if status >= 500 else f"status {status}"
+        self.runtime.failed(self.member, kind, f"status {status}")
 
     def succeeded(self) -> None:
         """Record a success now, before the block ends (a WebSocket's, at its handshake)."""

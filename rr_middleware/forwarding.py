@@ -4,7 +4,7 @@
 1. ``forward``: what every request needs once: the upstream headers, the refusals that
    need no upstream, the client's side (``ClientSide``: the body, and a deadline on every
    wait on the client), and what happens when the client leaves.
-2. ``_Forwarding.try_upstreams``: the retry policy, written once: which failures and
+2. ``_Forwarding.run``: the retry policy, written once: which failures and
    statuses move the request to the next upstream, and what the client gets when none
    answered.
 3. ``Attempt`` (``pool_runtime.py``): one try on one upstream, from the pick to the end of
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .attempt import Attempt
     from .members import Member
     from .pool_runtime import PoolRuntime
+    from .upstream import Upstream
 
 __all__ = ["ProxySettings", "ResponseAborted", "forward", "send_error"]
 
@@ -221,56 +222,58 @@ class _Forwarding:
         self.response_started = False
 
     async def run(self) -> None:
-        pool = self.runtime.pool
+        """The retry policy: the body's start is read, then attempts go to distinct
+        upstreams until one answers, the pool's ``retries`` are used, or a failure makes
+        another try unsafe."""
+        runtime = self.runtime
+        pool = runtime.pool
         # The start of a body is read before an upstream is picked, so a client that
         # stalls early holds no upstream connection, and a short body, read whole, can be
         # sent again by a retry; a longer one streams from there at the client's pace.
         buffer = max(pool.request_buffer_size, pool.retry_body_limit if self.retryable else 0)
+        tried: list[Member] = []
+        error: UpstreamError | None = None
         try:
             self.body = await self.client.start(buffer)
             if not self.client.complete:
                 self.stream = self.client
             # Only a body held whole, within retry_body_limit, is sent again.
             self.replayable = self.stream is None and len(self.body or b"") <= pool.retry_body_limit
-            await self.try_upstreams()
+            for _ in range(pool.retries + 1):
+                try:
+                    async with runtime.attempt(tried) as attempt:
+                        try:
+                            response = await attempt.send(self._request(attempt.upstream))
+                        except UpstreamError as exc:
+                            self._raise_client_failure(exc)
+                            raise
+                        if self._retry_on_status(attempt, tried):
+                            await response.aclose()
+                            continue
+                        await self._relay(attempt, response)
+                        return
+                except NoUpstream as exc:
+                    error = error or exc
+                    break
+                except PoolTimeout as exc:
+                    logger.warning("pool %s: %s", runtime.name, exc)
+                    error = exc
+                except UpstreamError as exc:
+                    error = exc
+                    if not self._retry_on_failure(exc, tried):
+                        break
         except ClientBodyError as exc:
             await self._client_failed(exc)
-
-    async def try_upstreams(self) -> None:
-        """The retry policy: attempts on distinct upstreams until one answers, the pool's
-        ``retries`` are used, or a failure makes another try unsafe."""
-        runtime = self.runtime
-        tried: list[Member] = []
-        error: UpstreamError | None = None
-        for _ in range(runtime.pool.retries + 1):
-            try:
-                async with runtime.attempt(tried) as attempt:
-                    response = await self._send(attempt)
-                    if self._retry_on_status(attempt, tried):
-                        await response.aclose()
-                        continue
-                    await self._relay(attempt, response)
-                    return
-            except NoUpstream as exc:
-                error = error or exc
-                break
-            except PoolTimeout as exc:
-                logger.warning("pool %s: %s", runtime.name, exc)
-                error = exc
-            except UpstreamError as exc:
-                error = exc
-                if not self._retry_on_failure(exc, tried):
-                    break
+            return
         await self._answer_failure(error, tried)
 
-    async def _send(self, attempt: Attempt) -> UpstreamResponse:
-        upstream = attempt.upstream
+    def _request(self, upstream: Upstream) -> UpstreamRequest:
         target = upstream.base_path + self.suffix
         if not target.startswith(b"/"):
             target = b"/" + target
         headers = self.headers
         pool = self.runtime.pool
-        request = UpstreamRequest(
+        return UpstreamRequest(
             method=self.method,
             upstream=upstream,
             target=target,
@@ -279,15 +282,14 @@ class _Forwarding:
             connect_timeout=pool.connect_timeout,
             read_timeout=pool.timeout,
         )
-        try:
-            return await attempt.send(request)
-        except UpstreamError as exc:
-            failure = self.client.failure
-            if failure is not None:
-                # The client's side of the body ended the exchange, however the transport
-                # reported it (its own exception, or the broken upstream connection).
-                raise failure from exc
-            raise
+
+    def _raise_client_failure(self, error: UpstreamError) -> None:
+        """The client's side of the body may have ended the exchange, however the
+        transport reported it (its own exception, or the broken upstream connection):
+        then that is the failure, and not the upstream's."""
+        failure = self.client.failure
+        if failure is not None:
+            raise failure from error
 
     def _retry_on_status(self, attempt: Attempt, tried: list[Member]) -> bool:
         status = attempt.status
@@ -359,8 +361,11 @@ class _Forwarding:
             await send_error(self.send, failure.status, [(b"connection", b"close")])
 
     async def _relay(self, attempt: Attempt, response: UpstreamResponse) -> None:
-        """Relay the response, counting body bytes into the upstream's stats as they go.
-        The client leaving, or not reading, cancels this wherever it waits."""
+        """Relay the response: a body with no bytes (1xx, 204, 304, HEAD), a body already
+        whole (one send), or a stream; body bytes are counted into the upstream's stats.
+        Each send marks when it began (``client.sending_since``): a client that takes
+        nothing for ``client_send_timeout`` is cut off, and one that leaves cancels this
+        wherever it waits (see ``ClientSide``)."""
         member = attempt.member
         status = response.status
         if status in self.runtime.pool.unhealthy_statuses:
@@ -371,12 +376,31 @@ class _Forwarding:
                 member.upstream.url,
                 status,
             )
+        headers = response_headers(response.headers, self.settings.hidden_response_headers)
+        client = self.client
+        send = self.send
         try:
-            await _Relay(self, member, response).run()
+            client.sending_since = client.loop.time()
+            if status in (204, 304) or status < 200:
+                # No body, by definition. A 304's Content-Length (the size of the cached
+                # representation, RFC 9110 §8.6) would make the ASGI server expect one.
+                headers = [(n, v) for n, v in headers if n != b"content-length"]
+            self.response_started = True
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            if status in (204, 304) or status < 200 or self.method == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                client.close()
+            elif response.body_complete():
+                body = b""
+                while chunk := await response.read():
+                    body += chunk
+                await send({"type": "http.response.body", "body": body})
+                client.close()
+                member.stats.bytes_out += len(body)
+            else:
+                await self._stream(member, response)
         except UpstreamError as exc:
-            failure = self.client.failure
-            if failure is not None:  # the client's body broke the upstream exchange
-                raise failure from exc
+            self._raise_client_failure(exc)  # the client's body broke the exchange
             attempt.fail(exc)
             logger.warning(
                 "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
@@ -391,8 +415,24 @@ class _Forwarding:
             await response.aclose()
             elapsed = time.monotonic() - attempt.started
             member.stats.total_latency.record(elapsed)
-            member.stats.bytes_in += self.client.size
+            member.stats.bytes_in += client.size
             self._access_log(member.upstream.url, status, elapsed)
+
+    async def _stream(self, member: Member, response: UpstreamResponse) -> None:
+        # An SSE stream never ends by itself: ended when the client leaves (ClientSide).
+        client = self.client
+        send = self.send
+        stats = member.stats
+        now = client.loop.time
+        client.sending_since = None
+        while chunk := await response.read():
+            stats.bytes_out += len(chunk)
+            client.sending_since = now()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            client.sending_since = None
+        client.sending_since = now()
+        await send({"type": "http.response.body", "body": b""})
+        client.close()
 
     def _access_log(self, upstream: str, status: int, elapsed: float) -> None:
         if self.settings.access_log:
@@ -405,67 +445,6 @@ class _Forwarding:
                 status,
                 elapsed * 1000,
             )
-
-
-class _Relay:
-    """The response of one attempt, sent to the client: a body with no bytes (1xx, 204,
-    304, HEAD), a body already whole (one send), or a stream. Each send marks when it
-    began (``client.sending_since``): a client that takes nothing for
-    ``client_send_timeout`` is cut off (see ``ClientSide``)."""
-
-    __slots__ = ("client", "forwarding", "member", "response", "send")
-
-    def __init__(self, forwarding: _Forwarding, member: Member, response: UpstreamResponse):
-        self.forwarding = forwarding
-        self.client = forwarding.client
-        self.send = forwarding.send
-        self.member = member
-        self.response = response
-
-    async def run(self) -> None:
-        response = self.response
-        status = response.status
-        headers = response_headers(
-            response.headers, self.forwarding.settings.hidden_response_headers
-        )
-        client = self.client
-        send = self.send
-        client.sending_since = client.loop.time()
-        if status in (204, 304) or status < 200:
-            # No body, by definition. A 304's Content-Length (the size of the cached
-            # representation, RFC 9110 §8.6) would make the ASGI server expect one.
-            headers = [(n, v) for n, v in headers if n != b"content-length"]
-        self.forwarding.response_started = True
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        if status in (204, 304) or status < 200 or self.forwarding.method == "HEAD":
-            await send({"type": "http.response.body", "body": b""})
-            client.close()
-        elif response.body_complete():
-            body = b""
-            while chunk := await response.read():
-                body += chunk
-            await send({"type": "http.response.body", "body": body})
-            client.close()
-            self.member.stats.bytes_out += len(body)
-        else:
-            await self._stream()
-
-    async def _stream(self) -> None:
-        # An SSE stream never ends by itself: ended when the client leaves (ClientSide).
-        response = self.response
-        client = self.client
-        send = self.send
-        stats = self.member.stats
-        time = client.loop.time
-        client.sending_since = None
-        while chunk := await response.read():
-            stats.bytes_out += len(chunk)
-            client.sending_since = time()
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            client.sending_since = None
-        client.sending_since = time()
-        await send({"type": "http.response.body", "body": b""})
-        client.close()
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -30,6 +30,11 @@ class ConnectionLimiter:
         self.active = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
 
+    @property
+    def waiting(self) -> bool:
+        """Whether requests wait for a slot (a free one goes to them first)."""
+        return bool(self._waiters)
+
     async def acquire(self, timeout: float) -> bool:
         """Take a slot; False if none came free within ``timeout`` seconds."""
         if self.active < self.limit and not self._waiters:

@@ -131,7 +131,8 @@ class PoolRuntime:
 
     def pick(self, tried: list[Member]) -> Member | None:
         """The upstream for the next attempt, or None when none may be tried."""
-        self.refresh_if_due()
+        if self._next_change != math.inf and self.clock() >= self._next_change:
+            self.refresh()  # what time alone changed (refresh_if_due, inline: every request)
         member = self.policy.pick(tried)
         if member is not None and member.health.half_open and not self.all_down:
             pool = self.pool
