@@ -16,7 +16,6 @@ import contextlib
 import gc
 import itertools
 import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -41,7 +40,8 @@ from .proxy import (
     rss_bytes,
     settle,
 )
-from .servers import RawListener, serve
+from .raw_upstream import RawConnection, RawUpstream
+from .servers import serve
 from .upstream_app import UpstreamApp
 
 Scope = dict[str, Any]
@@ -51,18 +51,11 @@ HEALTH_PATH = "/?action=status&code=200"  # UpstreamApp has no /health; this ser
 # --------------------------------------------------------------------------- raw upstreams
 
 
-class SilentUpstream(RawListener):
-    """Accepts, reads every request sent, and never writes a byte. ``heads`` counts the
-    request heads received; the connection ends when the proxy closes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.heads = 0
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await reader.readuntil(b"\r\n\r\n")  # bodiless GETs: one head per request
-            self.heads += 1
+async def read_and_never_answer(connection: RawConnection) -> None:
+    """Reads every request sent, and never writes a byte: the connection ends when the
+    proxy closes it."""
+    while await connection.read_request() is not None:
+        pass
 
 
 def pattern(ident: int, size: int) -> bytes:
@@ -71,7 +64,7 @@ def pattern(ident: int, size: int) -> bytes:
     return (unit * (size // len(unit) + 1))[:size]
 
 
-class ResettingUpstream(RawListener):
+class ResettingUpstream(RawUpstream):
     """A keep-alive HTTP/1.1 upstream that alternates, request by request, between a whole
     response (``GET /<ident>/<size>`` gets ``pattern(ident, size)`` with its Content-Length)
     and one that stops mid-body with a TCP reset (SO_LINGER 0), framed by Content-Length
@@ -82,38 +75,32 @@ class ResettingUpstream(RawListener):
         self.counter = itertools.count()
         self.outcomes: Counter[str] = Counter()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            target = head.split(b" ", 2)[1].decode()
-            _, ident, size = target.split("?")[0].rsplit("/", 2)
+    async def handle(self, connection: RawConnection) -> None:
+        while (request := await connection.read_head()) is not None:
+            _, ident, size = request.target.decode().split("?")[0].rsplit("/", 2)
             body = pattern(int(ident), int(size))
             turn = next(self.counter)
             if turn % 2 == 0:
                 self.outcomes["whole"] += 1
-                writer.write(
+                await connection.send(
                     b"HTTP/1.1 200 OK\r\nx-upstream: raw\r\ncontent-length: %d\r\n\r\n%s"
                     % (len(body), body)
                 )
-                await writer.drain()
                 continue
             if turn % 4 == 1:
                 self.outcomes["reset-length"] += 1
-                writer.write(
+                await connection.send(
                     b"HTTP/1.1 200 OK\r\nx-upstream: raw\r\ncontent-length: %d\r\n\r\n%s"
                     % (len(body), body[: len(body) // 2])
                 )
             else:
                 self.outcomes["reset-chunked"] += 1
                 half = body[: len(body) // 2]
-                writer.write(
+                await connection.send(
                     b"HTTP/1.1 200 OK\r\nx-upstream: raw\r\ntransfer-encoding: chunked\r\n\r\n"
                     b"%x\r\n%s\r\n" % (len(half), half)
                 )
-            await writer.drain()
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            await connection.close(reset=True)
             return
 
 
@@ -391,7 +378,7 @@ def test_silent_upstream_costs_its_requests_one_timeout_and_the_others_nothing(
     results: list[tuple[int, float, str]] = []  # status, seconds, upstream name
     errors: list[BaseException] = []
     with (
-        SilentUpstream() as silent,
+        RawUpstream(read_and_never_answer) as silent,
         serve(healthy_app) as healthy,
         fault_proxy(
             {"/s": Pool([healthy.url, silent.url], timeout=SILENT_TIMEOUT, retries=1, max_fails=0)},
@@ -432,7 +419,7 @@ def test_silent_upstream_costs_its_requests_one_timeout_and_the_others_nothing(
     served = [elapsed for status, elapsed, name in results if status == 200 and name == "healthy"]
     assert len(timeouts) + len(served) == len(results), Counter(s for s, _, _ in results)
     # Round robin: half of the load went to each; each silent request was one 504.
-    assert len(timeouts) == silent.heads == len(results) // 2
+    assert len(timeouts) == len(silent.requests) == len(results) // 2
     assert len(served) == len(healthy_app.requests) == len(results) // 2
     assert min(timeouts) >= SILENT_TIMEOUT - 0.01
     assert max(timeouts) < SILENT_TIMEOUT + SILENT_SLACK, sorted(timeouts)[-5:]

@@ -14,11 +14,10 @@ import gzip
 import json
 import os
 import socket
-import socketserver
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -31,7 +30,8 @@ from starlette.routing import Route
 
 from rr_middleware import AiohttpTransport, Pool, RoundRobinMiddleware
 
-from .servers import RawUpstream, RunningServer, raw_upstream, serve
+from .raw_upstream import RawUpstream, answer_each
+from .servers import RunningServer, serve
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -264,26 +264,6 @@ class MiscUpstream:
             headers = [(b"content-length", b"2")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": b"ok"})
-
-
-class _CannedHandler(socketserver.StreamRequestHandler):
-    server: RawUpstream
-
-    def handle(self) -> None:
-        while True:  # keep-alive: one canned answer per request head (bodiless requests)
-            head = []
-            while (line := self.rfile.readline()) not in (b"\r\n", b""):
-                head.append(line)
-            if not head:
-                return
-            self.server.heads.append(b"".join(head))
-            self.wfile.write(self.server.response)
-
-
-def canned_upstream(response: bytes) -> AbstractContextManager[RawUpstream]:
-    """A raw HTTP/1.1 upstream answering every request with the same bytes (keep-alive):
-    for responses an ASGI server will not produce."""
-    return raw_upstream(response, _CannedHandler)
 
 
 # --------------------------------------------------------------------------- routing
@@ -755,7 +735,7 @@ def test_304_with_content_length_relayed_without_breaking_the_connection() -> No
     answer = b'HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: "v1"\r\n\r\n'
     conditional = [("Host", "front"), ("If-None-Match", '"v1"')]
     with (
-        canned_upstream(answer) as upstream,
+        RawUpstream(answer_each(lambda request: answer)) as upstream,
         running_proxy({"/n": [upstream.url]}) as (proxy, _),
         RawClient(proxy.port) as raw,
     ):
@@ -765,7 +745,7 @@ def test_304_with_content_length_relayed_without_breaking_the_connection() -> No
             assert status == 304, f"request {attempt}"
             assert dict(headers)[b"etag"] == b'"v1"'
             assert b"content-length" not in dict(headers)  # README: not passed on
-    assert len(upstream.heads) == 2
+    assert len(upstream.requests) == 2
 
 
 # --------------------------------------------------------------------------- failures
