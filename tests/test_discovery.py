@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from rr_middleware import (
 )
 
 from .polling import wait_for
+from .raw_upstream import RawConnection, RawUpstream
 from .servers import RunningServer, serve
 from .test_fidelity import client, dead_url, running_proxy
 from .test_lifespan import no_leaks
@@ -223,50 +223,33 @@ def test_a_removed_upstream_finishes_what_is_in_flight(upstreams: list[RunningSe
         assert stream.read() == b"AAAABBBBCCCC"
 
 
-class DroppingServer:
-    """A raw TCP server that reads one request, then closes the connection without an
-    answer when the test says so (a deploy taking the instance down mid-request)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.received = threading.Event()
-        self.drop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        connection, _ = self.listener.accept()
-        with connection:
-            while b"\r\n\r\n" not in connection.recv(65536):
-                pass
-            self.received.set()
-            self.drop.wait(10)
-
-    def close(self) -> None:
-        self.drop.set()
-        self.thread.join(10)
-        self.listener.close()
-
-
 async def test_a_request_on_an_upstream_that_leaves_is_retried_on_the_others(
     upstreams: list[RunningServer],
 ) -> None:
     b = upstreams[1]
-    leaving = DroppingServer()
+    received, drop = threading.Event(), threading.Event()
+
+    async def drop_when_told(connection: RawConnection) -> None:
+        """Reads one request, then closes the connection without an answer when the test
+        says so (a deploy taking the instance down mid-request)."""
+        if await connection.read_head() is not None:
+            received.set()
+            await asyncio.to_thread(drop.wait, 10)
+
     source = QueueDiscovery()
-    source.put(leaving.url, b.url)
-    try:
-        async with Proxy(Pool(discovery=source, retries=1, max_fails=0)) as proxy:
-            request = asyncio.ensure_future(proxy.http.get("/api/x"))
-            await asyncio.get_running_loop().run_in_executor(None, leaving.received.wait, 10)
-            source.put(b.url)  # the instance is deregistered while serving the request
-            await settled(lambda: proxy.members() == [b.url])
-            leaving.drop.set()  # ... and goes away without answering
-            response = await request
-            assert (response.status_code, response.headers["x-upstream"]) == (200, "b")
-    finally:
-        leaving.close()
+    with RawUpstream(drop_when_told) as leaving:
+        source.put(leaving.url, b.url)
+        try:
+            async with Proxy(Pool(discovery=source, retries=1, max_fails=0)) as proxy:
+                request = asyncio.ensure_future(proxy.http.get("/api/x"))
+                await asyncio.get_running_loop().run_in_executor(None, received.wait, 10)
+                source.put(b.url)  # the instance is deregistered while serving the request
+                await settled(lambda: proxy.members() == [b.url])
+                drop.set()  # ... and goes away without answering
+                response = await request
+                assert (response.status_code, response.headers["x-upstream"]) == (200, "b")
+        finally:
+            drop.set()  # on any outcome: the handler stops waiting, the upstream can stop
 
 
 async def test_an_empty_answer_is_a_503_with_retry_after(upstreams: list[RunningServer]) -> None:
