@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from .consul_agent import ConsulAgent, find_consul, start_agent
-from .proxy import LeakLog
+from .leaks import LeakLog
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
 
@@ -24,7 +24,7 @@ def upstreams() -> Iterator[list[RunningServer]]:
 @pytest.fixture
 def leak_log() -> Iterator[LeakLog]:
     """Where leaks and crashes are logged (asyncio, rr_middleware, uvicorn), as text; see
-    ``tests.proxy.leaks``."""
+    ``tests.leaks.leaks``."""
     handler = LeakLog()
     handler.watch()
     try:

@@ -48,6 +48,15 @@ def bind_socket(port: int = 0) -> socket.socket:
     return sock
 
 
+def dead_url() -> str:
+    """A URL on a port that was bound, then closed: nothing listens there."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
 @contextmanager
 def serve(app: Any, port: int = 0, **config: Any) -> Iterator[RunningServer]:
     """Run ``app`` under uvicorn (httptools, uvloop) on 127.0.0.1 until the block ends."""

@@ -23,9 +23,9 @@ import pytest
 
 from rr_middleware import HealthCheck, Pool
 
+from .proxy import assert_generic_error, client, running_proxy
 from .raw_upstream import Handler, RawConnection, RawUpstream
 from .servers import RunningServer, serve
-from .test_fidelity import assert_generic_error, client, running_proxy
 from .upstream_app import UpstreamApp
 
 # UpstreamApp has no /health route; its status action serves as one.

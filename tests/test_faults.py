@@ -28,18 +28,8 @@ import pytest
 
 from rr_middleware import HealthCheck, Pool
 
-from .proxy import (
-    LeakLog,
-    aclient,
-    aproxy_state,
-    asettle,
-    client,
-    fault_proxy,
-    leaks,
-    proxy_state,
-    rss_bytes,
-    settle,
-)
+from .leaks import LeakLog, leaks, rss_bytes
+from .proxy import aclient, aproxy_state, asettle, client, fault_proxy, proxy_state, settle
 from .raw_upstream import RawConnection, RawUpstream
 from .servers import serve
 from .upstream_app import UpstreamApp

@@ -35,17 +35,11 @@ from starlette.types import Message, Receive, Scope, Send
 from rr_middleware import Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.config import HealthCheck
 
+from .proxy import HOP_BY_HOP_NAMES, host_app, running_proxy
+from .raw_client import RawClient, raw_request
 from .raw_upstream import RawUpstream, answer_once
 from .servers import RunningServer, serve
-from .test_fidelity import (
-    HOP_BY_HOP_NAMES,
-    RawClient,
-    host_app,
-    raw_request,
-    running_proxy,
-    values,
-)
-from .upstream_app import UpstreamApp
+from .upstream_app import UpstreamApp, values
 
 Headers = list[tuple[bytes, bytes]]
 

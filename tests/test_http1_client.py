@@ -32,6 +32,8 @@ from starlette.applications import Starlette
 from rr_middleware import Pool, RoundRobinMiddleware
 from rr_middleware.transport import Http1Transport
 
+from .proxy import running_proxy
+from .raw_client import RawClient, raw_request
 from .raw_upstream import (
     Handler,
     RawConnection,
@@ -41,7 +43,6 @@ from .raw_upstream import (
     first_then,
 )
 from .servers import serve
-from .test_fidelity import RawClient, raw_request, running_proxy
 from .upstream_app import UpstreamApp
 
 Headers = list[tuple[bytes, bytes]]

@@ -38,8 +38,8 @@ from rr_middleware import HealthCheck, Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.metrics import BUCKETS
 
 from .polling import wait_for
-from .servers import serve
-from .test_fidelity import client, dead_url, host_app, running_proxy
+from .proxy import client, host_app, running_proxy
+from .servers import dead_url, serve
 from .upstream_app import UpstreamApp, _respond
 
 T = TypeVar("T")

@@ -30,15 +30,8 @@ from starlette.testclient import TestClient
 
 from rr_middleware import Pool, RoundRobinMiddleware, Upstream
 
-from .proxy import (
-    LeakLog,
-    aclient,
-    aproxy_state,
-    fault_proxy,
-    held_sockets,
-    leaks,
-    rss_bytes,
-)
+from .leaks import LeakLog, held_sockets, leaks, rss_bytes
+from .proxy import aclient, aproxy_state, fault_proxy
 from .raw_upstream import RawConnection, RawUpstream, answer_once
 from .servers import serve
 from .upstream_app import UpstreamApp
