@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from .chromium import CHROMIUM, chromium_installed
 from .consul_agent import ConsulAgent, find_consul, start_agent
 from .leaks import LeakLog
 from .servers import RunningServer, serve
@@ -36,6 +37,18 @@ def leak_log() -> Iterator[LeakLog]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Headless Chromium's path (tests/chromium.py); skip without it, except on CI
+    (CI=true), where that is a failure."""
+    if chromium_installed():
+        return CHROMIUM
+    reason = f"headless Chromium is not installed at {CHROMIUM} (make system-deps installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

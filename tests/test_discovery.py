@@ -29,12 +29,12 @@ from rr_middleware import (
     Upstream,
 )
 
+from .chromium import dump_dom
 from .leaks import no_leaks
 from .polling import settled, wait_for
 from .proxy import InProcessProxy, client, plain_host_app, running_proxy
 from .raw_upstream import RawConnection, RawUpstream
 from .servers import RunningServer, dead_url, serve
-from .test_observability import chromium_or_skip, dump_dom
 
 pytestmark = pytest.mark.anyio
 
@@ -445,13 +445,12 @@ def test_dns_nameservers_take_ports_and_ipv6() -> None:
 
 
 def test_status_page_shows_an_empty_discovered_pool(
-    upstreams: list[RunningServer], tmp_path: Path
+    chromium: str, upstreams: list[RunningServer], tmp_path: Path
 ) -> None:
-    chromium_or_skip()
     missing = Pool(discovery=DNSDiscovery("no-such-backend.invalid", port=8000))
     pools = {"/api": [upstreams[0].url], "/users": missing}
     with running_proxy(pools, status_path="/status") as (server, _):
         # The page's own script has rebuilt the table from the JSON by the time it is dumped.
-        page = dump_dom(server.url + "/status", tmp_path / "profile")
+        page = dump_dom(server.url + "/status", tmp_path / "profile", chromium)
     assert "no upstreams from dns name 'no-such-backend.invalid' port 8000" in page
     assert upstreams[0].url in page
