@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gc
+import logging
 import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -32,6 +34,23 @@ def leak_log() -> Iterator[LeakLog]:
         yield handler
     finally:
         handler.unwatch()
+
+
+@pytest.fixture
+def no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """After the test, its garbage collected: no "Task exception was never retrieved", no
+    "Task was destroyed but it is pending", nor any other warning or error the event loops
+    (the servers', the proxy's, the test's) reported through the asyncio logger. A module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("no_asyncio_errors")``."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    yield
+    gc.collect()
+    records = caplog.get_records("call") + caplog.records  # the test's, and after collection
+    problems = [
+        r.getMessage() for r in records if r.name == "asyncio" and r.levelno >= logging.WARNING
+    ]
+    assert not problems, problems
+    assert not any("Task was destroyed" in r.getMessage() for r in records)
 
 
 @pytest.fixture

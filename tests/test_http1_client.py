@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import logging
 import os
 import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,6 +48,8 @@ Headers = list[tuple[bytes, bytes]]
 WAIT = 5.0  # the longest any test waits for an event that should come at once
 GENERIC_502 = b"502 Bad Gateway\n"
 
+pytestmark = pytest.mark.usefixtures("no_asyncio_errors")
+
 
 # --------------------------------------------------------------------------- raw upstreams
 
@@ -67,18 +67,6 @@ def http_client() -> httpx.Client:
 
 def open_connections(middleware: RoundRobinMiddleware) -> int:
     return middleware.transport.open_connections  # type: ignore[attr-defined, no-any-return]
-
-
-@pytest.fixture(autouse=True)
-def no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """No "Task exception was never retrieved", "Task was destroyed but it is pending"
-    or other errors the event loops of the servers report through the asyncio logger."""
-    caplog.set_level(logging.WARNING, logger="asyncio")
-    yield
-    gc.collect()
-    records = caplog.get_records("call") + caplog.records
-    errors = [r.getMessage() for r in records if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not errors, errors
 
 
 # --------------------------------------------------------------------------- 1. keep-alive
