@@ -49,7 +49,7 @@ async def read_and_never_answer(connection: RawConnection) -> None:
 
 
 def pattern(ident: int, size: int) -> bytes:
-    """The body the flaky upstreams owe request ``ident``: its number, repeated."""
+    """The body the half-broken upstreams owe request ``ident``: its number, repeated."""
     unit = b"<%010d>" % ident
     return (unit * (size // len(unit) + 1))[:size]
 
@@ -527,7 +527,7 @@ def test_shutdown_during_traffic_completes_in_flight_requests_and_stops_checks(
 # --------------------------------------------------------------------------- broken upstreams
 
 
-class FlakyUpstream:
+class HalfBrokenUpstream:
     """A uvicorn upstream that alternates, request by request: ``GET /<ident>/<size>`` gets
     the whole ``pattern(ident, size)`` (Content-Length, four chunks), or the response
     breaks mid-body: UpstreamApp's ``action=broken`` (Content-Length 100, 10 bytes, then
@@ -535,7 +535,7 @@ class FlakyUpstream:
     after its first chunk, in turn."""
 
     def __init__(self) -> None:
-        self.app = UpstreamApp("flaky")
+        self.app = UpstreamApp("half-broken")
         self.counter = itertools.count()
         self.outcomes: Counter[str] = Counter()
 
@@ -557,7 +557,7 @@ class FlakyUpstream:
             await send({"type": "http.response.body", "body": body[:1000], "more_body": True})
             raise RuntimeError("upstream dies mid-body (test)")
         self.outcomes["whole"] += 1
-        headers = [(b"x-upstream", b"flaky"), (b"content-length", b"%d" % len(body))]
+        headers = [(b"x-upstream", b"half-broken"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         quarter = -(-len(body) // 4)
         for start in range(0, len(body), quarter):
@@ -577,16 +577,16 @@ def test_upstreams_breaking_mid_body_under_load_never_yield_a_wrong_200(
     broken upstream response is one aborted client response. The proxy still serves, and
     settles to no more tasks than before and a few idle connections."""
     workers, per_worker = 4, 40
-    flaky_app = FlakyUpstream()
+    half_broken_app = HalfBrokenUpstream()
     outcomes: list[str] = []
     errors: list[BaseException] = []
     with (
-        serve(flaky_app) as flaky,
+        serve(half_broken_app) as half_broken,
         ResettingUpstream() as resetting,
         serve(UpstreamApp("ok")) as healthy,
         fault_proxy(
             {
-                "/f": Pool([flaky.url, resetting.url], retries=1, max_fails=0),
+                "/f": Pool([half_broken.url, resetting.url], retries=1, max_fails=0),
                 "/ok": Pool([healthy.url]),
             },
             leak_log,
@@ -634,7 +634,7 @@ def test_upstreams_breaking_mid_body_under_load_never_yield_a_wrong_200(
         assert state["connections"] <= 2 * workers + 1, state
 
     seen = Counter(outcomes)
-    upstreams = flaky_app.outcomes + resetting.outcomes
+    upstreams = half_broken_app.outcomes + resetting.outcomes
     print(f"clients: {dict(seen)}; upstreams: {dict(upstreams)}")
     assert set(seen) <= {"whole", "aborted"}, seen
     assert sum(seen.values()) == workers * per_worker

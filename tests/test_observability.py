@@ -52,7 +52,7 @@ LOGGER = "rr_middleware"
 # --------------------------------------------------------------------------- helpers
 
 
-class FlakyUpstream(UpstreamApp):
+class Failing503Upstream(UpstreamApp):
     """An UpstreamApp that answers every request (health checks too) 503 while ``failing``
     is set. Requests answered so are counted in ``refused``, not recorded in ``requests``."""
 
@@ -271,7 +271,7 @@ def lines_with(lines: list[str], *words: str) -> list[str]:
 
 
 def test_prometheus_metrics_count_what_happened() -> None:
-    a_app, b_app, c_app = UpstreamApp("a"), FlakyUpstream("b"), UpstreamApp("c")
+    a_app, b_app, c_app = UpstreamApp("a"), Failing503Upstream("b"), UpstreamApp("c")
     with serve(a_app) as a, serve(b_app) as b, serve(c_app) as c:
         dead, dead2 = dead_url(), dead_url()
         api = Pool(
@@ -713,7 +713,7 @@ def test_one_warning_per_state_change_and_per_failed_request(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    a_app, b_app, h_app = UpstreamApp("a"), FlakyUpstream("b"), FlakyUpstream("h")
+    a_app, b_app, h_app = UpstreamApp("a"), Failing503Upstream("b"), Failing503Upstream("h")
     clock = ManualClock()
     with serve(a_app) as a, serve(b_app) as b, serve(h_app) as h, ExitStack() as stack:
         c = stack.enter_context(serve(UpstreamApp("c")))
