@@ -1,5 +1,6 @@
-"""Fault injection under bounded load: real uvicorn upstreams (and raw asyncio listeners for
-what uvicorn will not do), the proxy itself under real uvicorn, loopback only.
+"""Fault injection under bounded load: real uvicorn upstreams (and raw upstreams,
+``tests/raw_upstream.py``, for what uvicorn will not do), the proxy itself under real
+uvicorn, loopback only.
 
 Every load is bounded in count and in time. Nothing sleeps to synchronise: upstreams
 signal events (threading events, or futures of the test's loop resolved across threads),
@@ -570,7 +571,7 @@ def test_upstreams_breaking_mid_body_under_load_never_yield_a_wrong_200(
     leak_log: LeakLog,
 ) -> None:
     """A pool of two upstreams that each break every other response mid-body: one under
-    uvicorn (its handler raises), one raw listener that resets the connection (RST). Four
+    uvicorn (its handler raises), one raw upstream that resets the connection (RST). Four
     workers send 40 GETs each, for bodies of 1 KiB to 300 KiB: every response is either
     a 200 whose body is exactly the one owed to that request, or a connection the proxy
     aborted (httpx raises). Never a truncated or foreign body, never another status; each

@@ -4,11 +4,11 @@ trailer never ends, an upstream whose answer is not HTTP/1.x. Nothing may hang, 
 leak, and every answer the client gets is valid HTTP.
 
 The proxy runs under real uvicorn (``tests/proxy.py``), the upstreams are real uvicorn
-apps or raw asyncio listeners (for what uvicorn will not do), the clients raw sockets.
-What the proxy holds is read from outside: its upstream sockets from ``/proc`` (see
-``held_sockets``), its in-flight slots from ``middleware.status()``, its tasks from its own
-event loop. Nothing sleeps to synchronise: upstreams set events, and a state that has to
-settle is polled against a deadline.
+apps or raw upstreams (``tests/raw_upstream.py``, for what uvicorn will not do), the
+clients raw sockets. What the proxy holds is read from outside: its upstream sockets from
+``/proc`` (see ``held_sockets``), its in-flight slots from ``middleware.status()``, its
+tasks from its own event loop. Nothing sleeps to synchronise: upstreams set events, and a
+state that has to settle is polled against a deadline.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ async def answer_head(reader: asyncio.StreamReader, seconds: float) -> bytes:
 async def test_upload_the_upstream_does_not_read_times_out(
     leak_log: LeakLog, kind: str, method: bytes
 ) -> None:
-    """A 32 MiB upload to an upstream that took the head and reads no more (a raw listener
+    """A 32 MiB upload to an upstream that took the head and reads no more (a raw upstream
     that never reads; a uvicorn app that sleeps 20 s before reading): the client gets 504
     within ``timeout`` (2 s) of the upload stalling, not when the upstream wakes up; then
     the proxy holds no socket to the upstream, no in-flight slot and no extra task within
