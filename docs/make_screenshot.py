@@ -6,17 +6,15 @@ Three demo backends run under uvicorn on 127.0.0.1 (ephemeral ports) behind one 
 ``/api``, which the middleware (under uvicorn too) serves with ``status_path="/status"``.
 backend-2 weighs 3; backend-3 is stopped after some traffic, and the pool's health check
 marks it down. Headless Chromium then renders the page, after its script has refreshed
-the table from the JSON. tests/test_observability.py runs this same code, writing the
-picture to a temporary directory instead.
+the table from the JSON. tests/test_observability.py runs this script too, writing the
+picture to a temporary directory instead. The Chromium runner is the page tests' own
+(tests/chromium.py); ``CHROMIUM=path`` names another binary.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,21 +28,13 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
-from rr_middleware import HealthCheck, Pool, RoundRobinMiddleware, Upstream
+# This checkout first: its rr_middleware, and tests/chromium.py, shared with the page tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+from rr_middleware import HealthCheck, Pool, RoundRobinMiddleware, Upstream
+from tests.chromium import CHROMIUM, run_chromium
+
 WINDOW_SIZE = (1100, 330)
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-proxy-server",
-)
 
 
 def backend(name: str) -> Any:
@@ -111,28 +101,6 @@ def wait_for_state(http: httpx.Client, url: str, state: str, timeout: float = 15
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} is still {states[url]!r}, not {state!r}")
         time.sleep(0.02)  # the poll's pace, not a synchronisation
-
-
-def run_chromium(arguments: list[str], profile: Path, chromium: str = CHROMIUM) -> str:
-    """Run headless Chromium (a fresh profile, the flags above) with ``arguments`` and
-    return its standard output; RuntimeError if it fails or takes over 60 s."""
-    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments]
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # its own session: Chromium's helpers too
-            process.communicate()
-            raise RuntimeError("Chromium did not finish within 60 s") from None
-    if process.returncode != 0:
-        raise RuntimeError(f"Chromium failed ({process.returncode}): {stderr[-2000:]}")
-    return stdout
 
 
 def screenshot(url: str, output: Path, profile: Path, chromium: str = CHROMIUM) -> None:

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import gc
+import logging
 import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from .chromium import CHROMIUM, chromium_installed
 from .consul_agent import ConsulAgent, find_consul, start_agent
-from .proxy import LeakLog
+from .leaks import LeakLog
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
 
@@ -24,7 +27,7 @@ def upstreams() -> Iterator[list[RunningServer]]:
 @pytest.fixture
 def leak_log() -> Iterator[LeakLog]:
     """Where leaks and crashes are logged (asyncio, rr_middleware, uvicorn), as text; see
-    ``tests.proxy.leaks``."""
+    ``tests.leaks.leaks``."""
     handler = LeakLog()
     handler.watch()
     try:
@@ -34,8 +37,37 @@ def leak_log() -> Iterator[LeakLog]:
 
 
 @pytest.fixture
+def no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """After the test, its garbage collected: no "Task exception was never retrieved", no
+    "Task was destroyed but it is pending", nor any other warning or error the event loops
+    (the servers', the proxy's, the test's) reported through the asyncio logger. A module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("no_asyncio_errors")``."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    yield
+    gc.collect()
+    records = caplog.get_records("call") + caplog.records  # the test's, and after collection
+    problems = [
+        r.getMessage() for r in records if r.name == "asyncio" and r.levelno >= logging.WARNING
+    ]
+    assert not problems, problems
+    assert not any("Task was destroyed" in r.getMessage() for r in records)
+
+
+@pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Headless Chromium's path (tests/chromium.py); skip without it, except on CI
+    (CI=true), where that is a failure."""
+    if chromium_installed():
+        return CHROMIUM
+    reason = f"headless Chromium is not installed at {CHROMIUM} (make system-deps installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

@@ -1,77 +1,76 @@
-"""The proxy under test, as the fault and stall tests run it: the middleware under real
-uvicorn around a host app that reports, from the proxy's own event loop, its task count
-and its open upstream connections; plus the logs where leaks and crashes show, and what
-the operating system says the process holds (``/proc``).
+"""The proxy under test: the middleware under real uvicorn, around a small host app
+(``running_proxy``) or around a probe that reports, from the proxy's own event loop, its
+task count and its open upstream connections (``fault_proxy``, for the fault and stall
+tests); or driven in process through its lifespan (``InProcessProxy``). Plus the clients
+the tests talk to it with, and what its own error answers must look like.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
-import logging
-import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
-import pytest
+from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from rr_middleware import RoundRobinMiddleware
+from rr_middleware import Pool, RoundRobinMiddleware
 
+from .leaks import LeakLog
 from .servers import RunningServer, serve
 
 SETTLE = 5.0  # the longest any test waits for connections or tasks to settle
-LEAK_TEXTS = ("Task was destroyed", "Task exception was never retrieved", "Unclosed", "unclosed")
+
+# The headers a proxy must not pass on (RFC 9110 §7.6.1, RFC 9112 §9.6), as the tests know them.
+HOP_BY_HOP_NAMES = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+}
 
 
-class LeakLog(logging.Handler):
-    """The messages of the loggers where leaks and crashes are reported, as text: a record
-    kept whole would keep its traceback's frames, and the tasks they refer to, alive.
-    uvicorn configures its own loggers (dropping their handlers) whenever a server is
-    configured, so ``watch`` must be called once the servers are created."""
-
-    NAMES = ("asyncio", "rr_middleware", "uvicorn")  # uvicorn.error propagates to uvicorn
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self._messages: list[str] = []
-        self._messages_lock = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = f"{record.name} {record.levelname}: {record.getMessage()}"
-        if record.exc_info and record.exc_info[1] is not None:
-            text += f" [{type(record.exc_info[1]).__name__}: {record.exc_info[1]}]"
-        with self._messages_lock:
-            self._messages.append(text)
-
-    def watch(self) -> None:
-        for name in self.NAMES:
-            logger = logging.getLogger(name)
-            if self not in logger.handlers:
-                logger.addHandler(self)
-
-    def unwatch(self) -> None:
-        for name in self.NAMES:
-            logging.getLogger(name).removeHandler(self)
-
-    def messages(self) -> list[str]:
-        with self._messages_lock:
-            return list(self._messages)
+# --------------------------------------------------------------------------- under uvicorn
 
 
-def leaks(log: LeakLog) -> list[str]:
-    gc.collect()  # a task destroyed while pending is reported when it is collected
-    return [m for m in log.messages() if any(text in m for text in LEAK_TEXTS)]
+def host_app() -> Starlette:
+    """The app the middleware wraps: two local routes, everything else 404."""
+
+    async def local(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("host local")
+
+    async def apix(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("host apix")
+
+    return Starlette(routes=[Route("/local", local), Route("/apix", apix)])
 
 
-# --------------------------------------------------------------------------- the proxy
+def plain_host_app() -> Starlette:
+    """An app whose ``/`` answers "host", and nothing else."""
+    return Starlette(routes=[Route("/", lambda request: PlainTextResponse("host"))])
+
+
+@contextmanager
+def running_proxy(
+    pools: dict[str, Any], **options: Any
+) -> Iterator[tuple[RunningServer, RoundRobinMiddleware]]:
+    """The middleware around ``host_app()``, served by uvicorn; yields (server, middleware).
+    uvicorn runs with ``proxy_headers=False``, so that the only code deciding about
+    ``X-Forwarded-*`` is the middleware's."""
+    middleware = RoundRobinMiddleware(host_app(), pools=pools, **options)
+    with serve(middleware, proxy_headers=False) as server:
+        yield server, middleware
 
 
 class ProxyProbe:
@@ -155,7 +154,51 @@ async def asettle(
             return state
 
 
+# --------------------------------------------------------------------------- in process
+
+
+class InProcessProxy:
+    """The middleware around ``plain_host_app()`` with one pool at ``/api``, through its
+    lifespan, driven in process (``async with``)."""
+
+    def __init__(self, pool: Pool, **options: Any) -> None:
+        self.middleware = RoundRobinMiddleware(plain_host_app(), pools={"/api": pool}, **options)
+        #: The pool's runtime (snapshot, drain, members).
+        self.pool = self.middleware.balancer["/api"]
+        self.lifespan = LifespanManager(self.middleware, startup_timeout=30)
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.lifespan.app), base_url="http://proxy"
+        )
+
+    async def __aenter__(self) -> InProcessProxy:
+        await self.lifespan.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+        await self.lifespan.__aexit__(*exc)
+
+    async def who(self, n: int) -> list[str]:
+        """Which upstream answered each of ``n`` GETs."""
+        names = []
+        for _ in range(n):
+            response = await self.http.get("/api/x")
+            assert response.status_code == 200, response.text
+            names.append(response.headers["x-upstream"])
+        return names
+
+    def members(self) -> list[str]:
+        return [row["url"] for row in self.pool.snapshot()]
+
+    def row(self, url: str) -> dict[str, Any]:
+        return next(row for row in self.pool.snapshot() if row["url"] == url)
+
+
+# --------------------------------------------------------------------------- clients
+
+
 def client(**options: Any) -> httpx.Client:
+    # trust_env=False: the test client itself must never go through an env proxy.
     return httpx.Client(trust_env=False, timeout=10, **options)
 
 
@@ -163,38 +206,14 @@ def aclient(**options: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(trust_env=False, timeout=10, **options)
 
 
-def rss_bytes() -> int:
-    """The resident set size of this process (proxy, upstreams and clients all run in it)."""
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs /proc/self/status (Linux) to read the RSS")
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def held_sockets(port: int) -> int:
-    """TCP sockets this process holds open to 127.0.0.1:``port``: the proxy's connections
-    to the upstream listening there, as the kernel reports them (``/proc/net/tcp``). A
-    socket the process has closed shows inode 0 while the kernel finishes it, and is not
-    counted; nor are the upstream's own ends (their local port is ``port``)."""
-    if not os.path.exists("/proc/net/tcp"):
-        pytest.skip("needs /proc/net/tcp (Linux) to count sockets")
-    ours = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            ours.add(target[8:-1])
-    count = 0
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-            if remote_port == port and fields[9] != "0" and fields[9] in ours:
-                count += 1
-    return count
+def assert_generic_error(response: httpx.Response, status: int, upstream_urls: list[str]) -> None:
+    """``response`` is the proxy's own error answer ``status``: short, and telling nothing
+    of the upstreams (no address, no port, no cause)."""
+    assert response.status_code == status
+    body = response.text
+    assert len(body) < 100, body
+    for leak in ("127.0.0.1", "Errno", "refused", "Traceback", "aiohttp", "Error:"):
+        assert leak not in body, body
+    for url in upstream_urls:
+        assert url not in body
+        assert url.rsplit(":", 1)[1] not in body, body

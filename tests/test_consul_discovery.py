@@ -21,9 +21,9 @@ import pytest
 from rr_middleware import ConsulDiscovery, DNSDiscovery, Pool, Upstream
 
 from .consul_agent import ConsulAgent, find_consul, start_agent
-from .servers import RunningServer
-from .test_discovery import Proxy, settled
-from .test_fidelity import dead_url
+from .polling import settled
+from .proxy import InProcessProxy
+from .servers import RunningServer, dead_url
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +60,7 @@ async def test_the_pool_follows_registrations(
     a, b, c = upstreams
     service = unique("users")
     ids = {s.app.name: register_passing(consul, service, s) for s in (a, b)}
-    async with Proxy(Pool(discovery=source(consul, service))) as proxy:
+    async with InProcessProxy(Pool(discovery=source(consul, service))) as proxy:
         # Startup waited for the agent's first answer: both are members at once.
         assert proxy.members() == sorted([a.url, b.url])
         assert sorted(await proxy.who(4)) == ["a", "a", "b", "b"]
@@ -91,7 +91,7 @@ async def test_a_failing_check_takes_an_instance_out(
     registration = consul.register(f"{service}-b", service, "127.0.0.1", b.port, check_ttl="300s")
     assert registration.ttl_check_id is not None
     consul.pass_ttl(registration.ttl_check_id)
-    async with Proxy(Pool(discovery=source(consul, service))) as proxy:
+    async with InProcessProxy(Pool(discovery=source(consul, service))) as proxy:
         assert len(proxy.members()) == 2
         consul.fail_ttl(registration.ttl_check_id, "disk full")
         await settled(lambda: proxy.members() == [a.url], FOLLOW)
@@ -116,7 +116,7 @@ async def test_http_checks_against_real_upstreams(
         )
     # Consul starts checks critical: the source waits (up to its startup_timeout) and the
     # members arrive as the agent's checks pass.
-    async with Proxy(Pool(discovery=source(consul, service))) as proxy:
+    async with InProcessProxy(Pool(discovery=source(consul, service))) as proxy:
         await settled(lambda: len(proxy.members()) == 2, FOLLOW)
         b.stop()  # the upstream goes away; Consul's check notices, then the pool
         await settled(lambda: proxy.members() == [a.url], FOLLOW)
@@ -131,7 +131,7 @@ async def test_weights_come_from_meta_then_weights_passing(
     register_passing(consul, service, a, meta={"weight": "3"}, weights={"Passing": 7})
     register_passing(consul, service, b, weights={"Passing": 2, "Warning": 1})
     register_passing(consul, service, c)
-    async with Proxy(Pool(discovery=source(consul, service))) as proxy:
+    async with InProcessProxy(Pool(discovery=source(consul, service))) as proxy:
         weights = {row["url"]: row["weight"] for row in proxy.pool.snapshot()}
         assert weights == {a.url: 3, b.url: 2, c.url: 1}
         picks = await proxy.who(12)
@@ -154,7 +154,7 @@ async def test_tag_filter_and_scheme_from_meta(
         f"{service}-tls", service, "127.0.0.1", 443, tags=["v2"], meta={"scheme": "https"}
     )
     pool = Pool(discovery=source(consul, service, tag="v2"))
-    async with Proxy(pool) as proxy:
+    async with InProcessProxy(pool) as proxy:
         assert proxy.members() == sorted([a.url, "https://127.0.0.1:443"])
 
 
@@ -165,7 +165,7 @@ async def test_passing_only_false_takes_failing_instances_too(
     service = unique("all")
     register_passing(consul, service, a)
     consul.register(f"{service}-b", service, "127.0.0.1", b.port, check_ttl="300s")  # critical
-    async with Proxy(Pool(discovery=source(consul, service, passing_only=False))) as proxy:
+    async with InProcessProxy(Pool(discovery=source(consul, service, passing_only=False))) as proxy:
         assert proxy.members() == sorted([a.url, b.url])
 
 
@@ -173,7 +173,7 @@ async def test_an_unreachable_agent_at_startup(caplog: pytest.LogCaptureFixture)
     address = dead_url()
     discovery = ConsulDiscovery("users", address=address, startup_timeout=0.3)
     with caplog.at_level(logging.WARNING, logger="rr_middleware"):
-        async with Proxy(Pool(discovery=discovery)) as proxy:
+        async with InProcessProxy(Pool(discovery=discovery)) as proxy:
             assert (await proxy.http.get("/api/x")).status_code == 503
             assert (await proxy.http.get("/")).text == "host"
     [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -198,7 +198,7 @@ async def test_an_agent_that_dies_later_leaves_the_last_members(
             service, address=agent.address, wait=5.0, min_interval=0.05, retry_max=0.2
         )
         with caplog.at_level(logging.WARNING, logger="rr_middleware"):
-            async with Proxy(Pool(discovery=discovery)) as proxy:
+            async with InProcessProxy(Pool(discovery=discovery)) as proxy:
                 agent.stop()
                 status = proxy.middleware.status
                 await settled(lambda: status()["pools"][0]["discovery"]["error"], FOLLOW)
@@ -293,7 +293,7 @@ async def test_srv_records_from_consul_dns(
         interval=0.1,
         nameservers=[f"127.0.0.1:{consul.dns_port}"],
     )
-    async with Proxy(Pool(discovery=discovery)) as proxy:
+    async with InProcessProxy(Pool(discovery=discovery)) as proxy:
         assert proxy.members() == sorted(s.url for s in (a, b, c))
         assert sorted(await proxy.who(3)) == ["a", "b", "c"]
         consul.deregister(ids[0])
@@ -311,6 +311,6 @@ async def test_a_records_from_consul_dns(
         port=a.port,
         nameservers=[f"127.0.0.1:{consul.dns_port}"],
     )
-    async with Proxy(Pool(discovery=discovery)) as proxy:
+    async with InProcessProxy(Pool(discovery=discovery)) as proxy:
         assert proxy.members() == [a.url]
         assert await proxy.who(1) == ["a"]

@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
-from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
-from starlette.routing import Route
 
 from rr_middleware import (
     ConsulDiscovery,
@@ -34,11 +29,12 @@ from rr_middleware import (
     Upstream,
 )
 
-from .polling import wait_for
-from .servers import RunningServer, serve
-from .test_fidelity import client, dead_url, running_proxy
-from .test_lifespan import no_leaks
-from .test_observability import chromium_or_skip, dump_dom
+from .chromium import dump_dom
+from .leaks import no_leaks
+from .polling import settled, wait_for
+from .proxy import InProcessProxy, client, plain_host_app, running_proxy
+from .raw_upstream import RawConnection, RawUpstream
+from .servers import RunningServer, dead_url, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -91,56 +87,6 @@ class QueueDiscovery:
             self.closed += 1
 
 
-def host_app() -> Starlette:
-    return Starlette(routes=[Route("/", lambda request: PlainTextResponse("host"))])
-
-
-async def settled(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Let the event loop run until ``check()`` is true (membership changes are applied
-    by the watcher's task, a few loop turns after the source yields)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not (result := check()):
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-    return result
-
-
-class Proxy:
-    """The middleware around a host app, through its lifespan, driven in process."""
-
-    def __init__(self, pool: Pool, **options: Any) -> None:
-        self.middleware = RoundRobinMiddleware(host_app(), pools={"/api": pool}, **options)
-        self.pool = self.middleware.balancer["/api"]
-        self.lifespan = LifespanManager(self.middleware, startup_timeout=30)
-        self.http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.lifespan.app), base_url="http://proxy"
-        )
-
-    async def __aenter__(self) -> Proxy:
-        await self.lifespan.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.http.aclose()
-        await self.lifespan.__aexit__(*exc)
-
-    async def who(self, n: int) -> list[str]:
-        """Which upstream answered each of ``n`` GETs."""
-        names = []
-        for _ in range(n):
-            response = await self.http.get("/api/x")
-            assert response.status_code == 200, response.text
-            names.append(response.headers["x-upstream"])
-        return names
-
-    def members(self) -> list[str]:
-        return [row["url"] for row in self.pool.snapshot()]
-
-    def row(self, url: str) -> dict[str, Any]:
-        return next(row for row in self.pool.snapshot() if row["url"] == url)
-
-
 # ----------------------------------------------------------------------- membership
 
 
@@ -148,7 +94,7 @@ async def test_members_follow_the_source(upstreams: list[RunningServer]) -> None
     a, b, c = upstreams
     source = QueueDiscovery()
     source.put(a.url, b.url)
-    async with Proxy(Pool(discovery=source)) as proxy:
+    async with InProcessProxy(Pool(discovery=source)) as proxy:
         assert sorted(await proxy.who(4)) == ["a", "a", "b", "b"]
         source.put(b.url, c.url)
         await settled(lambda: proxy.members() == [b.url, c.url])
@@ -159,7 +105,7 @@ async def test_an_upstream_that_stays_keeps_its_state(upstreams: list[RunningSer
     a, b, c = upstreams
     source = QueueDiscovery()
     source.put(a.url, b.url)
-    async with Proxy(Pool(discovery=source, max_fails=1, fail_timeout=60)) as proxy:
+    async with InProcessProxy(Pool(discovery=source, max_fails=1, fail_timeout=60)) as proxy:
         await proxy.who(4)
         proxy.pool.drain(a.url)
         source.put(a.url, b.url, c.url)
@@ -177,7 +123,7 @@ async def test_one_server_listed_twice_is_one_member(
     twice = a.url.replace("127.0.0.1", "localhost"), a.url.replace("127.0.0.1", "LOCALHOST")
     source = QueueDiscovery()
     source.put(*twice, b.url)
-    async with Proxy(Pool(discovery=source)) as proxy:
+    async with InProcessProxy(Pool(discovery=source)) as proxy:
         assert proxy.members() == [twice[0], b.url]
         await proxy.who(2)
         state = proxy.pool.members[0]
@@ -193,7 +139,7 @@ async def test_a_new_weight_is_taken_without_losing_state(upstreams: list[Runnin
     a, b, _ = upstreams
     source = QueueDiscovery()
     source.put(a.url, b.url)
-    async with Proxy(Pool(discovery=source)) as proxy:
+    async with InProcessProxy(Pool(discovery=source)) as proxy:
         await proxy.who(2)
         source.put(Upstream(a.url, weight=3), b.url)
         await settled(lambda: proxy.row(a.url)["weight"] == 3)
@@ -208,7 +154,7 @@ def test_a_removed_upstream_finishes_what_is_in_flight(upstreams: list[RunningSe
     source = QueueDiscovery()
     source.put(a.url)
     pool = Pool(discovery=source)
-    middleware = RoundRobinMiddleware(host_app(), pools={"/api": pool})
+    middleware = RoundRobinMiddleware(plain_host_app(), pools={"/api": pool})
     with (
         serve(middleware) as proxy,
         client(base_url=proxy.url) as http,
@@ -224,57 +170,40 @@ def test_a_removed_upstream_finishes_what_is_in_flight(upstreams: list[RunningSe
         assert stream.read() == b"AAAABBBBCCCC"
 
 
-class DroppingServer:
-    """A raw TCP server that reads one request, then closes the connection without an
-    answer when the test says so (a deploy taking the instance down mid-request)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.received = threading.Event()
-        self.drop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        connection, _ = self.listener.accept()
-        with connection:
-            while b"\r\n\r\n" not in connection.recv(65536):
-                pass
-            self.received.set()
-            self.drop.wait(10)
-
-    def close(self) -> None:
-        self.drop.set()
-        self.thread.join(10)
-        self.listener.close()
-
-
 async def test_a_request_on_an_upstream_that_leaves_is_retried_on_the_others(
     upstreams: list[RunningServer],
 ) -> None:
     b = upstreams[1]
-    leaving = DroppingServer()
+    received, drop = threading.Event(), threading.Event()
+
+    async def drop_when_told(connection: RawConnection) -> None:
+        """Reads one request, then closes the connection without an answer when the test
+        says so (a deploy taking the instance down mid-request)."""
+        if await connection.read_head() is not None:
+            received.set()
+            await asyncio.to_thread(drop.wait, 10)
+
     source = QueueDiscovery()
-    source.put(leaving.url, b.url)
-    try:
-        async with Proxy(Pool(discovery=source, retries=1, max_fails=0)) as proxy:
-            request = asyncio.ensure_future(proxy.http.get("/api/x"))
-            await asyncio.get_running_loop().run_in_executor(None, leaving.received.wait, 10)
-            source.put(b.url)  # the instance is deregistered while serving the request
-            await settled(lambda: proxy.members() == [b.url])
-            leaving.drop.set()  # ... and goes away without answering
-            response = await request
-            assert (response.status_code, response.headers["x-upstream"]) == (200, "b")
-    finally:
-        leaving.close()
+    with RawUpstream(drop_when_told) as leaving:
+        source.put(leaving.url, b.url)
+        try:
+            async with InProcessProxy(Pool(discovery=source, retries=1, max_fails=0)) as proxy:
+                request = asyncio.ensure_future(proxy.http.get("/api/x"))
+                await asyncio.get_running_loop().run_in_executor(None, received.wait, 10)
+                source.put(b.url)  # the instance is deregistered while serving the request
+                await settled(lambda: proxy.members() == [b.url])
+                drop.set()  # ... and goes away without answering
+                response = await request
+                assert (response.status_code, response.headers["x-upstream"]) == (200, "b")
+        finally:
+            drop.set()  # on any outcome: the handler stops waiting, the upstream can stop
 
 
 async def test_an_empty_answer_is_a_503_with_retry_after(upstreams: list[RunningServer]) -> None:
     a = upstreams[0]
     source = QueueDiscovery()
     source.put()
-    async with Proxy(Pool(discovery=source)) as proxy:
+    async with InProcessProxy(Pool(discovery=source)) as proxy:
         response = await proxy.http.get("/api/x")
         assert response.status_code == 503
         assert int(response.headers["retry-after"]) >= 1
@@ -299,7 +228,7 @@ async def test_startup_waits_for_the_first_members(upstreams: list[RunningServer
             yield [Upstream(a.url)]
             await asyncio.Event().wait()
 
-    async with Proxy(Pool(discovery=SlowSource())) as proxy:
+    async with InProcessProxy(Pool(discovery=SlowSource())) as proxy:
         # No waiting here: the lifespan's startup only completed once members arrived.
         assert await proxy.who(1) == ["a"]
 
@@ -311,7 +240,7 @@ async def test_a_registry_down_at_startup_does_not_stop_the_app(
     source = QueueDiscovery(startup_timeout=0.2)
     source.fail("registry unreachable: connection refused")
     with caplog.at_level(logging.WARNING, logger="rr_middleware"):
-        async with Proxy(Pool(discovery=source)) as proxy:
+        async with InProcessProxy(Pool(discovery=source)) as proxy:
             assert (await proxy.http.get("/")).text == "host"
             assert (await proxy.http.get("/api/x")).status_code == 503
             errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -337,7 +266,7 @@ async def test_a_failing_registry_keeps_the_last_good_members(
     source = QueueDiscovery()
     source.put(a.url, b.url)
     with caplog.at_level(logging.WARNING, logger="rr_middleware"):
-        async with Proxy(Pool(discovery=source)) as proxy:
+        async with InProcessProxy(Pool(discovery=source)) as proxy:
             source.started.clear()
             source.fail("consul answered 500: No cluster leader")
             await settled(lambda: source.watches == 2)  # failed, and watching again
@@ -358,7 +287,7 @@ async def test_shutdown_stops_discovery_cleanly(upstreams: list[RunningServer]) 
     source = QueueDiscovery()
     source.put(upstreams[0].url)
     with no_leaks() as leaks:
-        async with Proxy(Pool(discovery=source)) as proxy:
+        async with InProcessProxy(Pool(discovery=source)) as proxy:
             await proxy.who(1)
             tasks = len(asyncio.all_tasks())
         assert len(asyncio.all_tasks()) < tasks
@@ -368,7 +297,7 @@ async def test_shutdown_stops_discovery_cleanly(upstreams: list[RunningServer]) 
 
 async def test_without_a_lifespan_a_discovered_pool_is_empty() -> None:
     source = QueueDiscovery()
-    middleware = RoundRobinMiddleware(host_app(), pools={"/api": Pool(discovery=source)})
+    middleware = RoundRobinMiddleware(plain_host_app(), pools={"/api": Pool(discovery=source)})
     transport = httpx.ASGITransport(app=middleware)
     async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as http:
         assert (await http.get("/api/x")).status_code == 503
@@ -380,8 +309,8 @@ async def test_two_middlewares_share_nothing_but_the_source_config(
 ) -> None:
     a = upstreams[0]
     source = DNSDiscovery("localhost", port=a.port, family="ipv4", interval=0.05)
-    async with Proxy(Pool(discovery=source)) as first:
-        async with Proxy(Pool(discovery=source)) as second:
+    async with InProcessProxy(Pool(discovery=source)) as first:
+        async with InProcessProxy(Pool(discovery=source)) as second:
             assert await first.who(1) == await second.who(1) == ["a"]
         # The second one's shutdown closed its own watch and client, not the first's.
         updates = first.middleware.status()["pools"][0]["discovery"]["updates"]
@@ -401,7 +330,7 @@ async def test_newcomers_are_checked_at_once_and_leavers_no_more(
     source = QueueDiscovery()
     source.put(a.url)
     check = HealthCheck(path="/health", interval=60, fall=1, rise=1, timeout=1)
-    async with Proxy(Pool(discovery=source, health_check=check)) as proxy:
+    async with InProcessProxy(Pool(discovery=source, health_check=check)) as proxy:
         await settled(lambda: proxy.row(a.url)["last_check"] is not None)
         source.put(a.url, b.url, dead)
         await settled(lambda: len(proxy.members()) == 3)
@@ -423,7 +352,7 @@ async def test_newcomers_ramp_up_with_slow_start(upstreams: list[RunningServer])
     source = QueueDiscovery()
     source.put(Upstream(a.url, weight=10))
     pool = Pool(discovery=source, slow_start=30, clock=lambda: now[0])
-    async with Proxy(pool) as proxy:
+    async with InProcessProxy(pool) as proxy:
         assert proxy.row(a.url)["effective_weight"] == 10  # the first members: full weight
         source.put(Upstream(a.url, weight=10), Upstream(b.url, weight=10))
         await settled(lambda: len(proxy.members()) == 2)
@@ -438,7 +367,7 @@ async def test_newcomers_ramp_up_with_slow_start(upstreams: list[RunningServer])
 async def test_dns_discovery_through_the_system_resolver(upstreams: list[RunningServer]) -> None:
     a = upstreams[0]
     pool = Pool(discovery=DNSDiscovery("localhost", port=a.port, family="ipv4"))
-    async with Proxy(pool) as proxy:
+    async with InProcessProxy(pool) as proxy:
         assert proxy.members() == [f"http://127.0.0.1:{a.port}"]
         assert await proxy.who(1) == ["a"]
 
@@ -449,13 +378,13 @@ async def test_dns_name_that_does_not_exist_is_an_empty_pool(
     # .invalid never resolves (RFC 6761): an empty pool, not a failure, and said so.
     source = DNSDiscovery("no-such-backend.invalid", port=8000, startup_timeout=5)
     with caplog.at_level(logging.WARNING, logger="rr_middleware"):
-        async with Proxy(Pool(discovery=source)):
+        async with InProcessProxy(Pool(discovery=source)):
             pass
     assert (
         "pool /api: dns name 'no-such-backend.invalid' port 8000 lists no upstreams; "
         "answering 503 until some arrive" in caplog.text
     )
-    async with Proxy(Pool(discovery=source)) as proxy:
+    async with InProcessProxy(Pool(discovery=source)) as proxy:
         assert proxy.members() == []
         status = proxy.middleware.status()["pools"][0]["discovery"]
         assert (status["error"], status["updates"]) == (None, 1)
@@ -518,13 +447,12 @@ def test_dns_nameservers_take_ports_and_ipv6() -> None:
 
 
 def test_status_page_shows_an_empty_discovered_pool(
-    upstreams: list[RunningServer], tmp_path: Path
+    chromium: str, upstreams: list[RunningServer], tmp_path: Path
 ) -> None:
-    chromium_or_skip()
     missing = Pool(discovery=DNSDiscovery("no-such-backend.invalid", port=8000))
     pools = {"/api": [upstreams[0].url], "/users": missing}
     with running_proxy(pools, status_path="/status") as (server, _):
         # The page's own script has rebuilt the table from the JSON by the time it is dumped.
-        page = dump_dom(server.url + "/status", tmp_path / "profile")
+        page = dump_dom(server.url + "/status", tmp_path / "profile", chromium)
     assert "no upstreams from dns name 'no-such-backend.invalid' port 8000" in page
     assert upstreams[0].url in page

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from .consul_agent import ConsulAgent
+from .gateway_process import kill_tree, run_gateway
 from .polling import wait_for
-from .test_gateway import kill_tree, run_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO / "examples" / "compose"

@@ -14,8 +14,8 @@ from examples.demo_backend import make_app
 
 from .consul_agent import ConsulAgent
 from .polling import wait_for
+from .proxy import client
 from .servers import serve
-from .test_fidelity import client
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,12 +12,10 @@ import asyncio
 import itertools
 import logging
 import socket
-import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -25,8 +23,9 @@ import pytest
 
 from rr_middleware import HealthCheck, Pool, PoolRuntime
 
-from .servers import RunningServer, bind_socket, serve
-from .test_fidelity import assert_generic_error, client, running_proxy
+from .proxy import assert_generic_error, client, running_proxy
+from .raw_upstream import Handler, RawConnection, RawUpstream
+from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
 
 # UpstreamApp has no /health route; its status action serves as one.
@@ -148,70 +147,17 @@ class Switchable:
         await send({"type": "http.response.body", "body": b"forced"})
 
 
-class HangUpServer:
-    """A raw HTTP/1.1 listener that reads a whole request (head and body), records it, and
-    closes the connection without answering: with a FIN, or with a RST if ``reset``."""
+def hang_up(reset: bool) -> Handler:
+    """Reads a whole request (head and body) and closes the connection without answering:
+    with a FIN, or with a RST if ``reset``."""
 
-    def __init__(self, sock: socket.socket, reset: bool) -> None:
-        self.sock = sock
-        self.reset = reset
-        self.port: int = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.received: list[tuple[str, str, bytes]] = []  # method, target, body
-        self.ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-
-    async def serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._handle, sock=self.sock)
-        self.ready.set()
-        async with server:
-            await self._stopping.wait()
-
-    def stop(self) -> None:
-        assert self._loop is not None
-        assert self._stopping is not None
-        self._loop.call_soon_threadsafe(self._stopping.set)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(connection: RawConnection) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            request_line, *lines = head[:-4].split(b"\r\n")
-            method, target, _ = request_line.split(b" ", 2)
-            fields = dict(line.split(b":", 1) for line in lines)
-            headers = {name.strip().lower(): value.strip() for name, value in fields.items()}
-            if b"content-length" in headers:
-                body = await reader.readexactly(int(headers[b"content-length"]))
-            elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-                body = b""
-                while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
-                    body += (await reader.readexactly(size + 2))[:-2]
-                await reader.readuntil(b"\r\n")
-            else:
-                body = b""
-            self.received.append((method.decode(), target.decode(), body))
+            await connection.read_request()
         finally:
-            if self.reset:
-                sock = writer.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.close()
-            await writer.wait_closed()
+            await connection.close(reset=reset)
 
-
-@contextmanager
-def hang_up_server(reset: bool = False) -> Iterator[HangUpServer]:
-    server = HangUpServer(bind_socket(0), reset)
-    thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
-    thread.start()
-    assert server.ready.wait(timeout=10)
-    try:
-        yield server
-    finally:
-        server.stop()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
+    return handle
 
 
 # --------------------------------------------------------------------------- tests
@@ -561,7 +507,7 @@ def test_post_is_not_retried_once_sent_but_get_is(
     took gets 502 and never reaches the healthy upstream (it may have acted on it); a GET
     it took is retried there and succeeds. ``max_fails=0`` keeps it in the rotation."""
     good = upstreams[0]
-    with hang_up_server(reset) as hang:
+    with RawUpstream(hang_up(reset)) as hang:
         pool = Pool([hang.url, good.url], max_fails=0)
         with running_proxy({"/p": pool}) as (proxy, _), client() as http:
             lost = 0
@@ -569,7 +515,7 @@ def test_post_is_not_retried_once_sent_but_get_is(
                 body = f"post-{i}"
                 response = http.post(f"{proxy.url}/p/post?action=echo", content=body)
                 at_good = [r for r in good.app.requests if r["body"] == body]
-                if any(b == body.encode() for _, _, b in hang.received):
+                if any(r.body == body.encode() for r in hang.requests):
                     assert_generic_error(response, 502, [hang.url, good.url])
                     assert at_good == []
                     lost += 1
@@ -578,12 +524,12 @@ def test_post_is_not_retried_once_sent_but_get_is(
                     assert response.json()["body"] == body
                     assert len(at_good) == 1
             assert lost == 2  # the two upstreams alternate
-            assert [m for m, _, _ in hang.received] == ["POST"] * 2
+            assert [r.method for r in hang.requests] == [b"POST"] * 2
 
             for i in range(4):
                 response = http.get(f"{proxy.url}/p/get-{i}")
                 assert response.status_code == 200
                 assert response.headers["x-upstream"] == "a"
-            gets = [target for method, target, _ in hang.received if method == "GET"]
-            assert len(gets) >= 2, hang.received  # sent there first, then retried
+            gets = [r.target.decode() for r in hang.requests if r.method == b"GET"]
+            assert len(gets) >= 2, hang.requests  # sent there first, then retried
             assert all(target in [r["raw_path"] for r in good.app.requests] for target in gets)

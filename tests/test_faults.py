@@ -1,5 +1,6 @@
-"""Fault injection under bounded load: real uvicorn upstreams (and raw asyncio listeners for
-what uvicorn will not do), the proxy itself under real uvicorn, loopback only.
+"""Fault injection under bounded load: real uvicorn upstreams (and raw upstreams,
+``tests/raw_upstream.py``, for what uvicorn will not do), the proxy itself under real
+uvicorn, loopback only.
 
 Every load is bounded in count and in time. Nothing sleeps to synchronise: upstreams
 signal events (threading events, or futures of the test's loop resolved across threads),
@@ -16,7 +17,6 @@ import contextlib
 import gc
 import itertools
 import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -29,19 +29,10 @@ import pytest
 
 from rr_middleware import HealthCheck, Pool
 
-from .proxy import (
-    LeakLog,
-    aclient,
-    aproxy_state,
-    asettle,
-    client,
-    fault_proxy,
-    leaks,
-    proxy_state,
-    rss_bytes,
-    settle,
-)
-from .servers import RawListener, serve
+from .leaks import LeakLog, leaks, rss_bytes
+from .proxy import aclient, aproxy_state, asettle, client, fault_proxy, proxy_state, settle
+from .raw_upstream import RawConnection, RawUpstream
+from .servers import serve
 from .upstream_app import UpstreamApp
 
 Scope = dict[str, Any]
@@ -51,27 +42,20 @@ HEALTH_PATH = "/?action=status&code=200"  # UpstreamApp has no /health; this ser
 # --------------------------------------------------------------------------- raw upstreams
 
 
-class SilentUpstream(RawListener):
-    """Accepts, reads every request sent, and never writes a byte. ``heads`` counts the
-    request heads received; the connection ends when the proxy closes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.heads = 0
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await reader.readuntil(b"\r\n\r\n")  # bodiless GETs: one head per request
-            self.heads += 1
+async def read_and_never_answer(connection: RawConnection) -> None:
+    """Reads every request sent, and never writes a byte: the connection ends when the
+    proxy closes it."""
+    while await connection.read_request() is not None:
+        pass
 
 
 def pattern(ident: int, size: int) -> bytes:
-    """The body the flaky upstreams owe request ``ident``: its number, repeated."""
+    """The body the half-broken upstreams owe request ``ident``: its number, repeated."""
     unit = b"<%010d>" % ident
     return (unit * (size // len(unit) + 1))[:size]
 
 
-class ResettingUpstream(RawListener):
+class ResettingUpstream(RawUpstream):
     """A keep-alive HTTP/1.1 upstream that alternates, request by request, between a whole
     response (``GET /<ident>/<size>`` gets ``pattern(ident, size)`` with its Content-Length)
     and one that stops mid-body with a TCP reset (SO_LINGER 0), framed by Content-Length
@@ -82,38 +66,32 @@ class ResettingUpstream(RawListener):
         self.counter = itertools.count()
         self.outcomes: Counter[str] = Counter()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            target = head.split(b" ", 2)[1].decode()
-            _, ident, size = target.split("?")[0].rsplit("/", 2)
+    async def handle(self, connection: RawConnection) -> None:
+        while (request := await connection.read_head()) is not None:
+            _, ident, size = request.target.decode().split("?")[0].rsplit("/", 2)
             body = pattern(int(ident), int(size))
             turn = next(self.counter)
             if turn % 2 == 0:
                 self.outcomes["whole"] += 1
-                writer.write(
+                await connection.send(
                     b"HTTP/1.1 200 OK\r\nx-upstream: raw\r\ncontent-length: %d\r\n\r\n%s"
                     % (len(body), body)
                 )
-                await writer.drain()
                 continue
             if turn % 4 == 1:
                 self.outcomes["reset-length"] += 1
-                writer.write(
+                await connection.send(
                     b"HTTP/1.1 200 OK\r\nx-upstream: raw\r\ncontent-length: %d\r\n\r\n%s"
                     % (len(body), body[: len(body) // 2])
                 )
             else:
                 self.outcomes["reset-chunked"] += 1
                 half = body[: len(body) // 2]
-                writer.write(
+                await connection.send(
                     b"HTTP/1.1 200 OK\r\nx-upstream: raw\r\ntransfer-encoding: chunked\r\n\r\n"
                     b"%x\r\n%s\r\n" % (len(half), half)
                 )
-            await writer.drain()
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            await connection.close(reset=True)
             return
 
 
@@ -391,7 +369,7 @@ def test_silent_upstream_costs_its_requests_one_timeout_and_the_others_nothing(
     results: list[tuple[int, float, str]] = []  # status, seconds, upstream name
     errors: list[BaseException] = []
     with (
-        SilentUpstream() as silent,
+        RawUpstream(read_and_never_answer) as silent,
         serve(healthy_app) as healthy,
         fault_proxy(
             {"/s": Pool([healthy.url, silent.url], timeout=SILENT_TIMEOUT, retries=1, max_fails=0)},
@@ -432,7 +410,7 @@ def test_silent_upstream_costs_its_requests_one_timeout_and_the_others_nothing(
     served = [elapsed for status, elapsed, name in results if status == 200 and name == "healthy"]
     assert len(timeouts) + len(served) == len(results), Counter(s for s, _, _ in results)
     # Round robin: half of the load went to each; each silent request was one 504.
-    assert len(timeouts) == silent.heads == len(results) // 2
+    assert len(timeouts) == len(silent.requests) == len(results) // 2
     assert len(served) == len(healthy_app.requests) == len(results) // 2
     assert min(timeouts) >= SILENT_TIMEOUT - 0.01
     assert max(timeouts) < SILENT_TIMEOUT + SILENT_SLACK, sorted(timeouts)[-5:]
@@ -550,7 +528,7 @@ def test_shutdown_during_traffic_completes_in_flight_requests_and_stops_checks(
 # --------------------------------------------------------------------------- broken upstreams
 
 
-class FlakyUpstream:
+class HalfBrokenUpstream:
     """A uvicorn upstream that alternates, request by request: ``GET /<ident>/<size>`` gets
     the whole ``pattern(ident, size)`` (Content-Length, four chunks), or the response
     breaks mid-body: UpstreamApp's ``action=broken`` (Content-Length 100, 10 bytes, then
@@ -558,7 +536,7 @@ class FlakyUpstream:
     after its first chunk, in turn."""
 
     def __init__(self) -> None:
-        self.app = UpstreamApp("flaky")
+        self.app = UpstreamApp("half-broken")
         self.counter = itertools.count()
         self.outcomes: Counter[str] = Counter()
 
@@ -580,7 +558,7 @@ class FlakyUpstream:
             await send({"type": "http.response.body", "body": body[:1000], "more_body": True})
             raise RuntimeError("upstream dies mid-body (test)")
         self.outcomes["whole"] += 1
-        headers = [(b"x-upstream", b"flaky"), (b"content-length", b"%d" % len(body))]
+        headers = [(b"x-upstream", b"half-broken"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         quarter = -(-len(body) // 4)
         for start in range(0, len(body), quarter):
@@ -593,23 +571,23 @@ def test_upstreams_breaking_mid_body_under_load_never_yield_a_wrong_200(
     leak_log: LeakLog,
 ) -> None:
     """A pool of two upstreams that each break every other response mid-body: one under
-    uvicorn (its handler raises), one raw listener that resets the connection (RST). Four
+    uvicorn (its handler raises), one raw upstream that resets the connection (RST). Four
     workers send 40 GETs each, for bodies of 1 KiB to 300 KiB: every response is either
     a 200 whose body is exactly the one owed to that request, or a connection the proxy
     aborted (httpx raises). Never a truncated or foreign body, never another status; each
     broken upstream response is one aborted client response. The proxy still serves, and
     settles to no more tasks than before and a few idle connections."""
     workers, per_worker = 4, 40
-    flaky_app = FlakyUpstream()
+    half_broken_app = HalfBrokenUpstream()
     outcomes: list[str] = []
     errors: list[BaseException] = []
     with (
-        serve(flaky_app) as flaky,
+        serve(half_broken_app) as half_broken,
         ResettingUpstream() as resetting,
         serve(UpstreamApp("ok")) as healthy,
         fault_proxy(
             {
-                "/f": Pool([flaky.url, resetting.url], retries=1, max_fails=0),
+                "/f": Pool([half_broken.url, resetting.url], retries=1, max_fails=0),
                 "/ok": Pool([healthy.url]),
             },
             leak_log,
@@ -657,7 +635,7 @@ def test_upstreams_breaking_mid_body_under_load_never_yield_a_wrong_200(
         assert state["connections"] <= 2 * workers + 1, state
 
     seen = Counter(outcomes)
-    upstreams = flaky_app.outcomes + resetting.outcomes
+    upstreams = half_broken_app.outcomes + resetting.outcomes
     print(f"clients: {dict(seen)}; upstreams: {dict(upstreams)}")
     assert set(seen) <= {"whole", "aborted"}, seen
     assert sum(seen.values()) == workers * per_worker

@@ -13,25 +13,22 @@ import contextlib
 import gzip
 import json
 import os
-import socket
-import socketserver
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse
-from starlette.routing import Route
 
-from rr_middleware import AiohttpTransport, Pool, RoundRobinMiddleware
+from rr_middleware import AiohttpTransport, Pool
 
-from .servers import RawUpstream, RunningServer, raw_upstream, serve
+from .proxy import HOP_BY_HOP_NAMES, assert_generic_error, client, running_proxy
+from .raw_client import RawClient, raw_request
+from .raw_upstream import RawUpstream, answer_each
+from .servers import RunningServer, dead_url, serve
+from .upstream_app import values
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -41,152 +38,13 @@ FORWARDING_NAMES = [
     "x-forwarded-prefix",
     "x-forwarded-proto",
 ]
-HOP_BY_HOP_NAMES = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-}
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def host_app() -> Starlette:
-    """The app the middleware wraps: two local routes, everything else 404."""
-
-    async def local(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("host local")
-
-    async def apix(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("host apix")
-
-    return Starlette(routes=[Route("/local", local), Route("/apix", apix)])
-
-
-@contextmanager
-def running_proxy(
-    pools: dict[str, Any], **options: Any
-) -> Iterator[tuple[RunningServer, RoundRobinMiddleware]]:
-    """The middleware around ``host_app()``, served by uvicorn; yields (server, middleware)."""
-    middleware = RoundRobinMiddleware(host_app(), pools=pools, **options)
-    with serve(middleware, proxy_headers=False) as server:
-        yield server, middleware
-
-
-def client(**options: Any) -> httpx.Client:
-    # trust_env=False: the test client itself must never go through an env proxy.
-    return httpx.Client(trust_env=False, timeout=10, **options)
-
-
-def dead_url() -> str:
-    """A URL on a port that was bound, then closed: nothing listens there."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}"
-
-
-def values(record: dict[str, Any], name: str) -> list[str]:
-    """All values of header ``name`` in an upstream's request record, in order."""
-    return [v for k, v in record["headers"] if k == name]
-
-
 def names(record: dict[str, Any]) -> list[str]:
     return sorted(k for k, _ in record["headers"])
-
-
-def assert_generic_error(response: httpx.Response, status: int, upstream_urls: list[str]) -> None:
-    assert response.status_code == status
-    body = response.text
-    assert len(body) < 100, body
-    for leak in ("127.0.0.1", "Errno", "refused", "Traceback", "aiohttp", "Error:"):
-        assert leak not in body, body
-    for url in upstream_urls:
-        assert url not in body
-        assert url.rsplit(":", 1)[1] not in body, body
-
-
-class RawClient:
-    """A blocking HTTP/1.1 client on one TCP connection that sends exactly the given bytes."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buffer = b""
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError(f"connection closed; unparsed bytes: {self.buffer[:200]!r}")
-        self.buffer += data
-
-    def read_head(self) -> tuple[int, Headers]:
-        """Read one status line and header block. Whatever arrives first must be the start
-        of a response, so stray body bytes of a previous response are detected."""
-        while b"\r\n\r\n" not in self.buffer:
-            if len(self.buffer) >= 5:
-                assert self.buffer.startswith(b"HTTP/"), self.buffer[:200]
-            self._fill()
-        assert self.buffer.startswith(b"HTTP/1.1 "), self.buffer[:200]
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ")[1])
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.append((name.strip().lower(), value.strip()))
-        return status, headers
-
-    def read_exact(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            self._fill()
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def read_line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            self._fill()
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def read_body(self, headers: Headers) -> bytes:
-        found = dict(headers)
-        if found.get(b"transfer-encoding", b"").lower() == b"chunked":
-            body = b""
-            while size := int(self.read_line().split(b";")[0], 16):
-                body += self.read_exact(size)
-                assert self.read_exact(2) == b"\r\n"
-            while self.read_line():  # trailers
-                pass
-            return body
-        return self.read_exact(int(found.get(b"content-length", b"0")))
-
-    def request(self, data: bytes) -> tuple[int, Headers, bytes]:
-        self.send(data)
-        status, headers = self.read_head()
-        return status, headers, self.read_body(headers)
-
-
-def raw_request(
-    method: str, target: str, headers: list[tuple[str, str]], body: bytes = b""
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", *(f"{n}: {v}" for n, v in headers)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 class MiscUpstream:
@@ -264,26 +122,6 @@ class MiscUpstream:
             headers = [(b"content-length", b"2")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": b"ok"})
-
-
-class _CannedHandler(socketserver.StreamRequestHandler):
-    server: RawUpstream
-
-    def handle(self) -> None:
-        while True:  # keep-alive: one canned answer per request head (bodiless requests)
-            head = []
-            while (line := self.rfile.readline()) not in (b"\r\n", b""):
-                head.append(line)
-            if not head:
-                return
-            self.server.heads.append(b"".join(head))
-            self.wfile.write(self.server.response)
-
-
-def canned_upstream(response: bytes) -> AbstractContextManager[RawUpstream]:
-    """A raw HTTP/1.1 upstream answering every request with the same bytes (keep-alive):
-    for responses an ASGI server will not produce."""
-    return raw_upstream(response, _CannedHandler)
 
 
 # --------------------------------------------------------------------------- routing
@@ -755,7 +593,7 @@ def test_304_with_content_length_relayed_without_breaking_the_connection() -> No
     answer = b'HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: "v1"\r\n\r\n'
     conditional = [("Host", "front"), ("If-None-Match", '"v1"')]
     with (
-        canned_upstream(answer) as upstream,
+        RawUpstream(answer_each(lambda request: answer)) as upstream,
         running_proxy({"/n": [upstream.url]}) as (proxy, _),
         RawClient(proxy.port) as raw,
     ):
@@ -765,7 +603,7 @@ def test_304_with_content_length_relayed_without_breaking_the_connection() -> No
             assert status == 304, f"request {attempt}"
             assert dict(headers)[b"etag"] == b'"v1"'
             assert b"content-length" not in dict(headers)  # README: not passed on
-    assert len(upstream.heads) == 2
+    assert len(upstream.requests) == 2
 
 
 # --------------------------------------------------------------------------- failures

@@ -18,12 +18,10 @@ import asyncio
 import json
 import re
 import select
-import socket
-import socketserver
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -37,16 +35,11 @@ from starlette.types import Message, Receive, Scope, Send
 from rr_middleware import Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.config import HealthCheck
 
-from .servers import RawUpstream, RunningServer, raw_upstream, serve
-from .test_fidelity import (
-    HOP_BY_HOP_NAMES,
-    RawClient,
-    host_app,
-    raw_request,
-    running_proxy,
-    values,
-)
-from .upstream_app import UpstreamApp
+from .proxy import HOP_BY_HOP_NAMES, host_app, running_proxy
+from .raw_client import RawClient, raw_request
+from .raw_upstream import RawUpstream, answer_once
+from .servers import RunningServer, serve
+from .upstream_app import UpstreamApp, values
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -626,27 +619,6 @@ def test_set_cookie_for_client_a_never_reaches_client_bs_requests(site: Site) ->
 # --------------------------------------------------------------------------- the table, upstreams
 
 
-class _OneShotHandler(socketserver.BaseRequestHandler):
-    server: RawUpstream
-
-    def handle(self) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = self.request.recv(65536)
-            if not data:
-                return
-            head += data
-        self.server.heads.append(head)
-        self.request.sendall(self.server.response)
-        self.request.shutdown(socket.SHUT_WR)  # then the connection ends
-
-
-def one_shot_upstream(response: bytes) -> AbstractContextManager[RawUpstream]:
-    """A raw upstream that answers each connection's request with fixed bytes, then
-    closes it: for responses no ASGI server would produce."""
-    return raw_upstream(response, _OneShotHandler)
-
-
 BROKEN_RESPONSES = {
     "short-body": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10,
     "chunked-cut": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
@@ -672,7 +644,7 @@ BROKEN_RESPONSES = {
 @pytest.mark.parametrize("response", BROKEN_RESPONSES.values(), ids=BROKEN_RESPONSES.keys())
 def test_broken_upstream_response_gives_502_or_an_aborted_connection(response: bytes) -> None:
     with (
-        one_shot_upstream(response) as upstream,
+        RawUpstream(answer_once(response)) as upstream,
         running_proxy({"/api": [upstream.url]}) as (proxy, _),
         RawClient(proxy.port) as raw,
     ):
@@ -683,8 +655,8 @@ def test_broken_upstream_response_gives_502_or_an_aborted_connection(response: b
             pass  # aborted: the client sees an incomplete response, never a complete one
         else:
             assert_refused_by_middleware(status, body, 502)  # generic: no address, no cause
-        assert len(upstream.heads) == 1
-        assert upstream.heads[0].startswith(b"GET /x HTTP/1.1\r\n")
+        assert len(upstream.requests) == 1
+        assert upstream.requests[0].head.startswith(b"GET /x HTTP/1.1\r\n")
 
 
 # --------------------------------------------------------------------------- credentials

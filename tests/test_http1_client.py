@@ -1,28 +1,24 @@
 """The default upstream client (``Http1Transport``) as a user of the middleware sees it.
 
 Every test runs the middleware under real uvicorn and talks to it over TCP. The upstreams
-are either real uvicorn servers or ``ScriptedUpstream``: a raw-socket HTTP/1.1 server on
-127.0.0.1 whose per-connection script sends exact bytes, so that misbehaving upstreams
-(wrong framing, interim responses, stale keep-alive connections, stalls) can be played
-deterministically. Synchronisation is by events and by the request/response order itself;
-nothing sleeps.
+are either real uvicorn servers or a ``RawUpstream`` (tests/raw_upstream.py) whose
+per-connection script sends exact bytes, so that misbehaving upstreams (wrong framing,
+interim responses, stale keep-alive connections, stalls) can be played deterministically.
+Synchronisation is by events and by the request/response order itself; nothing sleeps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import gc
-import logging
 import os
 import socket
 import ssl
-import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +30,17 @@ from starlette.applications import Starlette
 from rr_middleware import Pool, RoundRobinMiddleware
 from rr_middleware.transport import Http1Transport
 
+from .proxy import running_proxy
+from .raw_client import RawClient, raw_request
+from .raw_upstream import (
+    Handler,
+    RawConnection,
+    RawRequest,
+    RawUpstream,
+    answer_each,
+    first_then,
+)
 from .servers import serve
-from .test_fidelity import RawClient, raw_request, running_proxy
 from .upstream_app import UpstreamApp
 
 Headers = list[tuple[bytes, bytes]]
@@ -43,239 +48,14 @@ Headers = list[tuple[bytes, bytes]]
 WAIT = 5.0  # the longest any test waits for an event that should come at once
 GENERIC_502 = b"502 Bad Gateway\n"
 
-
-# --------------------------------------------------------------------------- scripted upstream
-
-
-@dataclass
-class Request:
-    """One request as the scripted upstream read it off the wire."""
-
-    peer: int
-    method: bytes
-    target: bytes
-    headers: Headers
-    body: bytes
-
-    def header(self, name: bytes) -> bytes | None:
-        return next((v for n, v in self.headers if n == name), None)
+pytestmark = pytest.mark.usefixtures("no_asyncio_errors")
 
 
-class Peer:
-    """One connection accepted by a ``ScriptedUpstream``, seen from the upstream's side."""
-
-    def __init__(self, server: ScriptedUpstream, sock: socket.socket, index: int) -> None:
-        self.server = server
-        self.sock = sock
-        self.index = index
-        self.buffer = b""
-        #: Set once the proxy closed (or reset) this connection.
-        self.eof = threading.Event()
-        sock.settimeout(10)
-
-    def _fill(self) -> bool:
-        try:
-            data = self.sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            data = b""
-        if not data:
-            self.eof.set()
-            return False
-        self.buffer += data
-        return True
-
-    def _line(self) -> bytes | None:
-        while b"\r\n" not in self.buffer:
-            if not self._fill():
-                return None
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def _exact(self, size: int) -> bytes | None:
-        while len(self.buffer) < size:
-            if not self._fill():
-                return None
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def read_head(self) -> Request | None:
-        """The next request's line and headers (not its body); None at EOF."""
-        while b"\r\n\r\n" not in self.buffer:
-            if not self._fill():
-                return None
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        lines = head.split(b"\r\n")
-        method, target, _ = lines[0].split(b" ", 2)
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.append((name.strip().lower(), value.strip()))
-        request = Request(self.index, method, target, headers, b"")
-        self.server.record(request)
-        return request
-
-    def read_body(self, request: Request) -> bool:
-        """Read the body ``request`` announces into it; False if the connection ended."""
-        if (request.header(b"transfer-encoding") or b"").lower() == b"chunked":
-            body = b""
-            while True:
-                line = self._line()
-                if line is None:
-                    return False
-                size = int(line.split(b";")[0], 16)
-                if size == 0:
-                    break
-                data = self._exact(size + 2)
-                if data is None:
-                    return False
-                body += data[:-2]
-            while (line := self._line()) != b"":  # trailers
-                if line is None:
-                    return False
-            request.body = body
-            return True
-        data = self._exact(int(request.header(b"content-length") or b"0"))
-        if data is None:
-            return False
-        request.body = data
-        return True
-
-    def read_request(self) -> Request | None:
-        request = self.read_head()
-        if request is None or not self.read_body(request):
-            return None
-        return request
-
-    def send(self, data: bytes) -> bool:
-        """Send bytes; False if the proxy has closed the connection."""
-        try:
-            self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            self.eof.set()
-            return False
-        return True
-
-    def wait_eof(self) -> bool:
-        """Read (and drop) whatever comes until the proxy closes the connection."""
-        self.buffer = b""
-        try:
-            while self._fill():
-                self.buffer = b""
-        except TimeoutError:
-            return False
-        return True
-
-    def close(self, reset: bool = False) -> None:
-        if reset:  # RST instead of FIN
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        else:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
-        self.sock.close()
-
-
-Script = Callable[[Peer], None]
-
-
-class ScriptedUpstream:
-    """A raw HTTP/1.1 upstream: every accepted connection runs ``script(peer)`` in its own
-    thread. It counts connections and records every request head it reads."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.peers: list[Peer] = []
-        self.requests: list[Request] = []
-        self.errors: list[BaseException] = []
-        self.lock = threading.Lock()
-        self.stopping = False
-        self.threads: list[threading.Thread] = []
-
-    @property
-    def accepted(self) -> int:
-        return len(self.peers)
-
-    def record(self, request: Request) -> None:
-        with self.lock:
-            self.requests.append(request)
-
-    def start(self) -> None:
-        thread = threading.Thread(target=self._accept, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.stopping:
-                sock.close()
-                return
-            with self.lock:
-                peer = Peer(self, sock, len(self.peers))
-                self.peers.append(peer)
-            thread = threading.Thread(target=self._run, args=(peer,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def _run(self, peer: Peer) -> None:
-        try:
-            self.script(peer)
-        except Exception as exc:
-            if not self.stopping:
-                self.errors.append(exc)
-
-    def stop(self) -> None:
-        self.stopping = True
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
-        for peer in list(self.peers):
-            with contextlib.suppress(OSError):
-                peer.sock.shutdown(socket.SHUT_RDWR)  # wakes a script blocked in recv
-        for thread in list(self.threads):
-            thread.join(timeout=10)
-        for peer in self.peers:
-            peer.sock.close()
-        self.listener.close()
-
-
-@contextmanager
-def scripted(script: Script) -> Iterator[ScriptedUpstream]:
-    server = ScriptedUpstream(script)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert not server.errors, server.errors
+# --------------------------------------------------------------------------- raw upstreams
 
 
 def response(body: bytes, status: bytes = b"200 OK", headers: bytes = b"") -> bytes:
     return b"HTTP/1.1 %s\r\n%sContent-Length: %d\r\n\r\n%s" % (status, headers, len(body), body)
-
-
-def answer_each(answer: Callable[[Request], bytes]) -> Script:
-    """A well-behaved keep-alive script: one ``answer(request)`` per request."""
-
-    def script(peer: Peer) -> None:
-        while (request := peer.read_request()) is not None:
-            if not peer.send(answer(request)):
-                return
-
-    return script
-
-
-def first_then(first: Script, rest: Script) -> Script:
-    """``first`` on the first connection, ``rest`` on every later one."""
-
-    def script(peer: Peer) -> None:
-        (first if peer.index == 0 else rest)(peer)
-
-    return script
 
 
 FRESH = answer_each(lambda request: response(b"fresh"))
@@ -289,27 +69,15 @@ def open_connections(middleware: RoundRobinMiddleware) -> int:
     return middleware.transport.open_connections  # type: ignore[attr-defined, no-any-return]
 
 
-@pytest.fixture(autouse=True)
-def no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """No "Task exception was never retrieved", "Task was destroyed but it is pending"
-    or other errors the event loops of the servers report through the asyncio logger."""
-    caplog.set_level(logging.WARNING, logger="asyncio")
-    yield
-    gc.collect()
-    records = caplog.get_records("call") + caplog.records
-    errors = [r.getMessage() for r in records if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not errors, errors
-
-
 # --------------------------------------------------------------------------- 1. keep-alive
 
 
 def test_sequential_requests_reuse_one_upstream_connection() -> None:
-    def answer(request: Request) -> bytes:
+    def answer(request: RawRequest) -> bytes:
         return response(b"%s %s %d" % (request.method, request.target, len(request.body)))
 
     with (
-        scripted(answer_each(answer)) as upstream,
+        RawUpstream(answer_each(answer)) as upstream,
         running_proxy({"/k": [upstream.url]}) as (proxy, middleware),
         http_client() as http,
     ):
@@ -347,22 +115,24 @@ def test_concurrent_requests_get_their_own_connections_and_answers() -> None:
     """Ten requests in flight at once: the upstream answers none until it holds all ten
     (so ten connections are needed), then each its own; a second wave reuses them."""
     count = 10
-    barrier = threading.Barrier(count, timeout=WAIT)
+    held: list[tuple[RawConnection, RawRequest]] = []
 
-    def script(peer: Peer) -> None:
-        while (request := peer.read_request()) is not None:
-            barrier.wait()
-            if not peer.send(response(b"answer to " + request.target)):
-                return
+    async def script(connection: RawConnection) -> None:
+        while (request := await connection.read_request()) is not None:
+            held.append((connection, request))
+            if len(held) == count:  # all ten are in: each gets its own answer
+                wave = held[:]
+                held.clear()
+                for waiting, asked in wave:
+                    await waiting.send(response(b"answer to " + asked.target))
 
     with (
-        scripted(script) as upstream,
+        RawUpstream(script) as upstream,
         running_proxy({"/p": [upstream.url]}) as (proxy, middleware),
         http_client() as http,
         ThreadPoolExecutor(count) as pool,
     ):
         for wave in range(2):
-            barrier.reset()
             targets = [f"/{wave}-{i}" for i in range(count)]
             replies = list(pool.map(lambda t: http.get(f"{proxy.url}/p{t}"), targets))
             assert [r.content for r in replies] == [f"answer to {t}".encode() for t in targets]
@@ -379,38 +149,38 @@ def test_concurrent_requests_get_their_own_connections_and_answers() -> None:
     ids=["connection-close", "http-1.0"],
 )
 def test_connection_the_upstream_will_close_is_not_reused(answer: bytes) -> None:
-    def once(peer: Peer) -> None:
-        if peer.read_request() is not None:
-            peer.send(answer)
-            peer.wait_eof()
+    async def once(connection: RawConnection) -> None:
+        if await connection.read_request() is not None:
+            await connection.send(answer)
+            await connection.wait_eof()
 
     with (
-        scripted(once) as upstream,
+        RawUpstream(once) as upstream,
         running_proxy({"/c": [upstream.url]}) as (proxy, _),
         http_client() as http,
     ):
         for i in range(3):
             reply = http.get(f"{proxy.url}/c/{i}")
             assert (reply.status_code, reply.content) == (200, b"bye"), i
-        assert upstream.peers[0].eof.wait(WAIT)
+        assert upstream.connections[0].eof.wait(WAIT)
     assert upstream.accepted == 3
-    assert [r.peer for r in upstream.requests] == [0, 1, 2]
+    assert [r.connection for r in upstream.requests] == [0, 1, 2]
 
 
 # --------------------------------------------------------------------------- 2. stale keep-alive
 
 
-def stale_after_one(reset: bool) -> Script:
+def stale_after_one(reset: bool) -> Handler:
     """The first connection answers one request; the next request reaches an upstream that
     has already given up on the connection: it is read, never answered, and the
     connection closes (FIN, or RST)."""
 
-    def script(peer: Peer) -> None:
-        request = peer.read_request()
+    async def script(connection: RawConnection) -> None:
+        request = await connection.read_request()
         assert request is not None
-        peer.send(response(b"first"))
-        if peer.read_request() is not None:
-            peer.close(reset=reset)
+        await connection.send(response(b"first"))
+        if await connection.read_request() is not None:
+            await connection.close(reset=reset)
 
     return first_then(script, FRESH)
 
@@ -418,7 +188,7 @@ def stale_after_one(reset: bool) -> Script:
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 def test_stale_keep_alive_get_is_retried_on_a_fresh_connection(reset: bool) -> None:
     with (
-        scripted(stale_after_one(reset)) as upstream,
+        RawUpstream(stale_after_one(reset)) as upstream,
         running_proxy({"/s": [upstream.url]}) as (proxy, middleware),
         http_client() as http,
     ):
@@ -429,14 +199,14 @@ def test_stale_keep_alive_get_is_retried_on_a_fresh_connection(reset: bool) -> N
         reply = http.get(f"{proxy.url}/s/three")
         assert (reply.status_code, reply.content) == (200, b"fresh")
         assert open_connections(middleware) == 1
-    seen = [(r.peer, r.target) for r in upstream.requests]
+    seen = [(r.connection, r.target) for r in upstream.requests]
     assert seen == [(0, b"/one"), (0, b"/two"), (1, b"/two"), (1, b"/three")]
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 def test_stale_keep_alive_post_is_not_sent_twice(reset: bool) -> None:
     with (
-        scripted(stale_after_one(reset)) as upstream,
+        RawUpstream(stale_after_one(reset)) as upstream,
         running_proxy({"/s": [upstream.url]}) as (proxy, _),
         http_client() as http,
     ):
@@ -446,7 +216,7 @@ def test_stale_keep_alive_post_is_not_sent_twice(reset: bool) -> None:
         assert (reply.status_code, reply.content) == (502, GENERIC_502)
         reply = http.get(f"{proxy.url}/s/after")
         assert (reply.status_code, reply.content) == (200, b"fresh")
-    posts = [(r.peer, r.target, r.body) for r in upstream.requests if r.method == b"POST"]
+    posts = [(r.connection, r.target, r.body) for r in upstream.requests if r.method == b"POST"]
     assert posts == [(0, b"/order", b"buy one")]
 
 
@@ -454,15 +224,15 @@ def test_idle_connection_closed_by_the_upstream_is_not_a_failure() -> None:
     close_now = threading.Event()
     closed = threading.Event()
 
-    def idle_closer(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(response(b"first"))
-        if close_now.wait(WAIT):
-            peer.close()  # the upstream's keep-alive timeout: FIN on an idle connection
+    async def idle_closer(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(response(b"first"))
+        if await asyncio.to_thread(close_now.wait, WAIT):
+            await connection.close()  # the upstream's keep-alive timeout: FIN on an idle connection
             closed.set()
 
     with (
-        scripted(first_then(idle_closer, FRESH)) as upstream,
+        RawUpstream(first_then(idle_closer, FRESH)) as upstream,
         running_proxy({"/s": [upstream.url]}) as (proxy, _),
         http_client() as http,
     ):
@@ -482,13 +252,15 @@ def test_idle_connection_closed_by_the_upstream_is_not_a_failure() -> None:
 def test_close_delimited_response_is_relayed_whole(size: int) -> None:
     body = os.urandom(size)
 
-    def close_delimited(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + body)
-        peer.close()
+    async def close_delimited(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + body
+        )
+        await connection.close()
 
     with (
-        scripted(first_then(close_delimited, FRESH)) as upstream,
+        RawUpstream(first_then(close_delimited, FRESH)) as upstream,
         running_proxy({"/d": [upstream.url]}) as (proxy, middleware),
         http_client() as http,
     ):
@@ -506,13 +278,13 @@ def test_close_delimited_response_ended_by_reset_is_not_complete() -> None:
     """A reset, unlike a clean close, does not end a close-delimited body: the client must
     not take what it got as the whole response."""
 
-    def reset_mid_body(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(b"HTTP/1.1 200 OK\r\n\r\n" + b"r" * 5000)
-        peer.close(reset=True)
+    async def reset_mid_body(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(b"HTTP/1.1 200 OK\r\n\r\n" + b"r" * 5000)
+        await connection.close(reset=True)
 
     with (
-        scripted(first_then(reset_mid_body, FRESH)) as upstream,
+        RawUpstream(first_then(reset_mid_body, FRESH)) as upstream,
         running_proxy({"/d": [upstream.url]}) as (proxy, _),
         http_client() as http,
     ):
@@ -538,16 +310,16 @@ EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\
 def test_interim_responses_are_skipped(interim: bytes, split: bool) -> None:
     final = response(b"final body", headers=b"X-Final: yes\r\n")
 
-    def script(peer: Peer) -> None:
-        while peer.read_request() is not None:
+    async def script(connection: RawConnection) -> None:
+        while await connection.read_request() is not None:
             if split:
-                peer.send(interim)
-                peer.send(final)
+                await connection.send(interim)
+                await connection.send(final)
             else:
-                peer.send(interim + final)
+                await connection.send(interim + final)
 
     with (
-        scripted(script) as upstream,
+        RawUpstream(script) as upstream,
         running_proxy({"/i": [upstream.url]}) as (proxy, _),
         http_client() as http,
     ):
@@ -564,19 +336,19 @@ def test_unasked_switching_protocols_is_a_bad_gateway() -> None:
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
     )
 
-    def script(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(switch + b"\x81\x05hello")
-        peer.wait_eof()
+    async def script(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(switch + b"\x81\x05hello")
+        await connection.wait_eof()
 
     with (
-        scripted(first_then(script, FRESH)) as upstream,
+        RawUpstream(first_then(script, FRESH)) as upstream,
         running_proxy({"/w": [upstream.url]}) as (proxy, middleware),
         http_client() as http,
     ):
         reply = http.get(f"{proxy.url}/w/x")
         assert (reply.status_code, reply.content) == (502, GENERIC_502)
-        assert upstream.peers[0].eof.wait(WAIT)
+        assert upstream.connections[0].eof.wait(WAIT)
         assert open_connections(middleware) == 0
         reply = http.get(f"{proxy.url}/w/x")
         assert (reply.status_code, reply.content) == (200, b"fresh")
@@ -609,19 +381,19 @@ MALFORMED = {
 
 @pytest.mark.parametrize("answer", list(MALFORMED.values()), ids=list(MALFORMED))
 def test_malformed_response_head_is_a_bad_gateway(answer: bytes) -> None:
-    def script(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(answer)
-        peer.wait_eof()
+    async def script(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(answer)
+        await connection.wait_eof()
 
     with (
-        scripted(first_then(script, FRESH)) as upstream,
+        RawUpstream(first_then(script, FRESH)) as upstream,
         running_proxy({"/m": [upstream.url]}) as (proxy, _),
         http_client() as http,
     ):
         reply = http.get(f"{proxy.url}/m/x")
         assert (reply.status_code, reply.content) == (502, GENERIC_502)
-        assert upstream.peers[0].eof.wait(WAIT)  # the broken connection is closed
+        assert upstream.connections[0].eof.wait(WAIT)  # the broken connection is closed
         reply = http.get(f"{proxy.url}/m/x")
         assert (reply.status_code, reply.content) == (200, b"fresh")
 
@@ -630,21 +402,21 @@ def test_endless_response_head_is_cut_off_at_the_limit() -> None:
     """An upstream that never finishes its head (one endless header value) must not be
     buffered until the read timeout: past 64 KiB the answer is 502, at once."""
 
-    def endless(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+    async def endless(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(b"HTTP/1.1 200 OK\r\nX-Endless: ")
         for _ in range(64):  # 4 MiB, unless the proxy closes the connection first
-            if not peer.send(b"v" * 65536):
+            if not await connection.send(b"v" * 65536):
                 return
-        peer.wait_eof()
+        await connection.wait_eof()
 
-    with scripted(endless) as upstream:
+    with RawUpstream(endless) as upstream:
         pool = Pool([upstream.url], timeout=2.0)
         with running_proxy({"/m": pool}) as (proxy, _), http_client() as http:
             started = time.monotonic()
             reply = http.get(f"{proxy.url}/m/x")
             elapsed = time.monotonic() - started
-            assert upstream.peers[0].eof.wait(WAIT)
+            assert upstream.connections[0].eof.wait(WAIT)
     assert (reply.status_code, reply.content) == (502, GENERIC_502)
     assert elapsed < 1.5
 
@@ -654,7 +426,7 @@ def test_many_headers_within_the_limit_are_relayed(count: int) -> None:
     names = [b"x-h%d" % i for i in range(count)]
     answer = response(b"ok", headers=b"".join(b"%s: %d\r\n" % (n, i) for i, n in enumerate(names)))
     with (
-        scripted(answer_each(lambda request: answer)) as upstream,
+        RawUpstream(answer_each(lambda request: answer)) as upstream,
         running_proxy({"/m": [upstream.url]}) as (proxy, _),
         RawClient(proxy.port) as raw,
     ):
@@ -680,16 +452,16 @@ def test_broken_body_aborts_the_client_response(answer: bytes, reset: bool | Non
     """``reset`` None: the upstream keeps the connection open after the broken framing
     (the proxy must notice the framing error itself, not wait for a timeout)."""
 
-    def short(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(b"HTTP/1.1 200 OK\r\n" + answer)
+    async def short(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(b"HTTP/1.1 200 OK\r\n" + answer)
         if reset is None:
-            peer.wait_eof()
+            await connection.wait_eof()
         else:
-            peer.close(reset=reset)
+            await connection.close(reset=reset)
 
     with (
-        scripted(first_then(short, FRESH)) as upstream,
+        RawUpstream(first_then(short, FRESH)) as upstream,
         running_proxy({"/w": [upstream.url]}) as (proxy, _),
         http_client() as http,
     ):
@@ -720,14 +492,14 @@ def test_body_longer_than_content_length_is_cut_and_the_connection_dropped(
     """Bytes after the declared body are no response to anything: the client gets exactly
     the declared body, and the connection, whose framing is lost, is not used again."""
 
-    def long(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n01234" + extra)
+    async def long(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n01234" + extra)
         # Whatever else comes on this connection gets an answer that must never be seen.
-        answer_each(lambda request: response(b"stale connection reused"))(peer)
+        await answer_each(lambda request: response(b"stale connection reused"))(connection)
 
     with (
-        scripted(first_then(long, FRESH)) as upstream,
+        RawUpstream(first_then(long, FRESH)) as upstream,
         running_proxy({"/w": [upstream.url]}) as (proxy, _),
         RawClient(proxy.port) as raw,
     ):
@@ -737,7 +509,7 @@ def test_body_longer_than_content_length_is_cut_and_the_connection_dropped(
         assert b"x-smuggled" not in dict(headers)
         status, _, body = raw.request(raw_request("GET", "/w/next", [("Host", "front")]))
         assert (status, body) == (200, b"fresh")
-    assert [(r.peer, r.target) for r in upstream.requests] == [(0, b"/long"), (1, b"/next")]
+    assert [(r.connection, r.target) for r in upstream.requests] == [(0, b"/long"), (1, b"/next")]
 
 
 BIG = bytes(range(256)) * 4096  # 1 MiB: on loopback it arrives over many socket reads
@@ -747,11 +519,11 @@ def test_large_bodies_arriving_over_many_reads_keep_the_connection_reusable() ->
     """A body read past the parser (Content-Length framed, many reads) ends exactly at its
     length, and the connection then carries the next exchange."""
 
-    def answer(request: Request) -> bytes:
+    def answer(request: RawRequest) -> bytes:
         return response(BIG if request.target != b"/small" else b"small")
 
     with (
-        scripted(answer_each(answer)) as upstream,
+        RawUpstream(answer_each(answer)) as upstream,
         running_proxy({"/b": [upstream.url]}) as (proxy, middleware),
         http_client() as http,
     ):
@@ -767,13 +539,13 @@ def test_large_bodies_arriving_over_many_reads_keep_the_connection_reusable() ->
 def test_large_body_longer_than_content_length_is_cut_and_the_connection_dropped(
     extra: bytes,
 ) -> None:
-    def long(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(response(BIG) + extra)
-        answer_each(lambda request: response(b"stale connection reused"))(peer)
+    async def long(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(response(BIG) + extra)
+        await answer_each(lambda request: response(b"stale connection reused"))(connection)
 
     with (
-        scripted(first_then(long, FRESH)) as upstream,
+        RawUpstream(first_then(long, FRESH)) as upstream,
         running_proxy({"/w": [upstream.url]}) as (proxy, _),
         RawClient(proxy.port) as raw,
     ):
@@ -782,7 +554,7 @@ def test_large_body_longer_than_content_length_is_cut_and_the_connection_dropped
         assert b"x-smuggled" not in dict(headers)
         status, _, body = raw.request(raw_request("GET", "/w/next", [("Host", "front")]))
         assert (status, body) == (200, b"fresh")
-    assert [(r.peer, r.target) for r in upstream.requests] == [(0, b"/long"), (1, b"/next")]
+    assert [(r.connection, r.target) for r in upstream.requests] == [(0, b"/long"), (1, b"/next")]
 
 
 # --------------------------------------------------------------------------- 7. early response
@@ -795,15 +567,15 @@ def test_early_response_to_a_large_upload_is_relayed_and_nothing_leaks(close: bo
     )
     head_read = threading.Event()
 
-    def refuse(peer: Peer) -> None:
-        request = peer.read_head()  # the body is never read
+    async def refuse(connection: RawConnection) -> None:
+        request = await connection.read_head()  # the body is never read
         assert request is not None
         head_read.set()
-        peer.send(too_large)
-        peer.wait_eof()
+        await connection.send(too_large)
+        await connection.wait_eof()
 
     with (
-        scripted(first_then(refuse, FRESH)) as upstream,
+        RawUpstream(first_then(refuse, FRESH)) as upstream,
         running_proxy({"/u": [upstream.url]}) as (proxy, middleware),
         RawClient(proxy.port) as raw,
     ):
@@ -829,7 +601,7 @@ def test_early_response_to_a_large_upload_is_relayed_and_nothing_leaks(close: bo
             uploader.join(WAIT)
         assert not uploader.is_alive()
         # The half-sent request's connection is closed, not kept.
-        assert upstream.peers[0].eof.wait(WAIT)
+        assert upstream.connections[0].eof.wait(WAIT)
         with http_client() as http:
             for _ in range(3):
                 reply = http.get(f"{proxy.url}/u/after")
@@ -847,13 +619,13 @@ def test_early_response_to_a_large_upload_is_relayed_and_nothing_leaks(close: bo
     ids=["content-length", "chunked"],
 )
 def test_head_response_has_no_body_and_the_next_request_works(framing: bytes) -> None:
-    def answer(request: Request) -> bytes:
+    def answer(request: RawRequest) -> bytes:
         if request.method == b"HEAD":
             return b"HTTP/1.1 200 OK\r\nX-Head: yes\r\n%s\r\n" % framing
         return response(b"got " + request.target)
 
     with (
-        scripted(answer_each(answer)) as upstream,
+        RawUpstream(answer_each(answer)) as upstream,
         running_proxy({"/h": [upstream.url]}) as (proxy, _),
         RawClient(proxy.port) as raw,
     ):
@@ -887,19 +659,19 @@ TRAILERS = b"0;last=yes\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
 def test_chunked_response_with_extensions_and_trailers(split: bool) -> None:
     more = threading.Event()
 
-    def script(peer: Peer) -> None:
-        while peer.read_request() is not None:
+    async def script(connection: RawConnection) -> None:
+        while await connection.read_request() is not None:
             if split:
-                peer.send(CHUNKED_HEAD + CHUNKS)
-                if not more.wait(WAIT):
+                await connection.send(CHUNKED_HEAD + CHUNKS)
+                if not await asyncio.to_thread(more.wait, WAIT):
                     return
                 more.clear()
-                peer.send(TRAILERS)
+                await connection.send(TRAILERS)
             else:
-                peer.send(CHUNKED_HEAD + CHUNKS + TRAILERS)
+                await connection.send(CHUNKED_HEAD + CHUNKS + TRAILERS)
 
     with (
-        scripted(script) as upstream,
+        RawUpstream(script) as upstream,
         running_proxy({"/c": [upstream.url]}) as (proxy, _),
         http_client() as http,
     ):
@@ -923,12 +695,12 @@ def test_chunked_response_with_extensions_and_trailers(split: bool) -> None:
 
 
 def test_upstream_stalling_mid_body_aborts_the_client_and_closes_the_connection() -> None:
-    def stall(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"p" * 10)
-        peer.wait_eof()
+    async def stall(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"p" * 10)
+        await connection.wait_eof()
 
-    with scripted(first_then(stall, FRESH)) as upstream:
+    with RawUpstream(first_then(stall, FRESH)) as upstream:
         pools = {"/t": Pool([upstream.url], timeout=0.3)}
         with running_proxy(pools) as (proxy, middleware), http_client() as http:
             got = b""
@@ -943,25 +715,25 @@ def test_upstream_stalling_mid_body_aborts_the_client_and_closes_the_connection(
             elapsed = time.monotonic() - started
             assert got == b"p" * 10
             assert 0.25 < elapsed < 2.0
-            assert upstream.peers[0].eof.wait(WAIT)
+            assert upstream.connections[0].eof.wait(WAIT)
             reply = http.get(f"{proxy.url}/t/next")
             assert (reply.status_code, reply.content) == (200, b"fresh")
             assert open_connections(middleware) == 1
 
 
 def test_upstream_silent_before_the_head_gives_504_and_closes_the_connection() -> None:
-    def silent(peer: Peer) -> None:
-        peer.read_request()
-        peer.wait_eof()
+    async def silent(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.wait_eof()
 
-    with scripted(first_then(silent, FRESH)) as upstream:
+    with RawUpstream(first_then(silent, FRESH)) as upstream:
         pools = {"/t": Pool([upstream.url], timeout=0.3)}
         with running_proxy(pools) as (proxy, middleware), http_client() as http:
             started = time.monotonic()
             reply = http.get(f"{proxy.url}/t/x")
             assert (reply.status_code, reply.content) == (504, b"504 Gateway Timeout\n")
             assert time.monotonic() - started < 2.0
-            assert upstream.peers[0].eof.wait(WAIT)
+            assert upstream.connections[0].eof.wait(WAIT)
             reply = http.get(f"{proxy.url}/t/next")
             assert (reply.status_code, reply.content) == (200, b"fresh")
             assert open_connections(middleware) == 1
@@ -982,15 +754,15 @@ def test_client_leaving_mid_stream_closes_the_upstream_connection(framing: str) 
     chunk = b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece
     gone = threading.Event()
 
-    def endless(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(heads[framing])
-        while peer.send(chunk):  # blocks while the proxy does not read: backpressure
+    async def endless(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(heads[framing])
+        while await connection.send(chunk):  # blocks while the proxy does not read: backpressure
             pass
         gone.set()  # the proxy closed the connection while the response was still going
 
     with (
-        scripted(first_then(endless, FRESH)) as upstream,
+        RawUpstream(first_then(endless, FRESH)) as upstream,
         running_proxy({"/l": [upstream.url]}) as (proxy, middleware),
     ):
         with RawClient(proxy.port) as raw:

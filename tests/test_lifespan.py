@@ -9,11 +9,8 @@ forced garbage collection, so a leak fails the test that caused it.
 from __future__ import annotations
 
 import asyncio
-import gc
-import logging
-import warnings
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -25,56 +22,8 @@ from starlette.testclient import TestClient
 from rr_middleware import Pool, RoundRobinMiddleware
 from rr_middleware.transport import Http1Transport
 
+from .leaks import no_leaks
 from .servers import RunningServer
-
-_LEAK_WORDS = ("unclosed", "was destroyed", "never awaited", "exception was never retrieved")
-
-
-class _Collect(logging.Handler):
-    def __init__(self, found: list[str]) -> None:
-        super().__init__(logging.DEBUG)
-        self.found = found
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if any(word in message.lower() for word in _LEAK_WORDS):
-            self.found.append(f"log {record.name}: {message.splitlines()[0]}")
-
-
-def _is_leak(warning: warnings.WarningMessage) -> bool:
-    text = str(warning.message).lower()
-    return issubclass(warning.category, ResourceWarning) or any(w in text for w in _LEAK_WORDS)
-
-
-@contextmanager
-def no_leaks() -> Iterator[list[str]]:
-    """Yield a list that, once the block is left, holds every leak report of the block.
-
-    Garbage is collected until no more warnings come: a recorded warning keeps its
-    ``source`` object alive, so each round drops the records and collects again.
-    """
-    found: list[str] = []
-    handler = _Collect(found)
-    asyncio_logger = logging.getLogger("asyncio")
-    asyncio_logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                yield found
-            finally:
-                for _ in range(5):
-                    gc.collect()
-                    if not caught:
-                        break
-                    found.extend(
-                        f"{w.category.__name__}: {str(w.message).splitlines()[0]}"
-                        for w in caught
-                        if _is_leak(w)
-                    )
-                    caught.clear()
-    finally:
-        asyncio_logger.removeHandler(handler)
 
 
 def client_for(app: Any) -> httpx.AsyncClient:

@@ -14,11 +14,11 @@ bytes of aborted responses, the access log of answers the proxy gives itself, a 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import math
 import os
 import re
+import subprocess
 import sys
 import threading
 from collections import Counter
@@ -37,14 +37,14 @@ from starlette.requests import Request
 from rr_middleware import HealthCheck, Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.metrics import BUCKETS
 
+from .chromium import dump_dom
 from .polling import wait_for
-from .servers import serve
-from .test_fidelity import client, dead_url, host_app, running_proxy
+from .proxy import client, host_app, running_proxy
+from .servers import dead_url, serve
 from .upstream_app import UpstreamApp, _respond
 
 T = TypeVar("T")
 
-CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parent.parent
 LOGGER = "rr_middleware"
 
@@ -52,7 +52,7 @@ LOGGER = "rr_middleware"
 # --------------------------------------------------------------------------- helpers
 
 
-class FlakyUpstream(UpstreamApp):
+class Failing503Upstream(UpstreamApp):
     """An UpstreamApp that answers every request (health checks too) 503 while ``failing``
     is set. Requests answered so are counted in ``refused``, not recorded in ``requests``."""
 
@@ -147,35 +147,6 @@ def scrape(http: httpx.Client, path: str = "/metrics") -> Metrics:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     return Metrics(response.text)
-
-
-def chromium_or_skip() -> str:
-    """Chromium's path; skip without it, except on CI (CI=true), where that is a failure."""
-    if os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK):
-        return CHROMIUM
-    reason = f"headless Chromium is not installed at {CHROMIUM} (make system-deps installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true: {reason}")
-    pytest.skip(reason)
-
-
-def load_screenshot_script() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "make_screenshot", REPO / "docs" / "make_screenshot.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def dump_dom(url: str, profile: Path) -> str:
-    """Headless Chromium's DOM of ``url`` after 3 s of (virtual) page time: the page's
-    script has fetched the JSON and rebuilt the table (twice: it refreshes every 2 s)."""
-    arguments = ["--virtual-time-budget=3000", "--dump-dom", url]
-    dom: str = load_screenshot_script().run_chromium(arguments, profile, chromium_or_skip())
-    return dom
 
 
 PANIC_TEXT = "panic: every upstream is down; requests go to all of them anyway"
@@ -300,7 +271,7 @@ def lines_with(lines: list[str], *words: str) -> list[str]:
 
 
 def test_prometheus_metrics_count_what_happened() -> None:
-    a_app, b_app, c_app = UpstreamApp("a"), FlakyUpstream("b"), UpstreamApp("c")
+    a_app, b_app, c_app = UpstreamApp("a"), Failing503Upstream("b"), UpstreamApp("c")
     with serve(a_app) as a, serve(b_app) as b, serve(c_app) as c:
         dead, dead2 = dead_url(), dead_url()
         api = Pool(
@@ -683,8 +654,7 @@ def test_without_status_path_the_paths_reach_the_host_app() -> None:
 # ---------------------------------------------------------------- the page, in Chromium
 
 
-def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
-    chromium_or_skip()
+def test_status_page_in_headless_chromium(tmp_path: Path, chromium: str) -> None:
     with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b, ExitStack() as stack:
         c = stack.enter_context(serve(UpstreamApp("c")))
         api = Pool(
@@ -701,7 +671,9 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
             assert http.get(f"/web/{n}").status_code == 200
 
         before = http.get("/status.json").json()
-        rows = check_page(dump_dom(server.url + "/status", tmp_path / "profile-1"), before)
+        rows = check_page(
+            dump_dom(server.url + "/status", tmp_path / "profile-1", chromium), before
+        )
         assert len(rows) == 4
         assert {cells[3] for cells in rows.values()} == {"up"}
         assert rows[f"/api {b.url}"][2] == "2/2"
@@ -711,18 +683,24 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
         c.stop()
         wait_for(lambda: row(http, "/api", c.url)["state"] == "down", "c to be marked down")
         after = http.get("/status.json").json()
-        rows = check_page(dump_dom(server.url + "/status", tmp_path / "profile-2"), after)
+        rows = check_page(dump_dom(server.url + "/status", tmp_path / "profile-2", chromium), after)
         assert rows[f"/api {c.url}"][3] == "down"
         assert rows[f"/api {a.url}"][3] == rows[f"/api {b.url}"][3] == "up"
 
 
-def test_status_page_screenshot(tmp_path: Path) -> None:
-    chromium = chromium_or_skip()
-    output = load_screenshot_script().render(
-        tmp_path / "status-page.png", chromium=chromium, profile=tmp_path / "profile"
+def test_status_page_screenshot(tmp_path: Path, chromium: str) -> None:
+    """docs/make_screenshot.py, run as its docstring says, writes the README's picture."""
+    output = tmp_path / "status-page.png"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "docs" / "make_screenshot.py"), str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CHROMIUM": chromium},
     )
-    assert output == tmp_path / "status-page.png"
+    assert done.returncode == 0, done.stderr
     data = output.read_bytes()
+    assert done.stdout == f"wrote {output} ({len(data)} bytes)\n"
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1100, 330)
@@ -735,7 +713,7 @@ def test_one_warning_per_state_change_and_per_failed_request(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    a_app, b_app, h_app = UpstreamApp("a"), FlakyUpstream("b"), FlakyUpstream("h")
+    a_app, b_app, h_app = UpstreamApp("a"), Failing503Upstream("b"), Failing503Upstream("h")
     clock = ManualClock()
     with serve(a_app) as a, serve(b_app) as b, serve(h_app) as h, ExitStack() as stack:
         c = stack.enter_context(serve(UpstreamApp("c")))
@@ -943,10 +921,9 @@ def test_panic_mode_from_ejections_ends_when_they_run_out() -> None:
         assert mw.status()["pools"][0]["panic"] is False
 
 
-def test_status_page_shows_panic_in_headless_chromium(tmp_path: Path) -> None:
+def test_status_page_shows_panic_in_headless_chromium(tmp_path: Path, chromium: str) -> None:
     """The panic line is on the page as the script rebuilds it from the JSON, not only as
     the server first rendered it."""
-    chromium_or_skip()
     clock = ManualClock()
     with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b, ExitStack() as stack:
         pools = {
@@ -958,7 +935,7 @@ def test_status_page_shows_panic_in_headless_chromium(tmp_path: Path) -> None:
         for _ in range(2):
             assert http.get("/api/x?action=status&code=503").status_code == 503
         status = http.get("/status.json").json()
-        dom = dump_dom(server.url + "/status", tmp_path / "profile")
+        dom = dump_dom(server.url + "/status", tmp_path / "profile", chromium)
         check_page(dom, status)
         assert StatusTable(dom).panics == {"/api": PANIC_TEXT}
 

@@ -4,11 +4,11 @@ trailer never ends, an upstream whose answer is not HTTP/1.x. Nothing may hang, 
 leak, and every answer the client gets is valid HTTP.
 
 The proxy runs under real uvicorn (``tests/proxy.py``), the upstreams are real uvicorn
-apps or raw asyncio listeners (for what uvicorn will not do), the clients raw sockets.
-What the proxy holds is read from outside: its upstream sockets from ``/proc`` (see
-``held_sockets``), its in-flight slots from ``middleware.status()``, its tasks from its own
-event loop. Nothing sleeps to synchronise: upstreams set events, and a state that has to
-settle is polled against a deadline.
+apps or raw upstreams (``tests/raw_upstream.py``, for what uvicorn will not do), the
+clients raw sockets. What the proxy holds is read from outside: its upstream sockets from
+``/proc`` (see ``held_sockets``), its in-flight slots from ``middleware.status()``, its
+tasks from its own event loop. Nothing sleeps to synchronise: upstreams set events, and a
+state that has to settle is polled against a deadline.
 """
 
 from __future__ import annotations
@@ -30,16 +30,10 @@ from starlette.testclient import TestClient
 
 from rr_middleware import Pool, RoundRobinMiddleware, Upstream
 
-from .proxy import (
-    LeakLog,
-    aclient,
-    aproxy_state,
-    fault_proxy,
-    held_sockets,
-    leaks,
-    rss_bytes,
-)
-from .servers import RawListener, serve
+from .leaks import LeakLog, held_sockets, leaks, rss_bytes
+from .proxy import aclient, aproxy_state, fault_proxy
+from .raw_upstream import RawConnection, RawUpstream, answer_once
+from .servers import serve
 from .upstream_app import UpstreamApp
 
 Scope = dict[str, Any]
@@ -91,19 +85,11 @@ async def leave(writer: asyncio.StreamWriter, abort: bool) -> None:
 # --------------------------------------------------------------------------- upstreams
 
 
-class HeadOnlyUpstream(RawListener):
+async def read_head_then_hold(connection: RawConnection) -> None:
     """Reads a request head, then neither reads the body nor answers: the upload fills the
-    socket buffers and stops. ``heads`` counts the heads received."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.heads = 0
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        self.heads += 1
-        assert self._stopping is not None
-        await self._stopping.wait()  # until the listener stops
+    socket buffers and stops."""
+    if await connection.read_head() is not None:
+        await connection.hold()
 
 
 class SleepBeforeReading:
@@ -201,7 +187,7 @@ class BodyReader:
 TRAILER_CAP = 200 * 1024 * 1024
 
 
-class EndlessTrailer(RawListener):
+class EndlessTrailer(RawUpstream):
     """Answers each request with a chunked 200 whose body is ``hello`` and whose trailer
     does not end: one field whose value grows 64 KiB at a time (``lines=False``), or
     ever more complete 64-byte fields (``lines=True``), up to 200 MiB. ``cut`` is set
@@ -214,36 +200,24 @@ class EndlessTrailer(RawListener):
         self.cut = threading.Event()
         self.cut_after = 0.0
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+    async def handle(self, connection: RawConnection) -> None:
+        if await connection.read_head() is None:
+            return
+        start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
         if self.lines:
             piece = (b"x-t: " + b"a" * 57 + b"\r\n") * 1024
         else:
-            writer.write(b"x-big: ")
+            start += b"x-big: "
             piece = b"a" * 65536
+        connection.writer.write(start)
         started = time.monotonic()
-        try:
-            while self.written < TRAILER_CAP:
-                writer.write(piece)
-                self.written += len(piece)
-                await writer.drain()
-        except ConnectionError:
-            self.cut_after = time.monotonic() - started
-            self.cut.set()
-
-
-class Canned(RawListener):
-    """Reads a request head, answers ``response`` (raw bytes), closes."""
-
-    def __init__(self, response: bytes) -> None:
-        super().__init__()
-        self.response = response
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(self.response)
-        await writer.drain()
+        while self.written < TRAILER_CAP:
+            sent = await connection.send(piece)
+            self.written += len(piece)
+            if not sent:
+                self.cut_after = time.monotonic() - started
+                self.cut.set()
+                return
 
 
 # --------------------------------------------------------------------------- clients
@@ -288,7 +262,7 @@ async def answer_head(reader: asyncio.StreamReader, seconds: float) -> bytes:
 async def test_upload_the_upstream_does_not_read_times_out(
     leak_log: LeakLog, kind: str, method: bytes
 ) -> None:
-    """A 32 MiB upload to an upstream that took the head and reads no more (a raw listener
+    """A 32 MiB upload to an upstream that took the head and reads no more (a raw upstream
     that never reads; a uvicorn app that sleeps 20 s before reading): the client gets 504
     within ``timeout`` (2 s) of the upload stalling, not when the upstream wakes up; then
     the proxy holds no socket to the upstream, no in-flight slot and no extra task within
@@ -296,7 +270,7 @@ async def test_upload_the_upstream_does_not_read_times_out(
     sleeper = SleepBeforeReading()
     with contextlib.ExitStack() as stack:
         if kind == "raw":
-            upstream: Any = stack.enter_context(HeadOnlyUpstream())
+            upstream: Any = stack.enter_context(RawUpstream(read_head_then_hold))
         else:
             upstream = stack.enter_context(serve(sleeper))
         pool = Pool([upstream.url], timeout=TIMEOUT, max_fails=0)
@@ -337,7 +311,7 @@ async def test_other_transports_time_out_an_upload_the_upstream_does_not_read(
         from rr_middleware import AiohttpTransport
 
         chosen = AiohttpTransport()
-    with HeadOnlyUpstream() as upstream:
+    with RawUpstream(read_head_then_hold) as upstream:
         pool = Pool([upstream.url], timeout=TIMEOUT, max_fails=0, transport=chosen)
         with fault_proxy({"/p": pool}, leak_log) as (proxy, middleware, _):
             started = time.monotonic()
@@ -365,13 +339,15 @@ async def test_client_leaving_an_upload_the_upstream_does_not_read_frees_everyth
     the request's tasks are freed within a second of that. (While the upstream is not
     reading, the ASGI server has stopped reading the client too, so the client's leaving
     cannot be seen; the proxy's own send timeout, ``timeout``, ends the exchange.)"""
-    with HeadOnlyUpstream() as upstream:
+    with RawUpstream(read_head_then_hold) as upstream:
         pool = Pool([upstream.url], timeout=TIMEOUT, max_fails=0)
         with fault_proxy({"/p": pool}, leak_log) as (proxy, middleware, _):
             async with aclient() as http:
                 idle = await aproxy_state(http, proxy)
                 _, writer, pumping = await upload(proxy.port, b"POST", b"/p/up", 32 * 2**20)
-                await within(5, lambda: upstream.heads == 1, "the upload reaching the upstream")
+                await within(
+                    5, lambda: len(upstream.requests) == 1, "the upload reaching the upstream"
+                )
                 # The client's own write timeout: no progress for TIMEOUT seconds.
                 while True:
                     before = pumping.done() or writer.transport.get_write_buffer_size()
@@ -437,7 +413,7 @@ async def test_a_short_trailer_still_passes(leak_log: LeakLog) -> None:
         b"5\r\nhello\r\n0\r\nx-sum: 1234\r\nx-other: 5\r\n\r\n"
     )
     with (
-        Canned(response) as upstream,
+        RawUpstream(answer_once(response)) as upstream,
         fault_proxy({"/t": Pool([upstream.url])}, leak_log) as (proxy, _, _),
     ):
         async with aclient() as http:
@@ -463,7 +439,7 @@ async def test_an_answer_that_is_not_http1_is_a_502(leak_log: LeakLog, status_li
     connection: the client gets a whole 502, and the upstream a ``protocol`` failure."""
     response = status_line + b"\r\ncontent-length: 2\r\n\r\nok"
     with (
-        Canned(response) as upstream,
+        RawUpstream(answer_once(response)) as upstream,
         fault_proxy({"/b": Pool([upstream.url])}, leak_log) as (proxy, middleware, _),
     ):
         async with aclient() as http:
@@ -641,7 +617,7 @@ async def test_a_slow_but_steady_upload_is_not_cut_off(leak_log: LeakLog) -> Non
 # ------------------------------------------------------------------ a client that stops reading
 
 
-class EndlessBody(RawListener):
+class EndlessBody(RawUpstream):
     """Answers each request with a chunked 200 whose body never ends (64 KiB chunks, as
     fast as they are taken); ``cut`` is set when the connection breaks under it."""
 
@@ -649,16 +625,14 @@ class EndlessBody(RawListener):
         super().__init__()
         self.cut = threading.Event()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    async def handle(self, connection: RawConnection) -> None:
+        if await connection.read_head() is None:
+            return
+        connection.writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         chunk = b"%x\r\n%s\r\n" % (65536, b"d" * 65536)
-        try:
-            while True:
-                writer.write(chunk)
-                await writer.drain()
-        except ConnectionError:
-            self.cut.set()
+        while await connection.send(chunk):
+            pass
+        self.cut.set()
 
 
 async def test_a_client_that_stops_reading_is_cut_off(leak_log: LeakLog) -> None:
@@ -715,10 +689,12 @@ async def test_every_stall_at_once_leaves_the_rest_served(leak_log: LeakLog) -> 
     ok_a, ok_b = UpstreamApp("a"), UpstreamApp("b")
     slow = SlowHeaders(delay=15.0)
     with contextlib.ExitStack() as stack:
-        head_only = stack.enter_context(HeadOnlyUpstream())
+        head_only = stack.enter_context(RawUpstream(read_head_then_hold))
         trailer = stack.enter_context(EndlessTrailer(lines=False))
         endless = stack.enter_context(EndlessBody())
-        bad = stack.enter_context(Canned(b"HTTP/1.1 999 Nine\r\ncontent-length: 2\r\n\r\nok"))
+        bad = stack.enter_context(
+            RawUpstream(answer_once(b"HTTP/1.1 999 Nine\r\ncontent-length: 2\r\n\r\nok"))
+        )
         slow_server = stack.enter_context(serve(slow))
         a = stack.enter_context(serve(ok_a))
         b = stack.enter_context(serve(ok_b))

@@ -12,8 +12,8 @@ import httpx
 
 from rr_middleware import Pool
 
+from .proxy import client, running_proxy
 from .servers import RunningServer, serve
-from .test_fidelity import client, running_proxy
 
 
 class RecordingUpload:

@@ -36,8 +36,8 @@ from websockets.sync.client import connect as sync_connect
 
 from rr_middleware import Pool, PoolRuntime, RoundRobinMiddleware, Upstream
 
-from .servers import RunningServer, bind_socket, serve
-from .test_fidelity import dead_url
+from .servers import RunningServer, bind_socket, dead_url, serve
+from .upstream_app import values
 
 WAIT = 5.0  # seconds: the bound on any single wait for something that should happen now
 MiB = 1024 * 1024
@@ -182,7 +182,7 @@ def ws_proxy(
     pools: dict[str, Any], **options: Any
 ) -> Iterator[tuple[RunningServer, RoundRobinMiddleware]]:
     """The middleware around ``host_app()`` under uvicorn (``proxy_headers=False``: only the
-    middleware decides about ``X-Forwarded-*``), as ``running_proxy`` in test_fidelity."""
+    middleware decides about ``X-Forwarded-*``), as ``running_proxy`` in tests/proxy.py."""
     middleware = RoundRobinMiddleware(host_app(), pools=pools, **options)
     with serve(middleware, proxy_headers=False, log_config=None) as server:
         yield server, middleware
@@ -208,10 +208,6 @@ def sync_client(url: str, **options: Any) -> Any:
     settings: dict[str, Any] = {"proxy": None, "open_timeout": WAIT, "close_timeout": WAIT}
     settings.update(options)
     return sync_connect(url, **settings)
-
-
-def values(record: dict[str, Any], name: str) -> list[str]:
-    return [v for k, v in record["headers"] if k == name]
 
 
 def open_sockets(runtime: PoolRuntime) -> list[int]:

@@ -22,6 +22,12 @@ from urllib.parse import parse_qs
 Scope = dict[str, Any]
 
 
+def values(record: dict[str, Any], name: str) -> list[str]:
+    """All values of header ``name`` in a request record (``UpstreamApp.requests``, or any
+    record whose ``headers`` are name-value pairs), in order."""
+    return [v for k, v in record["headers"] if k == name]
+
+
 class UpstreamApp:
     def __init__(self, name: str) -> None:
         self.name = name
