@@ -46,10 +46,12 @@ class UpstreamStats:
     """What happened with one upstream.
 
     An exchange with an outcome is either a success or a failure of one kind (``connect``,
-    ``connect_timeout``, ``timeout``, ``reset``, ``protocol``, ``pool_timeout``, or ``5xx``
-    for a status in the pool's ``unhealthy_statuses``); an exchange the client abandoned
-    has none. ``requests`` and ``failures`` are derived from those, so they can never
-    disagree with the counts by kind.
+    ``connect_timeout``, ``timeout``, ``reset``, ``protocol``; ``5xx``, or ``status NNN``
+    below 500, for a status in the pool's ``unhealthy_statuses``); an exchange the client
+    abandoned has none, nor has a failure that does not count against the upstream
+    (``pool_timeout``: the upstream is busy, not unhealthy). ``requests`` and
+    ``failures`` are derived from those, so they can never disagree with the counts by
+    kind.
     """
 
     __slots__ = (

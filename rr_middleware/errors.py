@@ -1,6 +1,6 @@
 """Every failure the proxy names, one class each, and what the client gets for it.
 
-The tree (httpx's ``_exceptions.py`` is the model)::
+The tree (httpx's ``_exceptions.py`` is the model):
 
     FieldError (ValueError)           a configuration value is wrong (at construction)
     ProxyError

@@ -65,22 +65,26 @@ class RoundRobinMiddleware:
 
     Everything that matches no prefix, and the lifespan, reaches ``app`` unchanged.
 
-    Give ``pools`` (``{prefix: Pool}`` or ``{prefix: [url, ...]}``), or ``balancer=`` a
-    ``Balancer`` you built from them and keep, to drain upstreams or read their state while
-    the app serves. ``transport=`` (with ``pools``): the upstream client for every pool
-    (default: the built-in ``Http1Transport``; any ``httpx.AsyncBaseTransport`` or
-    ``UpstreamTransport``).
-
-    Options (defaults): ``trusted_proxies=()`` (addresses whose ``X-Forwarded-*`` headers
-    are believed; ``"*"`` for all), ``max_url_length=8192`` (longer path + query → 414),
-    ``hide_response_headers=("date", "server")`` (upstream response headers not passed on,
-    as nginx's ``proxy_hide_header``: the ASGI server sets its own),
-    ``max_header_bytes=65536`` (request header names and values adding up to more → 431),
-    ``metrics_path=None`` (serve Prometheus metrics there; needs the ``metrics`` extra),
-    ``status_path=None`` (serve the status page there, and its JSON at ``status_path +
-    ".json"``), ``status_guard=None`` (a callable taking the Request and returning, or
-    awaiting to, True to allow the two), ``access_log=False`` (log a line per proxied
-    request).
+    Args:
+        app: The app to wrap (``add_middleware`` passes it).
+        pools: ``{prefix: Pool}`` or ``{prefix: [url, ...]}``; or give ``balancer``.
+        balancer: A ``Balancer`` you built from the pools and keep, to drain upstreams or
+            read their state while the app serves (``self.balancer`` either way).
+        transport: With ``pools``: the upstream client for every pool that names none
+            (``None``: the built-in ``Http1Transport``; any ``httpx.AsyncBaseTransport``
+            or ``UpstreamTransport``).
+        trusted_proxies: Addresses and CIDR ranges whose ``X-Forwarded-*`` headers are
+            believed (``"*"`` for all).
+        max_url_length: The longest pooled path + query, in bytes; longer is 414.
+        hide_response_headers: Upstream response headers not passed on, as nginx's
+            ``proxy_hide_header`` (the ASGI server sets its own ``Date`` and ``Server``).
+        max_header_bytes: Request header names and values adding up to more are 431.
+        metrics_path: Serve Prometheus metrics there (needs the ``metrics`` extra).
+        status_path: Serve the status page there, and its JSON at ``status_path +
+            ".json"``.
+        status_guard: A callable taking the Request and returning, or awaiting, True to
+            allow the status page, its JSON and the metrics.
+        access_log: Log a line per proxied request.
     """
 
     def __init__(

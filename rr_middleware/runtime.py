@@ -42,14 +42,21 @@ class Balancer:
     """The pools of one app while it serves: ``balancer["/api"]`` is the ``PoolRuntime``
     of the pool at that prefix (``drain()``, ``undrain()``, ``snapshot()``).
 
-    ``pools`` is what ``RoundRobinMiddleware`` takes (``{prefix: Pool}`` or ``{prefix:
-    [url, ...]}``). ``transport`` is the upstream client of every pool that names none
-    (default: the built-in ``Http1Transport``, which the balancer opens and closes; one
-    you pass is yours to close).
+    >>> balancer = Balancer({"/api": ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]})
+    >>> balancer["/api"].drain("http://10.0.0.2:8000")
+    >>> [(row["url"], row["eligible"]) for row in balancer["/api"].snapshot()]
+    [('http://10.0.0.1:8000', True), ('http://10.0.0.2:8000', False)]
 
-    >>> balancer = Balancer({"/api": ["http://10.0.0.1:8000"]})
-    >>> [row["url"] for row in balancer["/api"].snapshot()]
-    ['http://10.0.0.1:8000']
+    Hand it to the middleware (``app.add_middleware(RoundRobinMiddleware,
+    balancer=balancer)``), which starts and stops it from the lifespan; one balancer
+    serves one middleware.
+
+    Args:
+        pools: What ``RoundRobinMiddleware`` takes: ``{prefix: Pool}`` or ``{prefix:
+            [url, ...]}``.
+        transport: The upstream client of every pool that names none (``None``: the
+            built-in ``Http1Transport``, which the balancer opens and closes; one you pass
+            is yours to close).
     """
 
     def __init__(self, pools: PoolsArg, *, transport: TransportArg = None) -> None:
