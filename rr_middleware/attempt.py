@@ -31,7 +31,7 @@ class Outcomes(Protocol):
 
     def pick(self, tried: list[Member]) -> Member | None: ...
     def succeeded(self, member: Member) -> None: ...
-    def failed(self, member: Member, kind: str, why: str = "") -> None: ...
+    def failed(self, member: Member, kind: str, status: int = 0) -> None: ...
 
 
 class Attempt:
@@ -126,8 +126,7 @@ class Attempt:
 
     def _unhealthy(self, status: int) -> None:
         self._recorded = True
-        kind = "5xx" if status >= 500 else f"status {status}"
-        self.runtime.failed(self.member, kind, f"status {status}")
+        self.runtime.failed(self.member, f"status {status}", status)
 
     def succeeded(self) -> None:
         """Record a success now, before the block ends (a WebSocket's, at its handshake)."""

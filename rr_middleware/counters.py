@@ -62,16 +62,22 @@ class UpstreamStats:
         "ejections",
         "failures_by_kind",
         "headers_latency",
+        "in_flight",
         "retries",
+        "status_failures",
         "successes",
         "total_latency",
         "transitions",
+        "websockets",
     )
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}  # responses by status
         self.successes = 0
         self.failures_by_kind: dict[str, int] = {}
+        #: Failures that were a status in ``unhealthy_statuses``, by status (their kind is
+        #: ``5xx``, or ``status NNN`` for a 4xx).
+        self.status_failures: dict[int, int] = {}
         self.retries = 0  # requests moved on to another upstream after failing here
         self.ejections = 0
         self.transitions = 0  # health state changes (down, up, ejected, recovered)
@@ -80,6 +86,9 @@ class UpstreamStats:
         self.bytes_out = 0  # response body bytes relayed to clients
         self.headers_latency = Histogram()  # time to response headers
         self.total_latency = Histogram()  # time to the end of the response
+        # Gauges, set only on totals read from a zone (a member's own are live values).
+        self.in_flight = 0
+        self.websockets = 0
 
     @property
     def failures(self) -> int:
@@ -92,3 +101,8 @@ class UpstreamStats:
 
     def failure(self, kind: str) -> None:
         self.failures_by_kind[kind] = self.failures_by_kind.get(kind, 0) + 1
+
+    def status_failure(self, status: int) -> None:
+        """A status in the pool's ``unhealthy_statuses``: kind ``5xx`` or ``status NNN``."""
+        self.failure("5xx" if status >= 500 else f"status {status}")
+        self.status_failures[status] = self.status_failures.get(status, 0) + 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -25,6 +26,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -42,6 +44,7 @@ from .gateway_config import (
     load_config,
 )
 from .middleware import RoundRobinMiddleware
+from .zone import ZONE_ENV
 
 __all__ = ["ENV_CONFIG", "ENV_HOST", "ENV_PORT", "create_app", "describe", "main"]
 
@@ -104,6 +107,11 @@ def serve(config: GatewayConfig) -> int:
         return EXIT_FAILURE
     # Workers build their app from the file again (they are fresh processes).
     os.environ[ENV_CONFIG] = str(config.path.resolve())
+    if settings.workers > 1 and config.middleware.get("zone") is None:
+        # Several workers act as one balancer (shared health, one prober, summed counters):
+        # a zone named after what this gateway serves, so a rerun finds and rebuilds what a
+        # crashed one left, and two gateways never share one by accident.
+        os.environ.setdefault(ZONE_ENV, _zone_name(config.path, settings.host, sock))
     options: dict[str, Any] = {
         "host": settings.host,
         "port": sock.getsockname()[1],
@@ -266,6 +274,11 @@ def _listen(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def _zone_name(path: Path, host: str, sock: socket.socket) -> str:
+    where = f"{path.resolve()}|{host}|{sock.getsockname()[1]}"
+    return "rr-gateway-" + hashlib.sha256(where.encode("utf-8")).hexdigest()[:16]
 
 
 def _log_config(level: str) -> dict[str, Any]:

@@ -131,6 +131,7 @@ MIDDLEWARE = KeyTable(
         "metrics_path": optional(STRING),
         "status_path": optional(STRING),
         "access_log": BOOLEAN,
+        "zone": optional(STRING),
     },
     python_only={"balancer", "transport", "status_guard"},
 )

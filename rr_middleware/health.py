@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import HealthCheck
 from .counters import UpstreamStats
@@ -218,24 +218,30 @@ class Checked(Protocol):
 class HealthChecker:
     """A pool's active checks while the app serves: every member checked at once, every
     ``interval`` seconds give or take ``jitter`` (so a fleet of workers does not probe in
-    lockstep), and newcomers from discovery at once (``check_soon``). ``on_change`` is
-    called when a check moved any member up or down."""
+    lockstep), and newcomers from discovery at once (``check_soon``). ``apply`` takes a
+    round's results and returns each member's transition ("up", "down" or "").
+
+    ``lead``, when set (worker processes sharing a zone), says whether this process is the
+    one that probes; the others ask again every interval, so one of them takes over
+    within an interval of the prober's end.
+    """
 
     def __init__(
         self,
         name: str,
         check: HealthCheck,
-        members: Callable[[], Sequence[Checked]],
+        members: Callable[[], Sequence[Any]],
         clock: Callable[[], float],
         rng: random.Random,
-        on_change: Callable[[], None],
+        apply: Callable[[list[tuple[Any, CheckResult]]], list[str]],
     ) -> None:
         self.name = name
         self.check = check
         self._members = members
         self._clock = clock
         self._rng = rng
-        self._on_change = on_change
+        self._apply = apply
+        self.lead: Callable[[], bool] | None = None
         self._due: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -260,20 +266,14 @@ class HealthChecker:
         """Check every member once, concurrently, and apply the results."""
         check = self.check
         now = self._clock()
-        members = self._members()  # replaced, never mutated, when membership changes
+        members = list(self._members())  # replaced, never mutated, when membership changes
         results = await asyncio.gather(
             *(probe(m.transport, m.upstream, check, now) for m in members)
         )
-        changed = False
-        for member, result in zip(members, results, strict=True):
-            member.stats.checks["pass" if result.ok else "fail"] += 1
-            transition = member.health.record_check(result, check)
-            if transition is not None:
-                member.stats.transitions += 1
-                changed = True
+        pairs = list(zip(members, results, strict=True))
+        for (member, result), transition in zip(pairs, self._apply(pairs), strict=True):
+            if transition:
                 self._log_transition(member, transition, result)
-        if changed:
-            self._on_change()
 
     async def _run(self) -> None:
         due = self._due
@@ -281,7 +281,8 @@ class HealthChecker:
         check = self.check
         while True:
             due.clear()
-            await self.check_now()
+            if self.lead is None or self.lead():
+                await self.check_now()
             spread = check.jitter * (2 * self._rng.random() - 1)
             # Sleep an interval, or less when newcomers arrive to be checked.
             with contextlib.suppress(asyncio.TimeoutError):

@@ -76,7 +76,18 @@ class Member:
     ``max_connections`` slots), ``health`` (active and passive), ``stats`` (its counters),
     ``drained``, and ``websockets`` (open ones; they take no slot)."""
 
-    __slots__ = ("drained", "health", "limiter", "stats", "transport", "upstream", "websockets")
+    __slots__ = (
+        "drained",
+        "health",
+        "limiter",
+        "record",
+        "stats",
+        "transport",
+        "upstream",
+        "websockets",
+        "weight_override",
+        "zone_base",
+    )
 
     def __init__(self, upstream: Upstream, transport: UpstreamTransport, limit: int) -> None:
         self.upstream = upstream
@@ -86,6 +97,17 @@ class Member:
         self.stats = UpstreamStats()
         self.drained = False
         self.websockets = 0
+        #: A weight set while serving, over the configured one (None: the configured).
+        self.weight_override: int | None = None
+        #: Its record in a zone shared with other workers, and where this process's
+        #: counters start in its slot there (see ``zone.py``); None without a zone.
+        self.record: int | None = None
+        self.zone_base: list[int | float] | None = None
+
+    @property
+    def weight(self) -> int:
+        override = self.weight_override
+        return self.upstream.weight if override is None else override
 
     @property
     def in_flight(self) -> int:

@@ -41,8 +41,7 @@ def status_json(balancer: Balancer) -> dict[str, Any]:
     pools = []
     for prefix, runtime in balancer.pools.items():
         rows = []
-        for member, row in zip(runtime.members, runtime.snapshot(), strict=True):
-            stats = member.stats
+        for row, stats in runtime.rows():
             by_class: dict[str, int] = {}
             for code, n in stats.codes.items():
                 key = f"{code // 100}xx"
@@ -74,7 +73,8 @@ def status_json(balancer: Balancer) -> dict[str, Any]:
                 "upstreams": rows,
             }
         )
-    return {"pools": pools}
+    zone = balancer.zone
+    return {"pools": pools, "zone": zone.describe() if zone is not None else None}
 
 
 class PrometheusCollector:
@@ -89,14 +89,13 @@ class PrometheusCollector:
     def collect(self) -> Iterator[Any]:
         families = _Families()
         for prefix, runtime in self._balancer.pools.items():
-            runtime.refresh_if_due()
+            rows = runtime.rows()  # brought up to date first (time, other workers)
             families.panic.add_metric([prefix], 1 if runtime.panic else 0)
-            eligible = {id(m) for m in runtime.eligible} if not runtime.all_down else set()
-            for member in runtime.members:
-                key = [prefix, member.upstream.url]
-                families.add_upstream(key, member.stats, id(member) in eligible)
-                families.in_flight.add_metric(key, member.in_flight)
-                families.websockets.add_metric(key, member.websockets)
+            for row, stats in rows:
+                key = [prefix, row["url"]]
+                families.add_upstream(key, stats, row["eligible"])
+                families.in_flight.add_metric(key, stats.in_flight)
+                families.websockets.add_metric(key, stats.websockets)
         yield from families.all()
 
 

@@ -73,6 +73,8 @@ class RoundRobinMiddleware:
         transport: With ``pools``: the upstream client for every pool that names none
             (``None``: the built-in ``Http1Transport``; any ``httpx.AsyncBaseTransport``
             or ``UpstreamTransport``).
+        zone: With ``pools``: a name the worker processes of one deployment share to act
+            as one balancer (see ``Balancer``).
         trusted_proxies: Addresses and CIDR ranges whose ``X-Forwarded-*`` headers are
             believed (``"*"`` for all).
         max_url_length: The longest pooled path + query, in bytes; longer is 414.
@@ -94,6 +96,7 @@ class RoundRobinMiddleware:
         *,
         balancer: Balancer | None = None,
         transport: TransportArg = None,
+        zone: str | None = None,
         trusted_proxies: Union[str, Sequence[str]] = (),
         max_url_length: int = 8192,
         hide_response_headers: Sequence[str] = ("date", "server"),
@@ -109,12 +112,12 @@ class RoundRobinMiddleware:
                 raise FieldError(
                     "pools", "are required (or balancer=)", "pools= or balancer= is required"
                 )
-            balancer = Balancer(pools, transport=transport)
-        elif pools is not None or transport is not None:
+            balancer = Balancer(pools, transport=transport, zone=zone)
+        elif pools is not None or transport is not None or zone is not None:
             raise FieldError(
                 "balancer",
-                "comes with its pools and transport: give pools= and transport= to the "
-                "Balancer, not to the middleware too",
+                "comes with its pools, transport and zone: give them to the Balancer, not "
+                "to the middleware too",
             )
         if not isinstance(balancer, Balancer):
             raise FieldError("balancer", f"must be a Balancer, got {balancer!r}")

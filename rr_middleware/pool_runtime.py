@@ -8,6 +8,7 @@ each outcome here exactly once (``succeeded``, ``failed``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -17,13 +18,16 @@ from .attempt import Attempt
 from .balancing import Policy, build
 from .config import Pool
 from .discovery.base import Watcher
-from .health import HealthChecker
+from .health import CheckResult, HealthChecker
 from .members import Member
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from .counters import UpstreamStats
+    from .zone import ZonePool
 
 __all__ = ["PoolRuntime"]
 
@@ -47,6 +51,10 @@ class PoolRuntime:
         self.prefix = prefix.encode("ascii") if prefix != "/" else b""
         self.pool = pool
         self._resolve = resolve
+        #: The pool's records in a zone shared with other worker processes (``zone.py``),
+        #: while attached; and the zone generation this process last loaded.
+        self.shared: ZonePool | None = None
+        self._shared_generation = -1
         self.members = [self._member(upstream) for upstream in pool.members]
         self.clock = pool.clock
         self.rng = pool.random if pool.random is not None else random.Random()
@@ -61,12 +69,20 @@ class PoolRuntime:
         self.checker: HealthChecker | None = None
         if pool.health_check is not None:
             self.checker = HealthChecker(
-                prefix, pool.health_check, lambda: self.members, self.clock, self.rng, self.refresh
+                prefix,
+                pool.health_check,
+                lambda: self.members,
+                self.clock,
+                self.rng,
+                self.apply_checks,
             )
         self.refresh()
 
     def _member(self, upstream: Upstream) -> Member:
-        return Member(upstream, self._resolve(upstream), self.pool.max_connections)
+        member = Member(upstream, self._resolve(upstream), self.pool.max_connections)
+        if self.shared is not None:
+            self.shared.bind(member)
+        return member
 
     # -- life ---------------------------------------------------------------------------
 
@@ -96,7 +112,7 @@ class PoolRuntime:
         next_change = math.inf
         for member in self.members:
             health = member.health
-            if member.drained or member.upstream.weight <= 0 or not health.healthy:
+            if member.drained or member.weight <= 0 or not health.healthy:
                 continue
             if health.ejected_until is not None and not health.expire_ejection(now):
                 next_change = min(next_change, health.ejected_until)
@@ -113,13 +129,13 @@ class PoolRuntime:
             if ramp_step is not None:
                 next_change = min(next_change, ramp_step)
             eligible.append(member)
-            weights.append(member.upstream.weight * tenths)
+            weights.append(member.weight * tenths)
         self.all_down = not eligible
         if self.all_down and pool.on_all_down == "try_all":
             # Panic mode (Envoy's name; the seed's behaviour too): better to try every
             # upstream than to refuse all traffic because every check says down.
-            eligible = [m for m in self.members if not m.drained and m.upstream.weight > 0]
-            weights = [m.upstream.weight for m in eligible]
+            eligible = [m for m in self.members if not m.drained and m.weight > 0]
+            weights = [m.weight for m in eligible]
         self.eligible = eligible
         self.policy = build(pool.policy, eligible, weights, self.rng, self.policy, resume_after)
         self._next_change = next_change
@@ -131,17 +147,59 @@ class PoolRuntime:
 
     def pick(self, tried: list[Member]) -> Member | None:
         """The upstream for the next attempt, or None when none may be tried."""
-        if self._next_change != math.inf and self.clock() >= self._next_change:
+        shared = self.shared
+        if shared is not None and shared.generation != self._shared_generation:
+            self.sync()  # another worker changed what the pool knows
+        elif self._next_change != math.inf and self.clock() >= self._next_change:
             self.refresh()  # what time alone changed (refresh_if_due, inline: every request)
         member = self.policy.pick(tried)
-        if member is not None and member.health.half_open and not self.all_down:
-            pool = self.pool
-            member.health.probing = True
-            member.health.probe_deadline = (
-                self.clock() + pool.pool_timeout + pool.connect_timeout + pool.timeout
-            )
-            self.refresh(resume_after=member)  # the probe was a turn of the rotation
+        while member is not None and member.health.half_open and not self.all_down:
+            if self._claim_probe(member):
+                self.refresh(resume_after=member)  # the probe was a turn of the rotation
+                break
+            self.refresh()  # another worker probes it: pick again
+            member = self.policy.pick(tried)
         return member
+
+    def _claim_probe(self, member: Member) -> bool:
+        """Make ``member``'s next request the one probe of a half-open upstream, across
+        every worker sharing the pool (False: another worker's request probes it now)."""
+        pool = self.pool
+        now = self.clock()
+        with self._writing(member):
+            health = member.health
+            if health.ejected_until is not None and not health.expire_ejection(now):
+                return False
+            if health.probing and now < health.probe_deadline:
+                return False
+            health.half_open = health.probing = True
+            health.probe_deadline = now + pool.pool_timeout + pool.connect_timeout + pool.timeout
+        return True
+
+    def _writing(self, member: Member) -> contextlib.AbstractContextManager[None]:
+        """Around a change to ``member``'s health: with a zone, it is loaded fresh under
+        the zone's write lock first and stored for every worker after."""
+        shared = self.shared
+        if shared is None or member.record is None:
+            return contextlib.nullcontext()
+        return shared.writing_member(member)
+
+    def share(self, shared: ZonePool | None) -> None:
+        """Keep this pool's state in a zone shared with other worker processes (None: in
+        this process alone again, from what it last knew)."""
+        self.shared = shared
+        for member in self.members:
+            member.record = member.zone_base = None
+            if shared is not None:
+                shared.bind(member)
+        self.sync()
+
+    def sync(self) -> None:
+        """Load what the zone says of every member (health, drain, weight) and rebuild."""
+        shared = self.shared
+        if shared is not None:
+            self._shared_generation = shared.load_members(self.members)
+        self.refresh()
 
     @property
     def panic(self) -> bool:
@@ -172,7 +230,11 @@ class PoolRuntime:
 
     def succeeded(self, member: Member) -> None:
         member.stats.successes += 1
-        if member.health.half_open and member.health.record_success(self.clock()):
+        if not member.health.half_open:
+            return
+        with self._writing(member):
+            recovered = member.health.record_success(self.clock())
+        if recovered:
             member.stats.transitions += 1
             logger.warning(
                 "pool %s: upstream %s recovered (half-open probe succeeded)",
@@ -181,13 +243,19 @@ class PoolRuntime:
             )
             self.refresh()
 
-    def failed(self, member: Member, kind: str, why: str = "") -> None:
-        member.stats.failure(kind)
+    def failed(self, member: Member, kind: str, status: int = 0) -> None:
+        """A failed exchange: ``kind``, or ``status``, one of the pool's unhealthy ones."""
+        if status:
+            member.stats.status_failure(status)
+        else:
+            member.stats.failure(kind)
         pool = self.pool
         if len(self.members) < 2 and not member.health.half_open:
             return  # a pool of one is never ejected: there is nowhere else to go
-        probing = member.health.half_open
-        if member.health.record_failure(self.clock(), pool.max_fails, pool.fail_timeout):
+        with self._writing(member):
+            probing = member.health.half_open
+            ejected = member.health.record_failure(self.clock(), pool.max_fails, pool.fail_timeout)
+        if ejected:
             member.stats.ejections += 1
             member.stats.transitions += 1
             logger.warning(
@@ -196,9 +264,33 @@ class PoolRuntime:
                 member.upstream.url,
                 pool.fail_timeout,
                 "its half-open probe failed" if probing else f"{pool.max_fails} failures",
-                why or kind,
+                kind,
             )
             self.refresh()
+
+    def apply_checks(self, results: list[tuple[Member, CheckResult]]) -> list[str]:
+        """Apply a round of active checks (the health checker's results); returns each
+        member's transition ("up", "down" or "") in order. With a zone, the round is
+        applied to the shared health (only the leading process probes)."""
+        check = self.pool.health_check
+        assert check is not None
+        shared = self.shared
+        transitions = []
+        with shared.writing() if shared is not None else contextlib.nullcontext():
+            for member, result in results:
+                if shared is not None and member.record is not None:
+                    shared.load_member(member)
+                transition = member.health.record_check(result, check) or ""
+                if shared is not None and member.record is not None:
+                    shared.store_member(member)
+                    shared.count_check(member, result.ok, bool(transition))
+                else:
+                    member.stats.checks["pass" if result.ok else "fail"] += 1
+                    member.stats.transitions += bool(transition)
+                transitions.append(transition)
+        if any(transitions):
+            self.refresh()
+        return transitions
 
     # -- operations -----------------------------------------------------------------------
 
@@ -210,20 +302,46 @@ class PoolRuntime:
         """Send ``url`` requests again."""
         self._set_drained(url, False)
 
-    def _set_drained(self, url: str, drained: bool) -> None:
+    def set_weight(self, url: str, weight: int | None) -> None:
+        """Give ``url`` another weight while the app serves (None: its configured one
+        again); with a zone, in every worker."""
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int)):
+            raise ValueError(f"weight must be an integer >= 0 or None, got {weight!r}")
+        if weight is not None and weight < 0:
+            raise ValueError(f"weight must be an integer >= 0 or None, got {weight!r}")
+        member = self._member_at(url)
+        if member.weight_override != weight:
+            member.weight_override = weight
+            if self.shared is not None:
+                self.shared.set_weight(member, weight)
+            configured = f"back to its configured {member.upstream.weight}"
+            logger.warning(
+                "pool %s: upstream %s weight %s",
+                self.name,
+                url,
+                configured if weight is None else weight,
+            )
+            self.refresh()
+
+    def _member_at(self, url: str) -> Member:
         for member in self.members:
             if member.upstream.url == url:
-                if member.drained != drained:
-                    member.drained = drained
-                    logger.warning(
-                        "pool %s: upstream %s %s",
-                        self.name,
-                        url,
-                        "drained" if drained else "back in rotation",
-                    )
-                    self.refresh()
-                return
+                return member
         raise ValueError(f"pool {self.name}: no upstream {url!r}")
+
+    def _set_drained(self, url: str, drained: bool) -> None:
+        member = self._member_at(url)
+        if member.drained != drained:
+            member.drained = drained
+            if self.shared is not None:
+                self.shared.set_drained(member, drained)
+            logger.warning(
+                "pool %s: upstream %s %s",
+                self.name,
+                url,
+                "drained" if drained else "back in rotation",
+            )
+            self.refresh()
 
     # -- membership (discovery) -----------------------------------------------------------
 
@@ -303,33 +421,58 @@ class PoolRuntime:
             "members": len(self.members),
         }
 
+    def counters(self) -> list[tuple[Member, UpstreamStats]]:
+        """Each member with its counters (``in_flight`` and ``websockets`` set): this
+        process's, or with a zone, the sum over every worker sharing it."""
+        shared = self.shared
+        if shared is not None:
+            return shared.totals(self.members)
+        rows = []
+        for member in self.members:
+            stats = member.stats
+            stats.in_flight, stats.websockets = member.in_flight, member.websockets
+            rows.append((member, stats))
+        return rows
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Per upstream (the current members): url, weight, effective weight, health
         (active), ejection (passive), half-open, drained, eligible, in flight, open
-        WebSockets, requests and failures (exchanges with an outcome), last check."""
-        self.refresh_if_due()
+        WebSockets, requests and failures (exchanges with an outcome), last check. With
+        a zone: what every worker sharing it knows, and their totals."""
+        return [row for row, _ in self.rows()]
+
+    def rows(self) -> list[tuple[dict[str, Any], UpstreamStats]]:
+        """``snapshot()``'s rows, each with the counters it was made from."""
+        if self.shared is not None and self.shared.generation != self._shared_generation:
+            self.sync()
+        else:
+            self.refresh_if_due()
         now = self.clock()
         eligible = {id(m) for m in self.eligible}
-        return [self._row(member, now, eligible) for member in self.members]
+        return [
+            (self._row(member, stats, now, eligible), stats) for member, stats in self.counters()
+        ]
 
-    def _row(self, member: Member, now: float, eligible: set[int]) -> dict[str, Any]:
+    def _row(
+        self, member: Member, stats: UpstreamStats, now: float, eligible: set[int]
+    ) -> dict[str, Any]:
         health = member.health
         tenths, _ = health.ramp(now, self.pool.slow_start)
         last = health.last_check
         return {
             "url": member.upstream.url,
-            "weight": member.upstream.weight,
-            "effective_weight": member.upstream.weight * tenths / 10,
+            "weight": member.weight,
+            "effective_weight": member.weight * tenths / 10,
             "healthy": health.healthy,
             "ejected": health.ejected_until is not None,
             "ejected_until": health.ejected_until,
             "half_open": health.half_open,
             "drained": member.drained,
             "eligible": id(member) in eligible and not self.all_down,
-            "in_flight": member.in_flight,
-            "websockets": member.websockets,
-            "requests": member.stats.requests,
-            "failures": member.stats.failures,
+            "in_flight": stats.in_flight,
+            "websockets": stats.websockets,
+            "requests": stats.requests,
+            "failures": stats.failures,
             "last_check": None
             if last is None
             else {

@@ -13,23 +13,30 @@ state::
 
 ``RoundRobinMiddleware(app, pools=...)`` builds a balancer of its own when you need no
 handle. One balancer serves one middleware.
+
+With ``zone="name"`` (or ``RR_MIDDLEWARE_ZONE`` in the environment) the worker processes
+of a deployment that name the same zone act as one balancer: shared health, ejection and
+drain, one prober, summed counters (see ``zone.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any, Union
 
 import httpx
 
 from .config import PoolsArg, normalize_pools, normalize_prefix
+from .errors import FieldError
 from .pool_runtime import PoolRuntime
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
 from .upstream import Upstream
+from .zone import FLUSH_INTERVAL, ZONE_ENV, PoolLayout, Zone
 
 __all__ = ["Balancer", "TransportArg", "as_transport"]
 
@@ -57,10 +64,23 @@ class Balancer:
         transport: The upstream client of every pool that names none (``None``: the
             built-in ``Http1Transport``, which the balancer opens and closes; one you pass
             is yours to close).
+        zone: A name (a directory under ``/dev/shm``), or a directory, that the worker
+            processes of one deployment share to act as one balancer: shared health,
+            ejection and drain, one prober, summed counters (``None``: the
+            ``RR_MIDDLEWARE_ZONE`` environment variable; unset: this process alone).
     """
 
-    def __init__(self, pools: PoolsArg, *, transport: TransportArg = None) -> None:
+    def __init__(
+        self, pools: PoolsArg, *, transport: TransportArg = None, zone: str | None = None
+    ) -> None:
         configs = normalize_pools(pools)
+        if zone is None:
+            zone = os.environ.get(ZONE_ENV) or None
+        if zone is not None and (not isinstance(zone, str) or not zone.strip()):
+            raise FieldError("zone", f"must be a name or a directory, got {zone!r}")
+        self.zone_name = zone
+        self.zone: Zone | None = None
+        self._flusher: asyncio.TimerHandle | None = None
         self._own_transport = transport is None
         self.transport: UpstreamTransport = as_transport(transport) or Http1Transport()
         self.pools: dict[str, PoolRuntime] = {}
@@ -118,6 +138,8 @@ class Balancer:
         ends), and discovered pools stay empty."""
         if self._own_transport:
             await self.transport.aopen()
+        if self.zone_name is not None and self.zone is None:
+            self._attach_zone(self.zone_name)
         runtimes = [runtime for runtime in self.pools.values() if runtime.watcher is not None]
         for runtime in runtimes:
             runtime.start_discovery()
@@ -141,8 +163,54 @@ class Balancer:
         opened (a transport you passed in is yours to close)."""
         for runtime in self.pools.values():
             await runtime.stop()
+        self._detach_zone()
         if self._own_transport:
             await self.transport.aclose()
+
+    # -- the zone -------------------------------------------------------------------------
+
+    def _attach_zone(self, name: str) -> None:
+        layouts = [
+            PoolLayout(
+                prefix,
+                [upstream.identity for upstream in runtime.pool.members],
+                discovered=runtime.pool.discovery is not None,
+            )
+            for prefix, runtime in self.pools.items()
+        ]
+        zone = Zone(name, layouts)
+        zone.attach()
+        self.zone = zone
+        for index, runtime in enumerate(self.pools.values()):
+            runtime.share(zone.pool(index))
+            if runtime.checker is not None:
+                runtime.checker.lead = zone.lead
+        logger.info("zone %s: attached as worker %d (%s)", name, zone.slot, zone.directory)
+        self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush)
+
+    def _flush(self) -> None:
+        """This worker's counters into its slots, every FLUSH_INTERVAL."""
+        if self.zone is None:
+            return
+        for runtime in self.pools.values():
+            if runtime.shared is not None:
+                runtime.shared.flush(runtime.members)
+        self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush)
+
+    def _detach_zone(self) -> None:
+        zone, self.zone = self.zone, None
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if zone is None:
+            return
+        for runtime in self.pools.values():
+            if runtime.shared is not None:
+                runtime.shared.flush(runtime.members)
+            if runtime.checker is not None:
+                runtime.checker.lead = None
+            runtime.share(None)
+        zone.detach()
 
 
 def as_transport(transport: Any) -> UpstreamTransport | None:

@@ -45,6 +45,16 @@ def children_of(pid: int) -> list[int]:
         return []
 
 
+def stop_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as a service manager stops it (its workers clean up: a zone they share
+    is removed by the last one out); SIGKILL to the whole tree if it takes too long."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=DEADLINE)
+    kill_tree(process)
+
+
 def kill_tree(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL the gateway and its worker processes, by PID."""
     if process.poll() is None:
@@ -92,4 +102,4 @@ def run_gateway(
         wait_for(answers, "the gateway to answer")
         yield Gateway(process, log, url)
     finally:
-        kill_tree(process)
+        stop_tree(process)
