@@ -36,7 +36,7 @@ from .errors import BodyTooLarge, ClientBodyError, ClientBodyTimeout, ClientDisc
 if TYPE_CHECKING:
     from starlette.types import Message, Receive
 
-__all__ = ["TICK", "ClientSide", "Sweeper"]
+__all__ = ["TICK", "ClientSide", "Sweeper", "abort_client"]
 
 #: Seconds between two looks at the exchanges in flight: how late a deadline may be
 #: noticed, and how long an exchange runs before its client is watched for leaving.
@@ -46,43 +46,58 @@ TICK = 0.1
 class Sweeper:
     """Looks at every exchange in flight every ``TICK`` seconds (see the module docstring).
 
-    One per middleware, bound to the event loop its exchanges run on; a new loop (a
-    ``TestClient`` used without ``with`` runs each request in one) starts afresh. The
-    timer runs only while exchanges are in flight, so nothing is left pending when a loop
-    ends.
+    One per middleware; the exchanges of each event loop are swept by a timer of that
+    loop (a ``TestClient`` used without ``with`` runs each request in a loop of its own,
+    and an app may be served from several threads). A loop's timer runs only while it has
+    exchanges in flight, so nothing is left pending when a loop ends.
     """
 
-    __slots__ = ("_exchanges", "_loop", "_timer", "tick")
+    __slots__ = ("_loops", "tick")
 
     def __init__(self, tick: float = TICK) -> None:
         self.tick = tick
-        self._exchanges: set[ClientSide] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        #: Per event loop: its exchanges in flight, and its pending sweep (None: none).
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopSweep] = {}
 
     def add(self, exchange: ClientSide) -> None:
         loop = exchange.loop
-        if loop is not self._loop:
-            self._loop = loop
-            self._exchanges = set()
-            self._timer = None
-        self._exchanges.add(exchange)
-        if self._timer is None:
-            self._timer = loop.call_later(self.tick, self._sweep)
+        sweep = self._loops.get(loop)
+        if sweep is None:
+            if len(self._loops) > 16:  # loops that ended (TestClient): forget them
+                for old in [old for old in self._loops if old.is_closed()]:
+                    del self._loops[old]
+            sweep = self._loops[loop] = _LoopSweep(loop, self.tick)
+        sweep.add(exchange)
 
     def discard(self, exchange: ClientSide) -> None:
-        self._exchanges.discard(exchange)
+        sweep = self._loops.get(exchange.loop)
+        if sweep is not None:
+            sweep.exchanges.discard(exchange)
 
-    def _sweep(self) -> None:
-        self._timer = None
-        loop = self._loop
-        if not self._exchanges or loop is None:
+
+class _LoopSweep:
+    __slots__ = ("exchanges", "loop", "tick", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self.loop = loop
+        self.tick = tick
+        self.exchanges: set[ClientSide] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, exchange: ClientSide) -> None:
+        self.exchanges.add(exchange)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.tick, self.sweep)
+
+    def sweep(self) -> None:
+        self.timer = None
+        if not self.exchanges:
             return
-        now = loop.time()
-        for exchange in list(self._exchanges):
+        now = self.loop.time()
+        for exchange in list(self.exchanges):
             exchange.check(now)
-        if self._exchanges:
-            self._timer = loop.call_later(self.tick, self._sweep)
+        if self.exchanges:
+            self.timer = self.loop.call_later(self.tick, self.sweep)
 
 
 class ClientSide:
@@ -108,6 +123,10 @@ class ClientSide:
     closed = False
     _waiting: asyncio.Task[Any] | None = None  # a task in receive(), and since when
     _waiting_since = 0.0
+    #: While the body streams upstream: seconds spent waiting for the client in all, and
+    #: the body's size when the streaming began (see ``min_rate``).
+    _streamed_wait = 0.0
+    _stream_start = 0
     #: When the send to the client now in progress began (None: not sending). Set by the
     #: relay around each send, as plain attribute writes: a wrapper coroutine per send
     #: would cost more than the bookkeeping.
@@ -122,6 +141,7 @@ class ClientSide:
         body_timeout: float,
         send_timeout: float,
         sweeper: Sweeper,
+        min_rate: float = 0.0,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -132,6 +152,7 @@ class ClientSide:
         self.limit = limit
         self.body_timeout = body_timeout
         self.send_timeout = send_timeout
+        self.min_rate = min_rate
         self._sweeper = sweeper
         sweeper.add(self)
 
@@ -157,6 +178,7 @@ class ClientSide:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
+        self._stream_start = self.size
         if self._first:
             yield self._first
             self._first = b""
@@ -186,6 +208,8 @@ class ClientSide:
             raise
         finally:
             self._waiting = None
+            if self.started:
+                self._streamed_wait += self.loop.time() - self._waiting_since
         if message["type"] == "http.disconnect":
             self._fail(ClientDisconnected("the client left during the request body"))
         chunk: bytes = message.get("body", b"")
@@ -206,9 +230,24 @@ class ClientSide:
             return
         waiting = self._waiting
         if waiting is not None and self.failure is None:
-            if now - self._waiting_since >= self.body_timeout:
+            waited = now - self._waiting_since
+            if waited >= self.body_timeout:
                 self.failure = ClientBodyTimeout(
                     f"no request body from the client for {self.body_timeout}s"
+                )
+                waiting.cancel()
+            elif (
+                self.started
+                and self.min_rate
+                and (
+                    self._streamed_wait + waited
+                    > self.body_timeout + (self.size - self._stream_start) / self.min_rate
+                )
+            ):
+                # A drip (a byte now and then, never a whole pause) holding an upstream
+                # connection: each byte buys 1/min_rate seconds, and no more.
+                self.failure = ClientBodyTimeout(
+                    f"request body streamed slower than {self.min_rate:g} bytes/s"
                 )
                 waiting.cancel()
             return
@@ -247,3 +286,18 @@ class ClientSide:
             return False
         uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+
         return uncancel is None or uncancel() == 0
+
+
+async def abort_client(send: Any) -> bool:
+    """Cut the client's connection at once (a TCP reset), where the server lets us: an
+    aborted response must not sit in the server's buffers waiting for a client that reads
+    nothing (a close would wait for them to drain). uvicorn's ``send`` is a method of the
+    exchange that holds the connection's transport. Returns False where that is not so:
+    the caller raises ``ResponseAborted`` for the server to cut it instead."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if not callable(abort):
+        return False
+    abort()
+    await asyncio.sleep(0)  # the server's connection_lost runs: it knows the client went
+    return True

@@ -115,6 +115,7 @@ class Pool:
     slow_start: float = 0.0
     max_body_size: int | None = None
     client_body_timeout: float = 30.0
+    client_body_min_rate: int = 500
     client_send_timeout: float = 60.0
     websocket_timeout: float | None = None
     websocket_idle_timeout: float | None = None
@@ -142,6 +143,7 @@ class Pool:
         _int_at_least("max_fails", self.max_fails, 0)
         _int_at_least("retry_body_limit", self.retry_body_limit, 0)
         _int_at_least("request_buffer_size", self.request_buffer_size, 0)
+        _int_at_least("client_body_min_rate", self.client_body_min_rate, 0)
         if self.max_body_size is not None:
             _int_at_least("max_body_size", self.max_body_size, 0)
         for name in ("unhealthy_statuses", "retry_on_statuses"):

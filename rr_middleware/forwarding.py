@@ -20,6 +20,7 @@ connection is aborted (``ResponseAborted``), never a silently truncated response
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from .client import ClientSide, Sweeper
+from .client import ClientSide, Sweeper, abort_client
 from .errors import (
     ClientBodyError,
     NoUpstream,
@@ -55,6 +56,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 
 _REASONS = {
     400: b"Bad Request",
+    499: b"Client Closed Request",
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
@@ -131,23 +133,27 @@ async def forward(
     pool = runtime.pool
     if not runtime.members:  # a discovered pool with no upstreams (yet, or any more)
         logger.info("pool %s: no upstreams; answering 503", runtime.name)
-        await send_error(send, 503, [(b"retry-after", b"%d" % runtime.retry_after())])
+        retry_after = (b"retry-after", b"%d" % runtime.retry_after())
+        await send_error(send, 503, [retry_after, *closing(scope)])
         return
     try:
         headers, has_host = settings.upstream_headers(runtime, scope, scope.get("scheme", "http"))
     except BadRequestHeaders as exc:
         logger.info("pool %s: refused request: %s", runtime.name, exc)
-        await send_error(send, exc.status)
+        await send_error(send, exc.status, closing(scope))
         return
     size_limit = pool.max_body_size
     if size_limit is not None and (_declared_length(scope["headers"]) or 0) > size_limit:
-        await send_error(send, 413)  # said up front: not a byte of the body is read
+        # Said up front: not a byte of the body is read, so the connection cannot carry
+        # another request (the server would wait for that body first).
+        await send_error(send, 413, _CLOSE)
         return
     client = ClientSide(
         receive,
         limit=size_limit,
         body_timeout=pool.client_body_timeout,
         send_timeout=pool.client_send_timeout,
+        min_rate=pool.client_body_min_rate,
         sweeper=settings.sweeper,
     )
     forwarding = _Forwarding(runtime, scope, send, path, headers, has_host, client, settings)
@@ -162,15 +168,41 @@ async def forward(
                 runtime.name,
                 pool.client_send_timeout,
             )
-            raise ResponseAborted("the client stopped reading its response") from None
+            await abort(send, "the client stopped reading its response")
+            return
         logger.info(
             "pool %s: client left during %s %s; upstream exchange closed",
             runtime.name,
             forwarding.method,
             scope.get("path", ""),
         )
+        if not forwarding.response_started:
+            # No one will read it, but an app wrapping this one (BaseHTTPMiddleware)
+            # expects an answer: nginx's code for a client that left, 499.
+            with contextlib.suppress(Exception):
+                await send_error(send, 499, _CLOSE)
     finally:
         client.close()
+
+
+_CLOSE = ((b"connection", b"close"),)
+
+
+def closing(scope: Scope) -> Sequence[tuple[bytes, bytes]]:
+    """``Connection: close`` for an answer given before a request body was read: the
+    connection cannot carry another request (the server would wait for that body first,
+    its keep-alive timer no longer running)."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return _CLOSE
+    return ()
+
+
+async def abort(send: Send, why: str) -> None:
+    """Cut the client connection: the response started and cannot be completed. Raises
+    ``ResponseAborted`` where the server gives no way to do it (it then cuts it)."""
+    if not await abort_client(send):
+        raise ResponseAborted(why)
 
 
 class _Forwarding:
@@ -340,14 +372,14 @@ class _Forwarding:
         if not tried:  # none to pick: all down with on_all_down="fail", or all drained
             if runtime.all_down and runtime.pool.on_all_down == "fail":
                 logger.warning("pool %s: every upstream is down; answering 503", runtime.name)
-                retry_after = [(b"retry-after", b"%d" % runtime.retry_after())]
-                await send_error(self.send, 503, retry_after)
+                retry_after = (b"retry-after", b"%d" % runtime.retry_after())
+                await send_error(self.send, 503, [retry_after, *self._closing()])
             else:
                 logger.warning("pool %s: no upstream available; answering 503", runtime.name)
-                await send_error(self.send, 503)
+                await send_error(self.send, 503, self._closing())
         else:
             status = error.status if error is not None else 502
-            await send_error(self.send, status)
+            await send_error(self.send, status, self._closing())
             self._access_log(", ".join(m.upstream.url for m in tried), status, 0.0)
         self.client.close()
 
@@ -355,10 +387,14 @@ class _Forwarding:
         logger.info("pool %s: %s", self.runtime.name, failure)
         if self.response_started:
             if failure.status:  # it stalled its upload while its response went out
-                raise ResponseAborted(str(failure)) from None
+                await abort(self.send, str(failure))
             return  # it left; no one to tell
-        if failure.status:
-            await send_error(self.send, failure.status, [(b"connection", b"close")])
+        # The client that left gets 499 (see forward): an app around this one expects one.
+        with contextlib.suppress(Exception):
+            await send_error(self.send, failure.status or 499, _CLOSE)
+
+    def _closing(self) -> Sequence[tuple[bytes, bytes]]:
+        return () if self.client.complete else _CLOSE
 
     async def _relay(self, attempt: Attempt, response: UpstreamResponse) -> None:
         """Relay the response: a body with no bytes (1xx, 204, 304, HEAD), a body already
@@ -385,6 +421,8 @@ class _Forwarding:
                 # No body, by definition. A 304's Content-Length (the size of the cached
                 # representation, RFC 9110 §8.6) would make the ASGI server expect one.
                 headers = [(n, v) for n, v in headers if n != b"content-length"]
+            if not client.complete:  # an early answer: the rest of the body stays unread
+                headers.append((b"connection", b"close"))
             self.response_started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
             if status in (204, 304) or status < 200 or self.method == "HEAD":
@@ -409,8 +447,7 @@ class _Forwarding:
                 exc.kind,
                 exc,
             )
-            # The cause is logged above; keep the server's own traceback short.
-            raise ResponseAborted(f"upstream {member.upstream.url} failed mid-response") from None
+            await abort(self.send, f"upstream {member.upstream.url} failed mid-response")
         finally:
             await response.aclose()
             elapsed = time.monotonic() - attempt.started

@@ -213,6 +213,7 @@ POOL = KeyTable(
         "slow_start": NUMBER,
         "max_body_size": optional(INTEGER),
         "client_body_timeout": NUMBER,
+        "client_body_min_rate": INTEGER,
         "client_send_timeout": NUMBER,
         "websocket_timeout": optional(NUMBER),
         "websocket_idle_timeout": optional(NUMBER),

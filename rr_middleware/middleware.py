@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .config import PoolsArg
 from .endpoints import Endpoints
 from .errors import FieldError
-from .forwarding import ProxySettings, forward, logger, send_error
+from .forwarding import ProxySettings, closing, forward, logger, send_error
 from .headers import TrustedProxies
 from .pool_runtime import PoolRuntime
 from .routing import PrefixRouter, has_dot_segment, is_ambiguous_path, is_unsafe_path
@@ -182,7 +182,7 @@ class RoundRobinMiddleware:
             return
         state, rest, refusal = found
         if refusal is not None:
-            await send_error(send, refusal.status, refusal.headers)
+            await send_error(send, refusal.status, [*refusal.headers, *closing(scope)])
             return
         await forward(state, scope, receive, send, rest, self._settings)
 

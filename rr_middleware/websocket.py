@@ -22,6 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from .client import abort_client
 from .errors import ConnectFailed, NoUpstream
 from .forwarding import send_error
 from .headers import BadRequestHeaders
@@ -279,6 +280,9 @@ class _SocketRelay:
         self.member = member
         self.loop = asyncio.get_running_loop()
         self.activity = self.loop.time()  # when a message last went either way
+        #: When the send to the client now in progress began (None: not sending): a client
+        #: taking no message for ``client_send_timeout`` is cut off.
+        self.sending_since: float | None = None
 
     async def run(self) -> None:
         relays = [
@@ -290,11 +294,25 @@ class _SocketRelay:
         started = loop.time()
         try:
             while True:
-                timeout = _time_left(loop.time(), started, self.activity, pool)
+                left = _time_left(loop.time(), started, self.activity, pool)
+                timeout = (
+                    pool.client_send_timeout
+                    if left is None
+                    else min(left, pool.client_send_timeout)
+                )
                 done, _ = await asyncio.wait(
                     relays, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 if done:
+                    break
+                since = self.sending_since
+                if since is not None and loop.time() - since >= pool.client_send_timeout:
+                    logger.info(
+                        "pool %s: a WebSocket client took no message for %ss; cutting it off",
+                        self.runtime.name,
+                        pool.client_send_timeout,
+                    )
+                    await abort_client(self.send)
                     break
                 if _time_left(loop.time(), started, self.activity, pool) == 0:
                     logger.info(
@@ -345,9 +363,10 @@ class _SocketRelay:
         upstream_ws = self.upstream_ws
         try:
             async for data in upstream_ws:
-                self.activity = self.loop.time()
+                self.activity = self.sending_since = self.loop.time()
                 key = "text" if isinstance(data, str) else "bytes"
                 await self.send({"type": "websocket.send", key: data})
+                self.sending_since = None
         except ConnectionClosed:
             pass
         except OSError:

@@ -144,3 +144,20 @@ def held_sockets(port: int) -> int:
             if remote_port == port and fields[9] != "0" and fields[9] in ours:
                 count += 1
     return count
+
+
+def proxy_sockets_to(proxy_port: int, client_port: int) -> int:
+    """Sockets this process holds on its side of a client's connection to a proxy it
+    serves (local port ``proxy_port``, remote ``client_port``), from ``/proc/net/tcp``."""
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs /proc/net/tcp (Linux) to count sockets")
+    count = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local = int(fields[1].rsplit(":", 1)[1], 16)
+            remote = int(fields[2].rsplit(":", 1)[1], 16)
+            if (local, remote) == (proxy_port, client_port) and fields[9] != "0":
+                count += 1
+    return count

@@ -30,7 +30,7 @@ from starlette.testclient import TestClient
 
 from rr_middleware import Pool, RoundRobinMiddleware, Upstream
 
-from .leaks import LeakLog, held_sockets, leaks, rss_bytes
+from .leaks import LeakLog, held_sockets, leaks, proxy_sockets_to, rss_bytes
 from .proxy import aclient, aproxy_state, fault_proxy
 from .raw_upstream import RawConnection, RawUpstream, answer_once
 from .servers import serve
@@ -654,6 +654,14 @@ async def test_a_client_that_stops_reading_is_cut_off(leak_log: LeakLog) -> None
                 elapsed = time.monotonic() - started
                 await within(RELEASE, lambda: held_sockets(upstream.port) == 0, "upstream sockets")
                 assert in_flight(middleware) == 0
+                # Its connection is cut (a reset), not closed: a close would wait, buffers
+                # full, for a client that reads nothing.
+                client_port = writer.get_extra_info("sockname")[1]
+                await within(
+                    RELEASE,
+                    lambda: proxy_sockets_to(proxy.port, client_port) == 0,
+                    "the proxy's socket to the client closed",
+                )
                 writer.transport.resume_reading()
                 with anyio.fail_after(10):
                     received = b""
@@ -667,10 +675,218 @@ async def test_a_client_that_stops_reading_is_cut_off(leak_log: LeakLog) -> None
                     "tasks back to idle",
                 )
                 assert failures(middleware) == {}, "a slow client is not the upstream's failure"
-    assert received.startswith(b"HTTP/1.1 200 ")
     assert not received.endswith(b"0\r\n\r\n"), "an aborted response looks complete"
     assert send_timeout <= elapsed < send_timeout + SLACK + 1, elapsed
     assert not leaks(leak_log), leaks(leak_log)
+
+
+# ------------------------------------------------------------------ review findings
+
+
+async def test_a_dripping_upload_is_cut_off_by_the_minimum_rate(leak_log: LeakLog) -> None:
+    """A client sends 64 KiB + 1 byte (so the body streams to an upstream, which it
+    holds), then a byte every 0.2 s: never a pause of ``client_body_timeout`` (1 s), so
+    only ``client_body_min_rate`` (500 bytes/s here) can end it: within about the timeout
+    it gets 408, and the upstream connection is closed."""
+    reader_app = BodyReader()
+    with serve(reader_app) as upstream:
+        pool = Pool([upstream.url], client_body_timeout=1.0, client_body_min_rate=500)
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, middleware, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /p/drip HTTP/1.1\r\nhost: front\r\ncontent-length: 1000000\r\n\r\n")
+            writer.write(b"d" * (64 * 1024 + 1))
+            started = time.monotonic()
+            answer = asyncio.ensure_future(answer_head(reader, 15))
+            while not answer.done() and time.monotonic() - started < 15:
+                writer.write(b"d")
+                await writer.drain()
+                await asyncio.sleep(0.2)  # the client's drip, not a synchronisation
+            head = await answer
+            elapsed = time.monotonic() - started
+            await leave(writer, abort=True)
+            await within(RELEASE, lambda: held_sockets(upstream.port) == 0, "upstream sockets")
+            assert in_flight(middleware) == 0
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert elapsed < 1.0 + 1.0 + SLACK, elapsed  # the timeout, a few drips' credit, a tick
+    assert reader_app.disconnected == 1
+
+
+@pytest.mark.parametrize("case", ["413-up-front", "405-refused", "upstream-answers-early"])
+async def test_an_answer_given_before_the_body_was_read_closes_the_connection(
+    leak_log: LeakLog, case: str
+) -> None:
+    """An answer that leaves the request body unread (a 413 said up front, a refused
+    method, an upstream answering before it read the upload) says ``Connection: close``,
+    and the connection closes: it cannot carry another request, and left open it would
+    wait for that body with no timer running."""
+
+    async def early(connection: RawConnection) -> None:
+        if await connection.read_head() is not None:
+            await connection.send(b"HTTP/1.1 413 Too Big\r\ncontent-length: 3\r\n\r\nbig")
+            await connection.hold()
+
+    with RawUpstream(early) as upstream:
+        pool = Pool(
+            [upstream.url],
+            max_body_size=1000 if case == "413-up-front" else None,
+            refuse_methods={"POST"} if case == "405-refused" else {"CONNECT", "TRACE"},
+            request_buffer_size=0,
+        )
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 100000\r\n\r\n")
+            writer.write(b"u" * 1000)
+            head = await answer_head(reader, 10)
+            with anyio.fail_after(RELEASE + 1):
+                rest = await reader.read(-1)  # to the end: the proxy closes
+            await leave(writer, abort=True)
+    expected = {"413-up-front": b"413", "405-refused": b"405", "upstream-answers-early": b"413"}
+    assert head.startswith(b"HTTP/1.1 " + expected[case]), head
+    assert b"connection: close" in head.lower(), head
+    assert len(rest) < 100, rest
+
+
+@pytest.mark.parametrize("transport", ["default", "httpx", "aiohttp"])
+async def test_an_upstream_dripping_its_head_is_cut_off_by_timeout(
+    leak_log: LeakLog, transport: str
+) -> None:
+    """An upstream that sends its response head a byte every 0.2 s: ``timeout`` (1 s)
+    bounds the head as a whole, in every transport (the libraries' own read timeouts
+    start again at each byte)."""
+
+    async def drip(connection: RawConnection) -> None:
+        if await connection.read_head() is None:
+            return
+        for byte in b"HTTP/1.1 200 OK\r\nx-slow: " + b"z" * 100:
+            if not await connection.send(bytes([byte])):
+                return
+            await asyncio.sleep(0.2)  # the upstream's drip
+
+    chosen: Any = None
+    if transport == "httpx":
+        chosen = httpx.AsyncHTTPTransport()
+    elif transport == "aiohttp":
+        from rr_middleware import AiohttpTransport
+
+        chosen = AiohttpTransport()
+    with RawUpstream(drip) as upstream:
+        pool = Pool([upstream.url], timeout=1.0, max_fails=0, transport=chosen)
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
+            async with aclient() as http:
+                started = time.monotonic()
+                response = await http.get(f"{proxy.url}/p/x")
+                elapsed = time.monotonic() - started
+    assert response.status_code == 504
+    assert 1.0 <= elapsed < 1.0 + SLACK, elapsed
+
+
+async def test_a_client_stalling_its_upload_after_an_early_answer_is_cut_off(
+    leak_log: LeakLog,
+) -> None:
+    """The upstream answers (and streams) while the client still uploads; the client then
+    stalls its upload past ``client_body_timeout``: its connection is cut (the response
+    started: no 408 can be said), the upstream's closed, and the server reports no app
+    that returned without completing its response."""
+
+    async def early_stream(connection: RawConnection) -> None:
+        if await connection.read_head() is None:
+            return
+        await connection.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        while await connection.send(b"5\r\nhello\r\n"):
+            await asyncio.wait_for(connection.reader.read(65536), 5)  # take the upload
+
+    with RawUpstream(early_stream) as upstream:
+        pool = Pool([upstream.url], client_body_timeout=1.0, request_buffer_size=0)
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 100000\r\n\r\n")
+            writer.write(b"u" * 2000)
+            head = await answer_head(reader, 10)
+            with anyio.fail_after(1.0 + SLACK + 2):
+                received = b""
+                with contextlib.suppress(ConnectionError):
+                    while part := await reader.read(65536):
+                        received += part
+            await leave(writer, abort=True)
+            await within(RELEASE, lambda: held_sockets(upstream.port) == 0, "upstream sockets")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert not received.endswith(b"0\r\n\r\n")
+    messages = leak_log.messages()
+    assert not [m for m in messages if "without completing response" in m], messages
+
+
+async def test_a_client_leaving_is_answered_for_an_app_wrapping_the_middleware(
+    leak_log: LeakLog,
+) -> None:
+    """Under a ``BaseHTTPMiddleware`` (``@app.middleware("http")``), a client leaving
+    while the upstream prepares its answer must not make the wrapper fail ("No response
+    returned"): the middleware answers 499 (nginx's code for it), which no one reads."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    slow = SlowHeaders(delay=15.0, expected=1)
+    with serve(slow) as upstream:
+
+        async def passthrough(request: Any, call_next: Any) -> Any:
+            return await call_next(request)
+
+        host = Starlette()
+        middleware = RoundRobinMiddleware(host, pools={"/s": Pool([upstream.url])})
+        wrapped = BaseHTTPMiddleware(middleware, dispatch=passthrough)
+        with serve(wrapped) as proxy:
+            leak_log.watch()
+            _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"GET /s/x HTTP/1.1\r\nhost: front\r\n\r\n")
+            assert await asyncio.to_thread(slow.all_started.wait, 10)
+            await leave(writer, abort=False)
+            await within(RELEASE, lambda: slow.left == 1, "the upstream exchange ended")
+            await within(RELEASE, lambda: in_flight(middleware) == 0, "the slot freed")
+    errors = [m for m in leak_log.messages() if " ERROR: " in m]
+    assert not errors, errors
+
+
+def test_one_middleware_served_from_two_event_loops_keeps_both_deadlines() -> None:
+    """Two threads, each with its event loop, send a body that stalls through the same
+    middleware: each gets its 408 within ``client_body_timeout`` and a tick."""
+    middleware = RoundRobinMiddleware(
+        Starlette(),
+        pools={"/p": Pool(["http://127.0.0.1:9"], client_body_timeout=0.3)},
+    )
+    results: list[tuple[int, float]] = []
+
+    async def stalled() -> None:
+        sent: list[dict[str, Any]] = []
+        first = [True]
+
+        async def receive() -> dict[str, Any]:
+            if first[0]:
+                first[0] = False
+                return {"type": "http.request", "body": b"x", "more_body": True}
+            await asyncio.Event().wait()  # the rest never comes
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/p/x",
+            "raw_path": b"/p/x",
+            "query_string": b"",
+            "headers": [(b"content-length", b"100")],
+            "client": ("127.0.0.1", 1),
+        }
+        started = time.monotonic()
+        await middleware(scope, receive, send)
+        results.append((sent[0]["status"], time.monotonic() - started))
+
+    threads = [threading.Thread(target=asyncio.run, args=(stalled(),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert [status for status, _ in results] == [408, 408]
+    assert all(seconds < 0.3 + 0.5 for _, seconds in results), results
 
 
 # --------------------------------------------------------------------------- all at once

@@ -41,7 +41,7 @@ from .upstream_app import values
 
 WAIT = 5.0  # seconds: the bound on any single wait for something that should happen now
 MiB = 1024 * 1024
-MODES = ("reject", "deny", "bye", "bye-after-first", "crash", "hello", "stream", "echo")
+MODES = ("reject", "deny", "bye", "bye-after-first", "crash", "hello", "stream", "flood", "echo")
 CRASH = "upstream crashes (test)"
 # uvicorn's websockets-sansio logs this after an app answers with websocket.http.response:
 # a uvicorn bug, not the proxy's.
@@ -58,7 +58,8 @@ class WsUpstream:
     ``reject`` closes before accepting (uvicorn answers 403); ``deny`` answers a plain
     HTTP 401; ``bye`` accepts and closes with 4001 "bye"; ``bye-after-first`` does so after
     the first message; ``crash`` raises after the first message; ``hello`` sends its name,
-    then echoes; ``stream`` sends "tick" until the other side closes; ``echo`` echoes text
+    then echoes; ``stream`` sends "tick" until the other side closes (``flood``: 64 KiB
+    messages); ``echo`` echoes text
     and bytes as they came.
     Accepts with subprotocol ``chat.v1`` when it is offered.
     """
@@ -106,8 +107,8 @@ class WsUpstream:
             return
         if mode == "hello":
             await websocket.send_text(self.name)
-        if mode == "stream":
-            await self._stream(websocket)
+        if mode in ("stream", "flood"):
+            await self._stream(websocket, "tick" if mode == "stream" else "f" * 65536)
             return
         while True:
             message = await websocket.receive()
@@ -126,11 +127,11 @@ class WsUpstream:
                 else:
                     await websocket.send_bytes(message["bytes"])
 
-    async def _stream(self, websocket: WebSocket) -> None:
+    async def _stream(self, websocket: WebSocket, text: str) -> None:
         async def ticks() -> None:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 while True:
-                    await websocket.send_text("tick")
+                    await websocket.send_text(text)
                     await asyncio.sleep(0)  # let the receiving side run
 
         async with anyio.create_task_group() as group:
@@ -654,6 +655,31 @@ async def test_overall_timeout_closes_an_active_socket_with_1001(a: WsUpstream) 
 
 
 # ------------------------------------------------------------------ outside the pools
+
+
+async def test_a_client_that_takes_no_message_is_cut_off(a: WsUpstream) -> None:
+    """The upstream streams 64 KiB messages; the client (a raw socket: no library reading
+    behind its back) completes the handshake and reads nothing more. Once a send to it
+    has waited ``client_send_timeout`` (1 s), its connection is cut and the upstream's
+    closed: a client that stops reading cannot hold the proxy or the upstream."""
+    pool = Pool([a.url], client_send_timeout=1.0)
+    with ws_proxy({"/ws": pool}) as (server, mw):
+        runtime = mw.balancer["/ws"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"GET /ws/flood HTTP/1.1\r\nhost: front\r\nupgrade: websocket\r\n"
+            b"connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"sec-websocket-version: 13\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        writer.transport.pause_reading()  # and never read again
+        started = time.monotonic()
+        await eventually(lambda: open_sockets(runtime) == [0], "the socket released", 15)
+        elapsed = time.monotonic() - started
+        await asyncio.to_thread(a.close_seen)
+        writer.transport.abort()
+    assert elapsed < 1.0 + 5.0 + 2.0, elapsed  # the timeout, the upstream's close, slack
 
 
 async def test_the_host_apps_own_websockets_still_work(a: WsUpstream) -> None:

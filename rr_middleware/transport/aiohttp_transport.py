@@ -27,6 +27,7 @@ from .base import (
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamTransport,
+    headers_within,
 )
 
 __all__ = ["AiohttpTransport"]
@@ -226,15 +227,19 @@ class AiohttpTransport(UpstreamTransport):
         if body is not None and not isinstance(body, bytes):
             paced = _PacedBody(body, request.read_timeout)
         sending = _SENDING.set(paced)
+        requesting = session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=paced.__aiter__() if paced is not None else body,
+            allow_redirects=False,
+            timeout=self._timeout(request.connect_timeout, request.read_timeout),
+        )
         try:
-            response = await session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=paced.__aiter__() if paced is not None else body,
-                allow_redirects=False,
-                timeout=self._timeout(request.connect_timeout, request.read_timeout),
-            )
+            if paced is not None:  # at the client's pace: no overall limit
+                response = await requesting
+            else:
+                response = await headers_within(request.read_timeout, requesting)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             if paced is not None and paced.stalled:
                 raise UpstreamTimeout(

@@ -9,10 +9,11 @@ the upstream (so a retry is safe) and which status the client gets.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Awaitable
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol, TypeVar, Union
 
 from ..errors import (
     ConnectFailed,
@@ -40,6 +41,7 @@ __all__ = [
     "UpstreamResponse",
     "UpstreamTimeout",
     "UpstreamTransport",
+    "headers_within",
 ]
 
 Body = Union[bytes, AsyncIterable[bytes], None]
@@ -117,3 +119,33 @@ class UpstreamTransport(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional for stateless transports
         """Close every connection this transport holds."""
+
+
+T = TypeVar("T")
+
+
+async def headers_within(seconds: float, sending: Awaitable[T]) -> T:
+    """``sending`` (a client library sending a request with its body in hand, until the
+    response headers arrive), cut off after ``seconds`` with ``UpstreamTimeout``: the
+    libraries' own read timeouts start again at each byte, so an upstream dripping its
+    head would otherwise hold the exchange as long as it likes. (The built-in transport
+    bounds the head itself.) One timer, no task."""
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await sending
+    except asyncio.CancelledError:
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+        if expired and (uncancel is None or uncancel() == 0):
+            raise UpstreamTimeout(f"no response headers within {seconds}s") from None
+        raise
+    finally:
+        timer.cancel()

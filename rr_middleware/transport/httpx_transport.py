@@ -9,7 +9,7 @@ re-quoted or normalised on the way.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 
 import httpx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +26,7 @@ from .base import (
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamTransport,
+    headers_within,
 )
 
 __all__ = ["HttpxTransport", "in_process"]
@@ -114,8 +115,12 @@ class HttpxTransport(UpstreamTransport):
             content=body if body is not None else None,
             extensions={"timeout": timeout},
         )
+        sending = self.transport.handle_async_request(outgoing)
         try:
-            response = await self.transport.handle_async_request(outgoing)
+            if isinstance(body, AsyncIterable):  # at the client's pace: no overall limit
+                response = await sending
+            else:
+                response = await headers_within(request.read_timeout, sending)
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
         except _InProcessAppFailed as exc:
