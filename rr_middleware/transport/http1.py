@@ -87,7 +87,8 @@ class _Response:
 
 
 class Connections:
-    """Every connection of one event loop: idle ones per upstream, and all of them."""
+    """Every connection of one event loop: idle ones per upstream, and all of them.
+    Each connection tells it when it is lost (``forget``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -101,20 +102,18 @@ class Connections:
         now = self.loop.time()
         while idle:
             conn = idle.pop()  # the most recently used: the warmest, the least stale
-            if not conn.closed and now - conn.idle_since < keepalive:
+            if conn.usable(now, keepalive):
                 return conn
             conn.abort()
             self.forget(conn)
         return None
 
     def add(self, conn: Connection, key: str) -> None:
-        conn.owner = self
         self.all.add(conn)
         self.keys[conn] = key
 
     def release(self, conn: Connection) -> None:
-        conn.reset()
-        conn.idle_since = self.loop.time()
+        conn.idle()
         self.idle.setdefault(self.keys[conn], []).append(conn)
 
     def forget(self, conn: Connection) -> None:
@@ -227,18 +226,22 @@ class Http1Transport(UpstreamTransport):
                 # the upstream could not have acted on it twice.
                 if conn.received_any or not _replayable(request):
                     raise
-        conn = await self._connect(loop, upstream, request.connect_timeout)
+        conn = await self._connect(loop, upstream, request.connect_timeout, connections)
         connections.add(conn, key)
         return await self._exchange(conn, connections, request)
 
     async def _connect(
-        self, loop: asyncio.AbstractEventLoop, upstream: Upstream, timeout: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        upstream: Upstream,
+        timeout: float,
+        connections: Connections,
     ) -> Connection:
         ssl_context = self._ssl(upstream)
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: Connection(loop),
+                    lambda: Connection(loop, connections.forget),
                     upstream.host,
                     upstream.port,
                     ssl=ssl_context,

@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import cast
 
 import httptools
 
 from .base import UpstreamBroken, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-
-if TYPE_CHECKING:
-    from .http1 import Connections
 
 __all__ = ["Connection"]
 
@@ -30,14 +28,20 @@ _READ_HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the ups
 
 
 class Connection(asyncio.Protocol):
-    """One keep-alive connection to an upstream, carrying one exchange at a time."""
+    """One keep-alive connection to an upstream, carrying one exchange at a time.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    ``on_lost(connection)`` is called once the connection is closed, from either end, so
+    that its owner stops counting it (and never hands out an idle one the upstream shut).
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_lost: Callable[[Connection], object]
+    ) -> None:
         self.loop = loop
-        self.owner: Connections | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.idle_since = 0.0
+        self._on_lost = on_lost
+        self._idle_since = 0.0
         self.parser = httptools.HttpResponseParser(self)
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -68,6 +72,16 @@ class Connection(asyncio.Protocol):
         self.bypass_checked = False
         self.read_paused = False
         self.waiter: asyncio.Future[None] | None = None
+
+    def idle(self) -> None:
+        """The exchange ended cleanly; the connection waits for the next one."""
+        self.reset()
+        self._idle_since = self.loop.time()
+
+    def usable(self, now: float, keepalive: float) -> bool:
+        """Whether an idle connection may carry another exchange: still open, and idle for
+        less than ``keepalive`` seconds (so it is not one the upstream is about to close)."""
+        return not self.closed and now - self._idle_since < keepalive
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -151,8 +165,6 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.active and self.owner is not None:
-            self.owner.forget(self)  # an idle connection the upstream closed
         if self.active and not self.complete:
             if self.headers_done and exc is None and self._delimited_by_close():
                 self.on_message_complete()
@@ -162,6 +174,7 @@ class Connection(asyncio.Protocol):
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_exception(UpstreamBroken("upstream closed the connection"))
+        self._on_lost(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
