@@ -30,7 +30,7 @@ from .base import (
     UpstreamResponse,
     UpstreamTransport,
 )
-from .http1_connection import Connection
+from .http1_connection import Connection, Exchange
 
 __all__ = ["Http1Transport"]
 
@@ -41,36 +41,47 @@ class _Response:
     """An upstream response on a connection; releasing it returns or discards the
     connection."""
 
-    __slots__ = ("_conn", "_owner", "_read_timeout", "_released", "_writer", "headers", "status")
+    __slots__ = (
+        "_conn",
+        "_exchange",
+        "_owner",
+        "_read_timeout",
+        "_released",
+        "_writer",
+        "headers",
+        "status",
+    )
 
     def __init__(
         self,
         conn: Connection,
+        exchange: Exchange,
         owner: Connections,
         read_timeout: float,
         writer: asyncio.Task[None] | None,
     ) -> None:
         self._conn = conn
+        self._exchange = exchange
         self._owner = owner
         self._read_timeout = read_timeout
         self._writer = writer
         self._released = False
-        self.status = conn.status
-        self.headers = conn.headers
+        self.status = exchange.status
+        self.headers = exchange.headers
 
     def body_complete(self) -> bool:
-        return self._conn.complete
+        return self._exchange.complete
 
     async def read(self) -> bytes:
-        conn = self._conn
+        exchange = self._exchange
         while True:
-            if conn.body:
-                return conn.take_body()
-            if conn.complete:
+            if exchange.body:
+                return exchange.take_body()
+            if exchange.complete:
                 return b""
-            if conn.error is not None:
-                raise conn.error
-            await conn.wait(self._read_timeout)
+            if exchange.error is not None:
+                raise exchange.error
+            await exchange.wait(self._read_timeout)
 
     async def aclose(self) -> None:
         if self._released:
@@ -79,7 +90,7 @@ class _Response:
         conn = self._conn
         # If the upstream answered before taking the whole body, the rest is not sent.
         await _settle(self._writer, conn)
-        if conn.complete and conn.keep_alive and not conn.closed and not conn.body:
+        if self._exchange.reusable():
             self._owner.release(conn)
         else:
             conn.abort()
@@ -87,7 +98,8 @@ class _Response:
 
 
 class Connections:
-    """Every connection of one event loop: idle ones per upstream, and all of them."""
+    """Every connection of one event loop: idle ones per upstream, and all of them.
+    Each connection tells it when it is lost (``forget``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -101,20 +113,18 @@ class Connections:
         now = self.loop.time()
         while idle:
             conn = idle.pop()  # the most recently used: the warmest, the least stale
-            if not conn.closed and now - conn.idle_since < keepalive:
+            if conn.usable(now, keepalive):
                 return conn
             conn.abort()
             self.forget(conn)
         return None
 
     def add(self, conn: Connection, key: str) -> None:
-        conn.owner = self
         self.all.add(conn)
         self.keys[conn] = key
 
     def release(self, conn: Connection) -> None:
-        conn.reset()
-        conn.idle_since = self.loop.time()
+        conn.idle()
         self.idle.setdefault(self.keys[conn], []).append(conn)
 
     def forget(self, conn: Connection) -> None:
@@ -217,28 +227,34 @@ class Http1Transport(UpstreamTransport):
             connections = await self._open_lazily(loop)
         upstream = request.upstream
         key = upstream.origin
+        head_only = request.method == "HEAD"
         conn = connections.take_idle(key, self._keepalive)
         if conn is not None:
+            exchange = conn.start(head_only)
             try:
-                return await self._exchange(conn, connections, request)
+                return await self._exchange(conn, exchange, connections, request)
             except UpstreamBroken:
                 # A kept-alive connection the upstream closed as we reused it: nothing of
                 # the response came back. Safe to send again on a fresh connection only if
                 # the upstream could not have acted on it twice.
-                if conn.received_any or not _replayable(request):
+                if exchange.received_any or not _replayable(request):
                     raise
-        conn = await self._connect(loop, upstream, request.connect_timeout)
+        conn = await self._connect(loop, upstream, request.connect_timeout, connections)
         connections.add(conn, key)
-        return await self._exchange(conn, connections, request)
+        return await self._exchange(conn, conn.start(head_only), connections, request)
 
     async def _connect(
-        self, loop: asyncio.AbstractEventLoop, upstream: UpstreamAddress, timeout: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        upstream: UpstreamAddress,
+        timeout: float,
+        connections: Connections,
     ) -> Connection:
         ssl_context = self._ssl(upstream)
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: Connection(loop),
+                    lambda: Connection(loop, connections.forget),
                     upstream.host,
                     upstream.port,
                     ssl=ssl_context,
@@ -268,12 +284,14 @@ class Http1Transport(UpstreamTransport):
         return self._ssl_context
 
     async def _exchange(
-        self, conn: Connection, connections: Connections, request: UpstreamRequest
+        self,
+        conn: Connection,
+        exchange: Exchange,
+        connections: Connections,
+        request: UpstreamRequest,
     ) -> UpstreamResponse:
         transport = conn.transport
         assert transport is not None
-        conn.active = True
-        conn.head_only = request.method == "HEAD"
         body = request.body
         writer: asyncio.Task[None] | None = None
         try:
@@ -292,22 +310,22 @@ class Http1Transport(UpstreamTransport):
                 writer = asyncio.ensure_future(
                     _write_body(conn, body, chunked, request.read_timeout)
                 )
-            while not conn.headers_done:
-                if conn.error is not None:
-                    raise conn.error
+            while not exchange.headers_done:
+                if exchange.error is not None:
+                    raise exchange.error
                 if writer is None or writer.done():
-                    await conn.wait(request.read_timeout)
+                    await exchange.wait(request.read_timeout)
                 else:
                     # While the body goes up, the read timeout is not running: an upload
                     # goes at the client's pace. Its waits have deadlines of their own:
                     # the upstream taking the body (``drain``) and the client sending it
                     # (the body iterable's).
-                    await conn.wait_or(writer)
+                    await exchange.wait_or(writer)
         except BaseException:
             await _settle(writer, conn)
             connections.forget(conn)
             raise
-        return _Response(conn, connections, request.read_timeout, writer)
+        return _Response(conn, exchange, connections, request.read_timeout, writer)
 
 
 async def _settle(writer: asyncio.Task[None] | None, conn: Connection) -> None:
