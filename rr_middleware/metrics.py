@@ -13,13 +13,14 @@ on ``up`` keeps firing while the pool limps on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .counters import BUCKETS, Histogram, UpstreamStats
 
 if TYPE_CHECKING:
-    from .runtime import Balancer
+    from .pool_runtime import PoolRuntime
+    from .zone import Zone
 
 __all__ = ["PrometheusCollector", "status_json"]
 
@@ -36,10 +37,11 @@ def _state(row: dict[str, Any]) -> str:
     return "up"
 
 
-def status_json(balancer: Balancer) -> dict[str, Any]:
-    """Every pool and upstream: ``balancer[prefix].snapshot()`` plus the counters."""
-    pools = []
-    for prefix, runtime in balancer.pools.items():
+def status_json(pools: Mapping[str, PoolRuntime], zone: Zone | None) -> dict[str, Any]:
+    """Every pool and upstream: ``balancer[prefix].snapshot()`` plus the counters, and the
+    zone the pools share (None without one)."""
+    shown = []
+    for prefix, runtime in pools.items():
         rows = []
         for row, stats in runtime.rows():
             by_class: dict[str, int] = {}
@@ -64,7 +66,7 @@ def status_json(balancer: Balancer) -> dict[str, Any]:
                     "p99": stats.total_latency.quantile(0.99),
                 }
             )
-        pools.append(
+        shown.append(
             {
                 "prefix": prefix,
                 "policy": runtime.pool.policy,
@@ -73,8 +75,7 @@ def status_json(balancer: Balancer) -> dict[str, Any]:
                 "upstreams": rows,
             }
         )
-    zone = balancer.zone
-    return {"pools": pools, "zone": zone.describe() if zone is not None else None}
+    return {"pools": shown, "zone": zone.describe() if zone is not None else None}
 
 
 class PrometheusCollector:
@@ -83,12 +84,12 @@ class PrometheusCollector:
     ``balancer.prometheus_collector()`` in your own registry, or let ``metrics_path=``
     serve a registry of its own."""
 
-    def __init__(self, balancer: Balancer) -> None:
-        self._balancer = balancer
+    def __init__(self, pools: Mapping[str, PoolRuntime]) -> None:
+        self._pools = pools
 
     def collect(self) -> Iterator[Any]:
         families = _Families()
-        for prefix, runtime in self._balancer.pools.items():
+        for prefix, runtime in self._pools.items():
             rows = runtime.rows()  # brought up to date first (time, other workers)
             families.panic.add_metric([prefix], 1 if runtime.panic else 0)
             for row, stats in rows:

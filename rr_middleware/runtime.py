@@ -114,14 +114,14 @@ class Balancer:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""
         from .metrics import status_json
 
-        return status_json(self)
+        return status_json(self.pools, self.zone)
 
     def prometheus_collector(self) -> Any:
         """A ``prometheus_client`` collector of every pool's counters, to register in a
         registry of your own (``metrics_path=`` serves one of its own)."""
         from .metrics import PrometheusCollector
 
-        return PrometheusCollector(self)
+        return PrometheusCollector(self.pools)
 
     def attach(self, owner: object) -> None:
         """Called by the middleware that serves this balancer: one serves one."""
