@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+import pytest
 
 from examples import weighted_health
 
@@ -21,6 +22,7 @@ from .upstream_app import UpstreamApp
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_make_demo_kills_a_backend_without_failed_requests_and_brings_it_back() -> None:
     demo = subprocess.Popen(
         [sys.executable, "-m", "examples.run_demo", "--duration", "8"],

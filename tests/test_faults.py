@@ -234,6 +234,7 @@ def abort_pool(url: str) -> Pool:
     )
 
 
+@pytest.mark.slow
 async def test_client_aborts_mid_download_leak_nothing(leak_log: LeakLog) -> None:
     """Clients read the head and first chunk of an endless stream (one in ten a stream with
     512 KiB behind its first chunk, so the proxy is mid-relay), then leave (close or abort).
@@ -305,6 +306,7 @@ async def abort_upload(port: int, upstream: AbortableUpstream, number: int) -> N
         await hang_up(writer, number // 2)
 
 
+@pytest.mark.slow
 async def test_client_aborts_mid_upload_leak_nothing(leak_log: LeakLog) -> None:
     """Clients send the head and the first 16 KiB of a long upload (Content-Length or
     chunked); once the upstream is reading that body, they leave (close or abort). After a

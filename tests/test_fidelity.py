@@ -683,6 +683,7 @@ def test_upstream_dying_mid_body_aborts_the_client_response(
 # --------------------------------------------------------------------------- client disconnects
 
 
+@pytest.mark.slow
 async def test_aborted_downloads_do_not_exhaust_the_pool() -> None:
     total, concurrency = 1000, 16
     misc = MiscUpstream(expected_closes=total)

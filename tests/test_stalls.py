@@ -894,6 +894,7 @@ def test_one_middleware_served_from_two_event_loops_keeps_both_deadlines() -> No
 LOAD_SECONDS = 10.0
 
 
+@pytest.mark.slow
 async def test_every_stall_at_once_leaves_the_rest_served(leak_log: LeakLog) -> None:
     """For 10 s, all of the above at once against one proxy: uploads to an upstream that
     does not read them, endless trailers, clients reading none of an endless download,

@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ from .polling import wait_for
 from .servers import bind_socket
 
 REPO = Path(__file__).resolve().parent.parent
+# Real worker processes, each test a minute of CPU or so: the suite's slow part, which
+# the other Python versions skip (see .ci/test-pythons).
+pytestmark = pytest.mark.slow
 INTERVAL = 0.4  # health check interval in these tests
 
 
@@ -143,11 +148,17 @@ def counted_once(url: str, total: int) -> dict[str, int]:
     return result
 
 
-def fresh_gets(url: str, count: int) -> None:
-    """``count`` GETs, each on a new connection (so the workers share them)."""
-    for _ in range(count):
+def fresh_gets(url: str, count: int, clients: int = 8) -> None:
+    """``count`` GETs, each on a new connection (so the workers share them), from
+    ``clients`` threads at a time."""
+
+    def one(_: int) -> int:
         with httpx.Client(timeout=10) as client:
-            assert client.get(f"{url}/api/x").status_code == 200
+            return client.get(f"{url}/api/x").status_code
+
+    with ThreadPoolExecutor(clients) as pool:
+        statuses = list(pool.map(one, range(count)))
+    assert statuses == [200] * count, Counter(statuses)
 
 
 def metric_samples(text: str, name: str) -> dict[str, float]:
