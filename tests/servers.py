@@ -48,13 +48,18 @@ def bind_socket(port: int = 0) -> socket.socket:
     return sock
 
 
+# The sockets behind dead_url(), bound for the rest of the test run.
+_DEAD: list[socket.socket] = []
+
+
 def dead_url() -> str:
-    """A URL on a port that was bound, then closed: nothing listens there."""
+    """A URL on which connections are refused: its port is bound and never listened on,
+    and stays bound, so no server started later (by this run or another process) can take
+    it and answer in its place."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}"
+    _DEAD.append(sock)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @contextmanager
