@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from .config import HealthCheck
 from .counters import UpstreamStats
-from .errors import UpstreamError
+from .errors import UpstreamError, UpstreamTimeout
 from .transport.base import UpstreamRequest, UpstreamTransport
 from .upstream import Upstream
 
@@ -174,8 +174,10 @@ async def probe(
     status = 0
     try:
         status = await asyncio.wait_for(_exchange(transport, request), check.timeout)
-    except asyncio.TimeoutError:
-        error: str | None = "timeout"
+    except (asyncio.TimeoutError, UpstreamTimeout):
+        # The check's own deadline and the transport's read deadline are the same
+        # number; whichever fires first, the check reports it the same way.
+        error: str | None = f"timeout: no answer within {check.timeout}s"
     except UpstreamError as exc:
         error = f"{exc.kind}: {exc}"
     except Exception as exc:  # a transport bug must not end the checker

@@ -684,7 +684,7 @@ async def test_a_check_that_times_out_or_fails_to_connect_fails(failure: str) ->
     last = snap["last_check"]
     assert last["ok"] is False
     if failure == "timeout":
-        assert (last["status"], last["error"]) == (0, "timeout")
+        assert (last["status"], last["error"]) == (0, "timeout: no answer within 0.05s")
         assert last["latency"] >= 0.04
     elif failure == "connect refused":
         assert last["status"] == 0
