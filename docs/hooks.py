@@ -51,6 +51,7 @@ from rr_middleware import (
     HttpxTransport,
     Pool,
     RoundRobinMiddleware,
+    StickyCookie,
     Upstream,
     errors,
 )
@@ -63,6 +64,7 @@ from rr_middleware.gateway_config import (
     MIDDLEWARE,
     POOL,
     SERVER,
+    STICKY,
     UPSTREAM,
     ServerSettings,
 )
@@ -75,6 +77,7 @@ CLASSES: dict[str, tuple[Any, KeyTable[Any] | None]] = {
     "Pool": (Pool, POOL),
     "Upstream": (Upstream, UPSTREAM),
     "HealthCheck": (HealthCheck, HEALTH_CHECK),
+    "StickyCookie": (StickyCookie, STICKY),
     "ConsulDiscovery": (ConsulDiscovery, CONSUL),
     "DNSDiscovery": (DNSDiscovery, DNS),
     "ServerSettings": (ServerSettings, SERVER),

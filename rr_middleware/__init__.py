@@ -27,6 +27,7 @@ from .errors import (
 from .middleware import RoundRobinMiddleware
 from .pool_runtime import PoolRuntime
 from .runtime import Balancer
+from .sticky import StickyCookie
 from .transport import Http1Transport, HttpxTransport, UpstreamTransport
 from .upstream import Upstream
 
@@ -58,6 +59,7 @@ __all__ = [
     "RequestNotForwardable",
     "ResponseAborted",
     "RoundRobinMiddleware",
+    "StickyCookie",
     "Upstream",
     "UpstreamBroken",
     "UpstreamError",

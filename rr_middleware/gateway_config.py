@@ -42,6 +42,7 @@ from .config_mapping import (
 )
 from .discovery import ConsulDiscovery, DNSDiscovery
 from .middleware import RoundRobinMiddleware
+from .sticky import StickyCookie
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -185,6 +186,18 @@ DNS = KeyTable(
         "retry_max": NUMBER,
     },
 )
+STICKY = KeyTable(
+    StickyCookie,
+    {
+        "name": STRING,
+        "max_age": optional(INTEGER),
+        "path": optional(STRING),
+        "secure": BOOLEAN,
+        "httponly": BOOLEAN,
+        "samesite": optional(STRING),
+        "secret": optional(STRING),
+    },
+)
 # [pools."/x".discovery] type = "...": every discovery class the file can name.
 DISCOVERY = Tagged({"consul": CONSUL, "dns": DNS})
 POOL = KeyTable(
@@ -201,6 +214,10 @@ POOL = KeyTable(
         "preserve_host": BOOLEAN,
         "retries": INTEGER,
         "policy": STRING,
+        "hash_on": STRING,
+        "hash_fallback": STRING,
+        "balance_factor": optional(NUMBER),
+        "sticky": optional(Table(STICKY)),
         "health_check": optional(Table(HEALTH_CHECK)),
         "max_fails": INTEGER,
         "fail_timeout": NUMBER,

@@ -71,6 +71,7 @@ def status_json(pools: Mapping[str, PoolRuntime], zone: Zone | None) -> dict[str
                 "prefix": prefix,
                 "policy": runtime.pool.policy,
                 "panic": runtime.panic,
+                "affinity": runtime.affinity_status(),
                 "discovery": runtime.discovery_status(),
                 "upstreams": rows,
             }

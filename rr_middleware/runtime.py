@@ -32,6 +32,7 @@ import httpx
 from .config import PoolsArg, normalize_pools, normalize_prefix
 from .errors import FieldError
 from .pool_runtime import PoolRuntime
+from .sticky import SECRET_ENV
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
@@ -157,6 +158,15 @@ class Balancer:
                 )
         for runtime in self.pools.values():
             runtime.start_checks()
+            if runtime.sticky is not None and runtime.sticky.random_secret:
+                logger.warning(
+                    "pool %s: sticky cookie %s has no secret (StickyCookie(secret=...) or %s): "
+                    "this process drew a random one, so its cookies mean nothing to other "
+                    "workers or replicas, nor after a restart",
+                    runtime.name,
+                    runtime.sticky.cookie.name,
+                    SECRET_ENV,
+                )
 
     async def stop(self) -> None:
         """Stop discovery and health checks, and close the connections the balancer
