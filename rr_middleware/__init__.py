@@ -24,6 +24,7 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from .matching import Route
 from .middleware import RoundRobinMiddleware
 from .pool_runtime import PoolRuntime
 from .runtime import Balancer
@@ -59,6 +60,7 @@ __all__ = [
     "RequestNotForwardable",
     "ResponseAborted",
     "RoundRobinMiddleware",
+    "Route",
     "StickyCookie",
     "Upstream",
     "UpstreamBroken",

@@ -320,15 +320,32 @@ def normalize_prefix(prefix: Any) -> str:
     return "/" + "/".join(segments)
 
 
+#: A pool keyed by a name, not a prefix, is reached only through routes (``matching.py``).
+_POOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+def normalize_pool_key(key: Any) -> str:
+    """A prefix normalised (``normalize_prefix``), or a pool name as is."""
+    if isinstance(key, str) and _POOL_NAME.fullmatch(key):
+        return key
+    if isinstance(key, str) and not key.startswith("/"):
+        raise ValueError(
+            f"pool key {key!r} must be a path prefix starting with '/' or a name "
+            "(a letter, then letters, digits, '_', '.', '-') that routes refer to"
+        )
+    return normalize_prefix(key)
+
+
 def normalize_pools(pools: Any) -> dict[str, Pool]:
-    """Turn the ``pools=`` argument into ``{normalised prefix: Pool}``, or raise ValueError."""
+    """Turn the ``pools=`` argument into ``{normalised prefix or name: Pool}``, or raise
+    ValueError."""
     if not isinstance(pools, Mapping):
         raise ValueError("pools must be a mapping of path prefix -> Pool or list of URLs")
     if not pools:
         raise ValueError("pools must configure at least one prefix")
     result: dict[str, Pool] = {}
     for raw_prefix, spec in pools.items():
-        prefix = normalize_prefix(raw_prefix)
+        prefix = normalize_pool_key(raw_prefix)
         if prefix in result:
             raise ValueError(f"duplicate pool prefix {raw_prefix!r} (same as {prefix!r})")
         try:

@@ -52,7 +52,9 @@ class PoolRuntime:
         self, prefix: str, pool: Pool, resolve: Callable[[Upstream], UpstreamTransport]
     ) -> None:
         self.name = prefix
-        self.prefix = prefix.encode("ascii") if prefix != "/" else b""
+        #: The prefix stripped (X-Forwarded-Prefix); a pool keyed by a name gets its
+        #: first route's from the middleware.
+        self.prefix = prefix.encode("ascii") if prefix.startswith("/") and prefix != "/" else b""
         self.pool = pool
         self._resolve = resolve
         #: The pool's records in a zone shared with other worker processes (``zone.py``),
@@ -71,7 +73,8 @@ class PoolRuntime:
         self._points = PointCache()
         self._read_key = key_reader(pool.hash_on) if pool.hash_on is not None else None
         #: ``sticky=``: each member's cookie value; the eligible members by value.
-        self.sticky = StickyValues(pool.sticky, prefix) if pool.sticky is not None else None
+        path = prefix if prefix.startswith("/") else "/"
+        self.sticky = StickyValues(pool.sticky, path) if pool.sticky is not None else None
         self._pinned: dict[bytes, Member] = {}
         #: Requests that came with a hash key, without one, and with a sticky cookie
         #: that reached its upstream (status page).
@@ -93,6 +96,11 @@ class PoolRuntime:
                 self.apply_checks,
             )
         self.refresh()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight on the pool's upstreams."""
+        return self.load.in_flight
 
     @property
     def _fallback_policy(self) -> str:

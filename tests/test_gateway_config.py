@@ -19,6 +19,7 @@ from rr_middleware import (
     DNSDiscovery,
     HealthCheck,
     Pool,
+    Route,
     StickyCookie,
     Upstream,
 )
@@ -123,6 +124,7 @@ def test_the_checks_below_cover_every_class_a_file_builds() -> None:
         ConsulDiscovery,
         DNSDiscovery,
         StickyCookie,
+        Route,
     }
     assert set(KEY_TABLES) == classes
 
