@@ -26,9 +26,17 @@ class RrTestClient(TestClient):
     """Starlette's ``TestClient`` (requests run the app, ``with`` runs its lifespan) with
     the ``Balancer`` serving the app's pools at hand."""
 
-    def __init__(self, app: ASGIApp, balancer: Balancer, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, balancer: Balancer | None = None, **options: Any) -> None:
         super().__init__(app, **options)
-        self.balancer = balancer
+        self._balancer = balancer
+
+    @property
+    def balancer(self) -> Balancer:
+        """The balancer serving the app's pools: the one given, or else the one of the
+        ``RoundRobinMiddleware`` in the app's middleware stack (built by the lifespan)."""
+        if self._balancer is None:
+            self._balancer = _find_balancer(self.app)
+        return self._balancer
 
     def pool(self, prefix: str) -> PoolRuntime:
         """The pool serving ``prefix`` (``snapshot()``, ``drain()``, ...)."""
@@ -50,6 +58,12 @@ class RrTestClient(TestClient):
             raise ValueError(f"pool {prefix!r} has no health_check")
         for _ in range(rounds):
             self.run(checker.check_now)
+
+    def wait_members(self, prefix: str, count: int, timeout: float = 5.0) -> None:
+        """Wait until the pool has ``count`` members (discovery's list is applied by a
+        task of the app's loop, a moment after the source reports it)."""
+        pool = self.pool(prefix)
+        wait_until(lambda: len(pool.members) == count, timeout, what=f"{count} members")
 
     def wait_idle(self, timeout: float = 5.0) -> None:
         """Wait until no request is in flight to any upstream: the counters are lowered
@@ -76,7 +90,9 @@ def rr_test_client(
 ) -> Iterator[RrTestClient]:
     """``app`` (or, by default, an empty FastAPI app, or Starlette's without FastAPI)
     with ``RoundRobinMiddleware`` serving ``pools`` (or ``balancer``), as an
-    ``RrTestClient`` inside the app's lifespan for the block.
+    ``RrTestClient`` inside the app's lifespan for the block. Without ``pools`` and
+    ``balancer``, ``app`` is your app as it is, the middleware already added (by your
+    app factory, say).
 
     >>> from rr_middleware.testing import FakeUpstream
     >>> a = FakeUpstream("a")
@@ -86,12 +102,17 @@ def rr_test_client(
 
     ``middleware_options`` are the middleware's other options (``status_path``, ...).
     """
-    if balancer is None:
-        if pools is None:
-            raise ValueError("rr_test_client needs pools or balancer=")
-        balancer = Balancer(pools)
-    elif pools is not None:
+    if pools is not None and balancer is not None:
         raise ValueError("give rr_test_client pools or balancer=, not both")
+    if pools is None and balancer is None:
+        if app is None:
+            raise ValueError("rr_test_client needs pools, balancer= or an app with the middleware")
+        with RrTestClient(app) as client:
+            yield client
+        return
+    if balancer is None:
+        assert pools is not None  # checked above
+        balancer = Balancer(pools)
     target = app if app is not None else _empty_app()
     add_middleware = getattr(target, "add_middleware", None)
     wrapped: ASGIApp
@@ -110,3 +131,19 @@ def _empty_app() -> ASGIApp:
     except ImportError:
         return Starlette()
     return FastAPI()
+
+
+def _find_balancer(app: Any) -> Balancer:
+    """The balancer of the first ``RoundRobinMiddleware`` found going down the app's
+    middleware (each layer's ``app``)."""
+    layer = getattr(app, "middleware_stack", None) or app
+    seen = 0
+    while layer is not None and seen < 100:  # a stack, not a cycle
+        if isinstance(layer, RoundRobinMiddleware):
+            return layer.balancer
+        layer = getattr(layer, "middleware_stack", None) or getattr(layer, "app", None)
+        seen += 1
+    raise LookupError(
+        "no RoundRobinMiddleware in the app's middleware stack (it is built by the "
+        "lifespan: use the client in a with block)"
+    )
