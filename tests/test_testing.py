@@ -104,6 +104,22 @@ def test_a_fixed_status(fakes: list[FakeUpstream]) -> None:
         a.answer(999)
 
 
+def test_head_and_bodiless_statuses_have_no_body(fakes: list[FakeUpstream]) -> None:
+    a, _ = fakes
+    with client(a) as http:
+        length = len(http.get("/api/x").content)
+        head = http.head("/api/x")
+        assert (head.status_code, head.content) == (200, b"")
+        assert int(head.headers["content-length"]) == length + 1  # its echo says "HEAD"
+        a.answer(204)
+        assert [(r.status_code, r.content) for r in (http.get("/api/x"), http.get("/api/y"))] == [
+            (204, b""),
+            (204, b""),
+        ]  # twice: the connection stays usable
+        with pytest.raises(ValueError, match="final"):
+            a.answer(101)
+
+
 def test_latency_fixed_or_drawn(fakes: list[FakeUpstream]) -> None:
     a, _ = fakes
     drawn: list[float] = []
@@ -175,6 +191,7 @@ def test_hang_holds_the_request_until_the_proxy_gives_up(fakes: list[FakeUpstrea
         assert out["result"].status_code == 504
         assert out["elapsed"] >= 0.9
         http.wait_idle()
+        wait_until(lambda: a.open_connections == 0)  # the proxy dropped it, the fake saw it
 
 
 def test_stop_reading_holds_the_upload(fakes: list[FakeUpstream]) -> None:
@@ -322,6 +339,16 @@ async def test_serve_on_the_running_loop() -> None:
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient() as http:
             await http.get(a.url.replace("a.test", "127.0.0.1:1"))
+
+
+async def test_refusing_and_listening_again_on_the_running_loop() -> None:
+    a = FakeUpstream("a")
+    async with a.serve(), httpx.AsyncClient() as http:
+        a.refuse_connections()
+        with pytest.raises(httpx.ConnectError):
+            await http.get(a.url)
+        a.answer()
+        assert (await http.get(a.url + "/back")).json()["path"] == "/back"
 
 
 def test_as_a_plain_asgi_app() -> None:

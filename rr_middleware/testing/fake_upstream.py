@@ -92,7 +92,9 @@ class _Exchange(Protocol):
 
     async def read_body(self) -> bytes | None: ...  # None: the peer left first
 
-    async def hold(self) -> None: ...  # keep the request open and unanswered
+    # Keep the request open and unanswered; ``reading``: while dropping what else comes
+    # (so a peer's close is seen), else reading nothing at all.
+    async def hold(self, reading: bool) -> None: ...
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
 
@@ -203,8 +205,9 @@ class FakeUpstream:
         return ", ".join(parts)
 
     def answer(self, status: int = 200) -> FakeUpstream:
-        """Answer every request ``status`` with the echo (ends any fault or drip)."""
-        HTTPStatus(status)  # a ValueError for a number that is not a status
+        """Answer every request ``status`` with the echo (none with 204 or 304; ends any
+        fault or drip)."""
+        _check_status(status)
         return self._switch(fault=_Fault.NONE, status=status, drip=None)
 
     def set_latency(self, latency: Latency) -> FakeUpstream:
@@ -221,7 +224,8 @@ class FakeUpstream:
         return self._switch(fault=_Fault.REFUSE)
 
     def hang(self) -> FakeUpstream:
-        """Read each request whole and never answer (the connection stays open)."""
+        """Read each request whole and never answer (on a socket the connection stays
+        open until the peer closes it)."""
         return self._switch(fault=_Fault.HANG)
 
     def stop_reading_body(self) -> FakeUpstream:
@@ -241,7 +245,7 @@ class FakeUpstream:
 
     def fail_health_checks(self, status: int = 503) -> FakeUpstream:
         """Answer health checks ``status`` (traffic is unchanged)."""
-        HTTPStatus(status)
+        _check_status(status)
         return self._switch(health_status=status)
 
     def pass_health_checks(self) -> FakeUpstream:
@@ -278,14 +282,14 @@ class FakeUpstream:
         with self._lock:
             self.requests.append(request)
         if behaviour.fault is _Fault.STOP_READING:
-            await exchange.hold()
+            await exchange.hold(reading=False)
             return False
         received = await exchange.read_body()
         if received is None:
             return False
         request.body = received
         if behaviour.fault is _Fault.HANG:
-            await exchange.hold()
+            await exchange.hold(reading=True)
             return False
         if delay := behaviour.delay():
             await asyncio.sleep(delay)
@@ -299,7 +303,9 @@ class FakeUpstream:
         chunks, interval = behaviour.drip or (1, 0.0)
         step = -(-len(payload) // chunks)
         parts = [payload[i : i + step] for i in range(0, len(payload), step)]
-        await _answer(exchange, behaviour.status, headers, parts, interval)
+        if request.method == "HEAD":
+            parts = []  # no body; its Content-Length still tells the GET's
+        await _answer(exchange, behaviour.status, headers, parts, interval, len(payload))
         return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -331,6 +337,12 @@ class FakeUpstream:
                 return
 
 
+def _check_status(status: int) -> None:
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        raise ValueError(f"status must be a final HTTP status (200-599), got {status!r}")
+    HTTPStatus(status)  # and one with a name, for the status line
+
+
 def _received(name: str, raw: RawRequest) -> ReceivedRequest:
     path, _, query = raw.target.partition(b"?")
     headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw.headers]
@@ -349,8 +361,15 @@ async def _answer(
     headers: list[tuple[bytes, bytes]],
     parts: list[bytes],
     interval: float = 0.0,
+    length: int | None = None,
 ) -> None:
-    await exchange.start(status, _with_length(headers, sum(map(len, parts))))
+    if status in (204, 304):  # never a body (RFC 9110 §15.3.5, §15.4.5)
+        parts = []
+    if status == 204:
+        await exchange.start(status, headers)
+    else:
+        size = sum(map(len, parts)) if length is None else length
+        await exchange.start(status, _with_length(headers, size))
     for index, part in enumerate(parts):
         if index and interval:
             await asyncio.sleep(interval)
@@ -379,7 +398,7 @@ class _AsgiExchange:
             if not message.get("more_body", False):
                 return body
 
-    async def hold(self) -> None:
+    async def hold(self, reading: bool) -> None:
         await asyncio.get_running_loop().create_future()  # until the caller gives up
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -406,8 +425,11 @@ class _SocketExchange:
             return None
         return self._request.body
 
-    async def hold(self) -> None:
-        await self._connection.hold()
+    async def hold(self, reading: bool) -> None:
+        if reading:
+            await self._connection.wait_eof()  # ends when the peer gives up and closes
+        else:
+            await self._connection.hold()  # until the fake stops
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         reason = (
