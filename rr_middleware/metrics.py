@@ -74,6 +74,7 @@ def status_json(
                 "policy": runtime.pool.policy,
                 "panic": runtime.panic,
                 "affinity": runtime.affinity_status(),
+                "mirror": runtime.mirror.status() if runtime.mirror is not None else None,
                 "discovery": runtime.discovery_status(),
                 "upstreams": rows,
             }

@@ -181,7 +181,7 @@ def test_routes_are_validated() -> None:
 
 def test_routes_name_existing_pools_and_named_pools_need_a_route() -> None:
     pools = {"/api": Pool(["http://10.0.0.1:8000"]), "canary": Pool(["http://10.0.0.2:8000"])}
-    with pytest.raises(FieldError, match="no route names it"):
+    with pytest.raises(FieldError, match="no route or mirror names it"):
         RoundRobinMiddleware(host_app(), pools=pools)
     with pytest.raises(FieldError, match="names no pool 'canry'"):
         RoundRobinMiddleware(host_app(), pools=pools, routes=[Route("/api", pool="canry")])
