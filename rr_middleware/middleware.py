@@ -220,8 +220,9 @@ class RoundRobinMiddleware:
             if key[0] != "/" and key not in reached:
                 raise _unreached(key)
             if key[0] != "/" and not runtime.prefix:
-                # X-Forwarded-Prefix of a named pool: its first route's prefix.
-                first = next(s.route.prefix for s in states if key in s.route.targets)
+                # X-Forwarded-Prefix of a named pool: its first route's prefix (a pool only
+                # a mirror reaches gets the headers of the requests it copies).
+                first = next((s.route.prefix for s in states if key in s.route.targets), "/")
                 runtime.prefix = first.encode("ascii") if first != "/" else b""
         balancer.routes = states
         return PrefixRouter(tables)

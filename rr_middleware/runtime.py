@@ -146,7 +146,7 @@ class Balancer:
         registry of your own (``metrics_path=`` serves one of its own)."""
         from .metrics import PrometheusCollector
 
-        return PrometheusCollector(self.pools)
+        return PrometheusCollector(self.pools, lambda: self.routes)
 
     def attach(self, owner: object) -> None:
         """Called by the middleware that serves this balancer: one serves one."""

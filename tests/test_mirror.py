@@ -190,3 +190,28 @@ def test_mirror_options_are_validated() -> None:
         RoundRobinMiddleware(
             host_app(), pools={"/api": Pool(["http://10.0.0.1:8000"], mirror="nowhere")}
         )
+
+
+def test_traffic_counts_in_prometheus(upstreams: list[RunningServer]) -> None:
+    """The affinity, mirror and route counts are metrics too."""
+    from rr_middleware import Route
+
+    pools = {
+        "/api": Pool([upstreams[0].url], mirror="shadow", policy="hash", hash_on="query:u"),
+        "shadow": Pool([upstreams[1].url]),
+        "canary": Pool([upstreams[2].url]),
+    }
+    routes = [Route("/api", pool="canary", headers={"x-canary": "1"})]
+    with (
+        running_proxy(pools, routes=routes, metrics_path="/metrics") as (proxy, middleware),
+        client() as http,
+    ):
+        assert http.get(f"{proxy.url}/api/x", params={"u": "1"}).status_code == 200
+        assert http.get(f"{proxy.url}/api/x").status_code == 200
+        assert http.get(f"{proxy.url}/api/x", headers={"x-canary": "1"}).status_code == 200
+        wait_for(lambda: middleware.status()["pools"][0]["mirror"]["answered"] == 2, "the copies")
+        text = http.get(f"{proxy.url}/metrics").text
+    assert 'rr_pool_affinity_total{event="keyed",pool="/api"} 1.0' in text
+    assert 'rr_pool_affinity_total{event="unkeyed",pool="/api"} 1.0' in text
+    assert 'rr_mirror_requests_total{mirror="shadow",outcome="answered",pool="/api"} 2.0' in text
+    assert 'rr_route_requests_total{pool="canary",prefix="/api",route="0"} 1.0' in text
