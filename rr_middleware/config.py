@@ -103,6 +103,7 @@ class Pool:
     retries: int = 2
     transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
     policy: str = "round_robin"
+    ewma_decay: float = 10.0
     health_check: HealthCheck | None = None
     max_fails: int = 3
     fail_timeout: float = 10.0
@@ -133,6 +134,7 @@ class Pool:
             "fail_timeout",
             "client_body_timeout",
             "client_send_timeout",
+            "ewma_decay",
         ):
             _positive_number(name, getattr(self, name))
         for name in ("websocket_timeout", "websocket_idle_timeout", "websocket_ping_interval"):
@@ -182,10 +184,11 @@ class Pool:
         return tuple(members)
 
     def _check_choices(self) -> None:
-        if self.policy not in ("round_robin", "least_requests", "random"):
+        if self.policy not in ("round_robin", "least_requests", "peak_ewma", "random"):
             raise FieldError(
                 "policy",
-                f"must be 'round_robin', 'least_requests' or 'random', got {self.policy!r}",
+                "must be 'round_robin', 'least_requests', 'peak_ewma' or 'random', "
+                f"got {self.policy!r}",
             )
         if self.on_all_down not in ("try_all", "fail"):
             raise FieldError(

@@ -201,6 +201,7 @@ POOL = KeyTable(
         "preserve_host": BOOLEAN,
         "retries": INTEGER,
         "policy": STRING,
+        "ewma_decay": NUMBER,
         "health_check": optional(Table(HEALTH_CHECK)),
         "max_fails": INTEGER,
         "fail_timeout": NUMBER,

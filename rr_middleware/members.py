@@ -10,6 +10,7 @@ from collections import deque
 
 from .counters import UpstreamStats
 from .health import UpstreamHealth
+from .latency import PeakEwma
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
 
@@ -74,11 +75,13 @@ class Member:
     new value replaces it when discovery changes its weight), ``transport`` (the one that
     reaches it, resolved once: its own, its pool's, or the balancer's), ``limiter`` (its
     ``max_connections`` slots), ``health`` (active and passive), ``stats`` (its counters),
-    ``drained``, and ``websockets`` (open ones; they take no slot)."""
+    ``drained``, ``websockets`` (open ones; they take no slot) and ``latency`` (its peak
+    EWMA of response-header latency, which ``policy="peak_ewma"`` feeds and reads)."""
 
     __slots__ = (
         "drained",
         "health",
+        "latency",
         "limiter",
         "record",
         "stats",
@@ -89,7 +92,9 @@ class Member:
         "zone_base",
     )
 
-    def __init__(self, upstream: Upstream, transport: UpstreamTransport, limit: int) -> None:
+    def __init__(
+        self, upstream: Upstream, transport: UpstreamTransport, limit: int, decay: float = 10.0
+    ) -> None:
         self.upstream = upstream
         self.transport = transport
         self.limiter = ConnectionLimiter(limit)
@@ -97,6 +102,7 @@ class Member:
         self.stats = UpstreamStats()
         self.drained = False
         self.websockets = 0
+        self.latency = PeakEwma(decay)
         #: A weight set while serving, over the configured one (None: the configured).
         self.weight_override: int | None = None
         #: Its record in a zone shared with other workers, and where this process's

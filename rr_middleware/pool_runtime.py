@@ -19,6 +19,7 @@ from .balancing import Policy, build
 from .config import Pool
 from .discovery.base import Watcher
 from .health import CheckResult, HealthChecker
+from .latency import recorder
 from .members import Member
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
@@ -58,6 +59,9 @@ class PoolRuntime:
         self.members = [self._member(upstream) for upstream in pool.members]
         self.clock = pool.clock
         self.rng = pool.random if pool.random is not None else random.Random()
+        #: Called with an attempt's latency estimate and seconds when its response
+        #: headers come (None: nothing needs them; see ``latency.recorder``).
+        self.record_latency = recorder(None, self.clock, pool.policy == "peak_ewma")
         self.eligible: list[Member] = []
         self.policy: Policy[Member] = build(pool.policy, [], [], self.rng)
         self.all_down = False
@@ -79,7 +83,8 @@ class PoolRuntime:
         self.refresh()
 
     def _member(self, upstream: Upstream) -> Member:
-        member = Member(upstream, self._resolve(upstream), self.pool.max_connections)
+        pool = self.pool
+        member = Member(upstream, self._resolve(upstream), pool.max_connections, pool.ewma_decay)
         if self.shared is not None:
             self.shared.bind(member)
         return member
@@ -137,7 +142,17 @@ class PoolRuntime:
             eligible = [m for m in self.members if not m.drained and m.weight > 0]
             weights = [m.weight for m in eligible]
         self.eligible = eligible
-        self.policy = build(pool.policy, eligible, weights, self.rng, self.policy, resume_after)
+        estimates = [m.latency for m in eligible] if pool.policy == "peak_ewma" else None
+        self.policy = build(
+            pool.policy,
+            eligible,
+            weights,
+            self.rng,
+            self.policy,
+            resume_after,
+            estimates=estimates,
+            clock=self.clock,
+        )
         self._next_change = next_change
 
     def refresh_if_due(self) -> None:
