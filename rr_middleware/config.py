@@ -113,6 +113,8 @@ class Pool:
     retry_body_limit: int = 64 * 1024
     request_buffer_size: int = 64 * 1024
     retry_on_statuses: Collection[int] = frozenset()
+    retry_budget: float | None = 0.2
+    retry_budget_min: int = 3
     slow_start: float = 0.0
     max_body_size: int | None = None
     client_body_timeout: float = 30.0
@@ -146,6 +148,9 @@ class Pool:
         _int_at_least("retry_body_limit", self.retry_body_limit, 0)
         _int_at_least("request_buffer_size", self.request_buffer_size, 0)
         _int_at_least("client_body_min_rate", self.client_body_min_rate, 0)
+        _int_at_least("retry_budget_min", self.retry_budget_min, 0)
+        if self.retry_budget is not None:
+            _fraction("retry_budget", self.retry_budget)
         if self.max_body_size is not None:
             _int_at_least("max_body_size", self.max_body_size, 0)
         for name in ("unhealthy_statuses", "retry_on_statuses"):
@@ -222,6 +227,13 @@ def _positive_number(name: str, value: Any, owner: str = "") -> None:
         raise FieldError.of(owner, name, f"must be a number of seconds, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise FieldError.of(owner, name, f"must be a positive number of seconds, got {value!r}")
+
+
+def _fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(name, f"must be a number (a fraction, 0.2 for 20 %), got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise FieldError(name, f"must be a finite number >= 0, got {value!r}")
 
 
 def _int_at_least(name: str, value: Any, minimum: int, owner: str = "") -> None:

@@ -218,6 +218,7 @@ class _Forwarding:
         "replayable",
         "response_started",
         "retryable",
+        "retrying",
         "runtime",
         "scope",
         "send",
@@ -252,6 +253,7 @@ class _Forwarding:
         self.stream: ClientSide | None = None
         self.replayable = False
         self.response_started = False
+        self.retrying = False  # holds a place in the pool's retry budget
 
     async def run(self) -> None:
         """The retry policy: the body's start is read, then attempts go to distinct
@@ -265,6 +267,8 @@ class _Forwarding:
         buffer = max(pool.request_buffer_size, pool.retry_body_limit if self.retryable else 0)
         tried: list[Member] = []
         error: UpstreamError | None = None
+        budget = runtime.budget
+        budget.active += 1
         try:
             self.body = await self.client.start(buffer)
             if not self.client.complete:
@@ -297,6 +301,10 @@ class _Forwarding:
         except ClientBodyError as exc:
             await self._client_failed(exc)
             return
+        finally:
+            budget.active -= 1
+            if self.retrying:
+                budget.release()
         await self._answer_failure(error, tried)
 
     def _request(self, upstream: Upstream) -> UpstreamRequest:
@@ -333,6 +341,7 @@ class _Forwarding:
             and self.retryable
             and self.replayable
             and runtime.more_to_try(tried)
+            and self._within_budget(attempt.upstream.url, f"answered {status}")
         ):
             return False
         logger.warning(
@@ -353,6 +362,7 @@ class _Forwarding:
             and (not error.sent or (self.retryable and self.replayable))
             and len(tried) <= runtime.pool.retries
             and runtime.more_to_try(tried)
+            and self._within_budget(member.upstream.url, f"failed ({error.kind})")
         )
         logger.warning(
             "pool %s: %s %s failed (%s): %s%s",
@@ -366,6 +376,26 @@ class _Forwarding:
         if retry:
             member.stats.retries += 1
         return retry
+
+    def _within_budget(self, url: str, what: str) -> bool:
+        """Take a place in the pool's retry budget for the next attempt (giving back the
+        one the attempt that just ended held); False when it has none."""
+        budget = self.runtime.budget
+        if self.retrying:
+            budget.release()
+            self.retrying = False
+        if budget.admit():
+            self.retrying = True
+            return True
+        logger.warning(
+            "pool %s: %s %s %s; not retried: the retry budget is spent (%d in flight)",
+            self.runtime.name,
+            self.method,
+            url,
+            what,
+            budget.retrying,
+        )
+        return False
 
     async def _answer_failure(self, error: UpstreamError | None, tried: list[Member]) -> None:
         runtime = self.runtime

@@ -211,6 +211,8 @@ POOL = KeyTable(
         "retry_body_limit": INTEGER,
         "request_buffer_size": INTEGER,
         "retry_on_statuses": Array(INTEGER),
+        "retry_budget": optional(NUMBER),
+        "retry_budget_min": INTEGER,
         "slow_start": NUMBER,
         "max_body_size": optional(INTEGER),
         "client_body_timeout": NUMBER,

@@ -72,10 +72,24 @@ def status_json(pools: Mapping[str, PoolRuntime], zone: Zone | None) -> dict[str
                 "policy": runtime.pool.policy,
                 "panic": runtime.panic,
                 "discovery": runtime.discovery_status(),
+                "retry_budget": _budget(runtime),
                 "upstreams": rows,
             }
         )
     return {"pools": shown, "zone": zone.describe() if zone is not None else None}
+
+
+def _budget(runtime: PoolRuntime) -> dict[str, Any]:
+    budget = runtime.budget
+    limit = budget.limit
+    return {
+        "fraction": budget.fraction,
+        "minimum": budget.minimum,
+        "active": budget.active,
+        "in_flight": budget.retrying,
+        "limit": None if limit == float("inf") else limit,
+        "refused": budget.refused,
+    }
 
 
 class PrometheusCollector:
@@ -92,6 +106,7 @@ class PrometheusCollector:
         for prefix, runtime in self._pools.items():
             rows = runtime.rows()  # brought up to date first (time, other workers)
             families.panic.add_metric([prefix], 1 if runtime.panic else 0)
+            families.add_pool([prefix], runtime)
             for row, stats in rows:
                 key = [prefix, row["url"]]
                 families.add_upstream(key, stats, row["eligible"])
@@ -145,6 +160,16 @@ class _Families:
         self.websockets = GaugeMetricFamily(
             "rr_upstream_websockets", "Open WebSocket connections", labels=labels
         )
+        self.refused = CounterMetricFamily(
+            "rr_pool_retries_refused",
+            "Retries and hedges not made because the pool's retry budget was spent",
+            labels=["pool"],
+        )
+        self.budget_in_use = GaugeMetricFamily(
+            "rr_pool_retry_budget_in_use",
+            "Retries and hedges in flight, which the retry budget limits",
+            labels=["pool"],
+        )
         self.latency = HistogramMetricFamily(
             "rr_upstream_request_duration_seconds",
             "Time to the end of the response",
@@ -155,6 +180,11 @@ class _Families:
             "Time to the response headers",
             labels=labels,
         )
+
+    def add_pool(self, key: list[str], runtime: PoolRuntime) -> None:
+        budget = runtime.budget
+        self.refused.add_metric(key, budget.refused)
+        self.budget_in_use.add_metric(key, budget.retrying)
 
     def add_upstream(self, key: list[str], stats: UpstreamStats, up: bool) -> None:
         for code, n in sorted(list(stats.codes.items())):
@@ -184,6 +214,8 @@ class _Families:
             self.transferred,
             self.up,
             self.panic,
+            self.refused,
+            self.budget_in_use,
             self.in_flight,
             self.websockets,
             self.latency,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .attempt import Attempt
 from .balancing import Policy, build
+from .budget import RetryBudget
 from .config import Pool
 from .discovery.base import Watcher
 from .health import CheckResult, HealthChecker
@@ -62,6 +63,8 @@ class PoolRuntime:
         #: Called with an attempt's latency estimate and seconds when its response
         #: headers come (None: nothing needs them; see ``latency.recorder``).
         self.record_latency = recorder(None, self.clock, pool.policy == "peak_ewma")
+        #: Retries and hedges in flight against requests active (``budget.py``).
+        self.budget = RetryBudget(pool.retry_budget, pool.retry_budget_min)
         self.eligible: list[Member] = []
         self.policy: Policy[Member] = build(pool.policy, [], [], self.rng)
         self.all_down = False
