@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from .latency import PeakEwma, seed
+from .latency import FLOOR, PeakEwma, seed
 
 __all__ = [
     "POLICIES",
@@ -228,10 +228,6 @@ class LeastRequests(Generic[M]):
         return members[i].in_flight * self._weights[j] <= members[j].in_flight * self._weights[i]
 
 
-# Seconds added to every estimate: with none yet (a new pool), the cost is the load alone.
-_FLOOR = 1e-6
-
-
 class LeastLatency(LeastRequests[M]):
     """Power of two choices on peak EWMA * (in-flight + 1) / weight (``peak_ewma``).
 
@@ -263,8 +259,8 @@ class LeastLatency(LeastRequests[M]):
         now = self._clock()
         members = self._members
         estimates = self._estimates
-        cost_i = (estimates[i].value(now) + _FLOOR) * (members[i].in_flight + 1)
-        cost_j = (estimates[j].value(now) + _FLOOR) * (members[j].in_flight + 1)
+        cost_i = (estimates[i].value(now) + FLOOR) * (members[i].in_flight + 1)
+        cost_j = (estimates[j].value(now) + FLOOR) * (members[j].in_flight + 1)
         return cost_i * self._weights[j] <= cost_j * self._weights[i]
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from .discovery.base import Discovery
 from .errors import FieldError
+from .latency import parse_hedge_after
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -115,6 +116,8 @@ class Pool:
     retry_on_statuses: Collection[int] = frozenset()
     retry_budget: float | None = 0.2
     retry_budget_min: int = 3
+    hedge_after: float | str | None = None
+    max_hedges: int = 1
     slow_start: float = 0.0
     max_body_size: int | None = None
     client_body_timeout: float = 30.0
@@ -149,6 +152,14 @@ class Pool:
         _int_at_least("request_buffer_size", self.request_buffer_size, 0)
         _int_at_least("client_body_min_rate", self.client_body_min_rate, 0)
         _int_at_least("retry_budget_min", self.retry_budget_min, 0)
+        _int_at_least("max_hedges", self.max_hedges, 1)
+        if isinstance(self.hedge_after, str):
+            try:
+                parse_hedge_after(self.hedge_after)
+            except ValueError as exc:
+                raise FieldError("hedge_after", str(exc)) from None
+        elif self.hedge_after is not None:
+            _positive_number("hedge_after", self.hedge_after)
         if self.retry_budget is not None:
             _fraction("retry_budget", self.retry_budget)
         if self.max_body_size is not None:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
     from .attempt import Attempt
+    from .hedging import HedgedAttempt
     from .members import Member
     from .pool_runtime import PoolRuntime
     from .upstream import Upstream
@@ -277,7 +278,7 @@ class _Forwarding:
             self.replayable = self.stream is None and len(self.body or b"") <= pool.retry_body_limit
             for _ in range(pool.retries + 1):
                 try:
-                    async with runtime.attempt(tried) as attempt:
+                    async with self._attempt(tried) as attempt:
                         try:
                             response = await attempt.send(self._request(attempt.upstream))
                         except UpstreamError as exc:
@@ -307,6 +308,15 @@ class _Forwarding:
                 budget.release()
         await self._answer_failure(error, tried)
 
+    def _attempt(self, tried: list[Member]) -> Attempt | HedgedAttempt:
+        """The next try: raced against hedges when the pool hedges and this request may
+        be sent twice (its body held whole), else a plain one (``hedging.py``)."""
+        runtime = self.runtime
+        hedging = runtime.hedging
+        if hedging is not None and self.retryable and self.replayable:
+            return runtime.hedged_attempt(tried, hedging, self._request)
+        return runtime.attempt(tried)
+
     def _request(self, upstream: Upstream) -> UpstreamRequest:
         target = upstream.base_path + self.suffix
         if not target.startswith(b"/"):
@@ -331,7 +341,7 @@ class _Forwarding:
         if failure is not None:
             raise failure from error
 
-    def _retry_on_status(self, attempt: Attempt, tried: list[Member]) -> bool:
+    def _retry_on_status(self, attempt: Attempt | HedgedAttempt, tried: list[Member]) -> bool:
         status = attempt.status
         runtime = self.runtime
         pool = runtime.pool
@@ -426,7 +436,7 @@ class _Forwarding:
     def _closing(self) -> Sequence[tuple[bytes, bytes]]:
         return () if self.client.complete else _CLOSE
 
-    async def _relay(self, attempt: Attempt, response: UpstreamResponse) -> None:
+    async def _relay(self, attempt: Attempt | HedgedAttempt, response: UpstreamResponse) -> None:
         """Relay the response: a body with no bytes (1xx, 204, 304, HEAD), a body already
         whole (one send), or a stream; body bytes are counted into the upstream's stats.
         Each send marks when it began (``client.sending_since``): a client that takes

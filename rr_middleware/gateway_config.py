@@ -213,6 +213,8 @@ POOL = KeyTable(
         "retry_on_statuses": Array(INTEGER),
         "retry_budget": optional(NUMBER),
         "retry_budget_min": INTEGER,
+        "hedge_after": optional(AnyOf(NUMBER, STRING)),
+        "max_hedges": INTEGER,
         "slow_start": NUMBER,
         "max_body_size": optional(INTEGER),
         "client_body_timeout": NUMBER,

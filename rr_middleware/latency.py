@@ -20,13 +20,19 @@ it out.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["LatencyWindow", "PeakEwma", "seed"]
+__all__ = ["FLOOR", "LatencyWindow", "PeakEwma", "cost", "parse_hedge_after", "seed"]
+
+# Seconds added to every estimate: with none yet (a new pool), the cost is the load alone.
+FLOOR = 1e-6
+
+_QUANTILE = re.compile(r"p(\d{1,2}(?:\.\d+)?)")
 
 
 class PeakEwma:
@@ -79,6 +85,14 @@ class PeakEwma:
         self.stamp = now
 
 
+def cost(estimate: float | None, in_flight: int, weight: int) -> float | None:
+    """``peak_ewma``'s cost of an upstream: (estimate + FLOOR) * (in-flight + 1) / weight
+    (None at weight 0: never picked)."""
+    if weight <= 0:
+        return None
+    return ((estimate or 0.0) + FLOOR) * (in_flight + 1) / weight
+
+
 def seed(newcomers: Iterable[PeakEwma], peers: Iterable[PeakEwma], now: float) -> None:
     """Start each of ``newcomers`` at the median of the current estimates of ``peers``
     that have one (from nothing when none has)."""
@@ -121,6 +135,17 @@ class LatencyWindow:
             self._since = 0
             ordered = sorted(samples)
             self.quantile = ordered[min(len(ordered) - 1, int(self._q * len(ordered)))]
+
+
+def parse_hedge_after(value: float | str) -> float | None:
+    """The quantile a ``hedge_after`` like ``"p95"`` names (0.95); None for seconds.
+    ValueError for any other string."""
+    if isinstance(value, str):
+        match = _QUANTILE.fullmatch(value)
+        if match is None or not 0 < float(match[1]) < 100:
+            raise ValueError(f"must be seconds or a quantile like 'p95', got {value!r}")
+        return float(match[1]) / 100
+    return None
 
 
 def recorder(

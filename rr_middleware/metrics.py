@@ -73,6 +73,7 @@ def status_json(pools: Mapping[str, PoolRuntime], zone: Zone | None) -> dict[str
                 "panic": runtime.panic,
                 "discovery": runtime.discovery_status(),
                 "retry_budget": _budget(runtime),
+                "hedging": _hedging(runtime),
                 "upstreams": rows,
             }
         )
@@ -89,6 +90,19 @@ def _budget(runtime: PoolRuntime) -> dict[str, Any]:
         "in_flight": budget.retrying,
         "limit": None if limit == float("inf") else limit,
         "refused": budget.refused,
+    }
+
+
+def _hedging(runtime: PoolRuntime) -> dict[str, Any] | None:
+    hedging = runtime.hedging
+    if hedging is None:
+        return None
+    return {
+        "hedge_after": runtime.pool.hedge_after,
+        "delay": hedging.delay(),
+        "max_hedges": hedging.max_hedges,
+        "sent": hedging.sent,
+        "won": hedging.won,
     }
 
 
@@ -112,6 +126,8 @@ class PrometheusCollector:
                 families.add_upstream(key, stats, row["eligible"])
                 families.in_flight.add_metric(key, stats.in_flight)
                 families.websockets.add_metric(key, stats.websockets)
+                if row["latency_ewma"] is not None:
+                    families.ewma.add_metric(key, row["latency_ewma"])
         yield from families.all()
 
 
@@ -170,6 +186,17 @@ class _Families:
             "Retries and hedges in flight, which the retry budget limits",
             labels=["pool"],
         )
+        self.hedges = CounterMetricFamily(
+            "rr_pool_hedges", "Hedged requests sent (hedge_after)", labels=["pool"]
+        )
+        self.hedges_won = CounterMetricFamily(
+            "rr_pool_hedges_won", "Hedged requests whose answer came first", labels=["pool"]
+        )
+        self.ewma = GaugeMetricFamily(
+            "rr_upstream_latency_ewma_seconds",
+            "policy=peak_ewma: the peak EWMA of the time to response headers",
+            labels=labels,
+        )
         self.latency = HistogramMetricFamily(
             "rr_upstream_request_duration_seconds",
             "Time to the end of the response",
@@ -185,6 +212,10 @@ class _Families:
         budget = runtime.budget
         self.refused.add_metric(key, budget.refused)
         self.budget_in_use.add_metric(key, budget.retrying)
+        hedging = runtime.hedging
+        if hedging is not None:
+            self.hedges.add_metric(key, hedging.sent)
+            self.hedges_won.add_metric(key, hedging.won)
 
     def add_upstream(self, key: list[str], stats: UpstreamStats, up: bool) -> None:
         for code, n in sorted(list(stats.codes.items())):
@@ -216,6 +247,9 @@ class _Families:
             self.panic,
             self.refused,
             self.budget_in_use,
+            self.hedges,
+            self.hedges_won,
+            self.ewma,
             self.in_flight,
             self.websockets,
             self.latency,

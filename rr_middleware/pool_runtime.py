@@ -20,7 +20,8 @@ from .budget import RetryBudget
 from .config import Pool
 from .discovery.base import Watcher
 from .health import CheckResult, HealthChecker
-from .latency import recorder
+from .hedging import HedgedAttempt, Hedging
+from .latency import cost, recorder
 from .members import Member
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .counters import UpstreamStats
+    from .transport.base import UpstreamRequest
     from .zone import ZonePool
 
 __all__ = ["PoolRuntime"]
@@ -62,9 +64,12 @@ class PoolRuntime:
         self.rng = pool.random if pool.random is not None else random.Random()
         #: Called with an attempt's latency estimate and seconds when its response
         #: headers come (None: nothing needs them; see ``latency.recorder``).
-        self.record_latency = recorder(None, self.clock, pool.policy == "peak_ewma")
         #: Retries and hedges in flight against requests active (``budget.py``).
         self.budget = RetryBudget(pool.retry_budget, pool.retry_budget_min)
+        #: When to hedge, and the hedges sent and won (``hedging.py``); None: never.
+        self.hedging = Hedging.of(pool)
+        window = self.hedging.window if self.hedging is not None else None
+        self.record_latency = recorder(window, self.clock, pool.policy == "peak_ewma")
         self.eligible: list[Member] = []
         self.policy: Policy[Member] = build(pool.policy, [], [], self.rng)
         self.all_down = False
@@ -243,6 +248,16 @@ class PoolRuntime:
         """The lease for one try of a request: ``async with pool.attempt(tried) as a``.
         ``slot=False`` takes no ``max_connections`` slot (a WebSocket's)."""
         return Attempt(self, tried, slot)
+
+    def hedged_attempt(
+        self,
+        tried: list[Member],
+        hedging: Hedging,
+        build: Callable[[Upstream], UpstreamRequest],
+    ) -> HedgedAttempt:
+        """An attempt raced against hedges (``hedging.py``), used as ``attempt()``'s;
+        ``build`` makes the request for each upstream tried."""
+        return HedgedAttempt(self, tried, hedging, self.budget, build)
 
     # -- outcomes (only an Attempt reports them) ------------------------------------------
 
@@ -455,7 +470,8 @@ class PoolRuntime:
     def snapshot(self) -> list[dict[str, Any]]:
         """Per upstream (the current members): url, weight, effective weight, health
         (active), ejection (passive), half-open, drained, eligible, in flight, open
-        WebSockets, requests and failures (exchanges with an outcome), last check. With
+        WebSockets, requests and failures (exchanges with an outcome), the latency
+        estimate and cost (``policy="peak_ewma"``; else None), last check. With
         a zone: what every worker sharing it knows, and their totals."""
         return [row for row, _ in self.rows()]
 
@@ -477,6 +493,8 @@ class PoolRuntime:
         health = member.health
         tenths, _ = health.ramp(now, self.pool.slow_start)
         last = health.last_check
+        latency = member.latency
+        ewma = latency.value(now) if latency.estimate is not None else None
         return {
             "url": member.upstream.url,
             "weight": member.weight,
@@ -491,6 +509,11 @@ class PoolRuntime:
             "websockets": stats.websockets,
             "requests": stats.requests,
             "failures": stats.failures,
+            # policy="peak_ewma": the latency estimate (s) and the cost a pick compares.
+            "latency_ewma": ewma,
+            "cost": cost(ewma, stats.in_flight, member.weight)
+            if self.pool.policy == "peak_ewma"
+            else None,
             "last_check": None
             if last is None
             else {
