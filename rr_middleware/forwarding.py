@@ -211,6 +211,7 @@ class _Forwarding:
     ``GZipResponder`` is the model: per-request state on an object)."""
 
     __slots__ = (
+        "affinity",
         "body",
         "client",
         "has_host",
@@ -255,6 +256,7 @@ class _Forwarding:
         self.replayable = False
         self.response_started = False
         self.retrying = False  # holds a place in the pool's retry budget
+        self.affinity = runtime.affinity(scope)
 
     async def run(self) -> None:
         """The retry policy: the body's start is read, then attempts go to distinct
@@ -314,8 +316,8 @@ class _Forwarding:
         runtime = self.runtime
         hedging = runtime.hedging
         if hedging is not None and self.retryable and self.replayable:
-            return runtime.hedged_attempt(tried, hedging, self._request)
-        return runtime.attempt(tried)
+            return runtime.hedged_attempt(tried, hedging, self._request, self.affinity)
+        return runtime.attempt(tried, affinity=self.affinity)
 
     def _request(self, upstream: Upstream) -> UpstreamRequest:
         target = upstream.base_path + self.suffix
@@ -453,6 +455,10 @@ class _Forwarding:
                 status,
             )
         headers = response_headers(response.headers, self.settings.hidden_response_headers)
+        if self.runtime.sticky is not None:
+            cookie = self.runtime.sticky_header(member, self.affinity)
+            if cookie is not None:
+                headers.append(cookie)
         client = self.client
         send = self.send
         try:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .budget import RetryBudget
     from .config import Pool
     from .members import Member
+    from .sticky import Affinity
     from .transport.base import UpstreamRequest, UpstreamResponse
     from .upstream import Upstream
 
@@ -49,7 +50,7 @@ _Tasks = dict["asyncio.Future[UpstreamResponse]", "Attempt"]
 class _Pool(Protocol):
     """What a race needs of its pool (``PoolRuntime``)."""
 
-    def attempt(self, tried: list[Member]) -> Attempt: ...
+    def attempt(self, tried: list[Member], *, affinity: Affinity | None = None) -> Attempt: ...
     def more_to_try(self, tried: list[Member]) -> bool: ...
 
 
@@ -83,6 +84,7 @@ class HedgedAttempt:
     winning try says (``member``, ``status``, ``fail()``...), as of an ``Attempt``."""
 
     __slots__ = (
+        "_affinity",
         "_budget",
         "_build",
         "_hedges",
@@ -100,8 +102,10 @@ class HedgedAttempt:
         hedging: Hedging,
         budget: RetryBudget,
         build: Callable[[Upstream], UpstreamRequest],
+        affinity: Affinity | None = None,
     ) -> None:
         self._runtime = runtime
+        self._affinity = affinity
         self._tried = tried
         self._hedging = hedging
         self._budget = budget
@@ -110,7 +114,7 @@ class HedgedAttempt:
         self._hedges: list[Attempt] = []  # the hedges, each holding a place in the budget
 
     async def __aenter__(self) -> HedgedAttempt:
-        first = self._runtime.attempt(self._tried)
+        first = self._runtime.attempt(self._tried, affinity=self._affinity)
         await first.__aenter__()
         self._open.append(first)
         self.winner = first
