@@ -25,12 +25,15 @@ from rr_middleware.testing import (
     FakeDiscovery,
     FakeUpstream,
     ManualClock,
+    RawConnection,
+    RawUpstream,
     RrTestClient,
     WaitTimeout,
     rr_test_client,
     settled,
     wait_until,
 )
+from rr_middleware.testing.raw import answer_once
 
 MODES = ["in-process", "socket"]
 
@@ -458,3 +461,28 @@ def test_the_docstring_examples_hold(module: str) -> None:
     failed, tried = doctest.testmod(imported, optionflags=doctest.ELLIPSIS)
     assert tried
     assert failed == 0
+
+
+async def test_the_raw_upstream_on_the_running_loop() -> None:
+    answer = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    async with RawUpstream(answer) as up, httpx.AsyncClient() as http:
+        assert (await http.get(up.url + "/raw")).text == "ok"
+        up.refuse()
+        with pytest.raises(httpx.ConnectError):
+            await http.get(up.url)
+        up.listen()
+        assert (await http.get(up.url)).text == "ok"
+    assert [r.target for r in up.requests] == [b"/raw", b"/"]
+    assert up.accepted == up.ended == 2
+
+
+def test_the_raw_upstream_fails_the_block_when_a_handler_raised() -> None:
+    async def broken(connection: RawConnection) -> None:
+        raise RuntimeError("handler bug")
+
+    def run() -> None:
+        with RawUpstream(broken) as up, socket.create_connection(("127.0.0.1", up.port)) as c:
+            c.recv(1)  # the handler has run and the connection closed
+
+    with pytest.raises(AssertionError, match="handler bug"):
+        run()

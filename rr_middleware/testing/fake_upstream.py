@@ -324,7 +324,7 @@ class _SocketServer(RawUpstream):
 
     def set_refusing(self, refusing: bool) -> None:
         if refusing:
-            self.call_soon(self._refuse_and_close)
+            self.run_in_loop(self._refuse_and_close)
         else:
             self.listen()
 
