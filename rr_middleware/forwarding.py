@@ -254,7 +254,7 @@ class _Forwarding:
         self.stream: ClientSide | None = None
         self.replayable = False
         self.response_started = False
-        self.affinity = runtime.affinity(scope)
+        self.affinity = runtime.affinity(scope) if runtime.affine else None
 
     async def run(self) -> None:
         """The retry policy: the body's start is read, then attempts go to distinct

@@ -77,6 +77,8 @@ class PoolRuntime:
         path = prefix if prefix.startswith("/") else "/"
         self.sticky = StickyValues(pool.sticky, path) if pool.sticky is not None else None
         self._pinned: dict[bytes, Member] = {}
+        #: Whether requests carry an ``affinity()`` (read without a call when not).
+        self.affine = self._read_key is not None or self.sticky is not None
         #: ``mirror=``: the copies to the mirror pool (the Balancer links it).
         self.mirror: Mirror | None = None
         #: Requests that came with a hash key, without one, and with a sticky cookie
