@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 from .affinity import key_reader
 from .discovery.base import Discovery
 from .errors import FieldError
+from .latency import parse_hedge_after
 from .sticky import StickyCookie
 from .upstream import Upstream
 
@@ -115,6 +116,7 @@ class Pool:
     retries: int = 2
     transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
     policy: str = "round_robin"
+    ewma_decay: float = 10.0
     hash_on: str | Callable[[Any], Any] | None = None
     hash_fallback: str = "round_robin"
     balance_factor: float | None = 1.25
@@ -132,6 +134,10 @@ class Pool:
     retry_body_limit: int = 64 * 1024
     request_buffer_size: int = 64 * 1024
     retry_on_statuses: Collection[int] = frozenset()
+    retry_budget: float | None = 0.2
+    retry_budget_min: int = 3
+    hedge_after: float | str | None = None
+    max_hedges: int = 1
     slow_start: float = 0.0
     max_body_size: int | None = None
     client_body_timeout: float = 30.0
@@ -153,6 +159,7 @@ class Pool:
             "fail_timeout",
             "client_body_timeout",
             "client_send_timeout",
+            "ewma_decay",
         ):
             _positive_number(name, getattr(self, name))
         for name in ("websocket_timeout", "websocket_idle_timeout", "websocket_ping_interval"):
@@ -164,6 +171,17 @@ class Pool:
         _int_at_least("retry_body_limit", self.retry_body_limit, 0)
         _int_at_least("request_buffer_size", self.request_buffer_size, 0)
         _int_at_least("client_body_min_rate", self.client_body_min_rate, 0)
+        _int_at_least("retry_budget_min", self.retry_budget_min, 0)
+        _int_at_least("max_hedges", self.max_hedges, 1)
+        if isinstance(self.hedge_after, str):
+            try:
+                parse_hedge_after(self.hedge_after)
+            except ValueError as exc:
+                raise FieldError("hedge_after", str(exc)) from None
+        elif self.hedge_after is not None:
+            _positive_number("hedge_after", self.hedge_after)
+        if self.retry_budget is not None:
+            _fraction("retry_budget", self.retry_budget)
         if self.max_body_size is not None:
             _int_at_least("max_body_size", self.max_body_size, 0)
         for name in ("unhealthy_statuses", "retry_on_statuses"):
@@ -202,10 +220,11 @@ class Pool:
         return tuple(members)
 
     def _check_choices(self) -> None:
-        if self.policy not in (*_POLICIES, "hash"):
+        if self.policy not in (*_POLICIES, "peak_ewma", "hash"):
             raise FieldError(
                 "policy",
-                f"must be 'round_robin', 'least_requests', 'random' or 'hash', got {self.policy!r}",
+                "must be 'round_robin', 'least_requests', 'peak_ewma', 'random' or 'hash', "
+                f"got {self.policy!r}",
             )
         self._check_affinity()
         if self.on_all_down not in ("try_all", "fail"):
@@ -282,6 +301,13 @@ def _positive_number(name: str, value: Any, owner: str = "") -> None:
         raise FieldError.of(owner, name, f"must be a number of seconds, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise FieldError.of(owner, name, f"must be a positive number of seconds, got {value!r}")
+
+
+def _fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(name, f"must be a number (a fraction, 0.2 for 20 %), got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise FieldError(name, f"must be a finite number >= 0, got {value!r}")
 
 
 def _int_at_least(name: str, value: Any, minimum: int, owner: str = "") -> None:
