@@ -31,6 +31,7 @@ import httpx
 
 from .config import PoolsArg, normalize_pool_key, normalize_pools
 from .errors import FieldError
+from .mirroring import Mirror
 from .pool_runtime import PoolRuntime
 from .sticky import SECRET_ENV
 from .transport.base import UpstreamTransport
@@ -94,9 +95,30 @@ class Balancer:
                 return as_transport(upstream.transport) or default
 
             self.pools[prefix] = PoolRuntime(prefix, pool, resolve)
+        self._link_mirrors()
         self._owner: object | None = None
         #: The routes of the middleware serving it (set by the middleware), for status.
         self.routes: list[Any] = []
+
+    def _link_mirrors(self) -> None:
+        for key, runtime in self.pools.items():
+            pool = runtime.pool
+            if pool.mirror is None:
+                continue
+            target = self.pools.get(normalize_pool_key(pool.mirror))
+            if target is None or target is runtime:
+                known = ", ".join(k for k in self.pools if k != key)
+                raise FieldError(
+                    "mirror",
+                    f"pool {key!r}: mirror {pool.mirror!r} is not another pool (pools: {known})",
+                )
+            runtime.mirror = Mirror(
+                target,
+                pool.mirror_fraction,
+                pool.mirror_body_limit,
+                pool.mirror_max_in_flight,
+                runtime.rng,
+            )
 
     # -- the handle -----------------------------------------------------------------------
 
@@ -124,7 +146,7 @@ class Balancer:
         registry of your own (``metrics_path=`` serves one of its own)."""
         from .metrics import PrometheusCollector
 
-        return PrometheusCollector(self.pools)
+        return PrometheusCollector(self.pools, lambda: self.routes)
 
     def attach(self, owner: object) -> None:
         """Called by the middleware that serves this balancer: one serves one."""
