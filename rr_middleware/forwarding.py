@@ -318,6 +318,12 @@ class _Forwarding:
                 budget.release()
         await self._answer_failure(error, tried)
 
+    def _mirror(self, mirror: Mirror) -> None:
+        if self.stream is not None:  # not whole within the limit: not copied
+            mirror.skip()
+        else:
+            mirror.submit(self.method, self.suffix, self.headers, self.has_host, self.body)
+
     def _attempt(self, tried: list[Member]) -> Attempt | HedgedAttempt:
         """The next try: raced against hedges when the pool hedges and this request may
         be sent twice (its body held whole), else a plain one (``hedging.py``)."""
@@ -326,12 +332,6 @@ class _Forwarding:
         if hedging is not None and self.retryable and self.replayable:
             return runtime.hedged_attempt(tried, hedging, self._request, self.affinity)
         return runtime.attempt(tried, affinity=self.affinity)
-
-    def _mirror(self, mirror: Mirror) -> None:
-        if self.stream is not None:  # not whole within the limit: not copied
-            mirror.skip()
-        else:
-            mirror.submit(self.method, self.suffix, self.headers, self.has_host, self.body)
 
     def _request(self, upstream: Upstream) -> UpstreamRequest:
         target = upstream.base_path + self.suffix

@@ -133,8 +133,8 @@ class PrometheusCollector:
         for prefix, runtime in self._pools.items():
             rows = runtime.rows()  # brought up to date first (time, other workers)
             families.panic.add_metric([prefix], 1 if runtime.panic else 0)
-            families.add_pool([prefix], runtime)
             families.add_traffic(prefix, runtime)
+            families.add_pool([prefix], runtime)
             for row, stats in rows:
                 key = [prefix, row["url"]]
                 families.add_upstream(key, stats, row["eligible"])
@@ -193,7 +193,6 @@ class _Families:
         self.websockets = GaugeMetricFamily(
             "rr_upstream_websockets", "Open WebSocket connections", labels=labels
         )
-        self._latency_families(labels)
         self.affinity = CounterMetricFamily(
             "rr_pool_affinity",
             "Hashing and sticky cookies: keyed, unkeyed, spilled, sticky_kept, sticky_set",
@@ -209,6 +208,7 @@ class _Families:
             "Requests a route sent to each pool (route: its index in routes=)",
             labels=["route", "prefix", "pool"],
         )
+        self._add_retry_families(labels)
         self.latency = HistogramMetricFamily(
             "rr_upstream_request_duration_seconds",
             "Time to the end of the response",
@@ -220,7 +220,7 @@ class _Families:
             labels=labels,
         )
 
-    def _latency_families(self, labels: list[str]) -> None:
+    def _add_retry_families(self, labels: list[str]) -> None:
         """The retry budget's, hedging's and peak EWMA's families."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
