@@ -329,7 +329,12 @@ class _Forwarding:
         be sent twice (its body held whole), else a plain one (``hedging.py``)."""
         runtime = self.runtime
         hedging = runtime.hedging
-        if hedging is not None and self.retryable and self.replayable:
+        if (
+            hedging is not None
+            and self.retryable
+            and self.replayable
+            and len(runtime.members) > 1  # else no upstream to hedge to: no race
+        ):
             return runtime.hedged_attempt(tried, hedging, self._request, self.affinity)
         return runtime.attempt(tried, affinity=self.affinity)
 
