@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import ssl
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from .config_mapping import (
     table_of,
 )
 from .discovery import ConsulDiscovery, DNSDiscovery
+from .environment import consul_from_environment, interpolate
 from .middleware import RoundRobinMiddleware
 
 if sys.version_info >= (3, 11):
@@ -167,6 +170,7 @@ CONSUL = KeyTable(
         "startup_timeout": NUMBER,
         "retry_initial": NUMBER,
         "retry_max": NUMBER,
+        "ca_file": optional(STRING),
     },
     python_only={"transport"},
 )
@@ -238,10 +242,15 @@ class GatewayConfig:
     app: RoundRobinMiddleware
 
 
-def load_config(path: str | Path, **server_overrides: Any) -> GatewayConfig:
+def load_config(
+    path: str | Path, environ: Mapping[str, str] | None = None, **server_overrides: Any
+) -> GatewayConfig:
     """Read and validate a gateway TOML file; ``server_overrides`` (e.g. ``port=9000``)
-    win over its ``[server]`` table. Raises :class:`ConfigError`."""
+    win over its ``[server]`` table. ``${VAR}`` references and Consul's variables are read
+    from ``environ`` (default: ``os.environ``; see ``environment.py``). Raises
+    :class:`ConfigError`."""
     path = Path(path)
+    environ = os.environ if environ is None else environ
     try:
         with path.open("rb") as file:
             document = tomllib.load(file)
@@ -252,13 +261,15 @@ def load_config(path: str | Path, **server_overrides: Any) -> GatewayConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"invalid TOML: {exc}", str(path)) from None
     try:
-        return _build(path, document, server_overrides)
+        return _build(path, interpolate(document, environ), server_overrides, environ)
     except ConfigError as exc:
         exc.file = str(path)
         raise
 
 
-def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> GatewayConfig:
+def _build(
+    path: Path, document: dict[str, Any], overrides: dict[str, Any], environ: Mapping[str, str]
+) -> GatewayConfig:
     reject_unknown(document, ("server", "middleware", "pools"), "")
     server_table = {**table_of(document.get("server", {}), "server"), **overrides}
     server = SERVER.build(server_table, "server")
@@ -278,12 +289,23 @@ def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> G
             normalize_prefix(prefix)
         except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
-        arguments = POOL.arguments(table_of(table, where), where)
+        arguments = POOL.arguments(_with_environment(table_of(table, where), where, environ), where)
         _check_members(arguments, where)
         pools[prefix] = POOL.create(arguments, where)
     # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".
     app = MIDDLEWARE.create(middleware, "middleware", Starlette(), pools, elsewhere="pools")
     return GatewayConfig(path, server, middleware, pools, app)
+
+
+def _with_environment(
+    table: dict[str, Any], where: str, environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """A pool's table with a consul discovery completed from Consul's variables."""
+    discovery = table.get("discovery")
+    if not isinstance(discovery, dict) or str(discovery.get("type", "")).lower() != "consul":
+        return table
+    where = key_path(where, "discovery")
+    return {**table, "discovery": consul_from_environment(discovery, environ, where)}
 
 
 def _check_members(arguments: dict[str, Any], where: str) -> None:
