@@ -43,6 +43,7 @@ from typing import Any
 from mkdocs.exceptions import PluginError
 
 from rr_middleware import (
+    TLS,
     Balancer,
     ConsulDiscovery,
     DNSDiscovery,
@@ -63,6 +64,7 @@ from rr_middleware.gateway_config import (
     MIDDLEWARE,
     POOL,
     SERVER,
+    TLS_KEYS,
     UPSTREAM,
     ServerSettings,
 )
@@ -75,6 +77,7 @@ CLASSES: dict[str, tuple[Any, KeyTable[Any] | None]] = {
     "Pool": (Pool, POOL),
     "Upstream": (Upstream, UPSTREAM),
     "HealthCheck": (HealthCheck, HEALTH_CHECK),
+    "TLS": (TLS, TLS_KEYS),
     "ConsulDiscovery": (ConsulDiscovery, CONSUL),
     "DNSDiscovery": (DNSDiscovery, DNS),
     "ServerSettings": (ServerSettings, SERVER),

@@ -27,6 +27,7 @@ from .errors import (
 from .middleware import RoundRobinMiddleware
 from .pool_runtime import PoolRuntime
 from .runtime import Balancer
+from .tls import TLS
 from .transport import Http1Transport, HttpxTransport, UpstreamTransport
 from .upstream import Upstream
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .transport.aiohttp_transport import AiohttpTransport
 
 __all__ = [
+    "TLS",
     "AiohttpTransport",
     "Balancer",
     "BodyTooLarge",

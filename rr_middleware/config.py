@@ -18,14 +18,23 @@ from typing import TYPE_CHECKING, Any, Union
 
 from .discovery.base import Discovery
 from .errors import FieldError
-from .upstream import Upstream
+from .tls import TLS
+from .upstream import Upstream, check_tls
 
 if TYPE_CHECKING:
     import httpx
 
     from .transport.base import UpstreamTransport
 
-__all__ = ["FieldError", "HealthCheck", "Pool", "PoolsArg", "Upstream", "normalize_pools"]
+__all__ = [
+    "TLS",
+    "FieldError",
+    "HealthCheck",
+    "Pool",
+    "PoolsArg",
+    "Upstream",
+    "normalize_pools",
+]
 
 _PATH_AND_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 # A method name is a token (RFC 9110 §9.1, §5.6.2).
@@ -121,6 +130,7 @@ class Pool:
     websocket_idle_timeout: float | None = None
     websocket_ping_interval: float | None = 20.0
     discovery: Discovery | None = None
+    tls: TLS | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
 
@@ -149,6 +159,8 @@ class Pool:
         for name in ("unhealthy_statuses", "retry_on_statuses"):
             normalised[name] = _statuses(name, getattr(self, name))
         normalised["refuse_methods"] = _methods(self.refuse_methods)
+        if self.tls is not None:
+            check_tls(self.tls, self.transport)
         self._check_choices()
         for name, value in normalised.items():
             object.__setattr__(self, name, value)

@@ -217,6 +217,8 @@ def _line(name: str, value: Any, default: Any = dataclasses.MISSING) -> str:
 def _render(value: Any) -> str:
     if value is None:
         return "unset"
+    if type(value) in KEY_TABLES:
+        return _inline(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -231,8 +233,9 @@ def _render(value: Any) -> str:
 
 
 def _inline(obj: Any) -> str:
-    keys = KEY_TABLES[type(obj)].keys
-    return "{ " + ", ".join(f"{name} = {_render(getattr(obj, name))}" for name in keys) + " }"
+    """An inline table: each key with its value, but those unset (TOML has no null)."""
+    values = [(name, getattr(obj, name)) for name in KEY_TABLES[type(obj)].keys]
+    return "{ " + ", ".join(f"{k} = {_render(v)}" for k, v in values if v is not None) + " }"
 
 
 def _middleware_defaults() -> dict[str, Any]:

@@ -45,6 +45,7 @@ from .config_mapping import (
 from .discovery import ConsulDiscovery, DNSDiscovery
 from .environment import consul_from_environment, interpolate
 from .middleware import RoundRobinMiddleware
+from .tls import TLS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,9 +139,19 @@ MIDDLEWARE = KeyTable(
     },
     python_only={"balancer", "transport", "status_guard"},
 )
+TLS_KEYS = KeyTable(
+    TLS,
+    {
+        "ca_file": optional(STRING),
+        "cert_file": optional(STRING),
+        "key_file": optional(STRING),
+        "server_name": optional(STRING),
+        "verify": BOOLEAN,
+    },
+)
 UPSTREAM = KeyTable(
     Upstream,
-    {"url": STRING, "weight": INTEGER},
+    {"url": STRING, "weight": INTEGER, "tls": optional(Table(TLS_KEYS))},
     python_only={"app", "transport"},
     shorthand="url",
 )
@@ -223,6 +234,7 @@ POOL = KeyTable(
         "websocket_idle_timeout": optional(NUMBER),
         "websocket_ping_interval": optional(NUMBER),  # false: no pings
         "discovery": optional(DISCOVERY),
+        "tls": optional(Table(TLS_KEYS)),
     },
     python_only={"transport", "clock", "random"},
 )

@@ -29,9 +29,10 @@ from typing import Any, Union
 
 import httpx
 
-from .config import PoolsArg, normalize_pools, normalize_prefix
+from .config import Pool, PoolsArg, normalize_pools, normalize_prefix
 from .errors import FieldError
 from .pool_runtime import PoolRuntime
+from .tls import TLS
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
@@ -83,17 +84,41 @@ class Balancer:
         self._flusher: asyncio.TimerHandle | None = None
         self._own_transport = transport is None
         self.transport: UpstreamTransport = as_transport(transport) or Http1Transport()
-        self.pools: dict[str, PoolRuntime] = {}
-        for prefix, pool in configs.items():
-            pool_transport = as_transport(pool.transport) or self.transport
-
-            def resolve(upstream: Upstream, default: UpstreamTransport = pool_transport) -> Any:
-                if upstream.app is not None:
-                    return in_process(upstream.app)
-                return as_transport(upstream.transport) or default
-
-            self.pools[prefix] = PoolRuntime(prefix, pool, resolve)
+        #: A built-in transport per distinct ``TLS`` of a pool or upstream, owned here.
+        self._tls_transports: dict[TLS, Http1Transport] = {}
+        self.pools: dict[str, PoolRuntime] = {
+            prefix: self._runtime(prefix, pool) for prefix, pool in configs.items()
+        }
         self._owner: object | None = None
+
+    def _runtime(self, prefix: str, pool: Pool) -> PoolRuntime:
+        """A pool's runtime, whose members reach their upstream through (first that
+        applies) their app, their transport, their TLS, the pool's transport, the pool's
+        TLS, the balancer's transport."""
+        pool_transport = as_transport(pool.transport)
+
+        def resolve(upstream: Upstream) -> UpstreamTransport:
+            if upstream.app is not None:
+                return in_process(upstream.app)
+            own = as_transport(upstream.transport)
+            if own is not None:
+                return own
+            if upstream.tls is not None:
+                return self._tls_transport(upstream.tls)
+            if pool_transport is not None:
+                return pool_transport
+            if pool.tls is not None:
+                return self._tls_transport(pool.tls)
+            return self.transport
+
+        return PoolRuntime(prefix, pool, resolve)
+
+    def _tls_transport(self, tls: TLS) -> Http1Transport:
+        transport = self._tls_transports.get(tls)
+        if transport is None:
+            transport = Http1Transport(ssl=tls.context(), server_name=tls.server_name)
+            self._tls_transports[tls] = transport
+        return transport
 
     # -- the handle -----------------------------------------------------------------------
 
@@ -138,6 +163,8 @@ class Balancer:
         ends), and discovered pools stay empty."""
         if self._own_transport:
             await self.transport.aopen()
+        for transport in self._tls_transports.values():
+            await transport.aopen()
         if self.zone_name is not None and self.zone is None:
             self._attach_zone(self.zone_name)
         runtimes = [runtime for runtime in self.pools.values() if runtime.watcher is not None]
@@ -166,6 +193,8 @@ class Balancer:
         self._detach_zone()
         if self._own_transport:
             await self.transport.aclose()
+        for transport in self._tls_transports.values():
+            await transport.aclose()
 
     # -- the zone -------------------------------------------------------------------------
 

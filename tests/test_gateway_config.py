@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import rr_middleware
-from rr_middleware import ConsulDiscovery, DNSDiscovery, HealthCheck, Pool, Upstream
+from rr_middleware import TLS, ConsulDiscovery, DNSDiscovery, HealthCheck, Pool, Upstream
 from rr_middleware.config import FieldError
 from rr_middleware.config_mapping import ConfigError, KeyTable
 from rr_middleware.gateway import describe
@@ -108,7 +108,7 @@ def init_fields(cls: type) -> set[str]:
 
 
 def test_the_checks_below_cover_every_class_a_file_builds() -> None:
-    classes = {ServerSettings, Pool, Upstream, HealthCheck, ConsulDiscovery, DNSDiscovery}
+    classes = {ServerSettings, Pool, Upstream, HealthCheck, ConsulDiscovery, DNSDiscovery, TLS}
     assert set(KEY_TABLES) == classes
 
 
