@@ -19,7 +19,8 @@ import math
 import os
 import ssl
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -255,12 +256,16 @@ class GatewayConfig:
 
 
 def load_config(
-    path: str | Path, environ: Mapping[str, str] | None = None, **server_overrides: Any
+    path: str | Path,
+    environ: Mapping[str, str] | None = None,
+    *,
+    lifespan: Callable[[Any], AbstractAsyncContextManager[None]] | None = None,
+    **server_overrides: Any,
 ) -> GatewayConfig:
     """Read and validate a gateway TOML file; ``server_overrides`` (e.g. ``port=9000``)
     win over its ``[server]`` table. ``${VAR}`` references and Consul's variables are read
-    from ``environ`` (default: ``os.environ``; see ``environment.py``). Raises
-    :class:`ConfigError`."""
+    from ``environ`` (default: ``os.environ``; see ``environment.py``); ``lifespan`` is
+    the inner app's (the reloader's). Raises :class:`ConfigError`."""
     path = Path(path)
     environ = os.environ if environ is None else environ
     try:
@@ -273,14 +278,19 @@ def load_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"invalid TOML: {exc}", str(path)) from None
     try:
-        return _build(path, interpolate(document, environ), server_overrides, environ)
+        document = interpolate(document, environ)
+        return _build(path, document, server_overrides, environ, Starlette(lifespan=lifespan))
     except ConfigError as exc:
         exc.file = str(path)
         raise
 
 
 def _build(
-    path: Path, document: dict[str, Any], overrides: dict[str, Any], environ: Mapping[str, str]
+    path: Path,
+    document: dict[str, Any],
+    overrides: dict[str, Any],
+    environ: Mapping[str, str],
+    inner: Starlette,
 ) -> GatewayConfig:
     reject_unknown(document, ("server", "middleware", "pools"), "")
     server_table = {**table_of(document.get("server", {}), "server"), **overrides}
@@ -305,7 +315,7 @@ def _build(
         _check_members(arguments, where)
         pools[prefix] = POOL.create(arguments, where)
     # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".
-    app = MIDDLEWARE.create(middleware, "middleware", Starlette(), pools, elsewhere="pools")
+    app = MIDDLEWARE.create(middleware, "middleware", inner, pools, elsewhere="pools")
     return GatewayConfig(path, server, middleware, pools, app)
 
 

@@ -121,7 +121,7 @@ class RoundRobinMiddleware:
             )
         if not isinstance(balancer, Balancer):
             raise FieldError("balancer", f"must be a Balancer, got {balancer!r}")
-        balancer.attach(self)
+        balancer.attach(self, self._route)
         self.balancer = balancer
         self.trusted_proxies = TrustedProxies(trusted_proxies)
         if max_url_length < 1:
@@ -143,14 +143,19 @@ class RoundRobinMiddleware:
             max_header_bytes=max_header_bytes,
             access_log=access_log,
         )
+        self._route()
+        self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard)
+
+    def _route(self) -> None:
+        """Route to the balancer's pools (again, when a reload changed them)."""
+        pools = self.balancer.pools
         self._method_refusals = {
             prefix: _method_refusal(runtime.pool.refuse_methods)
-            for prefix, runtime in balancer.pools.items()
+            for prefix, runtime in pools.items()
         }
-        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(balancer.pools)
+        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(pools)
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
         self._first_segments = self._router.first_segments
-        self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

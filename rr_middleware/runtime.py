@@ -22,22 +22,27 @@ drain, one prober, summed counters (see ``zone.py``).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
-from collections.abc import Iterator
-from typing import Any, Union
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Union
 
 import httpx
 
 from .config import Pool, PoolsArg, normalize_pools, normalize_prefix
 from .errors import FieldError
+from .members import Member
 from .pool_runtime import PoolRuntime
 from .tls import TLS
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
 from .upstream import Upstream
-from .zone import FLUSH_INTERVAL, ZONE_ENV, PoolLayout, Zone
+from .zone import FLUSH_INTERVAL, ZONE_ENV, PoolLayout, Zone, layout_digest
+
+if TYPE_CHECKING:
+    from .reconfigure import Changes
 
 __all__ = ["Balancer", "TransportArg", "as_transport"]
 
@@ -87,11 +92,15 @@ class Balancer:
         #: A built-in transport per distinct ``TLS`` of a pool or upstream, owned here.
         self._tls_transports: dict[TLS, Http1Transport] = {}
         self.pools: dict[str, PoolRuntime] = {
-            prefix: self._runtime(prefix, pool) for prefix, pool in configs.items()
+            prefix: self.build_runtime(prefix, pool) for prefix, pool in configs.items()
         }
+        #: With a zone: name it after the pools' layout too, so that workers serving
+        #: another configuration (during a reload) never share its records.
+        self.zone_follows_layout = False
         self._owner: object | None = None
+        self._on_routes_changed: Callable[[], None] | None = None
 
-    def _runtime(self, prefix: str, pool: Pool) -> PoolRuntime:
+    def build_runtime(self, prefix: str, pool: Pool) -> PoolRuntime:
         """A pool's runtime, whose members reach their upstream through (first that
         applies) their app, their transport, their TLS, the pool's transport, the pool's
         TLS, the balancer's transport."""
@@ -148,11 +157,25 @@ class Balancer:
 
         return PrometheusCollector(self.pools)
 
-    def attach(self, owner: object) -> None:
-        """Called by the middleware that serves this balancer: one serves one."""
+    def attach(self, owner: object, on_routes_changed: Callable[[], None] | None = None) -> None:
+        """Called by the middleware that serves this balancer: one serves one. It is told
+        when the set of pools changes (``reconfigure``), to route to the new ones."""
         if self._owner is not None and self._owner is not owner:
             raise ValueError("this Balancer already serves another RoundRobinMiddleware")
         self._owner = owner
+        self._on_routes_changed = on_routes_changed
+
+    async def reconfigure(self, pools: PoolsArg) -> Changes:
+        """Take the running pools to ``pools`` without dropping a request: pools added and
+        removed, upstream lists applied as discovery updates are, pools whose options
+        changed rebuilt (see ``reconfigure.py``). Returns what changed."""
+        from .reconfigure import reconfigure
+
+        return await reconfigure(self, normalize_pools(pools))
+
+    def routes_changed(self) -> None:
+        if self._on_routes_changed is not None:
+            self._on_routes_changed()
 
     # -- life -----------------------------------------------------------------------------
 
@@ -166,7 +189,7 @@ class Balancer:
         for transport in self._tls_transports.values():
             await transport.aopen()
         if self.zone_name is not None and self.zone is None:
-            self._attach_zone(self.zone_name)
+            self.join_zone()
         runtimes = [runtime for runtime in self.pools.values() if runtime.watcher is not None]
         for runtime in runtimes:
             runtime.start_discovery()
@@ -198,24 +221,52 @@ class Balancer:
 
     # -- the zone -------------------------------------------------------------------------
 
-    def _attach_zone(self, name: str) -> None:
-        layouts = [
+    def _layouts(self, pools: dict[str, Pool]) -> list[PoolLayout]:
+        return [
             PoolLayout(
                 prefix,
-                [upstream.identity for upstream in runtime.pool.members],
-                discovered=runtime.pool.discovery is not None,
+                [upstream.identity for upstream in pool.members],
+                discovered=pool.discovery is not None,
             )
-            for prefix, runtime in self.pools.items()
+            for prefix, pool in pools.items()
         ]
+
+    def layout_changes(self, pools: dict[str, Pool]) -> bool:
+        """Whether ``pools`` need other records in the zone than the running pools."""
+        zone = self.zone
+        new = [layout.describe() for layout in self._layouts(pools)]
+        return zone is None or [layout.describe() for layout in zone.layouts] != new
+
+    def join_zone(self, *, seed: bool = False) -> None:
+        """Attach to the zone (``zone_name``, after the layout with
+        ``zone_follows_layout``). With ``seed``, a zone this worker creates starts from
+        what the pools know now (a reload), not from nothing."""
+        assert self.zone_name is not None
+        layouts = self._layouts({prefix: r.pool for prefix, r in self.pools.items()})
+        name = self.zone_name
+        if self.zone_follows_layout:
+            name = f"{name}-{layout_digest(layouts)}"
         zone = Zone(name, layouts)
         zone.attach()
         self.zone = zone
+        known = [(m, copy.copy(m.health), m.drained, m.weight_override) for m in self._members()]
         for index, runtime in enumerate(self.pools.values()):
             runtime.share(zone.pool(index))
             if runtime.checker is not None:
                 runtime.checker.lead = zone.lead
+        if seed and zone.created:
+            for member, health, drained, weight in known:
+                member.health, member.drained, member.weight_override = health, drained, weight
+            for runtime in self.pools.values():
+                if runtime.shared is not None:
+                    runtime.shared.seed(runtime.members)
+                    runtime.sync()
         logger.info("zone %s: attached as worker %d (%s)", name, zone.slot, zone.directory)
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush)
+
+    def _members(self) -> Iterator[Member]:
+        for runtime in self.pools.values():
+            yield from runtime.members
 
     def _flush(self) -> None:
         """This worker's counters into its slots, every FLUSH_INTERVAL."""
@@ -225,6 +276,10 @@ class Balancer:
             if runtime.shared is not None:
                 runtime.shared.flush(runtime.members)
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush)
+
+    def leave_zone(self) -> None:
+        """Detach from the zone, keeping in this process what the pools knew."""
+        self._detach_zone()
 
     def _detach_zone(self) -> None:
         zone, self.zone = self.zone, None
