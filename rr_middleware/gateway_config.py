@@ -137,8 +137,9 @@ MIDDLEWARE = KeyTable(
         "status_path": optional(STRING),
         "access_log": BOOLEAN,
         "zone": optional(STRING),
+        "admin_path": optional(STRING),
     },
-    python_only={"balancer", "transport", "status_guard"},
+    python_only={"balancer", "transport", "status_guard", "admin_token", "admin_guard"},
 )
 TLS_KEYS = KeyTable(
     TLS,

@@ -13,6 +13,7 @@ from typing import Any, Union
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .admin import AdminAPI
 from .config import PoolsArg
 from .endpoints import Endpoints
 from .errors import FieldError
@@ -87,6 +88,12 @@ class RoundRobinMiddleware:
         status_guard: A callable taking the Request and returning, or awaiting, True to
             allow the status page, its JSON and the metrics.
         access_log: Log a line per proxied request.
+        admin_path: Serve the admin API under this path (drain, weight, add and remove
+            upstreams; see ``admin.py``).
+        admin_token: The bearer token the admin API requires (``None``: the
+            ``RR_ADMIN_TOKEN`` environment variable).
+        admin_guard: A callable taking the Request and returning, or awaiting, True to
+            allow an admin request without the token.
     """
 
     def __init__(
@@ -105,6 +112,9 @@ class RoundRobinMiddleware:
         status_path: str | None = None,
         status_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
         access_log: bool = False,
+        admin_path: str | None = None,
+        admin_token: str | None = None,
+        admin_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
     ) -> None:
         self.app = app
         if balancer is None:
@@ -144,7 +154,10 @@ class RoundRobinMiddleware:
             access_log=access_log,
         )
         self._route()
-        self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard)
+        admin = None
+        if admin_path is not None:
+            admin = AdminAPI(balancer, admin_path, admin_token, admin_guard)
+        self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard, admin)
 
     def _route(self) -> None:
         """Route to the balancer's pools (again, when a reload changed them)."""

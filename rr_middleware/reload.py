@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from .config_mapping import ConfigError
+from .gateway_admin import GatewayOperator, Overrides
 from .gateway_config import GatewayConfig, load_config
 from .reconfigure import Changes
 
@@ -69,6 +70,10 @@ class Reloader:
         self.overrides = overrides
         self.watch = watch
         self.config: GatewayConfig | None = None
+        #: Upstreams added and removed through the admin API, applied over the file.
+        self.admin_changes = Overrides.from_environment()
+        #: Why the last reload was refused (None: it was not).
+        self.error: str | None = None
         self.reloads = 0
         self._lock: asyncio.Lock | None = None
         self._pending = False
@@ -76,8 +81,12 @@ class Reloader:
 
     def load(self) -> GatewayConfig:
         """The first configuration, whose app runs with this reloader in its lifespan."""
-        self.config = load_config(self.path, lifespan=self.lifespan, **self.overrides)
-        return self.config
+        config = load_config(self.path, lifespan=self.lifespan, **self.overrides)
+        admin = config.app.endpoints.admin
+        if admin is not None:
+            admin.operator = GatewayOperator(config.app.balancer, self)
+        self.config = config
+        return config
 
     def catch_early_signal(self) -> None:
         """Until the lifespan installs its handler, remember a SIGHUP instead of dying of
@@ -98,9 +107,12 @@ class Reloader:
             try:
                 config = load_config(self.path, **self.overrides)
             except ConfigError as exc:
+                self.error = str(exc)
                 logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
                 return None
-            changes = await running.app.balancer.reconfigure(config.pools)
+            self.error = None
+            pools = self.admin_changes.apply(config.pools)
+            changes = await running.app.balancer.reconfigure(pools)
             config.app = running.app
             self.config = config
             self.reloads += 1
@@ -118,6 +130,8 @@ class Reloader:
             self._spawn("SIGHUP")
         if self.watch:
             self._keep(asyncio.ensure_future(self._watch()))
+        if self.admin_changes.operations():
+            await self.reload("the admin API's changes")  # a worker started after some
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ logged once, and no worker is bothered) and hands SIGHUP to every worker, which 
 the new pools live (``reload.py``). With ``--watch`` a thread of the parent looks at the
 file every ``WATCH_INTERVAL`` seconds and queues the same reload. A worker started later
 (one that died is replaced) reads the file as it is then, so every worker converges.
+The admin API's membership changes reach every worker the same way (``gateway_admin.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from uvicorn import Config
 from uvicorn.supervisors import Multiprocess
 
 from .config_mapping import ConfigError
+from .gateway_admin import STATE_ENV
 from .gateway_config import load_config
 from .reload import WATCH_INTERVAL, FileWatch
 
@@ -46,6 +50,11 @@ class Supervisor(Multiprocess):
         watch: bool = False,
     ) -> None:
         super().__init__(config, sockets)
+        # What the workers share beyond their zone: the admin API's changes (see
+        # gateway_admin.py), in a directory of this process's own, removed as it exits.
+        shm = Path("/dev/shm")
+        self.state = tempfile.mkdtemp(prefix="rr-gateway-", dir=shm if shm.is_dir() else None)
+        os.environ[STATE_ENV] = self.state
         self.path = path
         self.overrides = overrides
         self._why = "SIGHUP"
@@ -62,6 +71,7 @@ class Supervisor(Multiprocess):
             self.should_exit.set()
             if self._watcher is not None:
                 self._watcher.join(timeout=WATCH_INTERVAL * 2)
+            shutil.rmtree(self.state, ignore_errors=True)
 
     def handle_hup(self) -> None:
         why, self._why = self._why, "SIGHUP"
