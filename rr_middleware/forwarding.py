@@ -210,6 +210,7 @@ class _Forwarding:
     ``GZipResponder`` is the model: per-request state on an object)."""
 
     __slots__ = (
+        "affinity",
         "body",
         "client",
         "has_host",
@@ -252,6 +253,7 @@ class _Forwarding:
         self.stream: ClientSide | None = None
         self.replayable = False
         self.response_started = False
+        self.affinity = runtime.affinity(scope)
 
     async def run(self) -> None:
         """The retry policy: the body's start is read, then attempts go to distinct
@@ -273,7 +275,7 @@ class _Forwarding:
             self.replayable = self.stream is None and len(self.body or b"") <= pool.retry_body_limit
             for _ in range(pool.retries + 1):
                 try:
-                    async with runtime.attempt(tried) as attempt:
+                    async with runtime.attempt(tried, affinity=self.affinity) as attempt:
                         try:
                             response = await attempt.send(self._request(attempt.upstream))
                         except UpstreamError as exc:
@@ -413,6 +415,10 @@ class _Forwarding:
                 status,
             )
         headers = response_headers(response.headers, self.settings.hidden_response_headers)
+        if self.runtime.sticky is not None:
+            cookie = self.runtime.sticky_header(member, self.affinity)
+            if cookie is not None:
+                headers.append(cookie)
         client = self.client
         send = self.send
         try:

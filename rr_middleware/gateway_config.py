@@ -26,7 +26,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from .config import FieldError, HealthCheck, Pool, Upstream, normalize_prefix
+from .config import FieldError, HealthCheck, Pool, Upstream, normalize_pool_key
 from .config_mapping import (
     BOOLEAN,
     INTEGER,
@@ -36,6 +36,8 @@ from .config_mapping import (
     Array,
     ConfigError,
     KeyTable,
+    MapOf,
+    Regex,
     Table,
     Tagged,
     key_path,
@@ -45,7 +47,9 @@ from .config_mapping import (
 )
 from .discovery import ConsulDiscovery, DNSDiscovery
 from .environment import consul_from_environment, interpolate
+from .matching import Route
 from .middleware import RoundRobinMiddleware
+from .sticky import StickyCookie
 from .tls import TLS
 
 if sys.version_info >= (3, 11):
@@ -139,7 +143,15 @@ MIDDLEWARE = KeyTable(
         "zone": optional(STRING),
         "admin_path": optional(STRING),
     },
-    python_only={"balancer", "transport", "status_guard", "admin_token", "admin_guard"},
+    # routes: [[routes]] tables at the top of the file, beside [pools.*].
+    python_only={
+        "balancer",
+        "transport",
+        "status_guard",
+        "routes",
+        "admin_token",
+        "admin_guard",
+    },
 )
 TLS_KEYS = KeyTable(
     TLS,
@@ -202,6 +214,18 @@ DNS = KeyTable(
         "retry_max": NUMBER,
     },
 )
+STICKY = KeyTable(
+    StickyCookie,
+    {
+        "name": STRING,
+        "max_age": optional(INTEGER),
+        "path": optional(STRING),
+        "secure": BOOLEAN,
+        "httponly": BOOLEAN,
+        "samesite": optional(STRING),
+        "secret": optional(STRING),
+    },
+)
 # [pools."/x".discovery] type = "...": every discovery class the file can name.
 DISCOVERY = Tagged({"consul": CONSUL, "dns": DNS})
 POOL = KeyTable(
@@ -218,6 +242,10 @@ POOL = KeyTable(
         "preserve_host": BOOLEAN,
         "retries": INTEGER,
         "policy": STRING,
+        "hash_on": STRING,
+        "hash_fallback": STRING,
+        "balance_factor": optional(NUMBER),
+        "sticky": optional(Table(STICKY)),
         "health_check": optional(Table(HEALTH_CHECK)),
         "max_fails": INTEGER,
         "fail_timeout": NUMBER,
@@ -240,7 +268,22 @@ POOL = KeyTable(
     },
     python_only={"transport", "clock", "random"},
 )
-_TOP_LEVEL: list[KeyTable[Any]] = [SERVER, POOL]
+CONDITION = AnyOf(STRING, BOOLEAN, Regex())
+ROUTE = KeyTable(
+    Route,
+    {
+        "prefix": STRING,
+        "pool": optional(STRING),
+        "split": optional(MapOf(INTEGER)),
+        "host": optional(STRING),
+        "methods": optional(Array(STRING)),
+        "headers": MapOf(CONDITION),
+        "cookies": MapOf(CONDITION),
+        "query": MapOf(CONDITION),
+        "stick_on": optional(STRING),
+    },
+)
+_TOP_LEVEL: list[KeyTable[Any]] = [SERVER, POOL, ROUTE]
 #: The key table of each class a file builds, for ``--check`` to print them back.
 KEY_TABLES = {keys.target: keys for top in _TOP_LEVEL for keys in (top, *top.tables())}
 
@@ -293,7 +336,7 @@ def _build(
     environ: Mapping[str, str],
     inner: Starlette,
 ) -> GatewayConfig:
-    reject_unknown(document, ("server", "middleware", "pools"), "")
+    reject_unknown(document, ("server", "middleware", "pools", "routes"), "")
     server_table = {**table_of(document.get("server", {}), "server"), **overrides}
     server = SERVER.build(server_table, "server")
     middleware = {
@@ -309,12 +352,15 @@ def _build(
     for prefix, table in pools_table.items():
         where = key_path("pools", prefix)
         try:
-            normalize_prefix(prefix)
+            normalize_pool_key(prefix)
         except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
         arguments = POOL.arguments(_with_environment(table_of(table, where), where, environ), where)
         _check_members(arguments, where)
         pools[prefix] = POOL.create(arguments, where)
+    routes = Array(Table(ROUTE))(document.get("routes", []), "routes")
+    if routes:
+        middleware["routes"] = routes
     # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".
     app = MIDDLEWARE.create(middleware, "middleware", inner, pools, elsewhere="pools")
     return GatewayConfig(path, server, middleware, pools, app)

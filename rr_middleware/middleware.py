@@ -19,6 +19,7 @@ from .endpoints import Endpoints
 from .errors import FieldError
 from .forwarding import ProxySettings, closing, forward, logger, send_error
 from .headers import TrustedProxies
+from .matching import Route, RouteTable, build_tables
 from .pool_runtime import PoolRuntime
 from .routing import PrefixRouter, has_dot_segment, is_ambiguous_path, is_unsafe_path
 from .runtime import Balancer, TransportArg
@@ -46,6 +47,13 @@ _AMBIGUOUS_PATH = Refusal(400, "a path some upstreams read as having a dot segme
 _STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 
 
+def _unreached(key: str) -> FieldError:
+    return FieldError(
+        "pools",
+        f"{key!r} is a name, but no route names it (a prefix starts with '/': '/{key}')",
+    )
+
+
 def _method_refusal(refused: Collection[str]) -> Refusal:
     """The 405 of a pool refusing ``refused``, with the Allow header RFC 9110 §15.5.6
     requires."""
@@ -68,7 +76,11 @@ class RoundRobinMiddleware:
 
     Args:
         app: The app to wrap (``add_middleware`` passes it).
-        pools: ``{prefix: Pool}`` or ``{prefix: [url, ...]}``; or give ``balancer``.
+        pools: ``{prefix: Pool}`` or ``{prefix: [url, ...]}``; or give ``balancer``. A
+            key may also be a name (``"canary"``): that pool is reached only by routes.
+        routes: ``Route`` values, matched before the prefix's own pool: requests under
+            a prefix that match conditions (host, method, headers, cookies, query) go
+            to another pool, or are split between pools by weight.
         balancer: A ``Balancer`` you built from the pools and keep, to drain upstreams or
             read their state while the app serves (``self.balancer`` either way).
         transport: With ``pools``: the upstream client for every pool that names none
@@ -101,6 +113,7 @@ class RoundRobinMiddleware:
         app: ASGIApp,
         pools: PoolsArg | None = None,
         *,
+        routes: Sequence[Route] = (),
         balancer: Balancer | None = None,
         transport: TransportArg = None,
         zone: str | None = None,
@@ -131,7 +144,7 @@ class RoundRobinMiddleware:
             )
         if not isinstance(balancer, Balancer):
             raise FieldError("balancer", f"must be a Balancer, got {balancer!r}")
-        balancer.attach(self, self._route)
+        balancer.attach(self, self._build_routes)
         self.balancer = balancer
         self.trusted_proxies = TrustedProxies(trusted_proxies)
         if max_url_length < 1:
@@ -153,22 +166,33 @@ class RoundRobinMiddleware:
             max_header_bytes=max_header_bytes,
             access_log=access_log,
         )
-        self._route()
+        self._routes = routes
+        self._build_routes()
         admin = None
         if admin_path is not None:
             admin = AdminAPI(balancer, admin_path, admin_token, admin_guard)
         self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard, admin)
 
-    def _route(self) -> None:
+    def _build_routes(self) -> None:
         """Route to the balancer's pools (again, when a reload changed them)."""
-        pools = self.balancer.pools
+        balancer = self.balancer
         self._method_refusals = {
-            prefix: _method_refusal(runtime.pool.refuse_methods)
-            for prefix, runtime in pools.items()
+            key: _method_refusal(runtime.pool.refuse_methods)
+            for key, runtime in balancer.pools.items()
         }
-        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(pools)
+        prefixed = {key: runtime for key, runtime in balancer.pools.items() if key[0] == "/"}
+        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(prefixed)
+        #: With routes: the route table of each prefix (None without routes: the common
+        #: case, which costs nothing more than prefix matching).
+        self._tables: PrefixRouter[RouteTable] | None = None
+        if self._routes:
+            self._tables = self._route_tables(self._routes, balancer)
+        elif len(prefixed) < len(balancer.pools):
+            unreached = [key for key in balancer.pools if key not in prefixed]
+            raise _unreached(unreached[0])
+        router = self._tables if self._tables is not None else self._router
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
-        self._first_segments = self._router.first_segments
+        self._first_segments = router.first_segments
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -204,6 +228,29 @@ class RoundRobinMiddleware:
             return
         await forward(state, scope, receive, send, rest, self._settings)
 
+    @staticmethod
+    def _route_tables(routes: Sequence[Route], balancer: Balancer) -> PrefixRouter[RouteTable]:
+        tables, states = build_tables(routes, balancer.pools)
+        reached = {key for state in states for key in state.route.targets}
+        for key, runtime in balancer.pools.items():
+            if key[0] != "/" and key not in reached:
+                raise _unreached(key)
+            if key[0] != "/" and not runtime.prefix:
+                # X-Forwarded-Prefix of a named pool: its first route's prefix.
+                first = next(s.route.prefix for s in states if key in s.route.targets)
+                runtime.prefix = first.encode("ascii") if first != "/" else b""
+        balancer.routes = states
+        return PrefixRouter(tables)
+
+    def _route(self, raw_path: bytes, scope: Scope) -> tuple[int, PoolRuntime] | None:
+        """With routes: the first pool a route table gives, longest prefix first."""
+        assert self._tables is not None
+        for end, table in self._tables.match_all(raw_path):
+            runtime = table.resolve(scope)
+            if runtime is not None:
+                return end, runtime
+        return None
+
     def _match(self, scope: Scope) -> tuple[PoolRuntime, bytes, Refusal | None] | None:
         """The pool for this request, the raw path to forward, and the Refusal to answer
         instead (None: forward it); None if no pool matches. (A tuple, not an object: it
@@ -211,7 +258,10 @@ class RoundRobinMiddleware:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         if b"?" in raw_path:  # some servers leave the query in raw_path
             raw_path = raw_path.partition(b"?")[0]
-        found = self._router.match(raw_path)
+        if self._tables is None:
+            found = self._router.match(raw_path)
+        else:
+            found = self._route(raw_path, scope)
         if found is None:
             return None
         end, state = found

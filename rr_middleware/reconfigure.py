@@ -15,7 +15,9 @@ The new configuration is compared with the running one, prefix by prefix:
   connection limit and transport are unchanged, its in-flight slots and rotation state
   stay with the very same member).
 
-Everything between the old and the new routing happens in one step of the event loop, so
+The middleware's routes (``Route``) stay as they are: a configuration that removes a pool
+a route sends to is refused (ValueError) before anything changes. Everything between the
+old and the new routing happens in one step of the event loop, so
 a request sees the old pools or the new ones, never a mix. With a zone whose layout
 changed (a pool or a static upstream added or removed), the workers move to a zone named
 for the new layout, the first to arrive seeding it with what it knew (see ``runtime.py``).
@@ -26,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Pool
 from .members import Member
@@ -45,6 +47,7 @@ class Reconfigurable(Protocol):
 
     pools: dict[str, PoolRuntime]
     zone: Zone | None
+    routes: list[Any]
 
     def build_runtime(self, prefix: str, pool: Pool) -> PoolRuntime: ...
     def layout_changes(self, pools: dict[str, Pool]) -> bool: ...
@@ -75,6 +78,7 @@ class Changes:
 
 async def reconfigure(balancer: Reconfigurable, pools: dict[str, Pool]) -> Changes:
     """Take ``balancer`` to ``pools`` (normalised prefixes); see the module docstring."""
+    _check_routes(balancer, pools)
     running = balancer.pools
     changes = Changes()
     fresh: dict[str, PoolRuntime] = {}
@@ -110,6 +114,17 @@ async def reconfigure(balancer: Reconfigurable, pools: dict[str, Pool]) -> Chang
     for runtime in retired:
         await runtime.stop()
     return changes
+
+
+def _check_routes(balancer: Reconfigurable, pools: dict[str, Pool]) -> None:
+    """The middleware's routes stay as they are: every pool they send to must stay, and
+    a pool known by a name only must be one of those (ValueError, before any change)."""
+    targets = {key for state in balancer.routes for key in state.route.targets}
+    for key in sorted(targets - set(pools)):
+        raise ValueError(f"pool {key!r} is the target of a route: it cannot be removed")
+    for key in pools:
+        if key[0] != "/" and key not in targets:
+            raise ValueError(f"pool {key!r} has a name, not a prefix, and no route reaches it")
 
 
 def _same_options(old: Pool, new: Pool) -> bool:

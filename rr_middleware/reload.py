@@ -110,9 +110,14 @@ class Reloader:
                 self.error = str(exc)
                 logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
                 return None
-            self.error = None
             pools = self.admin_changes.apply(config.pools)
-            changes = await running.app.balancer.reconfigure(pools)
+            try:
+                changes = await running.app.balancer.reconfigure(pools)
+            except ValueError as exc:  # checked before anything changed
+                self.error = f"{self.path}: {exc}"
+                logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
+                return None
+            self.error = None
             config.app = running.app
             self.config = config
             self.reloads += 1
@@ -169,6 +174,10 @@ def _start_up_only(running: GatewayConfig, config: GatewayConfig) -> list[str]:
     notes = []
     if running.server != config.server:
         notes.append("[server] changed; it is read at start-up only (restart to apply)")
-    if running.middleware != config.middleware:
+    if {k: v for k, v in running.middleware.items() if k != "routes"} != {
+        k: v for k, v in config.middleware.items() if k != "routes"
+    }:
         notes.append("[middleware] changed; it is read at start-up only (restart to apply)")
+    if running.middleware.get("routes") != config.middleware.get("routes"):
+        notes.append("[[routes]] changed; they are read at start-up only (restart to apply)")
     return notes

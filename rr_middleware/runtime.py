@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any, Union
 
 import httpx
 
-from .config import Pool, PoolsArg, normalize_pools, normalize_prefix
+from .config import Pool, PoolsArg, normalize_pool_key, normalize_pools
 from .errors import FieldError
 from .members import Member
 from .pool_runtime import PoolRuntime
+from .sticky import SECRET_ENV
 from .tls import TLS
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
@@ -99,6 +100,8 @@ class Balancer:
         self.zone_follows_layout = False
         self._owner: object | None = None
         self._on_routes_changed: Callable[[], None] | None = None
+        #: The routes of the middleware serving it (set by the middleware), for status.
+        self.routes: list[Any] = []
 
     def build_runtime(self, prefix: str, pool: Pool) -> PoolRuntime:
         """A pool's runtime, whose members reach their upstream through (first that
@@ -133,7 +136,7 @@ class Balancer:
 
     def __getitem__(self, prefix: str) -> PoolRuntime:
         try:
-            return self.pools[normalize_prefix(prefix)]
+            return self.pools[normalize_pool_key(prefix)]
         except (KeyError, ValueError):
             known = ", ".join(self.pools)
             raise KeyError(f"no pool at {prefix!r} (pools: {known})") from None
@@ -148,7 +151,7 @@ class Balancer:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""
         from .metrics import status_json
 
-        return status_json(self.pools, self.zone)
+        return status_json(self.pools, self.zone, self.routes)
 
     def prometheus_collector(self) -> Any:
         """A ``prometheus_client`` collector of every pool's counters, to register in a
@@ -207,6 +210,15 @@ class Balancer:
                 )
         for runtime in self.pools.values():
             runtime.start_checks()
+            if runtime.sticky is not None and runtime.sticky.random_secret:
+                logger.warning(
+                    "pool %s: sticky cookie %s has no secret (StickyCookie(secret=...) or %s): "
+                    "this process drew a random one, so its cookies mean nothing to other "
+                    "workers or replicas, nor after a restart",
+                    runtime.name,
+                    runtime.sticky.cookie.name,
+                    SECRET_ENV,
+                )
 
     async def stop(self) -> None:
         """Stop discovery and health checks, and close the connections the balancer

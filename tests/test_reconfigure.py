@@ -8,7 +8,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
-from rr_middleware import Balancer, HealthCheck, Pool, RoundRobinMiddleware, Upstream
+from rr_middleware import Balancer, HealthCheck, Pool, RoundRobinMiddleware, Route, Upstream
 
 from .upstream_app import UpstreamApp
 
@@ -91,3 +91,26 @@ async def test_changed_options_rebuild_the_pool_and_carry_its_upstreams_state() 
             assert old.checker._task is None  # the old pool's checks stopped
             served = {(await client.get("/api/x")).headers["x-upstream"] for _ in range(3)}
     assert served == {"a"}
+
+
+@pytest.mark.anyio
+async def test_routes_stay_and_keep_their_pools() -> None:
+    """Routes are the middleware's: a reconfiguration that would take a routed pool away
+    is refused before anything changes; one that rebuilds it routes to the new one."""
+    pools = {"/api": Pool([up("a")]), "canary": Pool([up("b")])}
+    routes = [Route("/api", pool="canary", headers={"x-canary": "yes"})]
+    app = RoundRobinMiddleware(Starlette(), pools=pools, routes=routes)
+    balancer = app.balancer
+    async with LifespanManager(app) as manager:
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url="http://t")
+        async with client:
+            with pytest.raises(ValueError, match="'canary' is the target of a route"):
+                await balancer.reconfigure({"/api": Pool([up("a")])})
+            assert set(balancer.pools) == {"/api", "canary"}
+            changes = await balancer.reconfigure(
+                {"/api": Pool([up("a")]), "canary": Pool([up("c")], timeout=5.0)}
+            )
+            assert changes.rebuilt == ["canary"]
+            canary = await client.get("/api/x", headers={"x-canary": "yes"})
+            assert canary.headers["x-upstream"] == "c"
+            assert (await client.get("/api/x")).headers["x-upstream"] == "a"
