@@ -22,7 +22,6 @@ drain, one prober, summed counters (see ``zone.py``).
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -32,7 +31,6 @@ import httpx
 
 from .config import Pool, PoolsArg, normalize_pool_key, normalize_pools
 from .errors import FieldError
-from .members import Member
 from .pool_runtime import PoolRuntime
 from .sticky import SECRET_ENV
 from .tls import TLS
@@ -40,7 +38,8 @@ from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
 from .upstream import Upstream
-from .zone import FLUSH_INTERVAL, ZONE_ENV, PoolLayout, Zone, layout_digest
+from .zone import FLUSH_INTERVAL, ZONE_ENV, Zone
+from .zone_link import join, layouts_of, leave
 
 if TYPE_CHECKING:
     from .reconfigure import Changes
@@ -225,7 +224,7 @@ class Balancer:
         opened (a transport you passed in is yours to close)."""
         for runtime in self.pools.values():
             await runtime.stop()
-        self._detach_zone()
+        self.leave_zone()
         if self._own_transport:
             await self.transport.aclose()
         for transport in self._tls_transports.values():
@@ -233,52 +232,21 @@ class Balancer:
 
     # -- the zone -------------------------------------------------------------------------
 
-    def _layouts(self, pools: dict[str, Pool]) -> list[PoolLayout]:
-        return [
-            PoolLayout(
-                prefix,
-                [upstream.identity for upstream in pool.members],
-                discovered=pool.discovery is not None,
-            )
-            for prefix, pool in pools.items()
-        ]
-
     def layout_changes(self, pools: dict[str, Pool]) -> bool:
         """Whether ``pools`` need other records in the zone than the running pools."""
         zone = self.zone
-        new = [layout.describe() for layout in self._layouts(pools)]
+        new = [layout.describe() for layout in layouts_of(pools)]
         return zone is None or [layout.describe() for layout in zone.layouts] != new
 
     def join_zone(self, *, seed: bool = False) -> None:
         """Attach to the zone (``zone_name``, after the layout with
-        ``zone_follows_layout``). With ``seed``, a zone this worker creates starts from
-        what the pools know now (a reload), not from nothing."""
+        ``zone_follows_layout``); with ``seed``, one this process creates starts from what
+        the pools know now (see ``zone_link.py``)."""
         assert self.zone_name is not None
-        layouts = self._layouts({prefix: r.pool for prefix, r in self.pools.items()})
-        name = self.zone_name
-        if self.zone_follows_layout:
-            name = f"{name}-{layout_digest(layouts)}"
-        zone = Zone(name, layouts)
-        zone.attach()
-        self.zone = zone
-        known = [(m, copy.copy(m.health), m.drained, m.weight_override) for m in self._members()]
-        for index, runtime in enumerate(self.pools.values()):
-            runtime.share(zone.pool(index))
-            if runtime.checker is not None:
-                runtime.checker.lead = zone.lead
-        if seed and zone.created:
-            for member, health, drained, weight in known:
-                member.health, member.drained, member.weight_override = health, drained, weight
-            for runtime in self.pools.values():
-                if runtime.shared is not None:
-                    runtime.shared.seed(runtime.members)
-                    runtime.sync()
-        logger.info("zone %s: attached as worker %d (%s)", name, zone.slot, zone.directory)
+        self.zone = join(
+            self.pools, self.zone_name, follows_layout=self.zone_follows_layout, seed=seed
+        )
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush)
-
-    def _members(self) -> Iterator[Member]:
-        for runtime in self.pools.values():
-            yield from runtime.members
 
     def _flush(self) -> None:
         """This worker's counters into its slots, every FLUSH_INTERVAL."""
@@ -291,22 +259,12 @@ class Balancer:
 
     def leave_zone(self) -> None:
         """Detach from the zone, keeping in this process what the pools knew."""
-        self._detach_zone()
-
-    def _detach_zone(self) -> None:
         zone, self.zone = self.zone, None
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
-        if zone is None:
-            return
-        for runtime in self.pools.values():
-            if runtime.shared is not None:
-                runtime.shared.flush(runtime.members)
-            if runtime.checker is not None:
-                runtime.checker.lead = None
-            runtime.share(None)
-        zone.detach()
+        if zone is not None:
+            leave(self.pools, zone)
 
 
 def as_transport(transport: Any) -> UpstreamTransport | None:
