@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 from .affinity import key_reader
 from .discovery.base import Discovery
 from .errors import FieldError
+from .latency import parse_hedge_after
 from .sticky import StickyCookie
 from .tls import TLS
 from .upstream import Upstream, check_tls
@@ -116,10 +117,15 @@ class Pool:
     retries: int = 2
     transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
     policy: str = "round_robin"
+    ewma_decay: float = 10.0
     hash_on: str | Callable[[Any], Any] | None = None
     hash_fallback: str = "round_robin"
     balance_factor: float | None = 1.25
     sticky: StickyCookie | None = None
+    mirror: str | None = None
+    mirror_fraction: float = 1.0
+    mirror_body_limit: int = 64 * 1024
+    mirror_max_in_flight: int = 100
     health_check: HealthCheck | None = None
     max_fails: int = 3
     fail_timeout: float = 10.0
@@ -129,6 +135,10 @@ class Pool:
     retry_body_limit: int = 64 * 1024
     request_buffer_size: int = 64 * 1024
     retry_on_statuses: Collection[int] = frozenset()
+    retry_budget: float | None = 0.2
+    retry_budget_min: int = 3
+    hedge_after: float | str | None = None
+    max_hedges: int = 1
     slow_start: float = 0.0
     max_body_size: int | None = None
     client_body_timeout: float = 30.0
@@ -151,6 +161,7 @@ class Pool:
             "fail_timeout",
             "client_body_timeout",
             "client_send_timeout",
+            "ewma_decay",
         ):
             _positive_number(name, getattr(self, name))
         for name in ("websocket_timeout", "websocket_idle_timeout", "websocket_ping_interval"):
@@ -162,6 +173,17 @@ class Pool:
         _int_at_least("retry_body_limit", self.retry_body_limit, 0)
         _int_at_least("request_buffer_size", self.request_buffer_size, 0)
         _int_at_least("client_body_min_rate", self.client_body_min_rate, 0)
+        _int_at_least("retry_budget_min", self.retry_budget_min, 0)
+        _int_at_least("max_hedges", self.max_hedges, 1)
+        if isinstance(self.hedge_after, str):
+            try:
+                parse_hedge_after(self.hedge_after)
+            except ValueError as exc:
+                raise FieldError("hedge_after", str(exc)) from None
+        elif self.hedge_after is not None:
+            _positive_number("hedge_after", self.hedge_after)
+        if self.retry_budget is not None:
+            _fraction("retry_budget", self.retry_budget)
         if self.max_body_size is not None:
             _int_at_least("max_body_size", self.max_body_size, 0)
         for name in ("unhealthy_statuses", "retry_on_statuses"):
@@ -202,10 +224,11 @@ class Pool:
         return tuple(members)
 
     def _check_choices(self) -> None:
-        if self.policy not in (*_POLICIES, "hash"):
+        if self.policy not in (*_POLICIES, "peak_ewma", "hash"):
             raise FieldError(
                 "policy",
-                f"must be 'round_robin', 'least_requests', 'random' or 'hash', got {self.policy!r}",
+                "must be 'round_robin', 'least_requests', 'peak_ewma', 'random' or 'hash', "
+                f"got {self.policy!r}",
             )
         self._check_affinity()
         if self.on_all_down not in ("try_all", "fail"):
@@ -253,6 +276,20 @@ class Pool:
             )
         if self.sticky is not None and not isinstance(self.sticky, StickyCookie):
             raise FieldError("sticky", f"must be a StickyCookie or None, got {self.sticky!r}")
+        self._check_mirror()
+
+    def _check_mirror(self) -> None:
+        if self.mirror is not None and (not isinstance(self.mirror, str) or not self.mirror):
+            raise FieldError("mirror", f"must be the key of another pool, got {self.mirror!r}")
+        fraction = self.mirror_fraction
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0 < fraction <= 1
+        ):
+            raise FieldError("mirror_fraction", f"must be a number in (0, 1], got {fraction!r}")
+        _int_at_least("mirror_body_limit", self.mirror_body_limit, 0)
+        _int_at_least("mirror_max_in_flight", self.mirror_max_in_flight, 1)
 
     @property
     def members(self) -> tuple[Upstream, ...]:
@@ -268,6 +305,13 @@ def _positive_number(name: str, value: Any, owner: str = "") -> None:
         raise FieldError.of(owner, name, f"must be a number of seconds, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise FieldError.of(owner, name, f"must be a positive number of seconds, got {value!r}")
+
+
+def _fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(name, f"must be a number (a fraction, 0.2 for 20 %), got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise FieldError(name, f"must be a finite number >= 0, got {value!r}")
 
 
 def _int_at_least(name: str, value: Any, minimum: int, owner: str = "") -> None:

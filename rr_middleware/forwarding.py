@@ -43,7 +43,9 @@ if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
     from .attempt import Attempt
+    from .hedging import HedgedAttempt
     from .members import Member
+    from .mirroring import Mirror
     from .pool_runtime import PoolRuntime
     from .upstream import Upstream
 
@@ -219,6 +221,7 @@ class _Forwarding:
         "replayable",
         "response_started",
         "retryable",
+        "retrying",
         "runtime",
         "scope",
         "send",
@@ -253,6 +256,7 @@ class _Forwarding:
         self.stream: ClientSide | None = None
         self.replayable = False
         self.response_started = False
+        self.retrying = False  # holds a place in the pool's retry budget
         self.affinity = runtime.affinity(scope)
 
     async def run(self) -> None:
@@ -265,17 +269,26 @@ class _Forwarding:
         # stalls early holds no upstream connection, and a short body, read whole, can be
         # sent again by a retry; a longer one streams from there at the client's pace.
         buffer = max(pool.request_buffer_size, pool.retry_body_limit if self.retryable else 0)
+        mirror = runtime.mirror
+        if mirror is not None and not mirror.chosen():
+            mirror = None
+        if mirror is not None:
+            buffer = max(buffer, pool.mirror_body_limit)
         tried: list[Member] = []
         error: UpstreamError | None = None
+        budget = runtime.budget
+        budget.active += 1
         try:
             self.body = await self.client.start(buffer)
             if not self.client.complete:
                 self.stream = self.client
+            if mirror is not None:
+                self._mirror(mirror)
             # Only a body held whole, within retry_body_limit, is sent again.
             self.replayable = self.stream is None and len(self.body or b"") <= pool.retry_body_limit
             for _ in range(pool.retries + 1):
                 try:
-                    async with runtime.attempt(tried, affinity=self.affinity) as attempt:
+                    async with self._attempt(tried) as attempt:
                         try:
                             response = await attempt.send(self._request(attempt.upstream))
                         except UpstreamError as exc:
@@ -299,7 +312,26 @@ class _Forwarding:
         except ClientBodyError as exc:
             await self._client_failed(exc)
             return
+        finally:
+            budget.active -= 1
+            if self.retrying:
+                budget.release()
         await self._answer_failure(error, tried)
+
+    def _mirror(self, mirror: Mirror) -> None:
+        if self.stream is not None:  # not whole within the limit: not copied
+            mirror.skip()
+        else:
+            mirror.submit(self.method, self.suffix, self.headers, self.has_host, self.body)
+
+    def _attempt(self, tried: list[Member]) -> Attempt | HedgedAttempt:
+        """The next try: raced against hedges when the pool hedges and this request may
+        be sent twice (its body held whole), else a plain one (``hedging.py``)."""
+        runtime = self.runtime
+        hedging = runtime.hedging
+        if hedging is not None and self.retryable and self.replayable:
+            return runtime.hedged_attempt(tried, hedging, self._request, self.affinity)
+        return runtime.attempt(tried, affinity=self.affinity)
 
     def _request(self, upstream: Upstream) -> UpstreamRequest:
         target = upstream.base_path + self.suffix
@@ -325,7 +357,7 @@ class _Forwarding:
         if failure is not None:
             raise failure from error
 
-    def _retry_on_status(self, attempt: Attempt, tried: list[Member]) -> bool:
+    def _retry_on_status(self, attempt: Attempt | HedgedAttempt, tried: list[Member]) -> bool:
         status = attempt.status
         runtime = self.runtime
         pool = runtime.pool
@@ -335,6 +367,7 @@ class _Forwarding:
             and self.retryable
             and self.replayable
             and runtime.more_to_try(tried)
+            and self._within_budget(attempt.upstream.url, f"answered {status}")
         ):
             return False
         logger.warning(
@@ -355,6 +388,7 @@ class _Forwarding:
             and (not error.sent or (self.retryable and self.replayable))
             and len(tried) <= runtime.pool.retries
             and runtime.more_to_try(tried)
+            and self._within_budget(member.upstream.url, f"failed ({error.kind})")
         )
         logger.warning(
             "pool %s: %s %s failed (%s): %s%s",
@@ -368,6 +402,26 @@ class _Forwarding:
         if retry:
             member.stats.retries += 1
         return retry
+
+    def _within_budget(self, url: str, what: str) -> bool:
+        """Take a place in the pool's retry budget for the next attempt (giving back the
+        one the attempt that just ended held); False when it has none."""
+        budget = self.runtime.budget
+        if self.retrying:
+            budget.release()
+            self.retrying = False
+        if budget.admit():
+            self.retrying = True
+            return True
+        logger.warning(
+            "pool %s: %s %s %s; not retried: the retry budget is spent (%d in flight)",
+            self.runtime.name,
+            self.method,
+            url,
+            what,
+            budget.retrying,
+        )
+        return False
 
     async def _answer_failure(self, error: UpstreamError | None, tried: list[Member]) -> None:
         runtime = self.runtime
@@ -398,7 +452,7 @@ class _Forwarding:
     def _closing(self) -> Sequence[tuple[bytes, bytes]]:
         return () if self.client.complete else _CLOSE
 
-    async def _relay(self, attempt: Attempt, response: UpstreamResponse) -> None:
+    async def _relay(self, attempt: Attempt | HedgedAttempt, response: UpstreamResponse) -> None:
         """Relay the response: a body with no bytes (1xx, 204, 304, HEAD), a body already
         whole (one send), or a stream; body bytes are counted into the upstream's stats.
         Each send marks when it began (``client.sending_since``): a client that takes

@@ -50,7 +50,7 @@ _STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS
 def _unreached(key: str) -> FieldError:
     return FieldError(
         "pools",
-        f"{key!r} is a name, but no route names it (a prefix starts with '/': '/{key}')",
+        f"{key!r} is a name, but no route or mirror names it (a prefix starts with '/': '/{key}')",
     )
 
 
@@ -187,9 +187,11 @@ class RoundRobinMiddleware:
         self._tables: PrefixRouter[RouteTable] | None = None
         if self._routes:
             self._tables = self._route_tables(self._routes, balancer)
-        elif len(prefixed) < len(balancer.pools):
-            unreached = [key for key in balancer.pools if key not in prefixed]
-            raise _unreached(unreached[0])
+        else:
+            mirrors = {r.mirror.target.name for r in balancer.pools.values() if r.mirror}
+            unreached = [k for k in balancer.pools if k not in prefixed and k not in mirrors]
+            if unreached:
+                raise _unreached(unreached[0])
         router = self._tables if self._tables is not None else self._router
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
         self._first_segments = router.first_segments
@@ -232,12 +234,14 @@ class RoundRobinMiddleware:
     def _route_tables(routes: Sequence[Route], balancer: Balancer) -> PrefixRouter[RouteTable]:
         tables, states = build_tables(routes, balancer.pools)
         reached = {key for state in states for key in state.route.targets}
+        reached |= {r.mirror.target.name for r in balancer.pools.values() if r.mirror}
         for key, runtime in balancer.pools.items():
             if key[0] != "/" and key not in reached:
                 raise _unreached(key)
             if key[0] != "/" and not runtime.prefix:
-                # X-Forwarded-Prefix of a named pool: its first route's prefix.
-                first = next(s.route.prefix for s in states if key in s.route.targets)
+                # X-Forwarded-Prefix of a named pool: its first route's prefix (a pool only
+                # a mirror reaches gets the headers of the requests it copies).
+                first = next((s.route.prefix for s in states if key in s.route.targets), "/")
                 runtime.prefix = first.encode("ascii") if first != "/" else b""
         balancer.routes = states
         return PrefixRouter(tables)

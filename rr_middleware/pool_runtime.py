@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 from .affinity import ConsistentHash, HashRing, PointCache, cookie_value, key_reader
 from .attempt import Attempt
 from .balancing import Policy, build
+from .budget import RetryBudget
 from .config import Pool
 from .discovery.base import Watcher
 from .health import CheckResult, HealthChecker
+from .hedging import HedgedAttempt, Hedging
+from .latency import cost, recorder
 from .members import Member, PoolLoad
 from .sticky import Affinity, StickyValues
 from .transport.base import UpstreamTransport
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
     from starlette.types import Scope
 
     from .counters import UpstreamStats
+    from .mirroring import Mirror
+    from .transport.base import UpstreamRequest
     from .zone import ZonePool
 
 __all__ = ["PoolRuntime"]
@@ -66,6 +71,14 @@ class PoolRuntime:
         self.members = [self._member(upstream) for upstream in pool.members]
         self.clock = pool.clock
         self.rng = pool.random if pool.random is not None else random.Random()
+        #: Called with an attempt's latency estimate and seconds when its response
+        #: headers come (None: nothing needs them; see ``latency.recorder``).
+        #: Retries and hedges in flight against requests active (``budget.py``).
+        self.budget = RetryBudget(pool.retry_budget, pool.retry_budget_min)
+        #: When to hedge, and the hedges sent and won (``hedging.py``); None: never.
+        self.hedging = Hedging.of(pool)
+        window = self.hedging.window if self.hedging is not None else None
+        self.record_latency = recorder(window, self.clock, pool.policy == "peak_ewma")
         self.eligible: list[Member] = []
         self.policy: Policy[Member] = build(self._fallback_policy, [], [], self.rng)
         #: ``policy="hash"``: the ring over the eligible members (also ``policy``).
@@ -76,6 +89,8 @@ class PoolRuntime:
         path = prefix if prefix.startswith("/") else "/"
         self.sticky = StickyValues(pool.sticky, path) if pool.sticky is not None else None
         self._pinned: dict[bytes, Member] = {}
+        #: ``mirror=``: the copies to the mirror pool (the Balancer links it).
+        self.mirror: Mirror | None = None
         #: Requests that came with a hash key, without one, and with a sticky cookie
         #: that reached its upstream (status page).
         self.affinity_counts = {"keyed": 0, "unkeyed": 0, "sticky_kept": 0, "sticky_set": 0}
@@ -108,7 +123,10 @@ class PoolRuntime:
         return pool.hash_fallback if pool.policy == "hash" else pool.policy
 
     def _member(self, upstream: Upstream) -> Member:
-        member = Member(upstream, self._resolve(upstream), self.pool.max_connections, self.load)
+        pool = self.pool
+        member = Member(
+            upstream, self._resolve(upstream), pool.max_connections, self.load, pool.ewma_decay
+        )
         if self.shared is not None:
             self.shared.bind(member)
         return member
@@ -124,6 +142,8 @@ class PoolRuntime:
             self.checker.start()
 
     async def stop(self) -> None:
+        if self.mirror is not None:
+            await self.mirror.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.checker is not None:
@@ -174,7 +194,17 @@ class PoolRuntime:
     ) -> None:
         hashing = self.hashing
         previous = hashing.fallback if hashing is not None else self.policy
-        policy = build(self._fallback_policy, eligible, weights, self.rng, previous, resume_after)
+        name = self._fallback_policy
+        policy = build(
+            name,
+            eligible,
+            weights,
+            self.rng,
+            previous,
+            resume_after,
+            estimates=[m.latency for m in eligible] if name == "peak_ewma" else None,
+            clock=self.clock,
+        )
         if self.pool.policy == "hash":
             if hashing is not None and hashing.ring.reusable(eligible, weights):
                 ring = hashing.ring
@@ -321,6 +351,18 @@ class PoolRuntime:
         ``slot=False`` takes no ``max_connections`` slot (a WebSocket's); ``affinity``
         where the request asks to go (``affinity(scope)``)."""
         return Attempt(self, tried, slot, affinity)
+
+    def hedged_attempt(
+        self,
+        tried: list[Member],
+        hedging: Hedging,
+        build: Callable[[Upstream], UpstreamRequest],
+        affinity: Affinity | None = None,
+    ) -> HedgedAttempt:
+        """An attempt raced against hedges (``hedging.py``), used as ``attempt()``'s;
+        ``build`` makes the request for each upstream tried. The first try goes where
+        ``affinity`` asks, the hedges where the policy picks."""
+        return HedgedAttempt(self, tried, hedging, self.budget, build, affinity)
 
     # -- outcomes (only an Attempt reports them) ------------------------------------------
 
@@ -546,7 +588,8 @@ class PoolRuntime:
     def snapshot(self) -> list[dict[str, Any]]:
         """Per upstream (the current members): url, weight, effective weight, health
         (active), ejection (passive), half-open, drained, eligible, in flight, open
-        WebSockets, requests and failures (exchanges with an outcome), last check. With
+        WebSockets, requests and failures (exchanges with an outcome), the latency
+        estimate and cost (``policy="peak_ewma"``; else None), last check. With
         a zone: what every worker sharing it knows, and their totals."""
         return [row for row, _ in self.rows()]
 
@@ -568,6 +611,8 @@ class PoolRuntime:
         health = member.health
         tenths, _ = health.ramp(now, self.pool.slow_start)
         last = health.last_check
+        latency = member.latency
+        ewma = latency.value(now) if latency.estimate is not None else None
         return {
             "url": member.upstream.url,
             "weight": member.weight,
@@ -582,6 +627,11 @@ class PoolRuntime:
             "websockets": stats.websockets,
             "requests": stats.requests,
             "failures": stats.failures,
+            # policy="peak_ewma": the latency estimate (s) and the cost a pick compares.
+            "latency_ewma": ewma,
+            "cost": cost(ewma, stats.in_flight, member.weight)
+            if self.pool.policy == "peak_ewma"
+            else None,
             "last_check": None
             if last is None
             else {

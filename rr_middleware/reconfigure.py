@@ -30,7 +30,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import Pool
+from .config import Pool, normalize_pool_key
 from .members import Member
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class Reconfigurable(Protocol):
     def leave_zone(self) -> None: ...
     def join_zone(self, *, seed: bool = False) -> None: ...
     def routes_changed(self) -> None: ...
+    def link_mirrors(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -107,6 +108,7 @@ async def reconfigure(balancer: Reconfigurable, pools: dict[str, Pool]) -> Chang
         new_pools[prefix] = runtime
     running.clear()
     running.update(new_pools)
+    balancer.link_mirrors()
     if rezone:
         balancer.join_zone(seed=True)
     balancer.routes_changed()
@@ -122,9 +124,16 @@ def _check_routes(balancer: Reconfigurable, pools: dict[str, Pool]) -> None:
     targets = {key for state in balancer.routes for key in state.route.targets}
     for key in sorted(targets - set(pools)):
         raise ValueError(f"pool {key!r} is the target of a route: it cannot be removed")
+    mirrored = set()
+    for key, pool in pools.items():
+        if pool.mirror is not None:
+            target = normalize_pool_key(pool.mirror)
+            if target not in pools or target == key:
+                raise ValueError(f"pool {key!r}: mirror {pool.mirror!r} is not another pool")
+            mirrored.add(target)
     for key in pools:
-        if key[0] != "/" and key not in targets:
-            raise ValueError(f"pool {key!r} has a name, not a prefix, and no route reaches it")
+        if key[0] != "/" and key not in targets | mirrored:
+            raise ValueError(f"pool {key!r} has a name, not a prefix, and nothing reaches it")
 
 
 def _same_options(old: Pool, new: Pool) -> bool:

@@ -31,6 +31,7 @@ import httpx
 
 from .config import Pool, PoolsArg, normalize_pool_key, normalize_pools
 from .errors import FieldError
+from .mirroring import Mirror
 from .pool_runtime import PoolRuntime
 from .sticky import SECRET_ENV
 from .tls import TLS
@@ -97,6 +98,7 @@ class Balancer:
         #: With a zone: name it after the pools' layout too, so that workers serving
         #: another configuration (during a reload) never share its records.
         self.zone_follows_layout = False
+        self.link_mirrors()
         self._owner: object | None = None
         self._on_routes_changed: Callable[[], None] | None = None
         #: The routes of the middleware serving it (set by the middleware), for status.
@@ -131,6 +133,28 @@ class Balancer:
             self._tls_transports[tls] = transport
         return transport
 
+    def link_mirrors(self) -> None:
+        """Give each pool with a ``mirror`` the runtime of the pool it mirrors to (again
+        after a reconfiguration)."""
+        for key, runtime in self.pools.items():
+            pool = runtime.pool
+            if pool.mirror is None:
+                continue
+            target = self.pools.get(normalize_pool_key(pool.mirror))
+            if target is None or target is runtime:
+                known = ", ".join(k for k in self.pools if k != key)
+                raise FieldError(
+                    "mirror",
+                    f"pool {key!r}: mirror {pool.mirror!r} is not another pool (pools: {known})",
+                )
+            runtime.mirror = Mirror(
+                target,
+                pool.mirror_fraction,
+                pool.mirror_body_limit,
+                pool.mirror_max_in_flight,
+                runtime.rng,
+            )
+
     # -- the handle -----------------------------------------------------------------------
 
     def __getitem__(self, prefix: str) -> PoolRuntime:
@@ -157,7 +181,7 @@ class Balancer:
         registry of your own (``metrics_path=`` serves one of its own)."""
         from .metrics import PrometheusCollector
 
-        return PrometheusCollector(self.pools)
+        return PrometheusCollector(self.pools, lambda: self.routes)
 
     def attach(self, owner: object, on_routes_changed: Callable[[], None] | None = None) -> None:
         """Called by the middleware that serves this balancer: one serves one. It is told

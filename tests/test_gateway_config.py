@@ -202,7 +202,8 @@ def test_every_default_is_accepted_by_its_converter(table: KeyTable[Any]) -> Non
         (
             API + 'policy = "fastest"',
             'pools."/api".policy',
-            "must be 'round_robin', 'least_requests', 'random' or 'hash', got 'fastest'",
+            "must be 'round_robin', 'least_requests', 'peak_ewma', 'random' or 'hash', "
+            "got 'fastest'",
         ),
         (
             API + "unhealthy_statuses = [502, 999]",

@@ -36,6 +36,7 @@ from starlette.requests import Request
 
 from rr_middleware import HealthCheck, Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.metrics import BUCKETS
+from rr_middleware.testing import ManualClock
 
 from .chromium import dump_dom
 from .polling import wait_for
@@ -88,16 +89,6 @@ class SickUpstream(UpstreamApp):
             await _respond(send, 503, [], b"sick")
             return
         await super()._handle(scope, receive, send)
-
-
-class ManualClock:
-    """A pool clock the test moves: ejections run out when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def row(http: httpx.Client, prefix: str, url: str, path: str = "/status.json") -> dict[str, Any]:
@@ -753,7 +744,7 @@ def test_one_warning_per_state_change_and_per_failed_request(
         else:
             pytest.fail("b was never ejected")
         b_app.failing.clear()
-        clock.now += 5.5
+        clock.advance(5.5)
         for n in range(4):
             if row(http, "/flaky", b.url)["state"] == "up":
                 break
@@ -916,7 +907,7 @@ def test_panic_mode_from_ejections_ends_when_they_run_out() -> None:
         assert scrape(http).get("rr_pool_panic", pool="/api") == 1
         assert mw.status()["pools"][0]["panic"] is True
         assert http.get("/api/x").status_code == 200  # served all the same
-        clock.now += 6
+        clock.advance(6)
         assert scrape(http).get("rr_pool_panic", pool="/api") == 0
         assert mw.status()["pools"][0]["panic"] is False
 
@@ -954,7 +945,7 @@ def test_up_gauge_follows_an_ejection_running_out() -> None:
         failed = http.get("/api/x?action=status&code=503").headers["x-upstream"]
         url = {"a": a.url, "b": b.url}[failed]
         assert scrape(http).get("rr_upstream_up", pool="/api", upstream=url) == 0
-        clock.now += 6  # the ejection has run out: the next request may probe it
+        clock.advance(6)  # the ejection has run out: the next request may probe it
         up_metric = scrape(http).get("rr_upstream_up", pool="/api", upstream=url)
         assert row(http, "/api", url)["eligible"] is True  # the JSON says it takes traffic
         assert up_metric == 1

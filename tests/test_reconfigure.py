@@ -114,3 +114,19 @@ async def test_routes_stay_and_keep_their_pools() -> None:
             canary = await client.get("/api/x", headers={"x-canary": "yes"})
             assert canary.headers["x-upstream"] == "c"
             assert (await client.get("/api/x")).headers["x-upstream"] == "a"
+
+
+@pytest.mark.anyio
+async def test_a_mirrored_pool_stays_linked_to_its_mirror() -> None:
+    pools = {"/api": Pool([up("a")], mirror="shadow"), "shadow": Pool([up("b")])}
+    balancer = Balancer(pools)
+    app = RoundRobinMiddleware(Starlette(), balancer=balancer)
+    async with LifespanManager(app):
+        with pytest.raises(ValueError, match="mirror 'shadow' is not another pool"):
+            await balancer.reconfigure({"/api": Pool([up("a")], mirror="shadow")})
+        await balancer.reconfigure(
+            {"/api": Pool([up("a")], mirror="shadow"), "shadow": Pool([up("c")], timeout=5.0)}
+        )
+        mirror = balancer["/api"].mirror
+        assert mirror is not None
+        assert mirror.target is balancer.pools["shadow"]  # the rebuilt pool
