@@ -163,7 +163,11 @@ def serve(config: GatewayConfig, reloader: Reloader | None = None) -> int:
 
         overrides, watch = (reloader.overrides, reloader.watch) if reloader else ({}, False)
         factory = uvicorn.Config(_FACTORY, factory=True, **options)
-        Supervisor(factory, [sock], config.path, overrides, watch=watch).run()
+        supervisor = Supervisor(factory, [sock], config.path, overrides, watch=watch)
+        supervisor.run()
+        if supervisor.startup_failed:
+            print("rr-gateway: a worker failed to start (its error is above)", file=sys.stderr)
+            return EXIT_FAILURE
         return 0
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else EXIT_FAILURE

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from uvicorn import Config
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from .config_mapping import ConfigError
@@ -58,6 +59,8 @@ class Supervisor(Multiprocess):
         self.path = path
         self.overrides = overrides
         self._why = "SIGHUP"
+        #: Whether a worker failed before it served (its app, a zone): the gateway exits 1.
+        self.startup_failed = False
         self._watcher: threading.Thread | None = None
         if watch:
             self._watcher = threading.Thread(target=self._watch, name="rr-watch", daemon=True)
@@ -72,6 +75,12 @@ class Supervisor(Multiprocess):
             if self._watcher is not None:
                 self._watcher.join(timeout=WATCH_INTERVAL * 2)
             shutil.rmtree(self.state, ignore_errors=True)
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        # uvicorn stops when a worker fails before serving, but exits 0: remember it.
+        if self.should_exit.is_set() and not self.startup_failed:
+            self.startup_failed = any(p.exitcode == STARTUP_FAILURE for p in self.processes)
 
     def handle_hup(self) -> None:
         why, self._why = self._why, "SIGHUP"

@@ -225,3 +225,21 @@ def test_watched_file_reloads_every_worker_under_load_without_a_failure(
     zones = set(re.findall(r"attached as worker \d+ \((\S+)\)", log))
     assert len(zones) >= 4
     assert not [zone for zone in zones if os.path.exists(zone)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_worker_that_fails_to_start_is_exit_1_with_its_error(
+    upstreams: dict[str, RunningServer], tmp_path: Path, workers: int
+) -> None:
+    """A zone that cannot be made (its directory under /proc) fails each worker's start:
+    the gateway exits 1, the worker's error on stderr, with one worker or several."""
+    config = gateway_file(upstreams, {"/api": "a"}, f"workers = {workers}").replace(
+        "[pools", '[middleware]\nzone = "/proc/rr-gateway-test-zone"\n\n[pools', 1
+    )
+    path = tmp_path / "gateway.toml"
+    path.write_text(config)
+    result = subprocess.run(
+        gateway_command("--config", str(path)), capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert result.returncode == 1, result.stderr
+    assert "ZoneError: zone '/proc/rr-gateway-test-zone-" in result.stderr
