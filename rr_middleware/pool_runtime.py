@@ -492,11 +492,12 @@ class PoolRuntime:
 
     # -- membership (discovery) -----------------------------------------------------------
 
-    def set_members(self, upstreams: list[Upstream]) -> None:
+    def set_members(self, upstreams: list[Upstream], *, ramp: bool = False) -> None:
         """Make ``upstreams`` the pool's members, as a diff: an upstream that stays keeps
         its state (health, counters, connections, place in the rotation; a new weight is
         taken); a removed one gets no new requests while those in flight finish; a new one
-        starts as a static upstream does (healthy until checked, slow start if set)."""
+        starts as a static upstream does (healthy until checked, slow start if set: always
+        with ``ramp``, else once discovery has delivered its first list)."""
         current = {m.upstream.identity: m for m in self.members}
         members: list[Member] = []
         added: list[Member] = []
@@ -513,7 +514,7 @@ class PoolRuntime:
             member = current.pop(upstream.identity, None)
             if member is None:
                 member = self._member(upstream)
-                if self.watcher is not None and self.watcher.updates:
+                if ramp or (self.watcher is not None and self.watcher.updates):
                     member.health.recovered_at = now  # a newcomer ramps up (slow start)
                 added.append(member)
             elif member.upstream.weight != upstream.weight:
