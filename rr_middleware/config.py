@@ -21,7 +21,8 @@ from .discovery.base import Discovery
 from .errors import FieldError
 from .latency import parse_hedge_after
 from .sticky import StickyCookie
-from .upstream import Upstream
+from .tls import TLS
+from .upstream import Upstream, check_tls
 
 if TYPE_CHECKING:
     import httpx
@@ -147,6 +148,7 @@ class Pool:
     websocket_idle_timeout: float | None = None
     websocket_ping_interval: float | None = 20.0
     discovery: Discovery | None = None
+    tls: TLS | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
 
@@ -187,6 +189,8 @@ class Pool:
         for name in ("unhealthy_statuses", "retry_on_statuses"):
             normalised[name] = _statuses(name, getattr(self, name))
         normalised["refuse_methods"] = _methods(self.refuse_methods)
+        if self.tls is not None:
+            check_tls(self.tls, self.transport)
         self._check_choices()
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
@@ -255,10 +259,11 @@ class Pool:
                 key_reader(self.hash_on)
             except ValueError as exc:
                 raise FieldError("hash_on", str(exc)) from None
-        if self.hash_fallback not in _POLICIES:
+        if self.hash_fallback not in (*_POLICIES, "peak_ewma"):
             raise FieldError(
                 "hash_fallback",
-                f"must be 'round_robin', 'least_requests' or 'random', got {self.hash_fallback!r}",
+                "must be 'round_robin', 'least_requests', 'peak_ewma' or 'random', "
+                f"got {self.hash_fallback!r}",
             )
         factor = self.balance_factor
         if factor is not None and (

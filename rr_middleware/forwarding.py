@@ -259,7 +259,7 @@ class _Forwarding:
         self.replayable = False
         self.response_started = False
         self.retrying = False  # holds a place in the pool's retry budget
-        self.affinity = runtime.affinity(scope)
+        self.affinity = runtime.affinity(scope, settings.trusted) if runtime.affine else None
 
     async def run(self) -> None:
         """The retry policy: the body's start is read, then attempts go to distinct

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import ssl
 import sys
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +46,11 @@ from .config_mapping import (
     table_of,
 )
 from .discovery import ConsulDiscovery, DNSDiscovery
+from .environment import consul_from_environment, interpolate
 from .matching import Route
 from .middleware import RoundRobinMiddleware
 from .sticky import StickyCookie
+from .tls import TLS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -136,13 +141,31 @@ MIDDLEWARE = KeyTable(
         "status_path": optional(STRING),
         "access_log": BOOLEAN,
         "zone": optional(STRING),
+        "admin_path": optional(STRING),
     },
     # routes: [[routes]] tables at the top of the file, beside [pools.*].
-    python_only={"balancer", "transport", "status_guard", "routes"},
+    python_only={
+        "balancer",
+        "transport",
+        "status_guard",
+        "routes",
+        "admin_token",
+        "admin_guard",
+    },
+)
+TLS_KEYS = KeyTable(
+    TLS,
+    {
+        "ca_file": optional(STRING),
+        "cert_file": optional(STRING),
+        "key_file": optional(STRING),
+        "server_name": optional(STRING),
+        "verify": BOOLEAN,
+    },
 )
 UPSTREAM = KeyTable(
     Upstream,
-    {"url": STRING, "weight": INTEGER},
+    {"url": STRING, "weight": INTEGER, "tls": optional(Table(TLS_KEYS))},
     python_only={"app", "transport"},
     shorthand="url",
 )
@@ -172,6 +195,7 @@ CONSUL = KeyTable(
         "startup_timeout": NUMBER,
         "retry_initial": NUMBER,
         "retry_max": NUMBER,
+        "ca_file": optional(STRING),
     },
     python_only={"transport"},
 )
@@ -249,6 +273,7 @@ POOL = KeyTable(
         "websocket_idle_timeout": optional(NUMBER),
         "websocket_ping_interval": optional(NUMBER),  # false: no pings
         "discovery": optional(DISCOVERY),
+        "tls": optional(Table(TLS_KEYS)),
     },
     python_only={"transport", "clock", "random"},
 )
@@ -283,10 +308,19 @@ class GatewayConfig:
     app: RoundRobinMiddleware
 
 
-def load_config(path: str | Path, **server_overrides: Any) -> GatewayConfig:
+def load_config(
+    path: str | Path,
+    environ: Mapping[str, str] | None = None,
+    *,
+    lifespan: Callable[[Any], AbstractAsyncContextManager[None]] | None = None,
+    **server_overrides: Any,
+) -> GatewayConfig:
     """Read and validate a gateway TOML file; ``server_overrides`` (e.g. ``port=9000``)
-    win over its ``[server]`` table. Raises :class:`ConfigError`."""
+    win over its ``[server]`` table. ``${VAR}`` references and Consul's variables are read
+    from ``environ`` (default: ``os.environ``; see ``environment.py``); ``lifespan`` is
+    the inner app's (the reloader's). Raises :class:`ConfigError`."""
     path = Path(path)
+    environ = os.environ if environ is None else environ
     try:
         with path.open("rb") as file:
             document = tomllib.load(file)
@@ -297,13 +331,20 @@ def load_config(path: str | Path, **server_overrides: Any) -> GatewayConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"invalid TOML: {exc}", str(path)) from None
     try:
-        return _build(path, document, server_overrides)
+        document = interpolate(document, environ)
+        return _build(path, document, server_overrides, environ, Starlette(lifespan=lifespan))
     except ConfigError as exc:
         exc.file = str(path)
         raise
 
 
-def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> GatewayConfig:
+def _build(
+    path: Path,
+    document: dict[str, Any],
+    overrides: dict[str, Any],
+    environ: Mapping[str, str],
+    inner: Starlette,
+) -> GatewayConfig:
     reject_unknown(document, ("server", "middleware", "pools", "routes"), "")
     server_table = {**table_of(document.get("server", {}), "server"), **overrides}
     server = SERVER.build(server_table, "server")
@@ -323,15 +364,26 @@ def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> G
             normalize_pool_key(prefix)
         except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
-        arguments = POOL.arguments(table_of(table, where), where)
+        arguments = POOL.arguments(_with_environment(table_of(table, where), where, environ), where)
         _check_members(arguments, where)
         pools[prefix] = POOL.create(arguments, where)
     routes = Array(Table(ROUTE))(document.get("routes", []), "routes")
     if routes:
         middleware["routes"] = routes
     # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".
-    app = MIDDLEWARE.create(middleware, "middleware", Starlette(), pools, elsewhere="pools")
+    app = MIDDLEWARE.create(middleware, "middleware", inner, pools, elsewhere="pools")
     return GatewayConfig(path, server, middleware, pools, app)
+
+
+def _with_environment(
+    table: dict[str, Any], where: str, environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """A pool's table with a consul discovery completed from Consul's variables."""
+    discovery = table.get("discovery")
+    if not isinstance(discovery, dict) or str(discovery.get("type", "")).lower() != "consul":
+        return table
+    where = key_path(where, "discovery")
+    return {**table, "discovery": consul_from_environment(discovery, environ, where)}
 
 
 def _check_members(arguments: dict[str, Any], where: str) -> None:

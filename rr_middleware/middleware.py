@@ -13,6 +13,7 @@ from typing import Any, Union
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .admin import AdminAPI
 from .config import PoolsArg
 from .endpoints import Endpoints
 from .errors import FieldError
@@ -99,6 +100,12 @@ class RoundRobinMiddleware:
         status_guard: A callable taking the Request and returning, or awaiting, True to
             allow the status page, its JSON and the metrics.
         access_log: Log a line per proxied request.
+        admin_path: Serve the admin API under this path (drain, weight, add and remove
+            upstreams; see ``admin.py``).
+        admin_token: The bearer token the admin API requires (``None``: the
+            ``RR_ADMIN_TOKEN`` environment variable).
+        admin_guard: A callable taking the Request and returning, or awaiting, True to
+            allow an admin request without the token.
     """
 
     def __init__(
@@ -118,6 +125,9 @@ class RoundRobinMiddleware:
         status_path: str | None = None,
         status_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
         access_log: bool = False,
+        admin_path: str | None = None,
+        admin_token: str | None = None,
+        admin_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
     ) -> None:
         self.app = app
         if balancer is None:
@@ -134,7 +144,7 @@ class RoundRobinMiddleware:
             )
         if not isinstance(balancer, Balancer):
             raise FieldError("balancer", f"must be a Balancer, got {balancer!r}")
-        balancer.attach(self)
+        balancer.attach(self, self._build_routes)
         self.balancer = balancer
         self.trusted_proxies = TrustedProxies(trusted_proxies)
         if max_url_length < 1:
@@ -156,17 +166,27 @@ class RoundRobinMiddleware:
             max_header_bytes=max_header_bytes,
             access_log=access_log,
         )
+        self._routes = routes
+        self._build_routes()
+        admin = None
+        if admin_path is not None:
+            admin = AdminAPI(balancer, admin_path, admin_token, admin_guard)
+        self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard, admin)
+
+    def _build_routes(self) -> None:
+        """Route to the balancer's pools (again, when a reload changed them)."""
+        balancer = self.balancer
         self._method_refusals = {
-            prefix: _method_refusal(runtime.pool.refuse_methods)
-            for prefix, runtime in balancer.pools.items()
+            key: _method_refusal(runtime.pool.refuse_methods)
+            for key, runtime in balancer.pools.items()
         }
         prefixed = {key: runtime for key, runtime in balancer.pools.items() if key[0] == "/"}
         self._router: PrefixRouter[PoolRuntime] = PrefixRouter(prefixed)
         #: With routes: the route table of each prefix (None without routes: the common
         #: case, which costs nothing more than prefix matching).
         self._tables: PrefixRouter[RouteTable] | None = None
-        if routes:
-            self._tables = self._route_tables(routes, balancer)
+        if self._routes:
+            self._tables = self._route_tables(self._routes, balancer)
         else:
             mirrors = {r.mirror.target.name for r in balancer.pools.values() if r.mirror}
             unreached = [k for k in balancer.pools if k not in prefixed and k not in mirrors]
@@ -175,7 +195,6 @@ class RoundRobinMiddleware:
         router = self._tables if self._tables is not None else self._router
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
         self._first_segments = router.first_segments
-        self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

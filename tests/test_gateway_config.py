@@ -15,6 +15,7 @@ import pytest
 
 import rr_middleware
 from rr_middleware import (
+    TLS,
     ConsulDiscovery,
     DNSDiscovery,
     HealthCheck,
@@ -125,6 +126,7 @@ def test_the_checks_below_cover_every_class_a_file_builds() -> None:
         DNSDiscovery,
         StickyCookie,
         Route,
+        TLS,
     }
     assert set(KEY_TABLES) == classes
 
