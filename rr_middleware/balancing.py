@@ -248,11 +248,12 @@ class LeastLatency(LeastRequests[M]):
         super().__init__(members, weights, rng)
         self._estimates = [e for e, w in zip(estimates, weights, strict=True) if w > 0]
         self._clock = clock
-        known: set[int] = previous._known if isinstance(previous, LeastLatency) else set()
-        self._known: set[int] = {id(e) for e in self._estimates}
-        newcomers = [e for e in self._estimates if id(e) not in known]
+        # The estimates themselves, not their ids: an id may be reused once one is gone.
+        known: set[PeakEwma] = previous._known if isinstance(previous, LeastLatency) else set()
+        self._known: set[PeakEwma] = set(self._estimates)
+        newcomers = [e for e in self._estimates if e not in known]
         if newcomers:
-            peers = [e for e in self._estimates if id(e) in known]
+            peers = [e for e in self._estimates if e in known]
             seed(newcomers, peers, clock())
 
     def _first_wins(self, i: int, j: int) -> bool:

@@ -259,10 +259,11 @@ class Pool:
                 key_reader(self.hash_on)
             except ValueError as exc:
                 raise FieldError("hash_on", str(exc)) from None
-        if self.hash_fallback not in _POLICIES:
+        if self.hash_fallback not in (*_POLICIES, "peak_ewma"):
             raise FieldError(
                 "hash_fallback",
-                f"must be 'round_robin', 'least_requests' or 'random', got {self.hash_fallback!r}",
+                "must be 'round_robin', 'least_requests', 'peak_ewma' or 'random', "
+                f"got {self.hash_fallback!r}",
             )
         factor = self.balance_factor
         if factor is not None and (

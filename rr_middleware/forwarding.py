@@ -5,10 +5,12 @@
    need no upstream, the client's side (``ClientSide``: the body, and a deadline on every
    wait on the client), and what happens when the client leaves.
 2. ``_Forwarding.run``: the retry policy, written once: which failures and
-   statuses move the request to the next upstream, and what the client gets when none
-   answered.
-3. ``Attempt`` (``pool_runtime.py``): one try on one upstream, from the pick to the end of
-   the response; it holds the connection slot and records the outcome exactly once.
+   statuses move the request to the next upstream (within the pool's retry budget,
+   ``budget.py``), and what the client gets when none answered.
+3. ``Attempt`` (``attempt.py``): one try on one upstream, from the pick to the end of
+   the response; it holds the connection slot and records the outcome exactly once. A
+   pool with ``hedge_after`` races a request that may be sent twice against hedges
+   (``HedgedAttempt``, ``hedging.py``), used in its place.
 
 Nothing is buffered whole; errors become short generic responses (``send_error``), with
 the cause logged. Each failure's status is its class's (``errors.py``): connect refused
@@ -257,7 +259,7 @@ class _Forwarding:
         self.replayable = False
         self.response_started = False
         self.retrying = False  # holds a place in the pool's retry budget
-        self.affinity = runtime.affinity(scope)
+        self.affinity = runtime.affinity(scope, settings.trusted) if runtime.affine else None
 
     async def run(self) -> None:
         """The retry policy: the body's start is read, then attempts go to distinct
@@ -329,7 +331,12 @@ class _Forwarding:
         be sent twice (its body held whole), else a plain one (``hedging.py``)."""
         runtime = self.runtime
         hedging = runtime.hedging
-        if hedging is not None and self.retryable and self.replayable:
+        if (
+            hedging is not None
+            and self.retryable
+            and self.replayable
+            and len(runtime.members) > 1  # else no upstream to hedge to: no race
+        ):
             return runtime.hedged_attempt(tried, hedging, self._request, self.affinity)
         return runtime.attempt(tried, affinity=self.affinity)
 

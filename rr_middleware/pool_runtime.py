@@ -20,6 +20,7 @@ from .balancing import Policy, build
 from .budget import RetryBudget
 from .config import Pool
 from .discovery.base import Watcher
+from .headers import TrustedProxies, client_address
 from .health import CheckResult, HealthChecker
 from .hedging import HedgedAttempt, Hedging
 from .latency import cost, recorder
@@ -89,6 +90,8 @@ class PoolRuntime:
         path = prefix if prefix.startswith("/") else "/"
         self.sticky = StickyValues(pool.sticky, path) if pool.sticky is not None else None
         self._pinned: dict[bytes, Member] = {}
+        #: Whether requests carry an ``affinity()`` (read without a call when not).
+        self.affine = self._read_key is not None or self.sticky is not None
         #: ``mirror=``: the copies to the mirror pool (the Balancer links it).
         self.mirror: Mirror | None = None
         #: Requests that came with a hash key, without one, and with a sticky cookie
@@ -246,13 +249,19 @@ class PoolRuntime:
             )
         return member
 
-    def affinity(self, scope: Scope) -> Affinity | None:
+    def affinity(self, scope: Scope, trusted: TrustedProxies) -> Affinity | None:
         """Where this request asks to go (its sticky cookie, its hash key); None for a
-        pool with neither ``sticky`` nor ``policy="hash"``."""
+        pool with neither ``sticky`` nor ``policy="hash"``. ``hash_on="client"`` is the
+        client's address as ``trusted`` proxies tell it (``client_address``)."""
         read_key, sticky = self._read_key, self.sticky
         if read_key is None and sticky is None:
             return None
-        key = read_key(scope) if read_key is not None else None
+        if self.pool.hash_on == "client":
+            peer = scope.get("client")
+            address = client_address(scope["headers"], peer[0] if peer else None, trusted)
+            key = address.encode("ascii", "replace") if address is not None else None
+        else:
+            key = read_key(scope) if read_key is not None else None
         pinned = cookie_value(scope["headers"], sticky.name) if sticky is not None else None
         if read_key is not None:
             self.affinity_counts["keyed" if key is not None else "unkeyed"] += 1

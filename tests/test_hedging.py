@@ -17,11 +17,13 @@ import pytest
 
 from rr_middleware import Pool
 from rr_middleware.config import FieldError
+from rr_middleware.errors import UpstreamBroken
 from rr_middleware.gateway_config import load_config
 from rr_middleware.pool_runtime import PoolRuntime
+from rr_middleware.transport.base import UpstreamRequest, UpstreamTransport
 
 from .polling import settled
-from .proxy import aclient, running_proxy
+from .proxy import InProcessProxy, aclient, running_proxy
 from .servers import RunningServer
 from .slowable_upstream import SlowableUpstream, slowable_upstreams
 
@@ -190,8 +192,6 @@ async def test_status_and_metrics_tell_costs_budget_and_hedges(
 ) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from .proxy import InProcessProxy
-
     urls = [u.url for u in upstreams]
     pool = Pool(urls, policy="peak_ewma", hedge_after=0.05)
     async with InProcessProxy(pool) as proxy:
@@ -219,3 +219,128 @@ async def test_status_and_metrics_tell_costs_budget_and_hedges(
     assert 'rr_pool_hedges_total{pool="/api"} 1.0' in text
     assert 'rr_pool_retries_refused_total{pool="/api"} 0.0' in text
     assert text.count("rr_upstream_latency_ewma_seconds{") == 3
+
+
+# -- the race, in process, on a scripted transport -------------------------------------------
+
+
+class Answer:
+    """A whole 200 response naming its upstream."""
+
+    def __init__(self, name: str) -> None:
+        self.status = 200
+        self.headers = [(b"content-length", b"%d" % len(name)), (b"x-upstream", name.encode())]
+        self._body = name.encode()
+        self.closed = False
+
+    def body_complete(self) -> bool:
+        return True
+
+    async def read(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class Scripted(UpstreamTransport):
+    """Each upstream (by port) waits its delay, then answers or raises its error; counts
+    the sends it started and the ones cancelled while waiting."""
+
+    def __init__(self, script: dict[int, tuple[float, Exception | None]]) -> None:
+        self.script = script
+        self.started: list[int] = []
+        self.cancelled: list[int] = []
+
+    async def send(self, request: UpstreamRequest) -> Any:
+        port = request.upstream.port
+        delay, error = self.script[port]
+        self.started.append(port)
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self.cancelled.append(port)
+            raise
+        if error is not None:
+            raise error
+        return Answer(str(port))
+
+
+def scripted_pool(script: dict[int, tuple[float, Exception | None]], **options: Any) -> Pool:
+    return Pool(
+        [f"http://127.0.0.1:{port}" for port in script],
+        transport=Scripted(script),
+        policy="round_robin",
+        hedge_after=0.05,
+        **options,
+    )
+
+
+def idle(pool: PoolRuntime) -> bool:
+    return all(m.in_flight == 0 for m in pool.members) and pool.budget.retrying == 0
+
+
+@pytest.mark.anyio
+async def test_the_first_headers_win_and_the_slow_try_is_cancelled() -> None:
+    pool = scripted_pool({1: (5.0, None), 2: (0.0, None)})
+    transport = pool.transport
+    assert isinstance(transport, Scripted)
+    async with InProcessProxy(pool) as proxy:
+        response = await proxy.http.get("/api/x")
+        assert (response.status_code, response.text) == (200, "2")
+        assert (transport.started, transport.cancelled) == ([1, 2], [1])
+        rows = {row["url"][-1]: row for row in proxy.pool.snapshot()}
+        assert rows["1"]["requests"] == 0  # late, not wrong: no outcome
+        assert rows["2"]["requests"] == 1
+        assert proxy.pool.hedging is not None
+        assert (proxy.pool.hedging.sent, proxy.pool.hedging.won) == (1, 1)
+        assert idle(proxy.pool)
+
+
+@pytest.mark.anyio
+async def test_a_try_failing_leaves_the_race_to_the_other() -> None:
+    # The first fails after the hedge went out; the hedge answers later.
+    pool = scripted_pool({1: (0.1, UpstreamBroken("reset")), 2: (0.2, None)})
+    async with InProcessProxy(pool) as proxy:
+        response = await proxy.http.get("/api/x")
+        assert (response.status_code, response.text) == (200, "2")
+        rows = {row["url"][-1]: row for row in proxy.pool.snapshot()}
+        assert rows["1"]["failures"] == 1  # the failure is held against its upstream
+        assert idle(proxy.pool)
+
+
+@pytest.mark.anyio
+async def test_every_try_failing_is_the_attempt_failing() -> None:
+    # retries=0: the hedge failed too, so the client gets the failure's status.
+    failing = {1: (0.1, UpstreamBroken("reset")), 2: (0.1, UpstreamBroken("reset"))}
+    async with InProcessProxy(scripted_pool(failing, retries=0)) as proxy:
+        response = await proxy.http.get("/api/x")
+        assert response.status_code == 502
+        assert sum(row["failures"] for row in proxy.pool.snapshot()) == 2
+        assert idle(proxy.pool)
+
+
+@pytest.mark.anyio
+async def test_the_client_leaving_cancels_every_try() -> None:
+    pool = scripted_pool({1: (5.0, None), 2: (5.0, None)})
+    transport = pool.transport
+    assert isinstance(transport, Scripted)
+    async with InProcessProxy(pool) as proxy:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(proxy.http.get("/api/x"), 0.3)
+        await settled(lambda: len(transport.cancelled) == 2)
+        assert sorted(transport.started) == [1, 2]
+        assert idle(proxy.pool)
+        assert proxy.pool.budget.active == 0
+
+
+@pytest.mark.anyio
+async def test_no_hedge_over_budget() -> None:
+    pool = scripted_pool({1: (0.2, None), 2: (0.0, None)}, retry_budget=0.0, retry_budget_min=0)
+    async with InProcessProxy(pool) as proxy:
+        response = await proxy.http.get("/api/x")
+        assert (response.status_code, response.text) == (200, "1")  # waited for the first
+        assert proxy.pool.hedging is not None
+        assert proxy.pool.hedging.sent == 0
+        assert proxy.pool.budget.refused == 1

@@ -25,12 +25,15 @@ from rr_middleware.testing import (
     FakeDiscovery,
     FakeUpstream,
     ManualClock,
+    RawConnection,
+    RawUpstream,
     RrTestClient,
     WaitTimeout,
     rr_test_client,
     settled,
     wait_until,
 )
+from rr_middleware.testing.raw import answer_once
 
 MODES = ["in-process", "socket"]
 
@@ -123,22 +126,18 @@ def test_head_and_bodiless_statuses_have_no_body(fakes: list[FakeUpstream]) -> N
 
 def test_latency_fixed_or_drawn(fakes: list[FakeUpstream]) -> None:
     a, _ = fakes
-    drawn: list[float] = []
+    draws = iter([0.8, 0.2])
 
-    def latency() -> float:
-        drawn.append(0.15)
-        return 0.15
-
-    with client(a, timeout=0.1, retries=0) as http:
-        a.set_latency(0.3)
+    with client(a, timeout=0.5, retries=0) as http:
+        a.set_latency(0.8)
         assert http.get("/api/x").status_code == 504  # slower than the pool's timeout
-        a.set_latency(latency)
-        started = time.monotonic()
+        a.set_latency(lambda: next(draws))  # drawn per request
         assert http.get("/api/x").status_code == 504
-        assert drawn == [0.15]
+        started = time.monotonic()
+        assert http.get("/api/x").status_code == 200
+        assert time.monotonic() - started >= 0.2
         a.set_latency(0)
         assert http.get("/api/x").status_code == 200
-    assert time.monotonic() - started < 5
     with pytest.raises(ValueError, match="latency"):
         a.set_latency(-1)
 
@@ -430,6 +429,7 @@ async def test_settled_lets_the_loop_run() -> None:
         await settled(lambda: False, 0.02)
 
 
+@pytest.mark.slow  # a fresh interpreter importing Starlette and httpx: seconds on a busy machine
 def test_the_kit_imports_without_pytest() -> None:
     """``rr_middleware.testing`` needs nothing a test runner brings."""
     code = (
@@ -461,3 +461,28 @@ def test_the_docstring_examples_hold(module: str) -> None:
     failed, tried = doctest.testmod(imported, optionflags=doctest.ELLIPSIS)
     assert tried
     assert failed == 0
+
+
+async def test_the_raw_upstream_on_the_running_loop() -> None:
+    answer = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    async with RawUpstream(answer) as up, httpx.AsyncClient() as http:
+        assert (await http.get(up.url + "/raw")).text == "ok"
+        up.refuse()
+        with pytest.raises(httpx.ConnectError):
+            await http.get(up.url)
+        up.listen()
+        assert (await http.get(up.url)).text == "ok"
+    assert [r.target for r in up.requests] == [b"/raw", b"/"]
+    assert up.accepted == up.ended == 2
+
+
+def test_the_raw_upstream_fails_the_block_when_a_handler_raised() -> None:
+    async def broken(connection: RawConnection) -> None:
+        raise RuntimeError("handler bug")
+
+    def run() -> None:
+        with RawUpstream(broken) as up, socket.create_connection(("127.0.0.1", up.port)) as c:
+            c.recv(1)  # the handler has run and the connection closed
+
+    with pytest.raises(AssertionError, match="handler bug"):
+        run()

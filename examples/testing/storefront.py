@@ -33,7 +33,7 @@ def create_app(
         pools={
             "/catalog": Pool(
                 catalog,
-                timeout=0.5,  # the catalog answers in milliseconds, or not at all
+                timeout=1.0,  # the catalog answers in milliseconds, or not at all
                 health_check=HealthCheck(path="/health", interval=5.0, rise=2, fall=2),
                 retry_on_statuses={503},  # a GET answered 503 is tried on the next server
                 max_fails=2,

@@ -68,7 +68,7 @@ def test_a_server_answering_503_is_ejected_until_fail_timeout(shop: Shop) -> Non
 
 
 def test_a_slow_server_times_out(shop: Shop) -> None:
-    shop.catalog[0].set_latency(2.0)  # longer than the pool's timeout of 0.5s
+    shop.catalog[0].set_latency(3.0)  # longer than the pool's timeout of 1s
     assert shop.client.get("/catalog/items").status_code == 504  # a timeout is not retried
     assert served_by(shop, 1) == ["b"]
 

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from .app import RrTestClient, rr_test_client
     from .clock import ManualClock
     from .discovery import FakeDiscovery
-    from .fake_upstream import FakeUpstream, Latency, ReceivedRequest
+    from .exchange import ReceivedRequest
+    from .fake_upstream import FakeUpstream, Latency
     from .raw import RawConnection, RawRequest, RawUpstream
     from .waiting import WaitTimeout, settled, wait_until
 
@@ -47,7 +48,7 @@ _MODULES = {
     "FakeDiscovery": "discovery",
     "FakeUpstream": "fake_upstream",
     "Latency": "fake_upstream",
-    "ReceivedRequest": "fake_upstream",
+    "ReceivedRequest": "exchange",
     "RawConnection": "raw",
     "RawRequest": "raw",
     "RawUpstream": "raw",

@@ -4,8 +4,8 @@ The same fake runs in-process (``fake.upstream()`` is an ``Upstream`` reached wi
 socket; the fake is also a plain ASGI app for ``Upstream(url, app=fake)``) or on a real
 socket (``with fake.serve():`` or ``async with fake.serve():``, on an ephemeral
 127.0.0.1 port, built on the raw upstream of ``raw.py``). Each behaviour is written once,
-against a small ``_Exchange`` interface with an ASGI side and a socket side, so the two
-modes cannot drift apart.
+against the small ``Exchange`` interface of ``exchange.py`` with an ASGI side and a
+socket side, so the two modes cannot drift apart.
 
 Every switch takes effect for the next request (a request already being served keeps the
 behaviour it started with), from any thread.
@@ -20,15 +20,24 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
-from typing import Any, Protocol, Union
+from typing import Any, Union
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ..errors import ConnectFailed
 from ..transport.base import UpstreamRequest, UpstreamResponse, UpstreamTransport
 from ..transport.httpx_transport import in_process
 from ..upstream import Upstream
-from .raw import RawConnection, RawRequest, RawUpstream
+from .exchange import (
+    AsgiExchange,
+    Exchange,
+    ReceivedRequest,
+    SocketExchange,
+    answer,
+    received,
+    with_length,
+)
+from .raw import RawConnection, RawUpstream
 
 __all__ = ["FakeUpstream", "Latency", "ReceivedRequest"]
 
@@ -55,54 +64,6 @@ class _Behaviour:
 
     def delay(self) -> float:
         return float(self.latency() if callable(self.latency) else self.latency)
-
-
-@dataclass
-class ReceivedRequest:
-    """One request as a ``FakeUpstream`` received it: ``path`` is the raw path as sent
-    (percent-escapes kept), ``query`` the raw query string, ``headers`` every header in
-    order with lower-case names, ``body`` (filled in once it has been read)."""
-
-    upstream: str
-    method: str
-    path: str
-    query: str
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (any case), or None."""
-        name = name.lower()
-        return next((v for n, v in self.headers if n == name), None)
-
-    def echo(self) -> dict[str, Any]:
-        """What the fake answers: this request as JSON-ready values."""
-        return {
-            "upstream": self.upstream,
-            "method": self.method,
-            "path": self.path,
-            "query": self.query,
-            "headers": [list(pair) for pair in self.headers],
-            "body": self.body.decode("utf-8", "replace"),
-        }
-
-
-class _Exchange(Protocol):
-    """One request being answered, in-process (ASGI) or on a socket."""
-
-    async def read_body(self) -> bytes | None: ...  # None: the peer left first
-
-    # Keep the request open and unanswered; ``reading``: while dropping what else comes
-    # (so a peer's close is seen), else reading nothing at all.
-    async def hold(self, reading: bool) -> None: ...
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
-
-    async def write(self, chunk: bytes) -> None: ...
-
-    async def end(self) -> None: ...
-
-    async def reset(self) -> None: ...  # break the exchange mid-response
 
 
 class FakeUpstream:
@@ -268,7 +229,7 @@ class FakeUpstream:
 
     # -- serving, in either mode ------------------------------------------------------------
 
-    async def _serve(self, request: ReceivedRequest, exchange: _Exchange) -> bool:
+    async def _serve(self, request: ReceivedRequest, exchange: Exchange) -> bool:
         """Answer one request; False if the connection may not carry another."""
         behaviour = self._behaviour
         if request.path == self.health_path:
@@ -277,7 +238,7 @@ class FakeUpstream:
             if await exchange.read_body() is None:
                 return False
             body = b"ok" if behaviour.health_status < 400 else b"failing"
-            await _answer(exchange, behaviour.health_status, [], [body])
+            await answer(exchange, behaviour.health_status, [], [body])
             return True
         with self._lock:
             self.requests.append(request)
@@ -296,7 +257,7 @@ class FakeUpstream:
         payload = json.dumps(request.echo()).encode()
         headers = [(b"x-upstream", self.name.encode()), (b"content-type", b"application/json")]
         if behaviour.fault is _Fault.RESET:
-            await exchange.start(behaviour.status, _with_length(headers, len(payload)))
+            await exchange.start(behaviour.status, with_length(headers, len(payload)))
             await exchange.write(payload[: len(payload) // 2])
             await exchange.reset()
             return False
@@ -305,7 +266,7 @@ class FakeUpstream:
         parts = [payload[i : i + step] for i in range(0, len(payload), step)]
         if request.method == "HEAD":
             parts = []  # no body; its Content-Length still tells the GET's
-        await _answer(exchange, behaviour.status, headers, parts, interval, len(payload))
+        await answer(exchange, behaviour.status, headers, parts, interval, len(payload))
         return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -325,15 +286,15 @@ class FakeUpstream:
             scope["query_string"].decode("latin-1"),
             headers,
         )
-        await self._serve(request, _AsgiExchange(receive, send))
+        await self._serve(request, AsgiExchange(receive, send))
 
     async def _serve_connection(self, connection: RawConnection) -> None:
         while not self.refusing:
             raw = await connection.read_head()
             if raw is None or self.refusing:  # refused while the connection was idle
                 return
-            exchange = _SocketExchange(connection, raw)
-            if not await self._serve(_received(self.name, raw), exchange):
+            exchange = SocketExchange(connection, raw)
+            if not await self._serve(received(self.name, raw), exchange):
                 return
 
 
@@ -341,112 +302,6 @@ def _check_status(status: int) -> None:
     if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
         raise ValueError(f"status must be a final HTTP status (200-599), got {status!r}")
     HTTPStatus(status)  # and one with a name, for the status line
-
-
-def _received(name: str, raw: RawRequest) -> ReceivedRequest:
-    path, _, query = raw.target.partition(b"?")
-    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw.headers]
-    return ReceivedRequest(
-        name, raw.method.decode("latin-1"), path.decode("latin-1"), query.decode("latin-1"), headers
-    )
-
-
-def _with_length(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
-    return [*headers, (b"content-length", b"%d" % length)]
-
-
-async def _answer(
-    exchange: _Exchange,
-    status: int,
-    headers: list[tuple[bytes, bytes]],
-    parts: list[bytes],
-    interval: float = 0.0,
-    length: int | None = None,
-) -> None:
-    if status in (204, 304):  # never a body (RFC 9110 §15.3.5, §15.4.5)
-        parts = []
-    if status == 204:
-        await exchange.start(status, headers)
-    else:
-        size = sum(map(len, parts)) if length is None else length
-        await exchange.start(status, _with_length(headers, size))
-    for index, part in enumerate(parts):
-        if index and interval:
-            await asyncio.sleep(interval)
-        await exchange.write(part)
-    await exchange.end()
-
-
-class _ResetMidBody(Exception):
-    """Raised by the in-process fake to break its response (the transport reports the
-    exchange broken, as a connection reset would)."""
-
-
-class _AsgiExchange:
-    def __init__(self, receive: Receive, send: Send) -> None:
-        self._receive = receive
-        self._send = send
-
-    async def read_body(self) -> bytes | None:
-        body = b""
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk: bytes = message.get("body", b"")
-            body += chunk
-            if not message.get("more_body", False):
-                return body
-
-    async def hold(self, reading: bool) -> None:
-        await asyncio.get_running_loop().create_future()  # until the caller gives up
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        message: Message = {"type": "http.response.start", "status": status, "headers": headers}
-        await self._send(message)
-
-    async def write(self, chunk: bytes) -> None:
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-    async def end(self) -> None:
-        await self._send({"type": "http.response.body", "body": b""})
-
-    async def reset(self) -> None:
-        raise _ResetMidBody("FakeUpstream resets the connection mid-body")
-
-
-class _SocketExchange:
-    def __init__(self, connection: RawConnection, request: RawRequest) -> None:
-        self._connection = connection
-        self._request = request
-
-    async def read_body(self) -> bytes | None:
-        if not await self._connection.read_body(self._request):
-            return None
-        return self._request.body
-
-    async def hold(self, reading: bool) -> None:
-        if reading:
-            await self._connection.wait_eof()  # ends when the peer gives up and closes
-        else:
-            await self._connection.hold()  # until the fake stops
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        reason = (
-            HTTPStatus(status).phrase.encode() if status in HTTPStatus._value2member_map_ else b""
-        )
-        lines = [b"HTTP/1.1 %d %s" % (status, reason)]
-        lines += [name + b": " + value for name, value in headers]
-        await self._connection.send(b"\r\n".join(lines) + b"\r\n\r\n")
-
-    async def write(self, chunk: bytes) -> None:
-        await self._connection.send(chunk)
-
-    async def end(self) -> None:
-        pass
-
-    async def reset(self) -> None:
-        await self._connection.close(reset=True)
 
 
 class _InProcessTransport(UpstreamTransport):
@@ -469,7 +324,7 @@ class _SocketServer(RawUpstream):
 
     def set_refusing(self, refusing: bool) -> None:
         if refusing:
-            self.call_soon(self._refuse_and_close)
+            self.run_in_loop(self._refuse_and_close)
         else:
             self.listen()
 

@@ -230,12 +230,12 @@ class RawUpstream:
 
     def refuse(self) -> None:
         """Stop listening: new connections are refused (those open stay open)."""
-        self.call_soon(self._stop_listening)
+        self.run_in_loop(self._stop_listening)
 
     def listen(self) -> None:
         """Accept connections again, on the same port. Connections made from now on wait
         in the backlog until accepted, so none is refused."""
-        self.call_soon(self._listen_again)
+        self.run_in_loop(self._listen_again)
 
     def _stop_listening(self) -> None:
         server, self._server = self._server, None
@@ -253,7 +253,7 @@ class RawUpstream:
         server = await asyncio.start_server(self._connection, sock=self.sock)
         self._server = server
 
-    def call_soon(self, function: Callable[[], T]) -> T:
+    def run_in_loop(self, function: Callable[[], T]) -> T:
         """Run ``function`` on the upstream's loop and return its result: at once from that
         loop, else waiting (a few milliseconds) for the loop to run it."""
         loop = self._loop
