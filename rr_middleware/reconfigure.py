@@ -176,6 +176,11 @@ def _rebuilt(balancer: Reconfigurable, old: PoolRuntime, pool: Pool) -> PoolRunt
             members.append(member)
         elif kept.transport is member.transport and kept.limiter.limit == pool.max_connections:
             kept.upstream = member.upstream
+            # Its requests in flight, and those to come, count in the new pool's load.
+            limiter = kept.limiter
+            limiter.load.in_flight -= limiter.active
+            new.load.in_flight += limiter.active
+            limiter.load = new.load
             members.append(kept)
         else:
             member.health, member.stats = kept.health, kept.stats

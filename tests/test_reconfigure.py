@@ -165,3 +165,63 @@ def test_the_gateway_app_runs_outside_the_main_thread_too(tmp_path: Path) -> Non
         thread.start()
         thread.join(timeout=30)
     assert outcome == {"before": "a", "after": "b"}
+
+
+class _Holding:
+    """An upstream answering its name; it holds a request to ``/hold`` until ``release``
+    is set (at most 10 s)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name.encode()
+        self.release = threading.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"].endswith("/hold"):
+            for _ in range(1000):
+                if self.release.is_set():
+                    break
+                await asyncio.sleep(0.01)
+        start = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"x-upstream", self.name)],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.anyio
+async def test_a_rebuilt_pool_counts_the_requests_on_the_upstreams_it_kept() -> None:
+    """After a reload that changes an option, the pool's load still counts every request
+    in flight: bounded-load hashing reads it, and a key must not spill off its upstream
+    because the count stayed with the pool that was replaced."""
+    apps = {name: _Holding(name) for name in "ab"}
+    with serve(apps["a"]) as a, serve(apps["b"]) as b:
+
+        def pool(timeout: float) -> Pool:
+            return Pool([a.url, b.url], policy="hash", hash_on="header:x-key", timeout=timeout)
+
+        balancer = Balancer({"/api": pool(30.0)})
+        app = RoundRobinMiddleware(Starlette(), balancer=balancer)
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(manager.app)
+            client = httpx.AsyncClient(transport=transport, base_url="http://t")
+            async with client:
+                key = {"x-key": "k"}
+                home = (await client.get("/api/x", headers=key)).headers["x-upstream"]
+                await balancer.reconfigure({"/api": pool(5.0)})
+                runtime = balancer["/api"]
+                held = asyncio.ensure_future(client.get("/api/hold", headers=key))
+                for _ in range(500):  # until the held request is in flight (at most 5 s)
+                    if any(m.in_flight for m in runtime.members):
+                        break
+                    await asyncio.sleep(0.01)
+                in_flight = runtime.in_flight
+                second = (await client.get("/api/x", headers=key)).headers["x-upstream"]
+                for upstream in apps.values():
+                    upstream.release.set()
+                assert (await held).headers["x-upstream"] == home
+    assert in_flight == 1
+    assert second == home  # within its bound (2 of 2 requests in flight): no spill
