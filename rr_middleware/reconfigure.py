@@ -165,6 +165,8 @@ def _apply_members(runtime: PoolRuntime, pool: Pool, changes: Changes) -> None:
 def _rebuilt(balancer: Reconfigurable, old: PoolRuntime, pool: Pool) -> PoolRuntime:
     """A new runtime for ``pool`` whose upstreams in common with ``old`` carry on."""
     new = balancer.build_runtime(prefix=old.name, pool=pool)
+    if new.sticky is not None and old.sticky is not None:
+        new.sticky.carry_on(old.sticky)  # a random key: the cookies out there stay valid
     if pool.discovery is not None and pool.discovery == old.pool.discovery:
         # The same source: start from what it last said rather than from nothing.
         new.set_members([m.upstream for m in old.members])

@@ -135,6 +135,13 @@ class StickyValues:
             value = self._values[identity] = base64.urlsafe_b64encode(digest[:12])
         return value
 
+    def carry_on(self, previous: StickyValues) -> None:
+        """Take the key ``previous`` drew, when neither was given one: the pool it
+        replaces (a reload) handed out cookies that must still pin its clients."""
+        if self.random_secret and previous.random_secret:
+            self._key = previous._key
+            self._values.clear()
+
     def forget(self, identities: set[str]) -> None:
         """Keep only the values of these identities (the members that stay)."""
         for identity in [i for i in self._values if i not in identities]:

@@ -13,7 +13,15 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
-from rr_middleware import Balancer, HealthCheck, Pool, RoundRobinMiddleware, Route, Upstream
+from rr_middleware import (
+    Balancer,
+    HealthCheck,
+    Pool,
+    RoundRobinMiddleware,
+    Route,
+    StickyCookie,
+    Upstream,
+)
 from rr_middleware.reload import Reloader
 
 from .servers import serve
@@ -225,3 +233,29 @@ async def test_a_rebuilt_pool_counts_the_requests_on_the_upstreams_it_kept() -> 
                 assert (await held).headers["x-upstream"] == home
     assert in_flight == 1
     assert second == home  # within its bound (2 of 2 requests in flight): no spill
+
+
+@pytest.mark.anyio
+async def test_sticky_cookies_outlive_a_rebuild_without_a_shared_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a secret, a process keeps its own key: a reload that rebuilds the pool
+    (any option changed) must not repin every sticky client."""
+    monkeypatch.delenv("RR_STICKY_SECRET", raising=False)
+    members = [up(name) for name in "abc"]
+
+    def pool(timeout: float) -> Pool:
+        return Pool(members, sticky=StickyCookie(), timeout=timeout)
+
+    balancer = Balancer({"/api": pool(30.0)})
+    app = RoundRobinMiddleware(Starlette(), balancer=balancer)
+    async with LifespanManager(app) as manager:
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url="http://t")
+        async with client:
+            first = await client.get("/api/x")
+            cookie = first.headers["set-cookie"].partition(";")[0]
+            changes = await balancer.reconfigure({"/api": pool(5.0)})
+            assert changes.rebuilt == ["/api"]
+            answers = [await client.get("/api/x", headers={"cookie": cookie}) for _ in range(3)]
+    assert [r.headers["x-upstream"] for r in answers] == [first.headers["x-upstream"]] * 3
+    assert all("set-cookie" not in r.headers for r in answers)
