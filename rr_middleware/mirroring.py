@@ -69,6 +69,15 @@ class Mirror:
         #: the limit), failed (no answer from the mirror), answered.
         self.counts = {"sent": 0, "dropped": 0, "skipped": 0, "failed": 0, "answered": 0}
 
+    def retarget(self, target: _Target, pool: Pool, rng: random.Random) -> None:
+        """Follow a reconfiguration: the mirror pool's runtime and the source pool's
+        options now (the copies in flight and the counts stay)."""
+        self.target = target
+        self.fraction = pool.mirror_fraction
+        self.limit = pool.mirror_body_limit
+        self.max_in_flight = pool.mirror_max_in_flight
+        self._rng = rng
+
     def chosen(self) -> bool:
         """Whether this request is one of the mirrored fraction."""
         return self.fraction >= 1.0 or self._rng.random() < self.fraction

@@ -167,6 +167,9 @@ def _rebuilt(balancer: Reconfigurable, old: PoolRuntime, pool: Pool) -> PoolRunt
     new = balancer.build_runtime(prefix=old.name, pool=pool)
     if new.sticky is not None and old.sticky is not None:
         new.sticky.carry_on(old.sticky)  # a random key: the cookies out there stay valid
+    # Its copies in flight and their counts carry on (``Balancer.link_mirrors``).
+    if pool.mirror is not None:
+        new.mirror, old.mirror = old.mirror, None
     if pool.discovery is not None and pool.discovery == old.pool.discovery:
         # The same source: start from what it last said rather than from nothing.
         new.set_members([m.upstream for m in old.members])

@@ -147,13 +147,17 @@ class Balancer:
                     "mirror",
                     f"pool {key!r}: mirror {pool.mirror!r} is not another pool (pools: {known})",
                 )
-            runtime.mirror = Mirror(
-                target,
-                pool.mirror_fraction,
-                pool.mirror_body_limit,
-                pool.mirror_max_in_flight,
-                runtime.rng,
-            )
+            mirror = runtime.mirror
+            if mirror is None:
+                runtime.mirror = Mirror(
+                    target,
+                    pool.mirror_fraction,
+                    pool.mirror_body_limit,
+                    pool.mirror_max_in_flight,
+                    runtime.rng,
+                )
+            else:  # a reconfiguration: its copies in flight and counts carry on
+                mirror.retarget(target, pool, runtime.rng)
 
     # -- the handle -----------------------------------------------------------------------
 

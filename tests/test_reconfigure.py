@@ -259,3 +259,32 @@ async def test_sticky_cookies_outlive_a_rebuild_without_a_shared_secret(
             answers = [await client.get("/api/x", headers={"cookie": cookie}) for _ in range(3)]
     assert [r.headers["x-upstream"] for r in answers] == [first.headers["x-upstream"]] * 3
     assert all("set-cookie" not in r.headers for r in answers)
+
+
+@pytest.mark.anyio
+async def test_a_reload_keeps_the_mirror_copies_in_flight_and_their_counts() -> None:
+    """A copy in flight when the pools are reloaded stays owned (the app's stop still
+    ends it) and the mirror's counts go on from where they were, as counters must."""
+    shadow = _Holding("s")
+    with serve(shadow) as mirror_server:
+
+        def pools(timeout: float) -> dict[str, Pool]:
+            source = Pool([up("a")], mirror="shadow", timeout=timeout)
+            return {"/api": source, "shadow": Pool([mirror_server.url])}
+
+        balancer = Balancer(pools(30.0))
+        app = RoundRobinMiddleware(Starlette(), balancer=balancer)
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/api/hold")).status_code == 200
+                mirror = balancer["/api"].mirror
+                assert mirror is not None
+                assert mirror.status()["in_flight"] == 1
+                await balancer.reconfigure(pools(30.0))  # nothing changed
+                await balancer.reconfigure(pools(5.0))  # /api rebuilt
+                mirror = balancer["/api"].mirror
+                assert mirror is not None
+                status = mirror.status()
+                shadow.release.set()
+    assert (status["sent"], status["in_flight"]) == (1, 1)
