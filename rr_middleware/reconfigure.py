@@ -190,8 +190,13 @@ def _rebuilt(balancer: Reconfigurable, old: PoolRuntime, pool: Pool) -> PoolRunt
         else:
             member.health, member.stats = kept.health, kept.stats
             member.drained, member.weight_override = kept.drained, kept.weight_override
+            member.latency = kept.latency
             members.append(member)
     new.members = members
+    # Built on the old pool's policy, as a discovery update is: the estimates it knew
+    # stay (never seeded again as newcomers), and so does the rotation.
+    new.hashing = None
+    new.policy = old.hashing.fallback if old.hashing is not None else old.policy
     new.refresh()
     return new
 

@@ -288,3 +288,28 @@ async def test_a_reload_keeps_the_mirror_copies_in_flight_and_their_counts() -> 
                 status = mirror.status()
                 shadow.release.set()
     assert (status["sent"], status["in_flight"]) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_a_rebuilt_peak_ewma_pool_keeps_its_latency_estimates() -> None:
+    """A reload that changes an option must not forget which upstream is slow: the
+    estimates carry over with the upstreams, as their health and counters do."""
+    members = [up("a"), up("b")]
+
+    def pool(timeout: float) -> Pool:
+        return Pool(members, policy="peak_ewma", timeout=timeout)
+
+    balancer = Balancer({"/api": pool(30.0)})
+    app = RoundRobinMiddleware(Starlette(), balancer=balancer)
+    async with LifespanManager(app):
+        old = balancer["/api"]
+        now = old.clock()
+        old.members[0].latency.observe(0.010, now)
+        old.members[1].latency.observe(2.0, now)
+        await balancer.reconfigure({"/api": pool(5.0)})
+        new = balancer["/api"]
+        assert new is not old
+        upstreams = balancer.status()["pools"][0]["upstreams"]
+        estimates = [u["latency_ewma"] for u in upstreams]
+    assert estimates[0] == pytest.approx(0.010, rel=0.1)
+    assert estimates[1] == pytest.approx(2.0, rel=0.1)
