@@ -79,6 +79,10 @@ class PeakEwma:
                 self.estimate = estimate * kept + seconds * (1.0 - kept)
         self.stamp = now
 
+    def retune(self, decay: float) -> None:
+        """Decay with ``decay`` from now on (the pool's ``ewma_decay`` changed)."""
+        self._decay = decay
+
     def reset(self, estimate: float | None, now: float) -> None:
         """Start again from ``estimate`` (None: from nothing)."""
         self.estimate = estimate

@@ -181,6 +181,7 @@ def _rebuilt(balancer: Reconfigurable, old: PoolRuntime, pool: Pool) -> PoolRunt
             members.append(member)
         elif kept.transport is member.transport and kept.limiter.limit == pool.max_connections:
             kept.upstream = member.upstream
+            kept.latency.retune(pool.ewma_decay)
             # Its requests in flight, and those to come, count in the new pool's load.
             limiter = kept.limiter
             limiter.load.in_flight -= limiter.active
@@ -191,6 +192,7 @@ def _rebuilt(balancer: Reconfigurable, old: PoolRuntime, pool: Pool) -> PoolRunt
             member.health, member.stats = kept.health, kept.stats
             member.drained, member.weight_override = kept.drained, kept.weight_override
             member.latency = kept.latency
+            member.latency.retune(pool.ewma_decay)
             members.append(member)
     new.members = members
     # Built on the old pool's policy, as a discovery update is: the estimates it knew

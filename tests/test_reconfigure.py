@@ -4,6 +4,7 @@ one process with in-process upstreams (``tests/test_reload.py`` runs the gateway
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -313,3 +314,21 @@ async def test_a_rebuilt_peak_ewma_pool_keeps_its_latency_estimates() -> None:
         estimates = [u["latency_ewma"] for u in upstreams]
     assert estimates[0] == pytest.approx(0.010, rel=0.1)
     assert estimates[1] == pytest.approx(2.0, rel=0.1)
+
+
+@pytest.mark.anyio
+async def test_a_new_ewma_decay_applies_to_the_upstreams_a_rebuilt_pool_keeps() -> None:
+    members = [up("a"), up("b")]
+    clock = [100.0]
+
+    def pool(decay: float) -> Pool:
+        return Pool(members, policy="peak_ewma", ewma_decay=decay, clock=lambda: clock[0])
+
+    balancer = Balancer({"/api": pool(10.0)})
+    app = RoundRobinMiddleware(Starlette(), balancer=balancer)
+    async with LifespanManager(app):
+        balancer["/api"].members[0].latency.observe(1.0, clock[0])
+        await balancer.reconfigure({"/api": pool(1.0)})
+        clock[0] += 1.0  # one new decay: the estimate is divided by e
+        estimate = balancer.status()["pools"][0]["upstreams"][0]["latency_ewma"]
+    assert estimate == pytest.approx(math.exp(-1.0), rel=0.01)
