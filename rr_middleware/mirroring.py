@@ -24,7 +24,7 @@ import random
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ProxyError
-from .transport.base import UpstreamRequest
+from .transport.base import UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
     from .attempt import Attempt
@@ -133,8 +133,12 @@ class Mirror:
                 )
                 response = await attempt.send(request)
                 try:
-                    while await response.read():
-                        pass  # read to the end, so the connection can be reused
+                    # Read to the end, so the connection can be reused; but for at most
+                    # the pool's timeout in all: an answer that never ends (an event
+                    # stream) would hold this copy, and its place, for good.
+                    await asyncio.wait_for(_drain(response), pool.timeout)
+                except asyncio.TimeoutError:
+                    pass  # it answered; the rest is dropped with its connection
                 finally:
                     await response.aclose()
             self.counts["answered"] += 1
@@ -156,3 +160,8 @@ class Mirror:
 
     def status(self) -> dict[str, Any]:
         return {"pool": self.target.name, "in_flight": len(self._tasks), **self.counts}
+
+
+async def _drain(response: UpstreamResponse) -> None:
+    while await response.read():
+        pass

@@ -244,3 +244,50 @@ def test_the_status_page_shows_the_traffic_counts(
         dom = dump_dom(f"{proxy.url}/status", tmp_path / "profile", chromium)
     assert 'id="updated">Updated ' in dom  # the script ran, and rebuilt the rows
     assert re.search(r'<tr class="traffic"><td>/api</td><td colspan="9">' + re.escape(line), dom)
+
+
+class Endless:
+    """An upstream whose answer never ends: a chunk every 50 ms (an event stream), for
+    at most 20 s."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.streams += 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(400):
+            await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+            await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_copy_of_a_stream_that_never_ends_is_ended_by_the_mirrors_timeout(
+    pair: tuple[RunningServer, RunningServer],
+) -> None:
+    """A copy has a deadline even when its answer keeps coming (an event stream): the
+    mirror pool's ``timeout`` bounds the reading of its body, so copies do not pile up
+    until every place of ``mirror_max_in_flight`` is held for good."""
+    primary, _ = pair
+    endless = Endless()
+    with serve(endless) as mirror:
+        pools = {
+            "/api": Pool([primary.url], mirror="shadow"),
+            "shadow": Pool([mirror.url], timeout=0.5),
+        }
+        with running_proxy(pools) as (proxy, middleware), client() as http:
+            assert http.get(proxy.url + "/api/x").status_code == 200
+
+            def mirror_status() -> dict[str, Any]:
+                status: dict[str, Any] = middleware.status()["pools"][0]["mirror"]
+                return status
+
+            wait_for(lambda: endless.streams == 1, "the copy to reach the mirror")
+            status = wait_for(
+                lambda: (s := mirror_status())["in_flight"] == 0 and s,
+                "the copy to end",
+                timeout=5.0,
+            )
+    assert (status["sent"], status["answered"], status["failed"]) == (1, 1, 0)
