@@ -121,6 +121,8 @@ class Pool:
     websocket_idle_timeout: float | None = None
     websocket_ping_interval: float | None = 20.0
     discovery: Discovery | None = None
+    rewrite_redirects: bool = True
+    rewrite_cookies: bool = True
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
 
@@ -199,11 +201,9 @@ class Pool:
             raise FieldError("slow_start", f"must be >= 0 seconds, got {self.slow_start!r}")
         if not callable(self.clock):
             raise FieldError("clock", f"must be a callable returning seconds, got {self.clock!r}")
-        if not isinstance(self.refuse_ambiguous_paths, bool):
-            raise FieldError(
-                "refuse_ambiguous_paths",
-                f"must be True or False, got {self.refuse_ambiguous_paths!r}",
-            )
+        for name in ("refuse_ambiguous_paths", "rewrite_redirects", "rewrite_cookies"):
+            if not isinstance(getattr(self, name), bool):
+                raise FieldError(name, f"must be True or False, got {getattr(self, name)!r}")
 
     @property
     def members(self) -> tuple[Upstream, ...]:

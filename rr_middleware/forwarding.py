@@ -215,6 +215,7 @@ class _Forwarding:
         "has_host",
         "headers",
         "method",
+        "path",
         "replayable",
         "response_started",
         "retryable",
@@ -242,6 +243,7 @@ class _Forwarding:
         self.send = send
         self.method: str = scope["method"]
         query: bytes = scope.get("query_string", b"")
+        self.path = path
         self.suffix = path + b"?" + query if query else path
         self.headers = headers
         self.has_host = has_host
@@ -413,6 +415,9 @@ class _Forwarding:
                 status,
             )
         headers = response_headers(response.headers, self.settings.hidden_response_headers)
+        rewriter = self.runtime.rewriter
+        if rewriter is not None:
+            rewriter.rewrite(headers, self.runtime.members, member.upstream, self.scope, self.path)
         client = self.client
         send = self.send
         try:

@@ -219,6 +219,8 @@ POOL = KeyTable(
         "websocket_idle_timeout": optional(NUMBER),
         "websocket_ping_interval": optional(NUMBER),  # false: no pings
         "discovery": optional(DISCOVERY),
+        "rewrite_redirects": BOOLEAN,
+        "rewrite_cookies": BOOLEAN,
     },
     python_only={"transport", "clock", "random"},
 )

@@ -20,6 +20,7 @@ from .config import Pool
 from .discovery.base import Watcher
 from .health import CheckResult, HealthChecker
 from .members import Member
+from .rewrite import ResponseRewriter
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
 
@@ -51,6 +52,10 @@ class PoolRuntime:
         self.prefix = prefix.encode("ascii") if prefix != "/" else b""
         self.pool = pool
         self._resolve = resolve
+        #: Maps the upstreams' redirects and cookies back to the client's addresses.
+        self.rewriter: ResponseRewriter | None = None
+        if pool.rewrite_redirects or pool.rewrite_cookies:
+            self.rewriter = ResponseRewriter(pool.rewrite_redirects, pool.rewrite_cookies)
         #: The pool's records in a zone shared with other worker processes (``zone.py``),
         #: while attached; and the zone generation this process last loaded.
         self.shared: ZonePool | None = None
