@@ -23,6 +23,7 @@ from .upstream import Upstream
 if TYPE_CHECKING:
     import httpx
 
+    from .hooks import Guard, OnRequest, OnResponse
     from .transport.base import UpstreamTransport
 
 __all__ = ["FieldError", "HealthCheck", "Pool", "PoolsArg", "Upstream", "normalize_pools"]
@@ -123,6 +124,10 @@ class Pool:
     discovery: Discovery | None = None
     rewrite_redirects: bool = True
     rewrite_cookies: bool = True
+    guard: Guard | None = field(default=None, repr=False)
+    on_request: OnRequest | None = field(default=None, repr=False)
+    on_response: OnResponse | None = field(default=None, repr=False)
+    internal: bool = False
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
 
@@ -201,7 +206,10 @@ class Pool:
             raise FieldError("slow_start", f"must be >= 0 seconds, got {self.slow_start!r}")
         if not callable(self.clock):
             raise FieldError("clock", f"must be a callable returning seconds, got {self.clock!r}")
-        for name in ("refuse_ambiguous_paths", "rewrite_redirects", "rewrite_cookies"):
+        for name in ("guard", "on_request", "on_response"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise FieldError(name, f"must be a function or None, got {getattr(self, name)!r}")
+        for name in ("refuse_ambiguous_paths", "rewrite_redirects", "rewrite_cookies", "internal"):
             if not isinstance(getattr(self, name), bool):
                 raise FieldError(name, f"must be True or False, got {getattr(self, name)!r}")
 

@@ -37,9 +37,11 @@ from .errors import (
     UpstreamError,
 )
 from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
+from .hooks import HookFailed
 from .transport.base import UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
+    from starlette.responses import Response
     from starlette.types import Receive, Scope, Send
 
     from .attempt import Attempt
@@ -131,6 +133,12 @@ async def forward(
     """Forward one HTTP request to the pool and relay the answer. ``path`` is the raw path
     to send (prefix already stripped when the pool strips it)."""
     pool = runtime.pool
+    hooks = runtime.hooks
+    if hooks is not None and hooks.guard is not None:
+        refusal = await hooks.check_guard(scope)
+        if refusal is not None:
+            await send_response(refusal, scope, receive, send)
+            return
     if not runtime.members:  # a discovered pool with no upstreams (yet, or any more)
         logger.info("pool %s: no upstreams; answering 503", runtime.name)
         retry_after = (b"retry-after", b"%d" % runtime.retry_after())
@@ -142,6 +150,12 @@ async def forward(
         logger.info("pool %s: refused request: %s", runtime.name, exc)
         await send_error(send, exc.status, closing(scope))
         return
+    if hooks is not None and hooks.on_request is not None:
+        answer = await hooks.edit_request(scope, headers)
+        if answer is not None:
+            await send_response(answer, scope, receive, send)
+            return
+        has_host = pool.preserve_host and any(name == b"host" for name, _ in headers)
     size_limit = pool.max_body_size
     if size_limit is not None and (_declared_length(scope["headers"]) or 0) > size_limit:
         # Said up front: not a byte of the body is read, so the connection cannot carry
@@ -186,6 +200,14 @@ async def forward(
 
 
 _CLOSE = ((b"connection", b"close"),)
+
+
+async def send_response(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+    """A pool's guard or hook answered instead of the upstream: its response, with
+    ``Connection: close`` when the request body was not read (see ``closing``)."""
+    if closing(scope):
+        response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 def closing(scope: Scope) -> Sequence[tuple[bytes, bytes]]:
@@ -420,7 +442,12 @@ class _Forwarding:
             rewriter.rewrite(headers, self.runtime.members, member.upstream, self.scope, self.path)
         client = self.client
         send = self.send
+        hooks = self.runtime.hooks
         try:
+            if hooks is not None and hooks.on_response is not None:
+                status, headers = await hooks.edit_response(
+                    self.scope, status, headers, member.upstream.url
+                )
             client.sending_since = client.loop.time()
             if status in (204, 304) or status < 200:
                 # No body, by definition. A 304's Content-Length (the size of the cached
@@ -442,6 +469,8 @@ class _Forwarding:
                 member.stats.bytes_out += len(body)
             else:
                 await self._stream(member, response)
+        except HookFailed:
+            await send_error(send, 500, self._closing())
         except UpstreamError as exc:
             self._raise_client_failure(exc)  # the client's body broke the exchange
             attempt.fail(exc)

@@ -45,6 +45,16 @@ _AMBIGUOUS_PATH = Refusal(400, "a path some upstreams read as having a dot segme
 _STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 
 
+_GUARDED = Refusal(403, "the pool's guard refused it")
+
+
+def _raw_path(scope: Scope) -> bytes:
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    if b"?" in raw_path:  # some servers leave the query in raw_path
+        raw_path = raw_path.partition(b"?")[0]
+    return raw_path
+
+
 def _method_refusal(refused: Collection[str]) -> Refusal:
     """The 405 of a pool refusing ``refused``, with the Allow header RFC 9110 §15.5.6
     requires."""
@@ -147,7 +157,14 @@ class RoundRobinMiddleware:
             prefix: _method_refusal(runtime.pool.refuse_methods)
             for prefix, runtime in balancer.pools.items()
         }
-        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(balancer.pools)
+        # An internal pool is reached only from a route (Balancer.forward), never by prefix.
+        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(
+            {
+                prefix: runtime
+                for prefix, runtime in balancer.pools.items()
+                if not runtime.pool.internal
+            }
+        )
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
         self._first_segments = self._router.first_segments
         self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard)
@@ -190,13 +207,16 @@ class RoundRobinMiddleware:
         """The pool for this request, the raw path to forward, and the Refusal to answer
         instead (None: forward it); None if no pool matches. (A tuple, not an object: it
         is built for every pooled request.)"""
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        if b"?" in raw_path:  # some servers leave the query in raw_path
-            raw_path = raw_path.partition(b"?")[0]
+        raw_path = _raw_path(scope)
         found = self._router.match(raw_path)
         if found is None:
             return None
         end, state = found
+        refusal = self._refusal(state, scope, raw_path)
+        return state, raw_path[end:] if state.pool.strip_prefix else raw_path, refusal
+
+    def _refusal(self, state: PoolRuntime, scope: Scope, raw_path: bytes) -> Refusal | None:
+        """The Refusal the pool answers this request with, or None (forward it)."""
         pool = state.pool
         # A WebSocket scope has no method: its handshake is a GET.
         method: str = scope.get("method", "GET")
@@ -221,7 +241,37 @@ class RoundRobinMiddleware:
                 refusal.status,
                 refusal.why,
             )
-        return state, raw_path[end:] if pool.strip_prefix else raw_path, refusal
+        return refusal
+
+    async def forward_route(
+        self, scope: Scope, receive: Receive, send: Send, prefix: str, path: str | None
+    ) -> None:
+        """Forward a request a route handler took to the pool at ``prefix`` (see
+        ``Balancer.forward``): the refusals, guard and hooks as for a request matched by
+        prefix. ``path``: the raw path to send (None: the request's, less the pool's
+        prefix when it starts with it and the pool strips it)."""
+        state = self.balancer[prefix]
+        raw_path = _raw_path(scope)
+        refusal = self._refusal(state, scope, raw_path)
+        if path is None:
+            rest = raw_path
+            own = state.prefix
+            if (
+                state.pool.strip_prefix
+                and own
+                and rest.startswith(own)
+                and rest[len(own) : len(own) + 1] in (b"", b"/")
+            ):
+                rest = rest[len(own) :]
+        else:
+            rest = path.encode("latin-1")
+            if refusal is None and (is_unsafe_path(rest) or has_dot_segment(rest)):
+                logger.info("pool %s: refused the route's path %r", state.name, rest[:200])
+                refusal = _UNSAFE_PATH
+        if refusal is not None:
+            await send_error(send, refusal.status, [*refusal.headers, *closing(scope)])
+            return
+        await forward(state, scope, receive, send, rest, self._settings)
 
     def status(self) -> dict[str, Any]:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""
@@ -233,6 +283,14 @@ class RoundRobinMiddleware:
             await self.app(scope, receive, send)
             return
         state, path, refusal = found
+        hooks = state.hooks
+        if (
+            refusal is None
+            and hooks is not None
+            and hooks.guard is not None
+            and await hooks.check_guard(scope) is not None
+        ):
+            refusal = _GUARDED
         if refusal is not None:
             await send({"type": "websocket.close", "code": 1008})
             return

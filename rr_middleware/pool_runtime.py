@@ -19,6 +19,7 @@ from .balancing import Policy, build
 from .config import Pool
 from .discovery.base import Watcher
 from .health import CheckResult, HealthChecker
+from .hooks import PoolHooks
 from .members import Member
 from .rewrite import ResponseRewriter
 from .transport.base import UpstreamTransport
@@ -56,6 +57,8 @@ class PoolRuntime:
         self.rewriter: ResponseRewriter | None = None
         if pool.rewrite_redirects or pool.rewrite_cookies:
             self.rewriter = ResponseRewriter(pool.rewrite_redirects, pool.rewrite_cookies)
+        #: The pool's guard, on_request and on_response (None: it has none).
+        self.hooks = PoolHooks.of(prefix, pool)
         #: The pool's records in a zone shared with other worker processes (``zone.py``),
         #: while attached; and the zone generation this process last loaded.
         self.shared: ZonePool | None = None

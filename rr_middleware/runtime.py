@@ -28,10 +28,13 @@ from collections.abc import Iterator
 from typing import Any, Union
 
 import httpx
+from starlette.requests import Request
+from starlette.responses import Response
 
 from .config import PoolsArg, normalize_pools, normalize_prefix
 from .errors import FieldError
 from .pool_runtime import PoolRuntime
+from .route import ForwardedResponse, RouteForwarder
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
@@ -93,7 +96,7 @@ class Balancer:
                 return as_transport(upstream.transport) or default
 
             self.pools[prefix] = PoolRuntime(prefix, pool, resolve)
-        self._owner: object | None = None
+        self._owner: RouteForwarder | None = None
 
     # -- the handle -----------------------------------------------------------------------
 
@@ -123,7 +126,35 @@ class Balancer:
 
         return PrometheusCollector(self.pools)
 
-    def attach(self, owner: object) -> None:
+    async def forward(self, request: Request, prefix: str, *, path: str | None = None) -> Response:
+        """Forward ``request`` from inside a route handler to the pool at ``prefix``, so
+        the route's dependencies (a login) run first; return the Response that relays
+        the upstream's answer as it streams in.
+
+        ```python
+        @app.api_route("/admin/{path:path}", methods=["GET", "POST"])
+        async def admin(request: Request, user=Depends(current_user)) -> Response:
+            return await balancer.forward(request, "/admin")
+        ```
+
+        ``path`` is the raw path to send (percent-encoded; the upstream's base path goes
+        in front); by default the request's own, less the pool's prefix if it starts
+        with it and the pool strips it. The pool may be ``internal`` (not reachable by
+        its prefix). Needs the ``RoundRobinMiddleware`` serving this balancer in the
+        app. A body the route already read (a body parameter) is sent from memory."""
+        owner = self._owner
+        if owner is None:
+            raise RuntimeError(
+                "this Balancer serves no RoundRobinMiddleware yet: add it to the app with "
+                "app.add_middleware(RoundRobinMiddleware, balancer=balancer)"
+            )
+        self[prefix]  # a KeyError naming the pools, now rather than later
+        body: bytes | None = getattr(request, "_body", None)  # read by the route already
+        if body is None and getattr(request, "_stream_consumed", False):
+            raise RuntimeError("the route consumed the request body with stream(): it is gone")
+        return ForwardedResponse(owner, prefix, path, body)
+
+    def attach(self, owner: RouteForwarder) -> None:
         """Called by the middleware that serves this balancer: one serves one."""
         if self._owner is not None and self._owner is not owner:
             raise ValueError("this Balancer already serves another RoundRobinMiddleware")
