@@ -128,6 +128,7 @@ class Pool:
     on_request: OnRequest | None = field(default=None, repr=False)
     on_response: OnResponse | None = field(default=None, repr=False)
     internal: bool = False
+    tracing: bool = True
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
 
@@ -209,7 +210,13 @@ class Pool:
         for name in ("guard", "on_request", "on_response"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise FieldError(name, f"must be a function or None, got {getattr(self, name)!r}")
-        for name in ("refuse_ambiguous_paths", "rewrite_redirects", "rewrite_cookies", "internal"):
+        for name in (
+            "refuse_ambiguous_paths",
+            "rewrite_redirects",
+            "rewrite_cookies",
+            "internal",
+            "tracing",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise FieldError(name, f"must be True or False, got {getattr(self, name)!r}")
 

@@ -38,6 +38,7 @@ from .errors import (
 )
 from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
 from .hooks import HookFailed
+from .tracing import REQUEST_ID, request_id
 from .transport.base import UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class ProxySettings:
     hidden_response_headers: frozenset[bytes]
     max_header_bytes: int = 64 * 1024
     access_log: bool = False
+    #: Pass on the client's X-Request-ID or make one (``tracing.request_id``).
+    request_id: bool = False
     #: Keeps the deadlines of every exchange in flight (see ``client``).
     sweeper: Sweeper = field(default_factory=Sweeper)
 
@@ -156,6 +159,7 @@ async def forward(
             await send_response(answer, scope, receive, send)
             return
         has_host = pool.preserve_host and any(name == b"host" for name, _ in headers)
+    rid = request_id(headers) if settings.request_id else None
     size_limit = pool.max_body_size
     if size_limit is not None and (_declared_length(scope["headers"]) or 0) > size_limit:
         # Said up front: not a byte of the body is read, so the connection cannot carry
@@ -171,6 +175,7 @@ async def forward(
         sweeper=settings.sweeper,
     )
     forwarding = _Forwarding(runtime, scope, send, path, headers, has_host, client, settings)
+    forwarding.request_id = rid
     try:
         await forwarding.run()
     except asyncio.CancelledError:
@@ -239,6 +244,7 @@ class _Forwarding:
         "method",
         "path",
         "replayable",
+        "request_id",
         "response_started",
         "retryable",
         "runtime",
@@ -276,6 +282,7 @@ class _Forwarding:
         self.stream: ClientSide | None = None
         self.replayable = False
         self.response_started = False
+        self.request_id: bytes | None = None
 
     async def run(self) -> None:
         """The retry policy: the body's start is read, then attempts go to distinct
@@ -298,8 +305,14 @@ class _Forwarding:
             for _ in range(pool.retries + 1):
                 try:
                     async with runtime.attempt(tried) as attempt:
+                        request = self._request(attempt.upstream)
+                        tracer = runtime.tracer
                         try:
-                            response = await attempt.send(self._request(attempt.upstream))
+                            if tracer is None:
+                                response = await attempt.send(request)
+                            else:
+                                resends = len(tried) - 1
+                                response = await tracer.send(attempt, request, self.scope, resends)
                         except UpstreamError as exc:
                             self._raise_client_failure(exc)
                             raise
@@ -455,6 +468,8 @@ class _Forwarding:
                 headers = [(n, v) for n, v in headers if n != b"content-length"]
             if not client.complete:  # an early answer: the rest of the body stays unread
                 headers.append((b"connection", b"close"))
+            if self.request_id is not None and all(n != REQUEST_ID for n, _ in headers):
+                headers.append((REQUEST_ID, self.request_id))
             self.response_started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
             if status in (204, 304) or status < 200 or self.method == "HEAD":
@@ -508,13 +523,14 @@ class _Forwarding:
     def _access_log(self, upstream: str, status: int, elapsed: float) -> None:
         if self.settings.access_log:
             logger.info(
-                "pool %s: %s %s -> %s %d in %.1f ms",
+                "pool %s: %s %s -> %s %d in %.1f ms%s",
                 self.runtime.name,
                 self.method,
                 self.scope.get("path", ""),
                 upstream,
                 status,
                 elapsed * 1000,
+                "" if self.request_id is None else " id=" + self.request_id.decode("ascii"),
             )
 
 

@@ -159,6 +159,7 @@ MIDDLEWARE = KeyTable(
         "metrics_path": optional(STRING),
         "status_path": optional(STRING),
         "access_log": BOOLEAN,
+        "request_id": BOOLEAN,
         "zone": optional(STRING),
     },
     python_only={"balancer", "transport", "status_guard"},
@@ -252,6 +253,7 @@ POOL = KeyTable(
         "guard": optional(FUNCTION),
         "on_request": optional(FUNCTION),
         "on_response": optional(FUNCTION),
+        "tracing": BOOLEAN,
     },
     # internal: reached only from a route of your own app, which the gateway has not.
     python_only={"transport", "clock", "random", "internal"},

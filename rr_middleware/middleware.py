@@ -97,6 +97,8 @@ class RoundRobinMiddleware:
         status_guard: A callable taking the Request and returning, or awaiting, True to
             allow the status page, its JSON and the metrics.
         access_log: Log a line per proxied request.
+        request_id: Pass on the client's ``X-Request-ID`` (when well-formed) or make one,
+            send it upstream and back to the client, and log it.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class RoundRobinMiddleware:
         status_path: str | None = None,
         status_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
         access_log: bool = False,
+        request_id: bool = False,
     ) -> None:
         self.app = app
         if balancer is None:
@@ -134,6 +137,8 @@ class RoundRobinMiddleware:
         balancer.attach(self)
         self.balancer = balancer
         self.trusted_proxies = TrustedProxies(trusted_proxies)
+        if not isinstance(request_id, bool):
+            raise FieldError("request_id", f"must be True or False, got {request_id!r}")
         if max_url_length < 1:
             raise FieldError("max_url_length", f"must be >= 1, got {max_url_length!r}")
         self.max_url_length = max_url_length
@@ -152,6 +157,7 @@ class RoundRobinMiddleware:
             ),
             max_header_bytes=max_header_bytes,
             access_log=access_log,
+            request_id=request_id,
         )
         self._method_refusals = {
             prefix: _method_refusal(runtime.pool.refuse_methods)

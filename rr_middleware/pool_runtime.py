@@ -22,6 +22,7 @@ from .health import CheckResult, HealthChecker
 from .hooks import PoolHooks
 from .members import Member
 from .rewrite import ResponseRewriter
+from .tracing import AttemptTracer, tracer
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
 
@@ -59,6 +60,8 @@ class PoolRuntime:
             self.rewriter = ResponseRewriter(pool.rewrite_redirects, pool.rewrite_cookies)
         #: The pool's guard, on_request and on_response (None: it has none).
         self.hooks = PoolHooks.of(prefix, pool)
+        #: OpenTelemetry client spans (None: off, or OpenTelemetry not installed).
+        self.tracer: AttemptTracer | None = tracer() if pool.tracing else None
         #: The pool's records in a zone shared with other worker processes (``zone.py``),
         #: while attached; and the zone generation this process last loaded.
         self.shared: ZonePool | None = None
