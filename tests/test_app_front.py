@@ -329,3 +329,60 @@ def test_a_gibibyte_streams_through_a_route_with_flat_memory(upstream: RunningSe
             sampler.join()
     assert received == size
     assert peak - before < 64 << 20, f"grew by {(peak - before) >> 20} MiB"
+
+
+class CountingSink:
+    """An upstream that reads a request body and keeps only its size."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        self.sizes.append(size)
+        body = b"%d" % size
+        headers = [(b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.slow
+def test_a_gibibyte_upload_streams_through_a_route_with_flat_memory() -> None:
+    size = 1 << 30
+    chunk = b"u" * (1 << 20)
+    sink = CountingSink()
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.02):
+            peak = max(peak, rss())
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // len(chunk)):
+            yield chunk
+
+    with serve(sink) as upstream, serve(admin_app(upstream.url)) as front, client() as http:
+        refused = http.post(f"{front.url}/admin/up", content=body())
+        assert refused.status_code == 401  # the dependency: nothing went upstream
+        assert sink.sizes == []
+        before = rss()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            headers = {**GOOD, "content-length": str(size)}
+            response = http.post(f"{front.url}/admin/up", content=body(), headers=headers)
+        finally:
+            done.set()
+            sampler.join()
+    assert (response.status_code, response.text) == (200, str(size))
+    assert sink.sizes == [size]
+    assert peak - before < 64 << 20, f"grew by {(peak - before) >> 20} MiB"
