@@ -308,7 +308,7 @@ class _Forwarding:
                         request = self._request(attempt.upstream)
                         tracer = runtime.tracer
                         try:
-                            if tracer is None:
+                            if tracer is None or not tracer.active():
                                 response = await attempt.send(request)
                             else:
                                 resends = len(tried) - 1

@@ -132,6 +132,11 @@ class ResponseRewriter:
         of ``members``) to the request of ``scope``, forwarded as ``path`` (its raw path
         less what the pool stripped)."""
         names = self.names
+        for name, _ in headers:
+            if name in names:
+                break
+        else:
+            return  # most answers: nothing to look at
         client_prefix = b""
         client_host: bytes | None = None
         authorities: _Authorities | None = None

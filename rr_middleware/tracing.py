@@ -10,7 +10,8 @@ from the send until the response is closed, and the upstream gets its ``tracepar
 current span (the host app's server span, with ``opentelemetry-instrumentation-fastapi``),
 or else the context the client's own ``traceparent`` carries, so a trace crosses the proxy
 even when the host app is not instrumented. Until a ``TracerProvider`` is configured
-(the SDK's), a request costs one ``isinstance`` test.
+(the SDK's), a request costs a clock read: the provider is looked for at most once a
+second until one is set.
 
 ``X-Request-ID`` (``RoundRobinMiddleware(request_id=True)``): a client's value is passed
 on when it is 1 to 200 visible ASCII characters, else replaced by a fresh one (32 hex
@@ -21,6 +22,7 @@ response both carry it, and the access log names it.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -60,19 +62,35 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
 class AttemptTracer:
     """Client spans for one pool's attempts."""
 
-    __slots__ = ("_tracer",)
+    __slots__ = ("_configured", "_next_check", "_tracer")
 
     def __init__(self) -> None:
         from . import __version__
 
         self._tracer: Any = trace.get_tracer("rr_middleware", __version__)
+        self._configured = False
+        self._next_check = 0.0
+
+    def active(self) -> bool:
+        """Whether a tracer provider is configured (the SDK's), so spans would record.
+        OpenTelemetry sets a process's provider once: seen once, it stays. Until then it
+        is looked for at most once a second, so an unconfigured process pays a clock read
+        per request, not the lookup."""
+        if self._configured:
+            return True
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + 1.0
+        provider = trace.get_tracer_provider()
+        self._configured = not isinstance(provider, trace.ProxyTracerProvider)
+        return self._configured
 
     async def send(
         self, attempt: Attempt, request: UpstreamRequest, scope: Scope, resends: int
     ) -> UpstreamResponse:
-        """``attempt.send(request)`` in a client span, the span's context propagated."""
-        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-            return await attempt.send(request)  # no SDK configured: nothing would record
+        """``attempt.send(request)`` in a client span, the span's context propagated
+        (call it when ``active()``)."""
         upstream = attempt.upstream
         parent = None
         if not trace.get_current_span().get_span_context().is_valid:
