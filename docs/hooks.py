@@ -51,6 +51,8 @@ from rr_middleware import (
     HttpxTransport,
     Pool,
     RoundRobinMiddleware,
+    Route,
+    StickyCookie,
     Upstream,
     errors,
 )
@@ -62,7 +64,9 @@ from rr_middleware.gateway_config import (
     HEALTH_CHECK,
     MIDDLEWARE,
     POOL,
+    ROUTE,
     SERVER,
+    STICKY,
     UPSTREAM,
     ServerSettings,
 )
@@ -75,6 +79,8 @@ CLASSES: dict[str, tuple[Any, KeyTable[Any] | None]] = {
     "Pool": (Pool, POOL),
     "Upstream": (Upstream, UPSTREAM),
     "HealthCheck": (HealthCheck, HEALTH_CHECK),
+    "StickyCookie": (StickyCookie, STICKY),
+    "Route": (Route, ROUTE),
     "ConsulDiscovery": (ConsulDiscovery, CONSUL),
     "DNSDiscovery": (DNSDiscovery, DNS),
     "ServerSettings": (ServerSettings, SERVER),
@@ -85,7 +91,10 @@ CLASSES: dict[str, tuple[Any, KeyTable[Any] | None]] = {
 # Parameters that are not options: the app the middleware wraps.
 _NOT_OPTIONS = {"RoundRobinMiddleware": {"app"}}
 # Options the gateway's file gives by its structure, not as a key.
-_TOML_ELSEWHERE = {("RoundRobinMiddleware", "pools"): 'a `[pools."/prefix"]` table each'}
+_TOML_ELSEWHERE = {
+    ("RoundRobinMiddleware", "pools"): 'a `[pools."/prefix"]` table each',
+    ("RoundRobinMiddleware", "routes"): "a `[[routes]]` table each",
+}
 # Integer options counted in bytes, shown in KiB too.
 _BYTES = re.compile(r"size|limit|bytes|length")
 REPOSITORY = "https://github.com/rr-middleware/rr-middleware"

@@ -24,9 +24,11 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from .matching import Route
 from .middleware import RoundRobinMiddleware
 from .pool_runtime import PoolRuntime
 from .runtime import Balancer
+from .sticky import StickyCookie
 from .transport import Http1Transport, HttpxTransport, UpstreamTransport
 from .upstream import Upstream
 
@@ -58,6 +60,8 @@ __all__ = [
     "RequestNotForwardable",
     "ResponseAborted",
     "RoundRobinMiddleware",
+    "Route",
+    "StickyCookie",
     "Upstream",
     "UpstreamBroken",
     "UpstreamError",

@@ -17,6 +17,7 @@ from .errors import NoUpstream, PoolTimeout, ProxyError, UpstreamError, Upstream
 if TYPE_CHECKING:
     from .config import Pool
     from .members import Member
+    from .sticky import Affinity
     from .transport.base import UpstreamRequest, UpstreamResponse
     from .upstream import Upstream
 
@@ -29,7 +30,7 @@ class Outcomes(Protocol):
     name: str
     pool: Pool
 
-    def pick(self, tried: list[Member]) -> Member | None: ...
+    def pick(self, tried: list[Member], affinity: Affinity | None = None) -> Member | None: ...
     def succeeded(self, member: Member) -> None: ...
     def failed(self, member: Member, kind: str, status: int = 0) -> None: ...
 
@@ -52,18 +53,33 @@ class Attempt:
       lets another request probe once its time is up.
     """
 
-    __slots__ = ("_recorded", "_slot", "_tried", "member", "runtime", "started", "status")
+    __slots__ = (
+        "_affinity",
+        "_recorded",
+        "_slot",
+        "_tried",
+        "member",
+        "runtime",
+        "started",
+        "status",
+    )
 
-    def __init__(self, runtime: Outcomes, tried: list[Member], slot: bool) -> None:
+    def __init__(
+        self, runtime: Outcomes, tried: list[Member], slot: bool, affinity: Affinity | None
+    ) -> None:
         self.runtime = runtime
         self._tried = tried
         self._slot = slot
+        self._affinity = affinity
         self._recorded = False
         self.status = 0  # the response's, once its headers came
 
     async def __aenter__(self) -> Attempt:
         runtime = self.runtime
-        member = runtime.pick(self._tried)
+        affinity = self._affinity
+        member = (
+            runtime.pick(self._tried) if affinity is None else runtime.pick(self._tried, affinity)
+        )
         if member is None:
             raise NoUpstream(f"pool {runtime.name}: no upstream left to try")
         self._tried.append(member)
@@ -72,6 +88,7 @@ class Attempt:
             limiter = member.limiter
             if limiter.active < limiter.limit and not limiter.waiting:
                 limiter.active += 1  # the common case, without a coroutine to wait in
+                limiter.load.in_flight += 1
             else:
                 timeout = runtime.pool.pool_timeout
                 if not await limiter.acquire(timeout):

@@ -16,8 +16,10 @@ from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
+from .affinity import key_reader
 from .discovery.base import Discovery
 from .errors import FieldError
+from .sticky import StickyCookie
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -26,7 +28,17 @@ if TYPE_CHECKING:
     from .hooks import Guard, OnRequest, OnResponse
     from .transport.base import UpstreamTransport
 
-__all__ = ["FieldError", "HealthCheck", "Pool", "PoolsArg", "Upstream", "normalize_pools"]
+__all__ = [
+    "FieldError",
+    "HealthCheck",
+    "Pool",
+    "PoolsArg",
+    "StickyCookie",
+    "Upstream",
+    "normalize_pools",
+]
+
+_POLICIES = ("round_robin", "least_requests", "random")
 
 _PATH_AND_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 # A method name is a token (RFC 9110 §9.1, §5.6.2).
@@ -104,6 +116,10 @@ class Pool:
     retries: int = 2
     transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
     policy: str = "round_robin"
+    hash_on: str | Callable[[Any], Any] | None = None
+    hash_fallback: str = "round_robin"
+    balance_factor: float | None = 1.25
+    sticky: StickyCookie | None = None
     health_check: HealthCheck | None = None
     max_fails: int = 3
     fail_timeout: float = 10.0
@@ -190,11 +206,12 @@ class Pool:
         return tuple(members)
 
     def _check_choices(self) -> None:
-        if self.policy not in ("round_robin", "least_requests", "random"):
+        if self.policy not in (*_POLICIES, "hash"):
             raise FieldError(
                 "policy",
-                f"must be 'round_robin', 'least_requests' or 'random', got {self.policy!r}",
+                f"must be 'round_robin', 'least_requests', 'random' or 'hash', got {self.policy!r}",
             )
+        self._check_affinity()
         if self.on_all_down not in ("try_all", "fail"):
             raise FieldError(
                 "on_all_down", f"must be 'try_all' or 'fail', got {self.on_all_down!r}"
@@ -219,6 +236,34 @@ class Pool:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise FieldError(name, f"must be True or False, got {getattr(self, name)!r}")
+
+    def _check_affinity(self) -> None:
+        if self.policy == "hash" and self.hash_on is None:
+            raise FieldError("hash_on", "is required with policy='hash' (what to hash on)")
+        if self.hash_on is not None:
+            if self.policy != "hash":
+                raise FieldError("hash_on", f"is only read with policy='hash', not {self.policy!r}")
+            try:
+                key_reader(self.hash_on)
+            except ValueError as exc:
+                raise FieldError("hash_on", str(exc)) from None
+        if self.hash_fallback not in _POLICIES:
+            raise FieldError(
+                "hash_fallback",
+                f"must be 'round_robin', 'least_requests' or 'random', got {self.hash_fallback!r}",
+            )
+        factor = self.balance_factor
+        if factor is not None and (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not math.isfinite(factor)
+            or factor < 1
+        ):
+            raise FieldError(
+                "balance_factor", f"must be a number >= 1 or None (no bound), got {factor!r}"
+            )
+        if self.sticky is not None and not isinstance(self.sticky, StickyCookie):
+            raise FieldError("sticky", f"must be a StickyCookie or None, got {self.sticky!r}")
 
     @property
     def members(self) -> tuple[Upstream, ...]:
@@ -290,15 +335,32 @@ def normalize_prefix(prefix: Any) -> str:
     return "/" + "/".join(segments)
 
 
+#: A pool keyed by a name, not a prefix, is reached only through routes (``matching.py``).
+_POOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+def normalize_pool_key(key: Any) -> str:
+    """A prefix normalised (``normalize_prefix``), or a pool name as is."""
+    if isinstance(key, str) and _POOL_NAME.fullmatch(key):
+        return key
+    if isinstance(key, str) and not key.startswith("/"):
+        raise ValueError(
+            f"pool key {key!r} must be a path prefix starting with '/' or a name "
+            "(a letter, then letters, digits, '_', '.', '-') that routes refer to"
+        )
+    return normalize_prefix(key)
+
+
 def normalize_pools(pools: Any) -> dict[str, Pool]:
-    """Turn the ``pools=`` argument into ``{normalised prefix: Pool}``, or raise ValueError."""
+    """Turn the ``pools=`` argument into ``{normalised prefix or name: Pool}``, or raise
+    ValueError."""
     if not isinstance(pools, Mapping):
         raise ValueError("pools must be a mapping of path prefix -> Pool or list of URLs")
     if not pools:
         raise ValueError("pools must configure at least one prefix")
     result: dict[str, Pool] = {}
     for raw_prefix, spec in pools.items():
-        prefix = normalize_prefix(raw_prefix)
+        prefix = normalize_pool_key(raw_prefix)
         if prefix in result:
             raise ValueError(f"duplicate pool prefix {raw_prefix!r} (same as {prefix!r})")
         try:

@@ -43,6 +43,8 @@ __all__ = [
     "ConfigError",
     "Converter",
     "KeyTable",
+    "MapOf",
+    "Regex",
     "Table",
     "Tagged",
     "key_path",
@@ -145,6 +147,36 @@ class Array(Converter[Any]):
 
     def tables(self) -> Iterator[KeyTable[Any]]:
         return self.item.tables()
+
+
+class MapOf(Converter[dict[str, Any]]):
+    """A TOML table of any keys, each value converted (``{ stable = 95, canary = 5 }``)."""
+
+    def __init__(self, value: Converter[Any]) -> None:
+        self.value = value
+        self.expected = f"a table (each value {value.expected})"
+
+    def __call__(self, value: object, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.mismatch(value, where)
+        return {k: _settled(self.value, v, key_path(where, k)) for k, v in value.items()}
+
+
+class Regex(Converter["re.Pattern[str]"]):
+    """``{ regex = "..." }``: a compiled regular expression."""
+
+    expected = '{ regex = "..." }'
+
+    def __call__(self, value: object, where: str) -> re.Pattern[str]:
+        if not isinstance(value, dict) or set(value) != {"regex"}:
+            raise self.mismatch(value, where)
+        pattern = value["regex"]
+        if not isinstance(pattern, str):
+            raise ConfigError(key_path(where, "regex"), "expected a string")
+        try:
+            return re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(key_path(where, "regex"), f"not a valid regex: {exc}") from None
 
 
 class AnyOf(Converter[Any]):

@@ -237,6 +237,7 @@ class _Forwarding:
     ``GZipResponder`` is the model: per-request state on an object)."""
 
     __slots__ = (
+        "affinity",
         "body",
         "client",
         "has_host",
@@ -283,6 +284,7 @@ class _Forwarding:
         self.replayable = False
         self.response_started = False
         self.request_id: bytes | None = None
+        self.affinity = runtime.affinity(scope)
 
     async def run(self) -> None:
         """The retry policy: the body's start is read, then attempts go to distinct
@@ -304,7 +306,7 @@ class _Forwarding:
             self.replayable = self.stream is None and len(self.body or b"") <= pool.retry_body_limit
             for _ in range(pool.retries + 1):
                 try:
-                    async with runtime.attempt(tried) as attempt:
+                    async with runtime.attempt(tried, affinity=self.affinity) as attempt:
                         request = self._request(attempt.upstream)
                         tracer = runtime.tracer
                         try:
@@ -453,6 +455,10 @@ class _Forwarding:
         rewriter = self.runtime.rewriter
         if rewriter is not None:
             rewriter.rewrite(headers, self.runtime.members, member.upstream, self.scope, self.path)
+        if self.runtime.sticky is not None:
+            cookie = self.runtime.sticky_header(member, self.affinity)
+            if cookie is not None:
+                headers.append(cookie)
         client = self.client
         send = self.send
         hooks = self.runtime.hooks

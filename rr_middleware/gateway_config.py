@@ -24,7 +24,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from .config import FieldError, HealthCheck, Pool, Upstream, normalize_prefix
+from .config import FieldError, HealthCheck, Pool, Upstream, normalize_pool_key
 from .config_mapping import (
     BOOLEAN,
     INTEGER,
@@ -35,6 +35,8 @@ from .config_mapping import (
     ConfigError,
     Converter,
     KeyTable,
+    MapOf,
+    Regex,
     Table,
     Tagged,
     key_path,
@@ -43,7 +45,9 @@ from .config_mapping import (
     table_of,
 )
 from .discovery import ConsulDiscovery, DNSDiscovery
+from .matching import Route
 from .middleware import RoundRobinMiddleware
+from .sticky import StickyCookie
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -162,7 +166,8 @@ MIDDLEWARE = KeyTable(
         "request_id": BOOLEAN,
         "zone": optional(STRING),
     },
-    python_only={"balancer", "transport", "status_guard"},
+    # routes: [[routes]] tables at the top of the file, beside [pools.*].
+    python_only={"balancer", "transport", "status_guard", "routes"},
 )
 UPSTREAM = KeyTable(
     Upstream,
@@ -214,6 +219,18 @@ DNS = KeyTable(
         "retry_max": NUMBER,
     },
 )
+STICKY = KeyTable(
+    StickyCookie,
+    {
+        "name": STRING,
+        "max_age": optional(INTEGER),
+        "path": optional(STRING),
+        "secure": BOOLEAN,
+        "httponly": BOOLEAN,
+        "samesite": optional(STRING),
+        "secret": optional(STRING),
+    },
+)
 # [pools."/x".discovery] type = "...": every discovery class the file can name.
 DISCOVERY = Tagged({"consul": CONSUL, "dns": DNS})
 POOL = KeyTable(
@@ -230,6 +247,10 @@ POOL = KeyTable(
         "preserve_host": BOOLEAN,
         "retries": INTEGER,
         "policy": STRING,
+        "hash_on": STRING,
+        "hash_fallback": STRING,
+        "balance_factor": optional(NUMBER),
+        "sticky": optional(Table(STICKY)),
         "health_check": optional(Table(HEALTH_CHECK)),
         "max_fails": INTEGER,
         "fail_timeout": NUMBER,
@@ -258,7 +279,22 @@ POOL = KeyTable(
     # internal: reached only from a route of your own app, which the gateway has not.
     python_only={"transport", "clock", "random", "internal"},
 )
-_TOP_LEVEL: list[KeyTable[Any]] = [SERVER, POOL]
+CONDITION = AnyOf(STRING, BOOLEAN, Regex())
+ROUTE = KeyTable(
+    Route,
+    {
+        "prefix": STRING,
+        "pool": optional(STRING),
+        "split": optional(MapOf(INTEGER)),
+        "host": optional(STRING),
+        "methods": optional(Array(STRING)),
+        "headers": MapOf(CONDITION),
+        "cookies": MapOf(CONDITION),
+        "query": MapOf(CONDITION),
+        "stick_on": optional(STRING),
+    },
+)
+_TOP_LEVEL: list[KeyTable[Any]] = [SERVER, POOL, ROUTE]
 #: The key table of each class a file builds, for ``--check`` to print them back.
 KEY_TABLES = {keys.target: keys for top in _TOP_LEVEL for keys in (top, *top.tables())}
 
@@ -295,7 +331,7 @@ def load_config(path: str | Path, **server_overrides: Any) -> GatewayConfig:
 
 
 def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> GatewayConfig:
-    reject_unknown(document, ("server", "middleware", "pools"), "")
+    reject_unknown(document, ("server", "middleware", "pools", "routes"), "")
     server_table = {**table_of(document.get("server", {}), "server"), **overrides}
     server = SERVER.build(server_table, "server")
     middleware = {
@@ -311,12 +347,15 @@ def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> G
     for prefix, table in pools_table.items():
         where = key_path("pools", prefix)
         try:
-            normalize_prefix(prefix)
+            normalize_pool_key(prefix)
         except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
         arguments = POOL.arguments(table_of(table, where), where)
         _check_members(arguments, where)
         pools[prefix] = POOL.create(arguments, where)
+    routes = Array(Table(ROUTE))(document.get("routes", []), "routes")
+    if routes:
+        middleware["routes"] = routes
     # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".
     app = MIDDLEWARE.create(middleware, "middleware", Starlette(), pools, elsewhere="pools")
     return GatewayConfig(path, server, middleware, pools, app)

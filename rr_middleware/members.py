@@ -13,7 +13,18 @@ from .health import UpstreamHealth
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
 
-__all__ = ["ConnectionLimiter", "Member"]
+__all__ = ["ConnectionLimiter", "Member", "PoolLoad"]
+
+
+class PoolLoad:
+    """The requests in flight on all of a pool's upstreams (the sum of their limiters'
+    ``active``), kept as slots are taken and given back: bounded-load hashing reads it
+    at every pick, so it is never summed."""
+
+    __slots__ = ("in_flight",)
+
+    def __init__(self) -> None:
+        self.in_flight = 0
 
 
 class ConnectionLimiter:
@@ -23,11 +34,13 @@ class ConnectionLimiter:
     ``TestClient`` used without ``with`` runs every request in a new loop.
     """
 
-    __slots__ = ("_waiters", "active", "limit")
+    __slots__ = ("_waiters", "active", "limit", "load")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, load: PoolLoad | None = None) -> None:
         self.limit = limit
         self.active = 0
+        #: The pool's total, which every change of ``active`` changes too.
+        self.load = load if load is not None else PoolLoad()
         self._waiters: deque[asyncio.Future[bool]] = deque()
 
     @property
@@ -39,6 +52,7 @@ class ConnectionLimiter:
         """Take a slot; False if none came free within ``timeout`` seconds."""
         if self.active < self.limit and not self._waiters:
             self.active += 1
+            self.load.in_flight += 1
             return True
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
@@ -62,6 +76,7 @@ class ConnectionLimiter:
                 waiter.set_result(True)
                 return
         self.active -= 1
+        self.load.in_flight -= 1
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:
@@ -89,10 +104,16 @@ class Member:
         "zone_base",
     )
 
-    def __init__(self, upstream: Upstream, transport: UpstreamTransport, limit: int) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        transport: UpstreamTransport,
+        limit: int,
+        load: PoolLoad | None = None,
+    ) -> None:
         self.upstream = upstream
         self.transport = transport
-        self.limiter = ConnectionLimiter(limit)
+        self.limiter = ConnectionLimiter(limit, load)
         self.health = UpstreamHealth()
         self.stats = UpstreamStats()
         self.drained = False

@@ -13,7 +13,7 @@ on ``up`` keeps firing while the pool limps on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .counters import BUCKETS, Histogram, UpstreamStats
@@ -37,9 +37,11 @@ def _state(row: dict[str, Any]) -> str:
     return "up"
 
 
-def status_json(pools: Mapping[str, PoolRuntime], zone: Zone | None) -> dict[str, Any]:
-    """Every pool and upstream: ``balancer[prefix].snapshot()`` plus the counters, and the
-    zone the pools share (None without one)."""
+def status_json(
+    pools: Mapping[str, PoolRuntime], zone: Zone | None, routes: Sequence[Any] = ()
+) -> dict[str, Any]:
+    """Every pool and upstream: ``balancer[prefix].snapshot()`` plus the counters, the
+    zone the pools share (None without one), and the routes with their counts."""
     shown = []
     for prefix, runtime in pools.items():
         rows = []
@@ -71,11 +73,16 @@ def status_json(pools: Mapping[str, PoolRuntime], zone: Zone | None) -> dict[str
                 "prefix": prefix,
                 "policy": runtime.pool.policy,
                 "panic": runtime.panic,
+                "affinity": runtime.affinity_status(),
                 "discovery": runtime.discovery_status(),
                 "upstreams": rows,
             }
         )
-    return {"pools": shown, "zone": zone.describe() if zone is not None else None}
+    return {
+        "pools": shown,
+        "zone": zone.describe() if zone is not None else None,
+        "routes": [route.status() for route in routes],
+    }
 
 
 class PrometheusCollector:

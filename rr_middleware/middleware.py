@@ -18,6 +18,7 @@ from .endpoints import Endpoints
 from .errors import FieldError
 from .forwarding import ProxySettings, closing, forward, logger, send_error
 from .headers import TrustedProxies
+from .matching import Route, RouteTable, build_tables
 from .pool_runtime import PoolRuntime
 from .routing import PrefixRouter, has_dot_segment, is_ambiguous_path, is_unsafe_path
 from .runtime import Balancer, TransportArg
@@ -55,6 +56,13 @@ def _raw_path(scope: Scope) -> bytes:
     return raw_path
 
 
+def _unreached(key: str) -> FieldError:
+    return FieldError(
+        "pools",
+        f"{key!r} is a name, but no route names it (a prefix starts with '/': '/{key}')",
+    )
+
+
 def _method_refusal(refused: Collection[str]) -> Refusal:
     """The 405 of a pool refusing ``refused``, with the Allow header RFC 9110 §15.5.6
     requires."""
@@ -77,7 +85,11 @@ class RoundRobinMiddleware:
 
     Args:
         app: The app to wrap (``add_middleware`` passes it).
-        pools: ``{prefix: Pool}`` or ``{prefix: [url, ...]}``; or give ``balancer``.
+        pools: ``{prefix: Pool}`` or ``{prefix: [url, ...]}``; or give ``balancer``. A
+            key may also be a name (``"canary"``): that pool is reached only by routes.
+        routes: ``Route`` values, matched before the prefix's own pool: requests under
+            a prefix that match conditions (host, method, headers, cookies, query) go
+            to another pool, or are split between pools by weight.
         balancer: A ``Balancer`` you built from the pools and keep, to drain upstreams or
             read their state while the app serves (``self.balancer`` either way).
         transport: With ``pools``: the upstream client for every pool that names none
@@ -106,6 +118,7 @@ class RoundRobinMiddleware:
         app: ASGIApp,
         pools: PoolsArg | None = None,
         *,
+        routes: Sequence[Route] = (),
         balancer: Balancer | None = None,
         transport: TransportArg = None,
         zone: str | None = None,
@@ -163,16 +176,14 @@ class RoundRobinMiddleware:
             prefix: _method_refusal(runtime.pool.refuse_methods)
             for prefix, runtime in balancer.pools.items()
         }
-        # An internal pool is reached only from a route (Balancer.forward), never by prefix.
-        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(
-            {
-                prefix: runtime
-                for prefix, runtime in balancer.pools.items()
-                if not runtime.pool.internal
-            }
-        )
+        self._router: PrefixRouter[PoolRuntime]
+        #: With routes: the route table of each prefix (None without routes: the common
+        #: case, which costs nothing more than prefix matching).
+        self._tables: PrefixRouter[RouteTable] | None
+        self._router, self._tables = self._routers(routes, balancer)
+        router = self._tables if self._tables is not None else self._router
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
-        self._first_segments = self._router.first_segments
+        self._first_segments = router.first_segments
         self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -209,12 +220,60 @@ class RoundRobinMiddleware:
             return
         await forward(state, scope, receive, send, rest, self._settings)
 
+    @classmethod
+    def _routers(
+        cls, routes: Sequence[Route], balancer: Balancer
+    ) -> tuple[PrefixRouter[PoolRuntime], PrefixRouter[RouteTable] | None]:
+        """The prefix router and, with routes, the route tables. An internal pool is
+        reached only from a route handler (Balancer.forward), never by its prefix."""
+        prefixed = {
+            key: runtime
+            for key, runtime in balancer.pools.items()
+            if key[0] == "/" and not runtime.pool.internal
+        }
+        if routes:
+            return PrefixRouter(prefixed), cls._route_tables(routes, balancer)
+        for key, runtime in balancer.pools.items():
+            if key not in prefixed and not runtime.pool.internal:
+                raise _unreached(key)
+        return PrefixRouter(prefixed), None
+
+    @staticmethod
+    def _route_tables(routes: Sequence[Route], balancer: Balancer) -> PrefixRouter[RouteTable]:
+        # Internal pools are reached only from route handlers (Balancer.forward).
+        pools = {
+            key: runtime for key, runtime in balancer.pools.items() if not runtime.pool.internal
+        }
+        tables, states = build_tables(routes, pools)
+        reached = {key for state in states for key in state.route.targets}
+        for key, runtime in pools.items():
+            if key[0] != "/" and key not in reached:
+                raise _unreached(key)
+            if key[0] != "/" and not runtime.prefix:
+                # X-Forwarded-Prefix of a named pool: its first route's prefix.
+                first = next(s.route.prefix for s in states if key in s.route.targets)
+                runtime.prefix = first.encode("ascii") if first != "/" else b""
+        balancer.routes = states
+        return PrefixRouter(tables)
+
+    def _route(self, raw_path: bytes, scope: Scope) -> tuple[int, PoolRuntime] | None:
+        """With routes: the first pool a route table gives, longest prefix first."""
+        assert self._tables is not None
+        for end, table in self._tables.match_all(raw_path):
+            runtime = table.resolve(scope)
+            if runtime is not None:
+                return end, runtime
+        return None
+
     def _match(self, scope: Scope) -> tuple[PoolRuntime, bytes, Refusal | None] | None:
         """The pool for this request, the raw path to forward, and the Refusal to answer
         instead (None: forward it); None if no pool matches. (A tuple, not an object: it
         is built for every pooled request.)"""
         raw_path = _raw_path(scope)
-        found = self._router.match(raw_path)
+        if self._tables is None:
+            found = self._router.match(raw_path)
+        else:
+            found = self._route(raw_path, scope)
         if found is None:
             return None
         end, state = found

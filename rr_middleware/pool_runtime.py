@@ -14,20 +14,24 @@ import math
 import random
 from typing import TYPE_CHECKING, Any
 
+from .affinity import ConsistentHash, HashRing, PointCache, cookie_value, key_reader
 from .attempt import Attempt
 from .balancing import Policy, build
 from .config import Pool
 from .discovery.base import Watcher
 from .health import CheckResult, HealthChecker
 from .hooks import PoolHooks
-from .members import Member
+from .members import Member, PoolLoad
 from .rewrite import ResponseRewriter
+from .sticky import Affinity, StickyValues
 from .tracing import AttemptTracer, tracer
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from starlette.types import Scope
 
     from .counters import UpstreamStats
     from .zone import ZonePool
@@ -51,7 +55,9 @@ class PoolRuntime:
         self, prefix: str, pool: Pool, resolve: Callable[[Upstream], UpstreamTransport]
     ) -> None:
         self.name = prefix
-        self.prefix = prefix.encode("ascii") if prefix != "/" else b""
+        #: The prefix stripped (X-Forwarded-Prefix); a pool keyed by a name gets its
+        #: first route's from the middleware.
+        self.prefix = prefix.encode("ascii") if prefix.startswith("/") and prefix != "/" else b""
         self.pool = pool
         self._resolve = resolve
         #: Maps the upstreams' redirects and cookies back to the client's addresses.
@@ -66,11 +72,24 @@ class PoolRuntime:
         #: while attached; and the zone generation this process last loaded.
         self.shared: ZonePool | None = None
         self._shared_generation = -1
+        #: Requests in flight on all the members (bounded-load hashing reads it).
+        self.load = PoolLoad()
         self.members = [self._member(upstream) for upstream in pool.members]
         self.clock = pool.clock
         self.rng = pool.random if pool.random is not None else random.Random()
         self.eligible: list[Member] = []
-        self.policy: Policy[Member] = build(pool.policy, [], [], self.rng)
+        self.policy: Policy[Member] = build(self._fallback_policy, [], [], self.rng)
+        #: ``policy="hash"``: the ring over the eligible members (also ``policy``).
+        self.hashing: ConsistentHash[Member] | None = None
+        self._points = PointCache()
+        self._read_key = key_reader(pool.hash_on) if pool.hash_on is not None else None
+        #: ``sticky=``: each member's cookie value; the eligible members by value.
+        path = prefix if prefix.startswith("/") else "/"
+        self.sticky = StickyValues(pool.sticky, path) if pool.sticky is not None else None
+        self._pinned: dict[bytes, Member] = {}
+        #: Requests that came with a hash key, without one, and with a sticky cookie
+        #: that reached its upstream (status page).
+        self.affinity_counts = {"keyed": 0, "unkeyed": 0, "sticky_kept": 0, "sticky_set": 0}
         self.all_down = False
         self._next_change = math.inf
         #: Keeps the members in step with ``pool.discovery`` while the app serves.
@@ -89,8 +108,18 @@ class PoolRuntime:
             )
         self.refresh()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight on the pool's upstreams."""
+        return self.load.in_flight
+
+    @property
+    def _fallback_policy(self) -> str:
+        pool = self.pool
+        return pool.hash_fallback if pool.policy == "hash" else pool.policy
+
     def _member(self, upstream: Upstream) -> Member:
-        member = Member(upstream, self._resolve(upstream), self.pool.max_connections)
+        member = Member(upstream, self._resolve(upstream), self.pool.max_connections, self.load)
         if self.shared is not None:
             self.shared.bind(member)
         return member
@@ -148,29 +177,93 @@ class PoolRuntime:
             eligible = [m for m in self.members if not m.drained and m.weight > 0]
             weights = [m.weight for m in eligible]
         self.eligible = eligible
-        self.policy = build(pool.policy, eligible, weights, self.rng, self.policy, resume_after)
+        self._build_policies(eligible, weights, resume_after)
         self._next_change = next_change
+
+    def _build_policies(
+        self, eligible: list[Member], weights: list[int], resume_after: Member | None
+    ) -> None:
+        hashing = self.hashing
+        previous = hashing.fallback if hashing is not None else self.policy
+        policy = build(self._fallback_policy, eligible, weights, self.rng, previous, resume_after)
+        if self.pool.policy == "hash":
+            if hashing is not None and hashing.ring.reusable(eligible, weights):
+                ring = hashing.ring
+            else:
+                identities = [m.upstream.identity.encode("ascii") for m in eligible]
+                ring = HashRing(eligible, weights, identities, self._points)
+            spills = hashing.spills if hashing is not None else 0
+            self.hashing = ConsistentHash(ring, policy, self.pool.balance_factor, self.load)
+            self.hashing.spills = spills
+            self.policy = self.hashing
+        else:
+            self.policy = policy
+        sticky = self.sticky
+        if sticky is not None:
+            self._pinned = {sticky.value(m.upstream.identity): m for m in eligible}
 
     def refresh_if_due(self) -> None:
         """Apply what time alone changed (an ejection that ran out, a slow-start step)."""
         if self._next_change != math.inf and self.clock() >= self._next_change:
             self.refresh()
 
-    def pick(self, tried: list[Member]) -> Member | None:
-        """The upstream for the next attempt, or None when none may be tried."""
+    def pick(self, tried: list[Member], affinity: Affinity | None = None) -> Member | None:
+        """The upstream for the next attempt, or None when none may be tried. With an
+        ``affinity`` (``affinity()``): its sticky upstream if eligible, else its hash
+        key's, else the policy's."""
         shared = self.shared
         if shared is not None and shared.generation != self._shared_generation:
             self.sync()  # another worker changed what the pool knows
         elif self._next_change != math.inf and self.clock() >= self._next_change:
             self.refresh()  # what time alone changed (refresh_if_due, inline: every request)
-        member = self.policy.pick(tried)
+        member = self.policy.pick(tried) if affinity is None else self._affine_pick(affinity, tried)
         while member is not None and member.health.half_open and not self.all_down:
             if self._claim_probe(member):
                 self.refresh(resume_after=member)  # the probe was a turn of the rotation
                 break
             self.refresh()  # another worker probes it: pick again
-            member = self.policy.pick(tried)
+            member = (
+                self.policy.pick(tried) if affinity is None else self._affine_pick(affinity, tried)
+            )
         return member
+
+    def affinity(self, scope: Scope) -> Affinity | None:
+        """Where this request asks to go (its sticky cookie, its hash key); None for a
+        pool with neither ``sticky`` nor ``policy="hash"``."""
+        read_key, sticky = self._read_key, self.sticky
+        if read_key is None and sticky is None:
+            return None
+        key = read_key(scope) if read_key is not None else None
+        pinned = cookie_value(scope["headers"], sticky.name) if sticky is not None else None
+        if read_key is not None:
+            self.affinity_counts["keyed" if key is not None else "unkeyed"] += 1
+        return Affinity(key, pinned)
+
+    def _affine_pick(self, affinity: Affinity, tried: list[Member]) -> Member | None:
+        pinned = affinity.pinned
+        if pinned is not None:
+            member = self._pinned.get(pinned)
+            if member is not None and member not in tried and not member.health.half_open:
+                self.affinity_counts["sticky_kept"] += 1
+                return member
+        hashing = self.hashing
+        if affinity.key is not None and hashing is not None:
+            return hashing.pick_key(affinity.key, tried)
+        return self.policy.pick(tried)
+
+    def sticky_header(
+        self, member: Member, affinity: Affinity | None
+    ) -> tuple[bytes, bytes] | None:
+        """The ``Set-Cookie`` pinning the client to ``member``, unless its cookie already
+        does (None)."""
+        sticky = self.sticky
+        if sticky is None:
+            return None
+        value = sticky.value(member.upstream.identity)
+        if affinity is not None and affinity.pinned == value:
+            return None
+        self.affinity_counts["sticky_set"] += 1
+        return sticky.set_cookie(value)
 
     def _claim_probe(self, member: Member) -> bool:
         """Make ``member``'s next request the one probe of a half-open upstream, across
@@ -232,10 +325,13 @@ class PoolRuntime:
             waits.append(self.pool.health_check.interval)
         return max(1, math.ceil(min(waits))) if waits else 1
 
-    def attempt(self, tried: list[Member], *, slot: bool = True) -> Attempt:
+    def attempt(
+        self, tried: list[Member], *, slot: bool = True, affinity: Affinity | None = None
+    ) -> Attempt:
         """The lease for one try of a request: ``async with pool.attempt(tried) as a``.
-        ``slot=False`` takes no ``max_connections`` slot (a WebSocket's)."""
-        return Attempt(self, tried, slot)
+        ``slot=False`` takes no ``max_connections`` slot (a WebSocket's); ``affinity``
+        where the request asks to go (``affinity(scope)``)."""
+        return Attempt(self, tried, slot, affinity)
 
     # -- outcomes (only an Attempt reports them) ------------------------------------------
 
@@ -396,6 +492,10 @@ class PoolRuntime:
             return
         self._log_membership(added, removed, members)
         self.members = members
+        if removed:
+            self._points.keep_only({m.upstream.identity.encode("ascii") for m in members})
+            if self.sticky is not None:
+                self.sticky.forget({m.upstream.identity for m in members})
         self.refresh()
         if added and self.checker is not None:
             self.checker.check_soon()  # check newcomers now, not an interval from now
@@ -431,6 +531,14 @@ class PoolRuntime:
             "error": watcher.error,
             "members": len(self.members),
         }
+
+    def affinity_status(self) -> dict[str, int] | None:
+        """Requests with and without a hash key, keys spilled past a full upstream
+        (bounded load), sticky cookies kept and set; None for a pool using neither."""
+        if self._read_key is None and self.sticky is None:
+            return None
+        spilled = self.hashing.spills if self.hashing is not None else 0
+        return {**self.affinity_counts, "spilled": spilled}
 
     def counters(self) -> list[tuple[Member, UpstreamStats]]:
         """Each member with its counters (``in_flight`` and ``websockets`` set): this

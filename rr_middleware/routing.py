@@ -168,6 +168,38 @@ class PrefixRouter(Generic[T]):
             return 0, self._root
         return None
 
+    def match_all(self, raw_path: bytes) -> list[tuple[int, T]]:
+        """Every prefix ``raw_path`` is under, longest first (``/`` last), as ``match``
+        finds the first: for routes that may decline a request, leaving it to a shorter
+        prefix."""
+        found: list[tuple[int, T]] = []
+        ends: list[int] = []
+        pos = 0
+        for _ in range(self._max_depth):
+            nxt = raw_path.find(b"/", pos + 1)
+            if nxt == -1:
+                ends.append(len(raw_path))
+                break
+            ends.append(nxt)
+            pos = nxt
+        start = 0
+        key = b""
+        for end in ends:
+            segment = raw_path[start + 1 : end]
+            if b"%" in segment:
+                segment = unquote_to_bytes(segment)
+                if b"/" in segment:
+                    break
+            key += b"/" + segment
+            value = self._table.get(key)
+            if value is not None:
+                found.append((end, value))
+            start = end
+        found.reverse()
+        if self._root is not None:
+            found.append((0, self._root))
+        return found
+
     def _match_decoded(self, raw_path: bytes, ends: list[int]) -> tuple[int, T] | None:
         keys: list[tuple[int, bytes]] = []
         key = b""

@@ -31,10 +31,11 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .config import PoolsArg, normalize_pools, normalize_prefix
+from .config import PoolsArg, normalize_pool_key, normalize_pools
 from .errors import FieldError
+from .handler import ForwardedResponse, RouteForwarder
 from .pool_runtime import PoolRuntime
-from .route import ForwardedResponse, RouteForwarder
+from .sticky import SECRET_ENV
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
@@ -97,12 +98,14 @@ class Balancer:
 
             self.pools[prefix] = PoolRuntime(prefix, pool, resolve)
         self._owner: RouteForwarder | None = None
+        #: The routes of the middleware serving it (set by the middleware), for status.
+        self.routes: list[Any] = []
 
     # -- the handle -----------------------------------------------------------------------
 
     def __getitem__(self, prefix: str) -> PoolRuntime:
         try:
-            return self.pools[normalize_prefix(prefix)]
+            return self.pools[normalize_pool_key(prefix)]
         except (KeyError, ValueError):
             known = ", ".join(self.pools)
             raise KeyError(f"no pool at {prefix!r} (pools: {known})") from None
@@ -117,7 +120,7 @@ class Balancer:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""
         from .metrics import status_json
 
-        return status_json(self.pools, self.zone)
+        return status_json(self.pools, self.zone, self.routes)
 
     def prometheus_collector(self) -> Any:
         """A ``prometheus_client`` collector of every pool's counters, to register in a
@@ -127,7 +130,8 @@ class Balancer:
         return PrometheusCollector(self.pools)
 
     async def forward(self, request: Request, prefix: str, *, path: str | None = None) -> Response:
-        """Forward ``request`` from inside a route handler to the pool at ``prefix``, so
+        """Forward ``request`` from inside a route handler to the pool at ``prefix`` (or
+        of that name), so
         the route's dependencies (a login) run first; return the Response that relays
         the upstream's answer as it streams in.
 
@@ -188,6 +192,15 @@ class Balancer:
                 )
         for runtime in self.pools.values():
             runtime.start_checks()
+            if runtime.sticky is not None and runtime.sticky.random_secret:
+                logger.warning(
+                    "pool %s: sticky cookie %s has no secret (StickyCookie(secret=...) or %s): "
+                    "this process drew a random one, so its cookies mean nothing to other "
+                    "workers or replicas, nor after a restart",
+                    runtime.name,
+                    runtime.sticky.cookie.name,
+                    SECRET_ENV,
+                )
 
     async def stop(self) -> None:
         """Stop discovery and health checks, and close the connections the balancer

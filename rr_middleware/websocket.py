@@ -87,9 +87,10 @@ async def forward_websocket(
         return
     handshake = _Handshake(runtime, scope, receive, send, path, headers, has_host, message)
     tried: list[Member] = []
+    affinity = runtime.affinity(scope)  # a cookie or a key pins it; no cookie is set
     for _ in range(runtime.pool.retries + 1):
         try:
-            async with runtime.attempt(tried, slot=False) as attempt:
+            async with runtime.attempt(tried, slot=False, affinity=affinity) as attempt:
                 await handshake.attempt(attempt)
                 return
         except NoUpstream:

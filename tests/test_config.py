@@ -394,8 +394,11 @@ def test_bad_upstream_in_pools_names_prefix_and_url() -> None:
 
 
 def test_bad_prefix_in_pools_names_it() -> None:
-    with pytest.raises(ValueError, match=_names("api")):
-        normalize_pools({"api": ["http://10.0.0.1"]})
+    with pytest.raises(ValueError, match=_names("api/")):
+        normalize_pools({"api/": ["http://10.0.0.1"]})
+    # "api" is a pool name (for routes); with no route naming it, the middleware says so.
+    with pytest.raises(ValueError, match=r"'api' is a name, but no route names it.*'/api'"):
+        RoundRobinMiddleware(Starlette(), pools={"api": ["http://10.0.0.1"]})
 
 
 @pytest.mark.parametrize("pools", [{}, [], None, "http://10.0.0.1", [("/api", ["http://a"])]])

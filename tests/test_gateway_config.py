@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 import rr_middleware
-from rr_middleware import ConsulDiscovery, DNSDiscovery, HealthCheck, Pool, Upstream
+from rr_middleware import (
+    ConsulDiscovery,
+    DNSDiscovery,
+    HealthCheck,
+    Pool,
+    Route,
+    StickyCookie,
+    Upstream,
+)
 from rr_middleware.config import FieldError
 from rr_middleware.config_mapping import ConfigError, KeyTable
 from rr_middleware.gateway import describe
@@ -111,7 +119,16 @@ def init_fields(cls: type) -> set[str]:
 
 
 def test_the_checks_below_cover_every_class_a_file_builds() -> None:
-    classes = {ServerSettings, Pool, Upstream, HealthCheck, ConsulDiscovery, DNSDiscovery}
+    classes = {
+        ServerSettings,
+        Pool,
+        Upstream,
+        HealthCheck,
+        ConsulDiscovery,
+        DNSDiscovery,
+        StickyCookie,
+        Route,
+    }
     assert set(KEY_TABLES) == classes
 
 
@@ -186,7 +203,7 @@ def test_every_default_is_accepted_by_its_converter(table: KeyTable[Any]) -> Non
         (
             API + 'policy = "fastest"',
             'pools."/api".policy',
-            "must be 'round_robin', 'least_requests' or 'random', got 'fastest'",
+            "must be 'round_robin', 'least_requests', 'random' or 'hash', got 'fastest'",
         ),
         (
             API + "unhealthy_statuses = [502, 999]",
