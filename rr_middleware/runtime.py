@@ -131,9 +131,8 @@ class Balancer:
 
     async def forward(self, request: Request, prefix: str, *, path: str | None = None) -> Response:
         """Forward ``request`` from inside a route handler to the pool at ``prefix`` (or
-        of that name), so
-        the route's dependencies (a login) run first; return the Response that relays
-        the upstream's answer as it streams in.
+        of that name), so the route's dependencies (a login) run first; return the
+        Response that relays the upstream's answer as it streams in.
 
         ```python
         @app.api_route("/admin/{path:path}", methods=["GET", "POST"])

@@ -386,3 +386,17 @@ def test_a_gibibyte_upload_streams_through_a_route_with_flat_memory() -> None:
     assert (response.status_code, response.text) == (200, str(size))
     assert sink.sizes == [size]
     assert peak - before < 64 << 20, f"grew by {(peak - before) >> 20} MiB"
+
+
+def test_an_internal_pool_keyed_by_a_name(upstream: RunningServer) -> None:
+    balancer = Balancer({"admin": Pool([upstream.url], internal=True), "/api": [upstream.url]})
+    app = FastAPI()
+    app.add_middleware(RoundRobinMiddleware, balancer=balancer)
+
+    @app.get("/panel/{rest:path}")
+    async def panel(request: Request, rest: str) -> Response:
+        return await balancer.forward(request, "admin", path="/" + rest)
+
+    with serve(app) as front, client() as http:
+        assert http.get(f"{front.url}/panel/a/b?q=1").json()["raw_path"] == "/a/b"
+        assert http.get(f"{front.url}/admin/x").status_code == 404
