@@ -5,7 +5,10 @@ the traceparent they got. And X-Request-ID."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,3 +210,31 @@ def test_request_id_off_by_default(upstream: RunningServer) -> None:
     assert values(response.json(), "x-request-id") == []
     with pytest.raises(ValueError, match="request_id must be True or False"):
         RoundRobinMiddleware(FastAPI(), pools={"/a": ["http://10.0.0.1"]}, request_id="yes")  # type: ignore[arg-type]
+
+
+WITHOUT_OPENTELEMETRY = """
+import sys
+sys.modules["opentelemetry"] = None  # as if the "otel" extra were not installed
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+from rr_middleware import RoundRobinMiddleware, tracing
+app = RoundRobinMiddleware(Starlette(), pools={"/api": [sys.argv[1]]})
+with TestClient(app) as http:
+    response = http.get("/api/x", headers={"traceparent": sys.argv[2]})
+print(tracing.OPENTELEMETRY, app.balancer["/api"].tracer, response.json()["headers"])
+assert not [n for n, m in sys.modules.items() if n.startswith("opentelemetry") and m]
+"""
+
+
+def test_without_opentelemetry_nothing_runs(upstream: RunningServer) -> None:
+    incoming = traceparent(0x1234, 0x5678)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_OPENTELEMETRY, upstream.url, incoming],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False None ")
+    assert f"['traceparent', '{incoming}']" in done.stdout  # passed on as any header
