@@ -430,6 +430,10 @@ def test_guard_and_hooks_are_import_strings(tmp_path: Path) -> None:
     assert pool.guard is values
     assert pool.on_response is os.path.join
     assert (pool.on_request, pool.rewrite_redirects, pool.rewrite_cookies) == (None, False, True)
+    # --check names them back as the file can (os.path.join lives in posixpath).
+    text = describe(config)
+    assert 'guard = "tests.upstream_app:values"' in text
+    assert 'on_response = "posixpath:join"' in text
 
 
 @pytest.mark.parametrize(
