@@ -84,11 +84,14 @@ class ProxySettings:
     sweeper: Sweeper = field(default_factory=Sweeper)
 
     def upstream_headers(
-        self, runtime: PoolRuntime, scope: Scope, scheme: str
+        self, runtime: PoolRuntime, scope: Scope, scheme: str, stripped: bytes | None = None
     ) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The headers to send upstream, and whether they hold the Host (the client's,
-        with ``preserve_host``); raises BadRequestHeaders."""
+        with ``preserve_host``); raises BadRequestHeaders. ``stripped``: the prefix taken
+        off the path, when not the pool's (forwarding from a route handler)."""
         pool = runtime.pool
+        if stripped is None:
+            stripped = runtime.prefix if pool.strip_prefix else b""
         peer = scope.get("client")
         return request_headers(
             scope["headers"],
@@ -96,7 +99,7 @@ class ProxySettings:
             scheme=scheme,
             trusted=self.trusted,
             keep_host=pool.preserve_host,
-            prefix=runtime.prefix if pool.strip_prefix else b"",
+            prefix=stripped,
             max_bytes=self.max_header_bytes,
         )
 
@@ -132,9 +135,11 @@ async def forward(
     send: Send,
     path: bytes,
     settings: ProxySettings,
+    stripped: bytes | None = None,
 ) -> None:
     """Forward one HTTP request to the pool and relay the answer. ``path`` is the raw path
-    to send (prefix already stripped when the pool strips it)."""
+    to send (prefix already stripped when the pool strips it; ``stripped``, if not the
+    pool's prefix, is what was)."""
     pool = runtime.pool
     hooks = runtime.hooks
     if hooks is not None and hooks.guard is not None:
@@ -148,7 +153,8 @@ async def forward(
         await send_error(send, 503, [retry_after, *closing(scope)])
         return
     try:
-        headers, has_host = settings.upstream_headers(runtime, scope, scope.get("scheme", "http"))
+        scheme = scope.get("scheme", "http")
+        headers, has_host = settings.upstream_headers(runtime, scope, scheme, stripped)
     except BadRequestHeaders as exc:
         logger.info("pool %s: refused request: %s", runtime.name, exc)
         await send_error(send, exc.status, closing(scope))

@@ -336,7 +336,8 @@ class RoundRobinMiddleware:
         if refusal is not None:
             await send_error(send, refusal.status, [*refusal.headers, *closing(scope)])
             return
-        await forward(state, scope, receive, send, rest, self._settings)
+        stripped = raw_path[: len(raw_path) - len(rest)] if raw_path.endswith(rest) else b""
+        await forward(state, scope, receive, send, rest, self._settings, stripped)
 
     def status(self) -> dict[str, Any]:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""

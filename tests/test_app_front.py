@@ -397,6 +397,15 @@ def test_an_internal_pool_keyed_by_a_name(upstream: RunningServer) -> None:
     async def panel(request: Request, rest: str) -> Response:
         return await balancer.forward(request, "admin", path="/" + rest)
 
+    @app.get("/report")
+    async def report(request: Request) -> Response:
+        return await balancer.forward(request, "admin", path="/reports/latest")
+
     with serve(app) as front, client() as http:
-        assert http.get(f"{front.url}/panel/a/b?q=1").json()["raw_path"] == "/a/b"
+        record = http.get(f"{front.url}/panel/a/b?q=1").json()
+        assert record["raw_path"] == "/a/b"
+        assert values(record, "x-forwarded-prefix") == ["/panel"]  # what was taken off
+        record = http.get(f"{front.url}/report").json()
+        assert record["raw_path"] == "/reports/latest"
+        assert values(record, "x-forwarded-prefix") == []  # nothing was
         assert http.get(f"{front.url}/admin/x").status_code == 404
