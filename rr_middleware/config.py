@@ -120,6 +120,10 @@ class Pool:
     hash_fallback: str = "round_robin"
     balance_factor: float | None = 1.25
     sticky: StickyCookie | None = None
+    mirror: str | None = None
+    mirror_fraction: float = 1.0
+    mirror_body_limit: int = 64 * 1024
+    mirror_max_in_flight: int = 100
     health_check: HealthCheck | None = None
     max_fails: int = 3
     fail_timeout: float = 10.0
@@ -264,6 +268,20 @@ class Pool:
             )
         if self.sticky is not None and not isinstance(self.sticky, StickyCookie):
             raise FieldError("sticky", f"must be a StickyCookie or None, got {self.sticky!r}")
+        self._check_mirror()
+
+    def _check_mirror(self) -> None:
+        if self.mirror is not None and (not isinstance(self.mirror, str) or not self.mirror):
+            raise FieldError("mirror", f"must be the key of another pool, got {self.mirror!r}")
+        fraction = self.mirror_fraction
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0 < fraction <= 1
+        ):
+            raise FieldError("mirror_fraction", f"must be a number in (0, 1], got {fraction!r}")
+        _int_at_least("mirror_body_limit", self.mirror_body_limit, 0)
+        _int_at_least("mirror_max_in_flight", self.mirror_max_in_flight, 1)
 
     @property
     def members(self) -> tuple[Upstream, ...]:

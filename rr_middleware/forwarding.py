@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from .attempt import Attempt
     from .members import Member
+    from .mirroring import Mirror
     from .pool_runtime import PoolRuntime
     from .upstream import Upstream
 
@@ -302,12 +303,19 @@ class _Forwarding:
         # stalls early holds no upstream connection, and a short body, read whole, can be
         # sent again by a retry; a longer one streams from there at the client's pace.
         buffer = max(pool.request_buffer_size, pool.retry_body_limit if self.retryable else 0)
+        mirror = runtime.mirror
+        if mirror is not None and not mirror.chosen():
+            mirror = None
+        if mirror is not None:
+            buffer = max(buffer, pool.mirror_body_limit)
         tried: list[Member] = []
         error: UpstreamError | None = None
         try:
             self.body = await self.client.start(buffer)
             if not self.client.complete:
                 self.stream = self.client
+            if mirror is not None:
+                self._mirror(mirror)
             # Only a body held whole, within retry_body_limit, is sent again.
             self.replayable = self.stream is None and len(self.body or b"") <= pool.retry_body_limit
             for _ in range(pool.retries + 1):
@@ -343,6 +351,12 @@ class _Forwarding:
             await self._client_failed(exc)
             return
         await self._answer_failure(error, tried)
+
+    def _mirror(self, mirror: Mirror) -> None:
+        if self.stream is not None:  # not whole within the limit: not copied
+            mirror.skip()
+        else:
+            mirror.submit(self.method, self.suffix, self.headers, self.has_host, self.body)
 
     def _request(self, upstream: Upstream) -> UpstreamRequest:
         target = upstream.base_path + self.suffix

@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -38,6 +39,7 @@ from .gateway_config import (
     KEY_TABLES,
     MIDDLEWARE,
     POOL,
+    ROUTE,
     SERVER,
     GatewayConfig,
     ServerSettings,
@@ -180,6 +182,9 @@ def describe(config: GatewayConfig) -> str:
     for prefix, pool in config.pools.items():
         lines += ["", f"[{key_path('pools', prefix)}]"]
         lines += _table_lines(pool, POOL, key_path("pools", prefix))
+    for route in config.middleware.get("routes", ()):
+        lines += ["", "[[routes]]"]
+        lines += _table_lines(route, ROUTE, "routes")
     return "\n".join(lines)
 
 
@@ -228,6 +233,12 @@ def _render(value: Any) -> str:
         return f"{value.start}..{value.stop - 1}"
     if isinstance(value, (set, frozenset)):
         return "[" + ", ".join(_render(v) for v in sorted(value)) + "]"
+    if isinstance(value, dict):
+        return (
+            "{ " + ", ".join(f"{key_path('', k)} = {_render(v)}" for k, v in value.items()) + " }"
+        )
+    if isinstance(value, re.Pattern):
+        return f"{{ regex = {json.dumps(value.pattern)} }}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_render(v) for v in value) + "]"
     return repr(value)

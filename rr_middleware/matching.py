@@ -107,7 +107,8 @@ class Route:
                 raise FieldError("methods", f"must be method names, got {self.methods!r}")
             normalised["methods"] = frozenset(m.upper() for m in self.methods)
         for option in ("headers", "cookies", "query"):
-            normalised[option] = _conditions(option, getattr(self, option))
+            if getattr(self, option) is not None:
+                normalised[option] = _conditions(option, getattr(self, option))
         if self.stick_on is not None:
             if self.split is None:
                 raise FieldError("stick_on", "is only read with split=")
@@ -145,7 +146,7 @@ class Route:
             conditions["methods"] = sorted(self.methods)
         for option in ("headers", "cookies", "query"):
             values = getattr(self, option)
-            if values:
+            if values:  # None or empty: no condition
                 conditions[option] = {
                     k: v.pattern if isinstance(v, re.Pattern) else v for k, v in values.items()
                 }

@@ -13,7 +13,7 @@ on ``up`` keeps firing while the pool limps on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .counters import BUCKETS, Histogram, UpstreamStats
@@ -74,6 +74,7 @@ def status_json(
                 "policy": runtime.pool.policy,
                 "panic": runtime.panic,
                 "affinity": runtime.affinity_status(),
+                "mirror": runtime.mirror.status() if runtime.mirror is not None else None,
                 "discovery": runtime.discovery_status(),
                 "upstreams": rows,
             }
@@ -91,19 +92,28 @@ class PrometheusCollector:
     ``balancer.prometheus_collector()`` in your own registry, or let ``metrics_path=``
     serve a registry of its own."""
 
-    def __init__(self, pools: Mapping[str, PoolRuntime]) -> None:
+    def __init__(
+        self,
+        pools: Mapping[str, PoolRuntime],
+        routes: Callable[[], Sequence[Any]] = tuple,
+    ) -> None:
         self._pools = pools
+        self._routes = routes
 
     def collect(self) -> Iterator[Any]:
         families = _Families()
         for prefix, runtime in self._pools.items():
             rows = runtime.rows()  # brought up to date first (time, other workers)
             families.panic.add_metric([prefix], 1 if runtime.panic else 0)
+            families.add_traffic(prefix, runtime)
             for row, stats in rows:
                 key = [prefix, row["url"]]
                 families.add_upstream(key, stats, row["eligible"])
                 families.in_flight.add_metric(key, stats.in_flight)
                 families.websockets.add_metric(key, stats.websockets)
+        for index, route in enumerate(self._routes()):
+            for pool, n in route.sent.items():
+                families.routes.add_metric([str(index), route.route.prefix, pool], n)
         yield from families.all()
 
 
@@ -152,6 +162,21 @@ class _Families:
         self.websockets = GaugeMetricFamily(
             "rr_upstream_websockets", "Open WebSocket connections", labels=labels
         )
+        self.affinity = CounterMetricFamily(
+            "rr_pool_affinity",
+            "Hashing and sticky cookies: keyed, unkeyed, spilled, sticky_kept, sticky_set",
+            labels=["pool", "event"],
+        )
+        self.mirrored = CounterMetricFamily(
+            "rr_mirror_requests",
+            "Copies to the mirror pool: sent, answered, failed, dropped, skipped",
+            labels=["pool", "mirror", "outcome"],
+        )
+        self.routes = CounterMetricFamily(
+            "rr_route_requests",
+            "Requests a route sent to each pool (route: its index in routes=)",
+            labels=["route", "prefix", "pool"],
+        )
         self.latency = HistogramMetricFamily(
             "rr_upstream_request_duration_seconds",
             "Time to the end of the response",
@@ -181,6 +206,15 @@ class _Families:
         ):
             family.add_metric(key, _buckets(histogram), histogram.total)
 
+    def add_traffic(self, prefix: str, runtime: PoolRuntime) -> None:
+        affinity = runtime.affinity_status()
+        for event, n in (affinity or {}).items():
+            self.affinity.add_metric([prefix, event], n)
+        mirror = runtime.mirror
+        if mirror is not None:
+            for outcome, n in mirror.counts.items():
+                self.mirrored.add_metric([prefix, mirror.target.name, outcome], n)
+
     def all(self) -> tuple[Any, ...]:
         return (
             self.requests,
@@ -193,6 +227,9 @@ class _Families:
             self.panic,
             self.in_flight,
             self.websockets,
+            self.affinity,
+            self.mirrored,
+            self.routes,
             self.latency,
             self.headers_latency,
         )

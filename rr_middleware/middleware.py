@@ -59,7 +59,7 @@ def _raw_path(scope: Scope) -> bytes:
 def _unreached(key: str) -> FieldError:
     return FieldError(
         "pools",
-        f"{key!r} is a name, but no route names it (a prefix starts with '/': '/{key}')",
+        f"{key!r} is a name, but no route or mirror names it (a prefix starts with '/': '/{key}')",
     )
 
 
@@ -233,8 +233,9 @@ class RoundRobinMiddleware:
         }
         if routes:
             return PrefixRouter(prefixed), cls._route_tables(routes, balancer)
+        mirrors = {r.mirror.target.name for r in balancer.pools.values() if r.mirror}
         for key, runtime in balancer.pools.items():
-            if key not in prefixed and not runtime.pool.internal:
+            if key not in prefixed and key not in mirrors and not runtime.pool.internal:
                 raise _unreached(key)
         return PrefixRouter(prefixed), None
 
@@ -246,12 +247,14 @@ class RoundRobinMiddleware:
         }
         tables, states = build_tables(routes, pools)
         reached = {key for state in states for key in state.route.targets}
+        reached |= {r.mirror.target.name for r in balancer.pools.values() if r.mirror}
         for key, runtime in pools.items():
             if key[0] != "/" and key not in reached:
                 raise _unreached(key)
             if key[0] != "/" and not runtime.prefix:
-                # X-Forwarded-Prefix of a named pool: its first route's prefix.
-                first = next(s.route.prefix for s in states if key in s.route.targets)
+                # X-Forwarded-Prefix of a named pool: its first route's prefix (a pool only
+                # a mirror reaches gets the headers of the requests it copies).
+                first = next((s.route.prefix for s in states if key in s.route.targets), "/")
                 runtime.prefix = first.encode("ascii") if first != "/" else b""
         balancer.routes = states
         return PrefixRouter(tables)

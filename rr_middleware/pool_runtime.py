@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from starlette.types import Scope
 
     from .counters import UpstreamStats
+    from .mirroring import Mirror
     from .zone import ZonePool
 
 __all__ = ["PoolRuntime"]
@@ -87,6 +88,8 @@ class PoolRuntime:
         path = prefix if prefix.startswith("/") else "/"
         self.sticky = StickyValues(pool.sticky, path) if pool.sticky is not None else None
         self._pinned: dict[bytes, Member] = {}
+        #: ``mirror=``: the copies to the mirror pool (the Balancer links it).
+        self.mirror: Mirror | None = None
         #: Requests that came with a hash key, without one, and with a sticky cookie
         #: that reached its upstream (status page).
         self.affinity_counts = {"keyed": 0, "unkeyed": 0, "sticky_kept": 0, "sticky_set": 0}
@@ -135,6 +138,8 @@ class PoolRuntime:
             self.checker.start()
 
     async def stop(self) -> None:
+        if self.mirror is not None:
+            await self.mirror.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.checker is not None:

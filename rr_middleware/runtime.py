@@ -34,6 +34,7 @@ from starlette.responses import Response
 from .config import PoolsArg, normalize_pool_key, normalize_pools
 from .errors import FieldError
 from .handler import ForwardedResponse, RouteForwarder
+from .mirroring import Mirror
 from .pool_runtime import PoolRuntime
 from .sticky import SECRET_ENV
 from .transport.base import UpstreamTransport
@@ -97,9 +98,30 @@ class Balancer:
                 return as_transport(upstream.transport) or default
 
             self.pools[prefix] = PoolRuntime(prefix, pool, resolve)
+        self._link_mirrors()
         self._owner: RouteForwarder | None = None
         #: The routes of the middleware serving it (set by the middleware), for status.
         self.routes: list[Any] = []
+
+    def _link_mirrors(self) -> None:
+        for key, runtime in self.pools.items():
+            pool = runtime.pool
+            if pool.mirror is None:
+                continue
+            target = self.pools.get(normalize_pool_key(pool.mirror))
+            if target is None or target is runtime:
+                known = ", ".join(k for k in self.pools if k != key)
+                raise FieldError(
+                    "mirror",
+                    f"pool {key!r}: mirror {pool.mirror!r} is not another pool (pools: {known})",
+                )
+            runtime.mirror = Mirror(
+                target,
+                pool.mirror_fraction,
+                pool.mirror_body_limit,
+                pool.mirror_max_in_flight,
+                runtime.rng,
+            )
 
     # -- the handle -----------------------------------------------------------------------
 
@@ -127,7 +149,7 @@ class Balancer:
         registry of your own (``metrics_path=`` serves one of its own)."""
         from .metrics import PrometheusCollector
 
-        return PrometheusCollector(self.pools)
+        return PrometheusCollector(self.pools, lambda: self.routes)
 
     async def forward(self, request: Request, prefix: str, *, path: str | None = None) -> Response:
         """Forward ``request`` from inside a route handler to the pool at ``prefix`` (or

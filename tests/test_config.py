@@ -397,7 +397,7 @@ def test_bad_prefix_in_pools_names_it() -> None:
     with pytest.raises(ValueError, match=_names("api/")):
         normalize_pools({"api/": ["http://10.0.0.1"]})
     # "api" is a pool name (for routes); with no route naming it, the middleware says so.
-    with pytest.raises(ValueError, match=r"'api' is a name, but no route names it.*'/api'"):
+    with pytest.raises(ValueError, match=r"'api' is a name, but no route or mirror names.*'/api'"):
         RoundRobinMiddleware(Starlette(), pools={"api": ["http://10.0.0.1"]})
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from rr_middleware import Pool, RoundRobinMiddleware, Route
 from rr_middleware.errors import FieldError
+from rr_middleware.gateway import describe
 from rr_middleware.gateway_config import load_config
 
 from .proxy import client, host_app, running_proxy
@@ -181,7 +182,7 @@ def test_routes_are_validated() -> None:
 
 def test_routes_name_existing_pools_and_named_pools_need_a_route() -> None:
     pools = {"/api": Pool(["http://10.0.0.1:8000"]), "canary": Pool(["http://10.0.0.2:8000"])}
-    with pytest.raises(FieldError, match="no route names it"):
+    with pytest.raises(FieldError, match="no route or mirror names it"):
         RoundRobinMiddleware(host_app(), pools=pools)
     with pytest.raises(FieldError, match="names no pool 'canry'"):
         RoundRobinMiddleware(host_app(), pools=pools, routes=[Route("/api", pool="canry")])
@@ -221,3 +222,14 @@ stick_on = "cookie:session"
     assert first.methods == frozenset({"GET", "HEAD"})
     assert second.split == {"/api": 95, "canary": 5}
     assert second.stick_on == "cookie:session"
+    printed = describe(config).splitlines()  # rr-gateway --check
+    routes_part = printed[printed.index("[[routes]]") :]
+    for line in [
+        'pool = "canary"',
+        'methods = ["GET", "HEAD"]',
+        'headers = { x-canary = "always", x-debug = true, x-build = { regex = "^rc" } }',
+        'split = { "/api" = 95, canary = 5 }',
+        'stick_on = "cookie:session"',
+    ]:
+        assert line in routes_part, routes_part
+    assert routes_part.count("[[routes]]") == 2
