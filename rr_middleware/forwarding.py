@@ -165,7 +165,7 @@ async def forward(
         if answer is not None:
             await send_response(answer, scope, receive, send)
             return
-        has_host = pool.preserve_host and any(name == b"host" for name, _ in headers)
+        has_host = any(name == b"host" for name, _ in headers)  # the hook may set one
     rid = request_id(headers) if settings.request_id else None
     size_limit = pool.max_body_size
     if size_limit is not None and (_declared_length(scope["headers"]) or 0) > size_limit:

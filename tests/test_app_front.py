@@ -134,6 +134,7 @@ def test_on_request_edits_exactly_what_goes_upstream(upstream: RunningServer) ->
         del headers["cookie"]
         headers["content-length"] = "999"  # framing is the proxy's: ignored
         headers["connection"] = "close"  # hop-by-hop: ignored
+        headers["host"] = "internal.example"  # the upstream's Host, replaced
 
     pool = Pool([upstream.url], on_request=on_request)
     with running_proxy({"/api": pool}) as (proxy, _), client() as http:
@@ -145,6 +146,7 @@ def test_on_request_edits_exactly_what_goes_upstream(upstream: RunningServer) ->
     assert values(record, "cookie") == []
     assert values(record, "content-length") == ["5"]
     assert values(record, "connection") == []
+    assert values(record, "host") == ["internal.example"]
     assert record["body"] == "hello"
 
 
