@@ -272,7 +272,9 @@ class RoundRobinMiddleware:
         """The pool for this request, the raw path to forward, and the Refusal to answer
         instead (None: forward it); None if no pool matches. (A tuple, not an object: it
         is built for every pooled request.)"""
-        raw_path = _raw_path(scope)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        if b"?" in raw_path:  # some servers leave the query in raw_path (as _raw_path)
+            raw_path = raw_path.partition(b"?")[0]
         if self._tables is None:
             found = self._router.match(raw_path)
         else:
