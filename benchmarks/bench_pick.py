@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from rr_middleware.balancing import build
+from rr_middleware.latency import PeakEwma
 
 SIZES = (2, 100, 1_000, 10_000)
 SPREAD = (1, 2, 5)  # three distinct weights, spread across the pool
@@ -65,6 +66,15 @@ def _members(size: int) -> list[Member]:
     return [Member(f"m{i}", rng.randrange(8)) for i in range(size)]
 
 
+def _estimates(size: int) -> list[PeakEwma]:
+    """A latency estimate per upstream, 1 to 50 ms, last observed a second ago."""
+    rng = random.Random(size)
+    estimates = [PeakEwma(10.0) for _ in range(size)]
+    for estimate in estimates:
+        estimate.observe(rng.uniform(0.001, 0.050), time.monotonic() - 1.0)
+    return estimates
+
+
 def _spread(size: int) -> list[int]:
     return [SPREAD[i % len(SPREAD)] for i in range(size)]
 
@@ -74,6 +84,7 @@ ROWS: tuple[tuple[str, str, Callable[[int], list[int]]], ...] = (
     ("round_robin, equal weights", "round_robin", lambda n: [1] * n),
     ("round_robin, weights 1/2/5", "round_robin", _spread),
     ("least_requests", "least_requests", lambda n: [1] * n),
+    ("peak_ewma", "peak_ewma", lambda n: [1] * n),
     ("random, weights 1/2/5", "random", _spread),
     ("naive nginx O(n), weights 1/2/5", "naive", _spread),
 )
@@ -113,6 +124,14 @@ def measure(picks: int, repeats: int) -> dict[str, dict[int, float]]:
             if policy == "naive":
                 pick = NaiveNginx(members, weights).pick
                 count = max(50, min(picks, 2_000_000 // size))  # O(n): fewer picks
+            elif policy == "peak_ewma":
+                pick = build(
+                    policy,
+                    members,
+                    weights,
+                    random.Random(size),
+                    estimates=_estimates(size),
+                ).pick
             else:
                 pick = build(policy, members, weights, random.Random(size)).pick
             pick()  # warm-up

@@ -43,6 +43,7 @@ from typing import Any
 from mkdocs.exceptions import PluginError
 
 from rr_middleware import (
+    TLS,
     Balancer,
     ConsulDiscovery,
     DNSDiscovery,
@@ -67,6 +68,7 @@ from rr_middleware.gateway_config import (
     ROUTE,
     SERVER,
     STICKY,
+    TLS_KEYS,
     UPSTREAM,
     ServerSettings,
 )
@@ -79,6 +81,7 @@ CLASSES: dict[str, tuple[Any, KeyTable[Any] | None]] = {
     "Pool": (Pool, POOL),
     "Upstream": (Upstream, UPSTREAM),
     "HealthCheck": (HealthCheck, HEALTH_CHECK),
+    "TLS": (TLS, TLS_KEYS),
     "StickyCookie": (StickyCookie, STICKY),
     "Route": (Route, ROUTE),
     "ConsulDiscovery": (ConsulDiscovery, CONSUL),

@@ -29,6 +29,7 @@ from .middleware import RoundRobinMiddleware
 from .pool_runtime import PoolRuntime
 from .runtime import Balancer
 from .sticky import StickyCookie
+from .tls import TLS
 from .transport import Http1Transport, HttpxTransport, UpstreamTransport
 from .upstream import Upstream
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .transport.aiohttp_transport import AiohttpTransport
 
 __all__ = [
+    "TLS",
     "AiohttpTransport",
     "Balancer",
     "BodyTooLarge",

@@ -16,9 +16,10 @@ full walks on along the ring to the next upstream below its bound; some always i
 the bounds add up to more than the requests in flight. A hot key thus spills to its ring
 neighbours instead of piling onto one upstream, and the other keys stay where they were.
 
-The ring is built when the eligible set changes, never per request. A lookup finds the
-key's bucket in a table of ``2**b`` buckets (about one point each) and bisects inside it:
-O(1) in the number of upstreams. Hashes are BLAKE2b, not Python's ``hash()`` (seeded per
+The ring is built when the eligible set changes, never per request (each upstream's
+points hashed once, kept sorted; a rebuild merges them), and holds at most ``MAX_POINTS``
+points however many upstreams there are: a lookup is one bisect of at most 17 steps, in
+C, whatever the size of the pool. Hashes are BLAKE2b, not Python's ``hash()`` (seeded per
 process): every worker process and every replica maps a key to the same upstream.
 
 ``key_reader`` turns ``hash_on`` into the function reading a request's key: the client's
@@ -32,8 +33,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import struct
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from .balancing import Policy, _first_untried
@@ -81,11 +83,13 @@ class PointCache:
     def __init__(self) -> None:
         self.slots: dict[bytes, int] = {}
         self._free: list[int] = []
-        self._hashes: dict[bytes, list[int]] = {}
+        self._hashes: dict[bytes, tuple[int, ...]] = {}
         self._sorted: dict[bytes, tuple[int, list[int]]] = {}
 
     def points(self, identity: bytes, count: int) -> list[int]:
-        """The first ``count`` points of ``identity``, sorted, each ``hash << 20 | slot``."""
+        """The first ``count`` points of ``identity``, sorted, each ``hash << 20 | slot``.
+        The points are SHAKE-128 of the identity read 8 bytes at a time: asking for more
+        extends the sequence, so an upstream's first points never change."""
         cached = self._sorted.get(identity)
         if cached is not None and cached[0] == count:
             return cached[1]
@@ -95,9 +99,10 @@ class PointCache:
             if slot > _OWNER_MASK:
                 raise RuntimeError("more than 2**20 upstreams in one pool's ring")
             self.slots[identity] = slot
-        hashes = self._hashes.setdefault(identity, [])
-        for index in range(len(hashes), count):
-            hashes.append(key_hash(b"%s#%d" % (identity, index)))
+        hashes = self._hashes.get(identity, ())
+        if len(hashes) < count:
+            stream = hashlib.shake_128(b"rr-ring\0" + identity).digest(8 * count)
+            hashes = self._hashes[identity] = struct.unpack(f">{count}Q", stream)
         points = sorted(point << _OWNER_BITS | slot for point in hashes[:count])
         self._sorted[identity] = (count, points)
         return points
@@ -113,15 +118,7 @@ class PointCache:
 class HashRing(Generic[M]):
     """The ring of ``members`` (each ``identity``), points in proportion to ``weights``."""
 
-    __slots__ = (
-        "_buckets",
-        "_index",
-        "_members",
-        "_points",
-        "_shift",
-        "total",
-        "weights",
-    )
+    __slots__ = ("_index", "_members", "_points", "total", "weights")
 
     def __init__(
         self,
@@ -142,13 +139,6 @@ class HashRing(Generic[M]):
         self._points = sorted(itertools.chain.from_iterable(lists))
         #: A point's owner slot (its low bits) -> the owner's index in ``_members``.
         self._index = {cache.slots[identity]: index for index, (_, _, identity) in enumerate(live)}
-        # Bucket b holds the points whose top bits are b: _buckets[b] is its first index.
-        bits = max(1, len(self._points).bit_length())
-        self._shift = 64 + _OWNER_BITS - bits
-        buckets = [0] * ((1 << bits) + 1)
-        for point in self._points:
-            buckets[(point >> self._shift) + 1] += 1
-        self._buckets = list(itertools.accumulate(buckets))
 
     def __len__(self) -> int:
         return len(self._members)
@@ -163,11 +153,9 @@ class HashRing(Generic[M]):
         )
 
     def position(self, point: int) -> int:
-        """The index of the first ring point at or after ``point`` (wrapping)."""
-        target = point << _OWNER_BITS
-        bucket = target >> self._shift
-        buckets = self._buckets
-        index = bisect_left(self._points, target, buckets[bucket], buckets[bucket + 1])
+        """The index of the first ring point at or after ``point`` (wrapping): a bisect,
+        at most 17 comparisons in C below ``MAX_POINTS``."""
+        index = bisect_left(self._points, point << _OWNER_BITS)
         return index if index < len(self._points) else 0
 
     def owner(self, point: int) -> M | None:
@@ -175,24 +163,6 @@ class HashRing(Generic[M]):
         if not self._points:
             return None
         return self._members[self._index[self._points[self.position(point)] & _OWNER_MASK]]
-
-    def walk(self, point: int) -> Iterator[int]:
-        """Each member (its index) in ring order from ``point``, once."""
-        points = self._points
-        count = len(points)
-        if not count:
-            return
-        index_of = self._index
-        seen: set[int] = set()
-        index = self.position(point)
-        for _ in range(count):
-            owner = index_of[points[index] & _OWNER_MASK]
-            if owner not in seen:
-                seen.add(owner)
-                yield owner
-                if len(seen) == len(self._members):
-                    return
-            index = index + 1 if index + 1 < count else 0
 
 
 class ConsistentHash(Generic[M]):
@@ -221,30 +191,39 @@ class ConsistentHash(Generic[M]):
 
     def pick_key(self, key: bytes, tried: Sequence[M] = ()) -> M | None:
         ring = self.ring
-        point = key_hash(key)
-        factor = self.balance_factor
-        owner = ring.owner(point)
-        if owner is None or ((factor is None or owner.in_flight == 0) and not tried):
-            return owner  # the common case: its own upstream, idle or unbounded
+        points = ring._points
+        count = len(points)
+        if not count:
+            return None
+        index_of = ring._index
         members = ring._members
-        weights = ring.weights
-        if factor is not None:
-            # HAProxy's chash_server_is_eligible: the pool's in flight, this one included.
-            allowed = math.ceil((self.load.in_flight + 1) * factor)
-        first = True
-        for index in ring.walk(point):
-            member = members[index]
-            if tried and member in tried:
-                continue
-            if factor is None:
-                return member
-            if member.in_flight * ring.total < allowed * weights[index]:
-                # in_flight < ceil(allowed * w / W), without dividing: in_flight is an
-                # integer, so it is below the ceiling exactly when below the quotient.
-                if not first:
-                    self.spills += 1
-                return member
-            first = False
+        position = ring.position(key_hash(key))
+        owner = index_of[points[position] & _OWNER_MASK]
+        member = members[owner]
+        factor = self.balance_factor
+        if (factor is None or member.in_flight == 0) and not tried:
+            return member  # the common case: its own upstream, idle or unbounded
+        # HAProxy's chash_server_is_eligible: the pool's in flight, this one included.
+        allowed = math.ceil((self.load.in_flight + 1) * factor) if factor is not None else 0
+        total, weights = ring.total, ring.weights
+        seen: set[int] = set()
+        spilled = False
+        for _ in range(count):  # along the ring, each member once
+            if owner not in seen:
+                seen.add(owner)
+                member = members[owner]
+                if not (tried and member in tried):
+                    # in_flight < ceil(allowed * w / W), without dividing: in_flight is an
+                    # integer, so it is below the ceiling exactly when below the quotient.
+                    if factor is None or member.in_flight * total < allowed * weights[owner]:
+                        if spilled:
+                            self.spills += 1
+                        return member
+                    spilled = True
+                if len(seen) == len(members):
+                    break
+            position = position + 1 if position + 1 < count else 0
+            owner = index_of[points[position] & _OWNER_MASK]
         return _first_untried(members, tried) if tried else None
 
 

@@ -15,9 +15,13 @@ from typing import TYPE_CHECKING, Protocol
 from .errors import NoUpstream, PoolTimeout, ProxyError, UpstreamError, UpstreamProtocolError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .config import Pool
+    from .latency import PeakEwma
     from .members import Member
     from .sticky import Affinity
+    from .tracing import AttemptTracer
     from .transport.base import UpstreamRequest, UpstreamResponse
     from .upstream import Upstream
 
@@ -29,6 +33,8 @@ class Outcomes(Protocol):
 
     name: str
     pool: Pool
+    record_latency: Callable[[PeakEwma, float], None] | None
+    tracer: AttemptTracer | None
 
     def pick(self, tried: list[Member], affinity: Affinity | None = None) -> Member | None: ...
     def succeeded(self, member: Member) -> None: ...
@@ -119,13 +125,22 @@ class Attempt:
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         """Send ``request`` to this attempt's upstream; return once its headers came."""
-        response = await self.member.transport.send(request)
+        tracer = self.runtime.tracer
+        if tracer is None:
+            response = await self.member.transport.send(request)
+        else:  # a client span, when the request is traced (``tracing.py``)
+            response = await tracer.send(self.member, request)
         status = response.status
         if not 200 <= status <= 599:  # any transport: the ASGI server could not send it
             await response.aclose()
             raise UpstreamProtocolError(f"upstream answered status {status:03d}")
-        stats = self.member.stats
-        stats.headers_latency.record(time.monotonic() - self.started)
+        member = self.member
+        stats = member.stats
+        elapsed = time.monotonic() - self.started
+        stats.headers_latency.record(elapsed)
+        record_latency = self.runtime.record_latency
+        if record_latency is not None:
+            record_latency(member.latency, elapsed)
         stats.codes[status] = stats.codes.get(status, 0) + 1
         self.status = status
         if status in self.runtime.pool.unhealthy_statuses:

@@ -9,7 +9,9 @@ the number of *distinct* weights, not of upstreams (see ``SmoothWeighted``).
 
 ``least_requests`` is the power of two random choices on in-flight requests, weight-aware
 (Envoy's default): two distinct upstreams drawn at random, the one with fewer in-flight
-requests per unit of weight wins. ``random`` is weighted random.
+requests per unit of weight wins. ``peak_ewma`` is the same draw, compared on latency
+times load: each upstream's peak EWMA of response-header latency (``latency.py``) *
+(in-flight + 1) / weight, Finagle's and Linkerd's cost. ``random`` is weighted random.
 
 Every policy picks among the *eligible* upstreams it was built with (the pool rebuilds it
 when health, weights or membership change) and takes ``tried``: upstreams already tried
@@ -19,10 +21,21 @@ for this request are never picked again for its retry.
 from __future__ import annotations
 
 import random as random_module
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["POLICIES", "LeastRequests", "Policy", "SmoothWeighted", "WeightedRandom", "build"]
+from .latency import FLOOR, PeakEwma, seed
+
+__all__ = [
+    "POLICIES",
+    "LeastLatency",
+    "LeastRequests",
+    "Policy",
+    "SmoothWeighted",
+    "WeightedRandom",
+    "build",
+]
 
 
 class _Member(Protocol):
@@ -207,10 +220,49 @@ class LeastRequests(Generic[M]):
                 return _first_untried(members, tried)
             if a_tried or b_tried:
                 return b if a_tried else a
+        return a if self._first_wins(i, j) else b
+
+    def _first_wins(self, i: int, j: int) -> bool:
         # in_flight/weight compared without dividing.
-        if a.in_flight * self._weights[j] <= b.in_flight * self._weights[i]:
-            return a
-        return b
+        members = self._members
+        return members[i].in_flight * self._weights[j] <= members[j].in_flight * self._weights[i]
+
+
+class LeastLatency(LeastRequests[M]):
+    """Power of two choices on peak EWMA * (in-flight + 1) / weight (``peak_ewma``).
+
+    ``estimates[i]`` is ``members[i]``'s latency estimate, read at ``clock()``. An
+    estimate not in ``previous`` (the balancer this one replaces: a new, recovered,
+    undrained upstream) starts at the median of the others' (``latency.seed``).
+    """
+
+    def __init__(
+        self,
+        members: Sequence[M],
+        weights: Sequence[int],
+        estimates: Sequence[PeakEwma],
+        rng: random_module.Random,
+        clock: Callable[[], float],
+        previous: object = None,
+    ) -> None:
+        super().__init__(members, weights, rng)
+        self._estimates = [e for e, w in zip(estimates, weights, strict=True) if w > 0]
+        self._clock = clock
+        # The estimates themselves, not their ids: an id may be reused once one is gone.
+        known: set[PeakEwma] = previous._known if isinstance(previous, LeastLatency) else set()
+        self._known: set[PeakEwma] = set(self._estimates)
+        newcomers = [e for e in self._estimates if e not in known]
+        if newcomers:
+            peers = [e for e in self._estimates if e in known]
+            seed(newcomers, peers, clock())
+
+    def _first_wins(self, i: int, j: int) -> bool:
+        now = self._clock()
+        members = self._members
+        estimates = self._estimates
+        cost_i = (estimates[i].value(now) + FLOOR) * (members[i].in_flight + 1)
+        cost_j = (estimates[j].value(now) + FLOOR) * (members[j].in_flight + 1)
+        return cost_i * self._weights[j] <= cost_j * self._weights[i]
 
 
 class WeightedRandom(Generic[M]):
@@ -230,7 +282,7 @@ class WeightedRandom(Generic[M]):
         return member
 
 
-POLICIES = ("round_robin", "least_requests", "random")
+POLICIES = ("round_robin", "least_requests", "peak_ewma", "random")
 
 
 def build(
@@ -240,10 +292,13 @@ def build(
     rng: random_module.Random,
     previous: Policy[M] | None = None,
     resume_after: M | None = None,
+    estimates: Sequence[PeakEwma] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Policy[M]:
     """The balancer for ``policy`` over ``members`` with these (effective) ``weights``.
     Round robin carries on after ``resume_after``, or after the last pick of ``previous``
-    (the balancer it replaces)."""
+    (the balancer it replaces). ``peak_ewma`` reads ``estimates`` (one per member) at
+    ``clock()``."""
     if policy == "round_robin":
         if resume_after is not None:
             return SmoothWeighted(members, weights, resume_after, remember=True)
@@ -253,4 +308,8 @@ def build(
         return LeastRequests(members, weights, rng)
     if policy == "random":
         return WeightedRandom(members, weights, rng)
+    if policy == "peak_ewma":
+        if estimates is None:
+            estimates = [PeakEwma(10.0) for _ in members]
+        return LeastLatency(members, weights, estimates, rng, clock, previous)
     raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any, Union
 from .affinity import key_reader
 from .discovery.base import Discovery
 from .errors import FieldError
+from .latency import parse_hedge_after
 from .sticky import StickyCookie
-from .upstream import Upstream
+from .tls import TLS
+from .upstream import Upstream, check_tls
 
 if TYPE_CHECKING:
     import httpx
@@ -116,6 +118,7 @@ class Pool:
     retries: int = 2
     transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
     policy: str = "round_robin"
+    ewma_decay: float = 10.0
     hash_on: str | Callable[[Any], Any] | None = None
     hash_fallback: str = "round_robin"
     balance_factor: float | None = 1.25
@@ -133,6 +136,10 @@ class Pool:
     retry_body_limit: int = 64 * 1024
     request_buffer_size: int = 64 * 1024
     retry_on_statuses: Collection[int] = frozenset()
+    retry_budget: float | None = 0.2
+    retry_budget_min: int = 3
+    hedge_after: float | str | None = None
+    max_hedges: int = 1
     slow_start: float = 0.0
     max_body_size: int | None = None
     client_body_timeout: float = 30.0
@@ -149,6 +156,7 @@ class Pool:
     on_response: OnResponse | None = field(default=None, repr=False)
     internal: bool = False
     tracing: bool = True
+    tls: TLS | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
 
@@ -161,6 +169,7 @@ class Pool:
             "fail_timeout",
             "client_body_timeout",
             "client_send_timeout",
+            "ewma_decay",
         ):
             _positive_number(name, getattr(self, name))
         for name in ("websocket_timeout", "websocket_idle_timeout", "websocket_ping_interval"):
@@ -172,11 +181,24 @@ class Pool:
         _int_at_least("retry_body_limit", self.retry_body_limit, 0)
         _int_at_least("request_buffer_size", self.request_buffer_size, 0)
         _int_at_least("client_body_min_rate", self.client_body_min_rate, 0)
+        _int_at_least("retry_budget_min", self.retry_budget_min, 0)
+        _int_at_least("max_hedges", self.max_hedges, 1)
+        if isinstance(self.hedge_after, str):
+            try:
+                parse_hedge_after(self.hedge_after)
+            except ValueError as exc:
+                raise FieldError("hedge_after", str(exc)) from None
+        elif self.hedge_after is not None:
+            _positive_number("hedge_after", self.hedge_after)
+        if self.retry_budget is not None:
+            _fraction("retry_budget", self.retry_budget)
         if self.max_body_size is not None:
             _int_at_least("max_body_size", self.max_body_size, 0)
         for name in ("unhealthy_statuses", "retry_on_statuses"):
             normalised[name] = _statuses(name, getattr(self, name))
         normalised["refuse_methods"] = _methods(self.refuse_methods)
+        if self.tls is not None:
+            check_tls(self.tls, self.transport)
         self._check_choices()
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
@@ -210,10 +232,11 @@ class Pool:
         return tuple(members)
 
     def _check_choices(self) -> None:
-        if self.policy not in (*_POLICIES, "hash"):
+        if self.policy not in (*_POLICIES, "peak_ewma", "hash"):
             raise FieldError(
                 "policy",
-                f"must be 'round_robin', 'least_requests', 'random' or 'hash', got {self.policy!r}",
+                "must be 'round_robin', 'least_requests', 'peak_ewma', 'random' or 'hash', "
+                f"got {self.policy!r}",
             )
         self._check_affinity()
         if self.on_all_down not in ("try_all", "fail"):
@@ -251,10 +274,11 @@ class Pool:
                 key_reader(self.hash_on)
             except ValueError as exc:
                 raise FieldError("hash_on", str(exc)) from None
-        if self.hash_fallback not in _POLICIES:
+        if self.hash_fallback not in (*_POLICIES, "peak_ewma"):
             raise FieldError(
                 "hash_fallback",
-                f"must be 'round_robin', 'least_requests' or 'random', got {self.hash_fallback!r}",
+                "must be 'round_robin', 'least_requests', 'peak_ewma' or 'random', "
+                f"got {self.hash_fallback!r}",
             )
         factor = self.balance_factor
         if factor is not None and (
@@ -297,6 +321,13 @@ def _positive_number(name: str, value: Any, owner: str = "") -> None:
         raise FieldError.of(owner, name, f"must be a number of seconds, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise FieldError.of(owner, name, f"must be a positive number of seconds, got {value!r}")
+
+
+def _fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(name, f"must be a number (a fraction, 0.2 for 20 %), got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise FieldError(name, f"must be a finite number >= 0, got {value!r}")
 
 
 def _int_at_least(name: str, value: Any, minimum: int, owner: str = "") -> None:

@@ -28,10 +28,16 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from .errors import FieldError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the backport, declared by the "gateway" extra
+    import tomli as tomllib
 
 __all__ = [
     "BOOLEAN",
@@ -42,6 +48,7 @@ __all__ = [
     "Array",
     "ConfigError",
     "Converter",
+    "Interpolated",
     "KeyTable",
     "MapOf",
     "Regex",
@@ -91,6 +98,14 @@ class Converter(Generic[T]):
         return iter(())
 
 
+class Interpolated(str):
+    """A string value that held a ``${...}`` reference (``environment.py``): the converters
+    of numbers and booleans read the TOML value its text spells (``"8080"``), which they
+    refuse from a string written in the file."""
+
+    __slots__ = ()
+
+
 class _Scalar(Converter[T]):
     def __init__(self, expected: str, fits: Callable[[object], bool], make: Callable[[Any], T]):
         self.expected = expected
@@ -98,9 +113,20 @@ class _Scalar(Converter[T]):
         self._make = make
 
     def __call__(self, value: object, where: str) -> T:
+        if isinstance(value, Interpolated) and not self._fits(value):
+            value = _toml_scalar(value)
         if not self._fits(value):
             raise self.mismatch(value, where)
         return self._make(value)
+
+
+def _toml_scalar(text: str) -> object:
+    """The TOML integer, float or boolean ``text`` spells, else ``text`` itself."""
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except (tomllib.TOMLDecodeError, KeyError):
+        return text
+    return value if isinstance(value, (bool, int, float)) else text
 
 
 def _is_number(value: object) -> bool:
@@ -119,7 +145,7 @@ class _Optional(Converter[T | None]):
         self.expected = f"{inner.expected} (or false: unset)"
 
     def __call__(self, value: object, where: str) -> T | None:
-        if value is False:
+        if value is False or (isinstance(value, Interpolated) and value.strip() == "false"):
             return None
         return self.inner(value, where)
 

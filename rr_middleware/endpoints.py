@@ -1,6 +1,6 @@
 """The middleware's own endpoints: the Prometheus metrics and the status page (with its
-JSON), each at a path the user names and behind ``status_guard``. Off unless asked for:
-they reveal topology.
+JSON), each at a path the user names and behind ``status_guard``, and the admin API
+(``admin.py``, with its own authorization). Off unless asked for: they reveal topology.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .status_page import render_html, render_json
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
+    from .admin import AdminAPI
     from .runtime import Balancer
 
 __all__ = ["Endpoints"]
@@ -36,9 +37,11 @@ class Endpoints:
         metrics_path: str | None,
         status_path: str | None,
         guard: Guard | None,
+        admin: AdminAPI | None = None,
     ) -> None:
         self._balancer = balancer
         self._guard = guard
+        self.admin = admin
         self._paths: dict[str, str] = {}
         self._registry: Any = None
         self._status_json_url = ""
@@ -61,6 +64,11 @@ class Endpoints:
             self._paths[status_path] = "html"
             self._paths[status_path + ".json"] = "json"
             self._status_json_url = status_path + ".json"
+        if admin is not None:
+            for path in admin.paths:
+                if path in self._paths:
+                    raise FieldError("admin_path", f"{path!r} collides with another endpoint")
+                self._paths[path] = "admin"
 
     def __bool__(self) -> bool:
         return bool(self._paths)
@@ -69,6 +77,11 @@ class Endpoints:
         return path in self._paths
 
     async def serve(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = self._paths[path]
+        if kind == "admin":
+            assert self.admin is not None
+            await self.admin.serve(path, scope, receive, send)  # its own authorization
+            return
         if self._guard is not None:
             allowed = self._guard(Request(scope, receive))
             if inspect.isawaitable(allowed):
@@ -78,7 +91,6 @@ class Endpoints:
                 return
         headers = {"cache-control": "no-store"}
         response: Response
-        kind = self._paths[path]
         if kind == "metrics":
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

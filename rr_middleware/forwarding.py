@@ -5,10 +5,12 @@
    need no upstream, the client's side (``ClientSide``: the body, and a deadline on every
    wait on the client), and what happens when the client leaves.
 2. ``_Forwarding.run``: the retry policy, written once: which failures and
-   statuses move the request to the next upstream, and what the client gets when none
-   answered.
-3. ``Attempt`` (``pool_runtime.py``): one try on one upstream, from the pick to the end of
-   the response; it holds the connection slot and records the outcome exactly once.
+   statuses move the request to the next upstream (within the pool's retry budget,
+   ``budget.py``), and what the client gets when none answered.
+3. ``Attempt`` (``attempt.py``): one try on one upstream, from the pick to the end of
+   the response; it holds the connection slot and records the outcome exactly once. A
+   pool with ``hedge_after`` races a request that may be sent twice against hedges
+   (``HedgedAttempt``, ``hedging.py``), used in its place.
 
 Nothing is buffered whole; errors become short generic responses (``send_error``), with
 the cause logged. Each failure's status is its class's (``errors.py``): connect refused
@@ -38,7 +40,7 @@ from .errors import (
 )
 from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
 from .hooks import HookFailed
-from .tracing import REQUEST_ID, request_id
+from .tracing import REQUEST_ID, AttemptTracer, request_id
 from .transport.base import UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
     from .attempt import Attempt
+    from .hedging import HedgedAttempt
     from .members import Member
     from .mirroring import Mirror
     from .pool_runtime import PoolRuntime
@@ -183,6 +186,17 @@ async def forward(
     )
     forwarding = _Forwarding(runtime, scope, send, path, headers, has_host, client, settings)
     forwarding.request_id = rid
+    await _drive(forwarding)
+
+
+async def _drive(forwarding: _Forwarding) -> None:
+    """Run one request's forwarding (traced, when spans would record), and answer for a
+    client that left or stopped reading."""
+    runtime = forwarding.runtime
+    client = forwarding.client
+    send = forwarding.send
+    tracer = runtime.tracer
+    traced = tracer.begin(forwarding.scope) if tracer is not None else None
     try:
         await forwarding.run()
     except asyncio.CancelledError:
@@ -192,7 +206,7 @@ async def forward(
             logger.info(
                 "pool %s: the client took no response for %ss; aborting its connection",
                 runtime.name,
-                pool.client_send_timeout,
+                runtime.pool.client_send_timeout,
             )
             await abort(send, "the client stopped reading its response")
             return
@@ -200,7 +214,7 @@ async def forward(
             "pool %s: client left during %s %s; upstream exchange closed",
             runtime.name,
             forwarding.method,
-            scope.get("path", ""),
+            forwarding.scope.get("path", ""),
         )
         if not forwarding.response_started:
             # No one will read it, but an app wrapping this one (BaseHTTPMiddleware)
@@ -209,6 +223,8 @@ async def forward(
                 await send_error(send, 499, _CLOSE)
     finally:
         client.close()
+        if traced is not None:
+            AttemptTracer.end(traced)
 
 
 _CLOSE = ((b"connection", b"close"),)
@@ -255,6 +271,7 @@ class _Forwarding:
         "request_id",
         "response_started",
         "retryable",
+        "retrying",
         "runtime",
         "scope",
         "send",
@@ -291,7 +308,8 @@ class _Forwarding:
         self.replayable = False
         self.response_started = False
         self.request_id: bytes | None = None
-        self.affinity = runtime.affinity(scope)
+        self.retrying = False  # holds a place in the pool's retry budget
+        self.affinity = runtime.affinity(scope, settings.trusted) if runtime.affine else None
 
     async def run(self) -> None:
         """The retry policy: the body's start is read, then attempts go to distinct
@@ -310,6 +328,8 @@ class _Forwarding:
             buffer = max(buffer, pool.mirror_body_limit)
         tried: list[Member] = []
         error: UpstreamError | None = None
+        budget = runtime.budget
+        budget.active += 1
         try:
             self.body = await self.client.start(buffer)
             if not self.client.complete:
@@ -320,15 +340,9 @@ class _Forwarding:
             self.replayable = self.stream is None and len(self.body or b"") <= pool.retry_body_limit
             for _ in range(pool.retries + 1):
                 try:
-                    async with runtime.attempt(tried, affinity=self.affinity) as attempt:
-                        request = self._request(attempt.upstream)
-                        tracer = runtime.tracer
+                    async with self._attempt(tried) as attempt:
                         try:
-                            if tracer is None or not tracer.active():
-                                response = await attempt.send(request)
-                            else:
-                                resends = len(tried) - 1
-                                response = await tracer.send(attempt, request, self.scope, resends)
+                            response = await attempt.send(self._request(attempt.upstream))
                         except UpstreamError as exc:
                             self._raise_client_failure(exc)
                             raise
@@ -350,6 +364,10 @@ class _Forwarding:
         except ClientBodyError as exc:
             await self._client_failed(exc)
             return
+        finally:
+            budget.active -= 1
+            if self.retrying:
+                budget.release()
         await self._answer_failure(error, tried)
 
     def _mirror(self, mirror: Mirror) -> None:
@@ -357,6 +375,20 @@ class _Forwarding:
             mirror.skip()
         else:
             mirror.submit(self.method, self.suffix, self.headers, self.has_host, self.body)
+
+    def _attempt(self, tried: list[Member]) -> Attempt | HedgedAttempt:
+        """The next try: raced against hedges when the pool hedges and this request may
+        be sent twice (its body held whole), else a plain one (``hedging.py``)."""
+        runtime = self.runtime
+        hedging = runtime.hedging
+        if (
+            hedging is not None
+            and self.retryable
+            and self.replayable
+            and len(runtime.members) > 1  # else no upstream to hedge to: no race
+        ):
+            return runtime.hedged_attempt(tried, hedging, self._request, self.affinity)
+        return runtime.attempt(tried, affinity=self.affinity)
 
     def _request(self, upstream: Upstream) -> UpstreamRequest:
         target = upstream.base_path + self.suffix
@@ -382,7 +414,7 @@ class _Forwarding:
         if failure is not None:
             raise failure from error
 
-    def _retry_on_status(self, attempt: Attempt, tried: list[Member]) -> bool:
+    def _retry_on_status(self, attempt: Attempt | HedgedAttempt, tried: list[Member]) -> bool:
         status = attempt.status
         runtime = self.runtime
         pool = runtime.pool
@@ -392,6 +424,7 @@ class _Forwarding:
             and self.retryable
             and self.replayable
             and runtime.more_to_try(tried)
+            and self._within_budget(attempt.upstream.url, f"answered {status}")
         ):
             return False
         logger.warning(
@@ -412,6 +445,7 @@ class _Forwarding:
             and (not error.sent or (self.retryable and self.replayable))
             and len(tried) <= runtime.pool.retries
             and runtime.more_to_try(tried)
+            and self._within_budget(member.upstream.url, f"failed ({error.kind})")
         )
         logger.warning(
             "pool %s: %s %s failed (%s): %s%s",
@@ -425,6 +459,26 @@ class _Forwarding:
         if retry:
             member.stats.retries += 1
         return retry
+
+    def _within_budget(self, url: str, what: str) -> bool:
+        """Take a place in the pool's retry budget for the next attempt (giving back the
+        one the attempt that just ended held); False when it has none."""
+        budget = self.runtime.budget
+        if self.retrying:
+            budget.release()
+            self.retrying = False
+        if budget.admit():
+            self.retrying = True
+            return True
+        logger.warning(
+            "pool %s: %s %s %s; not retried: the retry budget is spent (%d in flight)",
+            self.runtime.name,
+            self.method,
+            url,
+            what,
+            budget.retrying,
+        )
+        return False
 
     async def _answer_failure(self, error: UpstreamError | None, tried: list[Member]) -> None:
         runtime = self.runtime
@@ -455,7 +509,7 @@ class _Forwarding:
     def _closing(self) -> Sequence[tuple[bytes, bytes]]:
         return () if self.client.complete else _CLOSE
 
-    async def _relay(self, attempt: Attempt, response: UpstreamResponse) -> None:
+    async def _relay(self, attempt: Attempt | HedgedAttempt, response: UpstreamResponse) -> None:
         """Relay the response: a body with no bytes (1xx, 204, 304, HEAD), a body already
         whole (one send), or a stream; body bytes are counted into the upstream's stats.
         Each send marks when it began (``client.sending_since``): a client that takes

@@ -2,6 +2,7 @@
 
     rr-gateway --config gateway.toml          # or: python -m rr_middleware --config ...
     rr-gateway --check gateway.toml           # validate, print the resolved pools, exit
+    kill -HUP <pid>                           # reload the file (--watch: when it changes)
 
 It serves a bare Starlette app (404 for every path under no pool) wrapped in
 ``RoundRobinMiddleware``, under uvicorn. Precedence for the listen address and the file:
@@ -43,9 +44,9 @@ from .gateway_config import (
     SERVER,
     GatewayConfig,
     ServerSettings,
-    load_config,
 )
 from .middleware import RoundRobinMiddleware
+from .reload import Reloader
 from .zone import ZONE_ENV
 
 __all__ = ["ENV_CONFIG", "ENV_HOST", "ENV_PORT", "create_app", "describe", "main"]
@@ -73,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="FILE",
         help="validate the file, print the resolved configuration and exit",
     )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload the file when it changes (as SIGHUP does)",
+    )
     parser.add_argument("--host", help="listen address (overrides [server] host)")
     parser.add_argument("--port", type=int, help="listen port (overrides [server] port)")
     parser.add_argument("--version", action="version", version=f"rr-gateway {__version__}")
@@ -81,21 +87,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = args.check or args.config or os.environ.get(ENV_CONFIG)
         if not path:
             raise ConfigError("", f"no configuration: pass --config FILE or set {ENV_CONFIG}")
-        config = load_config(path, **_listen_overrides(args.host, args.port))
+        reloader = Reloader(Path(path), _listen_overrides(args.host, args.port), watch=args.watch)
+        config = reloader.load()
     except ConfigError as exc:
         print(f"rr-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check is not None:
         print(describe(config))
         return 0
-    return serve(config)
+    return serve(config, reloader)
 
 
-def serve(config: GatewayConfig) -> int:
-    """Serve ``config`` under uvicorn until SIGTERM or SIGINT; returns the exit status."""
+def serve(config: GatewayConfig, reloader: Reloader | None = None) -> int:
+    """Serve ``config`` under uvicorn until SIGTERM or SIGINT; returns the exit status.
+    SIGHUP (and, with the reloader's ``watch``, a change of the file) reloads it."""
     try:
         import uvicorn
-        from uvicorn.supervisors import Multiprocess
     except ImportError:
         print("rr-gateway: needs uvicorn: pip install 'rr-middleware[gateway]'", file=sys.stderr)
         return EXIT_CONFIG
@@ -148,10 +155,19 @@ def serve(config: GatewayConfig) -> int:
         signal.signal(stop, _exit_cleanly)
     try:
         if settings.workers == 1:
+            config.app.balancer.zone_follows_layout = True
             server = uvicorn.Server(uvicorn.Config(config.app, **options))
             server.run(sockets=[sock])
             return 0 if server.started else EXIT_FAILURE
-        Multiprocess(uvicorn.Config(_FACTORY, factory=True, **options), sockets=[sock]).run()
+        from .supervisor import Supervisor
+
+        overrides, watch = (reloader.overrides, reloader.watch) if reloader else ({}, False)
+        factory = uvicorn.Config(_FACTORY, factory=True, **options)
+        supervisor = Supervisor(factory, [sock], config.path, overrides, watch=watch)
+        supervisor.run()
+        if supervisor.startup_failed:
+            print("rr-gateway: a worker failed to start (its error is above)", file=sys.stderr)
+            return EXIT_FAILURE
         return 0
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else EXIT_FAILURE
@@ -165,7 +181,12 @@ def create_app() -> RoundRobinMiddleware:
     path = os.environ.get(ENV_CONFIG)
     if not path:
         raise RuntimeError(f"set {ENV_CONFIG} to the gateway's TOML file")
-    return load_config(path).app
+    reloader = Reloader(Path(path), {})
+    reloader.catch_early_signal()  # the parent hands SIGHUP on: reload, never die of it
+    app = reloader.load().app
+    # Workers that reloaded another layout must not share the zone of this one.
+    app.balancer.zone_follows_layout = True
+    return app
 
 
 def describe(config: GatewayConfig) -> str:
@@ -225,6 +246,8 @@ def _line(name: str, value: Any, default: Any = dataclasses.MISSING) -> str:
 def _render(value: Any) -> str:
     if value is None:
         return "unset"
+    if type(value) in KEY_TABLES:
+        return _inline(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -245,8 +268,9 @@ def _render(value: Any) -> str:
 
 
 def _inline(obj: Any) -> str:
-    keys = KEY_TABLES[type(obj)].keys
-    return "{ " + ", ".join(f"{name} = {_render(getattr(obj, name))}" for name in keys) + " }"
+    """An inline table: each key with its value, but those unset (TOML has no null)."""
+    values = [(name, getattr(obj, name)) for name in KEY_TABLES[type(obj)].keys]
+    return "{ " + ", ".join(f"{k} = {_render(v)}" for k, v in values if v is not None) + " }"
 
 
 def _middleware_defaults() -> dict[str, Any]:

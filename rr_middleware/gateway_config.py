@@ -17,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 import ssl
 import sys
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +48,11 @@ from .config_mapping import (
     table_of,
 )
 from .discovery import ConsulDiscovery, DNSDiscovery
+from .environment import consul_from_environment, interpolate
 from .matching import Route
 from .middleware import RoundRobinMiddleware
 from .sticky import StickyCookie
+from .tls import TLS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -165,13 +170,31 @@ MIDDLEWARE = KeyTable(
         "access_log": BOOLEAN,
         "request_id": BOOLEAN,
         "zone": optional(STRING),
+        "admin_path": optional(STRING),
     },
     # routes: [[routes]] tables at the top of the file, beside [pools.*].
-    python_only={"balancer", "transport", "status_guard", "routes"},
+    python_only={
+        "balancer",
+        "transport",
+        "status_guard",
+        "routes",
+        "admin_token",
+        "admin_guard",
+    },
+)
+TLS_KEYS = KeyTable(
+    TLS,
+    {
+        "ca_file": optional(STRING),
+        "cert_file": optional(STRING),
+        "key_file": optional(STRING),
+        "server_name": optional(STRING),
+        "verify": BOOLEAN,
+    },
 )
 UPSTREAM = KeyTable(
     Upstream,
-    {"url": STRING, "weight": INTEGER},
+    {"url": STRING, "weight": INTEGER, "tls": optional(Table(TLS_KEYS))},
     python_only={"app", "transport"},
     shorthand="url",
 )
@@ -201,6 +224,7 @@ CONSUL = KeyTable(
         "startup_timeout": NUMBER,
         "retry_initial": NUMBER,
         "retry_max": NUMBER,
+        "ca_file": optional(STRING),
     },
     python_only={"transport"},
 )
@@ -247,6 +271,7 @@ POOL = KeyTable(
         "preserve_host": BOOLEAN,
         "retries": INTEGER,
         "policy": STRING,
+        "ewma_decay": NUMBER,
         "hash_on": STRING,
         "hash_fallback": STRING,
         "balance_factor": optional(NUMBER),
@@ -264,6 +289,10 @@ POOL = KeyTable(
         "retry_body_limit": INTEGER,
         "request_buffer_size": INTEGER,
         "retry_on_statuses": Array(INTEGER),
+        "retry_budget": optional(NUMBER),
+        "retry_budget_min": INTEGER,
+        "hedge_after": optional(AnyOf(NUMBER, STRING)),
+        "max_hedges": INTEGER,
         "slow_start": NUMBER,
         "max_body_size": optional(INTEGER),
         "client_body_timeout": NUMBER,
@@ -279,6 +308,7 @@ POOL = KeyTable(
         "on_request": optional(FUNCTION),
         "on_response": optional(FUNCTION),
         "tracing": BOOLEAN,
+        "tls": optional(Table(TLS_KEYS)),
     },
     # internal: reached only from a route of your own app, which the gateway has not.
     python_only={"transport", "clock", "random", "internal"},
@@ -314,10 +344,19 @@ class GatewayConfig:
     app: RoundRobinMiddleware
 
 
-def load_config(path: str | Path, **server_overrides: Any) -> GatewayConfig:
+def load_config(
+    path: str | Path,
+    environ: Mapping[str, str] | None = None,
+    *,
+    lifespan: Callable[[Any], AbstractAsyncContextManager[None]] | None = None,
+    **server_overrides: Any,
+) -> GatewayConfig:
     """Read and validate a gateway TOML file; ``server_overrides`` (e.g. ``port=9000``)
-    win over its ``[server]`` table. Raises :class:`ConfigError`."""
+    win over its ``[server]`` table. ``${VAR}`` references and Consul's variables are read
+    from ``environ`` (default: ``os.environ``; see ``environment.py``); ``lifespan`` is
+    the inner app's (the reloader's). Raises :class:`ConfigError`."""
     path = Path(path)
+    environ = os.environ if environ is None else environ
     try:
         with path.open("rb") as file:
             document = tomllib.load(file)
@@ -328,13 +367,20 @@ def load_config(path: str | Path, **server_overrides: Any) -> GatewayConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"invalid TOML: {exc}", str(path)) from None
     try:
-        return _build(path, document, server_overrides)
+        document = interpolate(document, environ)
+        return _build(path, document, server_overrides, environ, Starlette(lifespan=lifespan))
     except ConfigError as exc:
         exc.file = str(path)
         raise
 
 
-def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> GatewayConfig:
+def _build(
+    path: Path,
+    document: dict[str, Any],
+    overrides: dict[str, Any],
+    environ: Mapping[str, str],
+    inner: Starlette,
+) -> GatewayConfig:
     reject_unknown(document, ("server", "middleware", "pools", "routes"), "")
     server_table = {**table_of(document.get("server", {}), "server"), **overrides}
     server = SERVER.build(server_table, "server")
@@ -354,15 +400,26 @@ def _build(path: Path, document: dict[str, Any], overrides: dict[str, Any]) -> G
             normalize_pool_key(prefix)
         except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
-        arguments = POOL.arguments(table_of(table, where), where)
+        arguments = POOL.arguments(_with_environment(table_of(table, where), where, environ), where)
         _check_members(arguments, where)
         pools[prefix] = POOL.create(arguments, where)
     routes = Array(Table(ROUTE))(document.get("routes", []), "routes")
     if routes:
         middleware["routes"] = routes
     # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".
-    app = MIDDLEWARE.create(middleware, "middleware", Starlette(), pools, elsewhere="pools")
+    app = MIDDLEWARE.create(middleware, "middleware", inner, pools, elsewhere="pools")
     return GatewayConfig(path, server, middleware, pools, app)
+
+
+def _with_environment(
+    table: dict[str, Any], where: str, environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """A pool's table with a consul discovery completed from Consul's variables."""
+    discovery = table.get("discovery")
+    if not isinstance(discovery, dict) or str(discovery.get("type", "")).lower() != "consul":
+        return table
+    where = key_path(where, "discovery")
+    return {**table, "discovery": consul_from_environment(discovery, environ, where)}
 
 
 def _check_members(arguments: dict[str, Any], where: str) -> None:

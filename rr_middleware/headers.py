@@ -35,6 +35,7 @@ __all__ = [
     "BadRequestHeaders",
     "HeadersTooLarge",
     "TrustedProxies",
+    "client_address",
     "request_headers",
     "response_headers",
 ]
@@ -213,6 +214,26 @@ def request_headers(
 
     _add_forwarding(out, forwarded, client_host, scheme, trusted, host, prefix)
     return out, kept_host
+
+
+def client_address(
+    headers: Iterable[tuple[bytes, bytes]], peer: str | None, trusted: TrustedProxies
+) -> str | None:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the last
+    address of ``X-Forwarded-For`` that is not one (nginx's ``real_ip_recursive on``):
+    an address the client wrote itself, further left, is never taken."""
+    if peer is None or not trusted or peer not in trusted:
+        return peer
+    chain = [
+        address.strip()
+        for name, value in headers
+        if name == b"x-forwarded-for"
+        for address in value.decode("latin-1").split(",")
+    ]
+    for address in reversed(chain):
+        if address and address not in trusted:
+            return address
+    return chain[0] if chain and chain[0] else peer
 
 
 def _add_forwarding(

@@ -10,6 +10,7 @@ from collections import deque
 
 from .counters import UpstreamStats
 from .health import UpstreamHealth
+from .latency import PeakEwma
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
 
@@ -89,11 +90,13 @@ class Member:
     new value replaces it when discovery changes its weight), ``transport`` (the one that
     reaches it, resolved once: its own, its pool's, or the balancer's), ``limiter`` (its
     ``max_connections`` slots), ``health`` (active and passive), ``stats`` (its counters),
-    ``drained``, and ``websockets`` (open ones; they take no slot)."""
+    ``drained``, ``websockets`` (open ones; they take no slot) and ``latency`` (its peak
+    EWMA of response-header latency, which ``policy="peak_ewma"`` feeds and reads)."""
 
     __slots__ = (
         "drained",
         "health",
+        "latency",
         "limiter",
         "record",
         "stats",
@@ -110,6 +113,7 @@ class Member:
         transport: UpstreamTransport,
         limit: int,
         load: PoolLoad | None = None,
+        decay: float = 10.0,
     ) -> None:
         self.upstream = upstream
         self.transport = transport
@@ -118,6 +122,7 @@ class Member:
         self.stats = UpstreamStats()
         self.drained = False
         self.websockets = 0
+        self.latency = PeakEwma(decay)
         #: A weight set while serving, over the configured one (None: the configured).
         self.weight_override: int | None = None
         #: Its record in a zone shared with other workers, and where this process's

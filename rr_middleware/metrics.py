@@ -76,6 +76,8 @@ def status_json(
                 "affinity": runtime.affinity_status(),
                 "mirror": runtime.mirror.status() if runtime.mirror is not None else None,
                 "discovery": runtime.discovery_status(),
+                "retry_budget": _budget(runtime),
+                "hedging": _hedging(runtime),
                 "upstreams": rows,
             }
         )
@@ -83,6 +85,32 @@ def status_json(
         "pools": shown,
         "zone": zone.describe() if zone is not None else None,
         "routes": [route.status() for route in routes],
+    }
+
+
+def _budget(runtime: PoolRuntime) -> dict[str, Any]:
+    budget = runtime.budget
+    limit = budget.limit
+    return {
+        "fraction": budget.fraction,
+        "minimum": budget.minimum,
+        "active": budget.active,
+        "in_flight": budget.retrying,
+        "limit": None if limit == float("inf") else limit,
+        "refused": budget.refused,
+    }
+
+
+def _hedging(runtime: PoolRuntime) -> dict[str, Any] | None:
+    hedging = runtime.hedging
+    if hedging is None:
+        return None
+    return {
+        "hedge_after": runtime.pool.hedge_after,
+        "delay": hedging.delay(),
+        "max_hedges": hedging.max_hedges,
+        "sent": hedging.sent,
+        "won": hedging.won,
     }
 
 
@@ -106,11 +134,14 @@ class PrometheusCollector:
             rows = runtime.rows()  # brought up to date first (time, other workers)
             families.panic.add_metric([prefix], 1 if runtime.panic else 0)
             families.add_traffic(prefix, runtime)
+            families.add_pool([prefix], runtime)
             for row, stats in rows:
                 key = [prefix, row["url"]]
                 families.add_upstream(key, stats, row["eligible"])
                 families.in_flight.add_metric(key, stats.in_flight)
                 families.websockets.add_metric(key, stats.websockets)
+                if row["latency_ewma"] is not None:
+                    families.ewma.add_metric(key, row["latency_ewma"])
         for index, route in enumerate(self._routes()):
             for pool, n in route.sent.items():
                 families.routes.add_metric([str(index), route.route.prefix, pool], n)
@@ -177,6 +208,7 @@ class _Families:
             "Requests a route sent to each pool (route: its index in routes=)",
             labels=["route", "prefix", "pool"],
         )
+        self._add_retry_families(labels)
         self.latency = HistogramMetricFamily(
             "rr_upstream_request_duration_seconds",
             "Time to the end of the response",
@@ -187,6 +219,41 @@ class _Families:
             "Time to the response headers",
             labels=labels,
         )
+
+    def _add_retry_families(self, labels: list[str]) -> None:
+        """The retry budget's, hedging's and peak EWMA's families."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        self.refused = CounterMetricFamily(
+            "rr_pool_retries_refused",
+            "Retries and hedges not made because the pool's retry budget was spent",
+            labels=["pool"],
+        )
+        self.budget_in_use = GaugeMetricFamily(
+            "rr_pool_retry_budget_in_use",
+            "Retries and hedges in flight, which the retry budget limits",
+            labels=["pool"],
+        )
+        self.hedges = CounterMetricFamily(
+            "rr_pool_hedges", "Hedged requests sent (hedge_after)", labels=["pool"]
+        )
+        self.hedges_won = CounterMetricFamily(
+            "rr_pool_hedges_won", "Hedged requests whose answer came first", labels=["pool"]
+        )
+        self.ewma = GaugeMetricFamily(
+            "rr_upstream_latency_ewma_seconds",
+            "policy=peak_ewma: the peak EWMA of the time to response headers",
+            labels=labels,
+        )
+
+    def add_pool(self, key: list[str], runtime: PoolRuntime) -> None:
+        budget = runtime.budget
+        self.refused.add_metric(key, budget.refused)
+        self.budget_in_use.add_metric(key, budget.retrying)
+        hedging = runtime.hedging
+        if hedging is not None:
+            self.hedges.add_metric(key, hedging.sent)
+            self.hedges_won.add_metric(key, hedging.won)
 
     def add_upstream(self, key: list[str], stats: UpstreamStats, up: bool) -> None:
         for code, n in sorted(list(stats.codes.items())):
@@ -225,6 +292,11 @@ class _Families:
             self.transferred,
             self.up,
             self.panic,
+            self.refused,
+            self.budget_in_use,
+            self.hedges,
+            self.hedges_won,
+            self.ewma,
             self.in_flight,
             self.websockets,
             self.affinity,

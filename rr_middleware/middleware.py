@@ -13,6 +13,7 @@ from typing import Any, Union
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .admin import AdminAPI
 from .config import PoolsArg
 from .endpoints import Endpoints
 from .errors import FieldError
@@ -111,6 +112,12 @@ class RoundRobinMiddleware:
         access_log: Log a line per proxied request.
         request_id: Pass on the client's ``X-Request-ID`` (when well-formed) or make one,
             send it upstream and back to the client, and log it.
+        admin_path: Serve the admin API under this path (drain, weight, add and remove
+            upstreams; see ``admin.py``).
+        admin_token: The bearer token the admin API requires (``None``: the
+            ``RR_ADMIN_TOKEN`` environment variable).
+        admin_guard: A callable taking the Request and returning, or awaiting, True to
+            allow an admin request without the token.
     """
 
     def __init__(
@@ -131,6 +138,9 @@ class RoundRobinMiddleware:
         status_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
         access_log: bool = False,
         request_id: bool = False,
+        admin_path: str | None = None,
+        admin_token: str | None = None,
+        admin_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
     ) -> None:
         self.app = app
         if balancer is None:
@@ -147,7 +157,7 @@ class RoundRobinMiddleware:
             )
         if not isinstance(balancer, Balancer):
             raise FieldError("balancer", f"must be a Balancer, got {balancer!r}")
-        balancer.attach(self)
+        balancer.attach(self, self._build_routes)
         self.balancer = balancer
         self.trusted_proxies = TrustedProxies(trusted_proxies)
         if not isinstance(request_id, bool):
@@ -172,19 +182,28 @@ class RoundRobinMiddleware:
             access_log=access_log,
             request_id=request_id,
         )
+        self._routes = routes
+        self._build_routes()
+        admin = None
+        if admin_path is not None:
+            admin = AdminAPI(balancer, admin_path, admin_token, admin_guard)
+        self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard, admin)
+
+    def _build_routes(self) -> None:
+        """Route to the balancer's pools (again, when a reload changed them)."""
+        balancer = self.balancer
         self._method_refusals = {
-            prefix: _method_refusal(runtime.pool.refuse_methods)
-            for prefix, runtime in balancer.pools.items()
+            key: _method_refusal(runtime.pool.refuse_methods)
+            for key, runtime in balancer.pools.items()
         }
         self._router: PrefixRouter[PoolRuntime]
         #: With routes: the route table of each prefix (None without routes: the common
         #: case, which costs nothing more than prefix matching).
         self._tables: PrefixRouter[RouteTable] | None
-        self._router, self._tables = self._routers(routes, balancer)
+        self._router, self._tables = self._routers(self._routes, balancer)
         router = self._tables if self._tables is not None else self._router
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
         self._first_segments = router.first_segments
-        self.endpoints = Endpoints(balancer, metrics_path, status_path, status_guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -17,10 +17,14 @@ from typing import TYPE_CHECKING, Any
 from .affinity import ConsistentHash, HashRing, PointCache, cookie_value, key_reader
 from .attempt import Attempt
 from .balancing import Policy, build
+from .budget import RetryBudget
 from .config import Pool
 from .discovery.base import Watcher
+from .headers import TrustedProxies, client_address
 from .health import CheckResult, HealthChecker
+from .hedging import HedgedAttempt, Hedging
 from .hooks import PoolHooks
+from .latency import cost, recorder
 from .members import Member, PoolLoad
 from .rewrite import ResponseRewriter
 from .sticky import Affinity, StickyValues
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 
     from .counters import UpstreamStats
     from .mirroring import Mirror
+    from .transport.base import UpstreamRequest
     from .zone import ZonePool
 
 __all__ = ["PoolRuntime"]
@@ -78,6 +83,14 @@ class PoolRuntime:
         self.members = [self._member(upstream) for upstream in pool.members]
         self.clock = pool.clock
         self.rng = pool.random if pool.random is not None else random.Random()
+        #: Called with an attempt's latency estimate and seconds when its response
+        #: headers come (None: nothing needs them; see ``latency.recorder``).
+        #: Retries and hedges in flight against requests active (``budget.py``).
+        self.budget = RetryBudget(pool.retry_budget, pool.retry_budget_min)
+        #: When to hedge, and the hedges sent and won (``hedging.py``); None: never.
+        self.hedging = Hedging.of(pool)
+        window = self.hedging.window if self.hedging is not None else None
+        self.record_latency = recorder(window, self.clock, pool.policy == "peak_ewma")
         self.eligible: list[Member] = []
         self.policy: Policy[Member] = build(self._fallback_policy, [], [], self.rng)
         #: ``policy="hash"``: the ring over the eligible members (also ``policy``).
@@ -88,6 +101,8 @@ class PoolRuntime:
         path = prefix if prefix.startswith("/") else "/"
         self.sticky = StickyValues(pool.sticky, path) if pool.sticky is not None else None
         self._pinned: dict[bytes, Member] = {}
+        #: Whether requests carry an ``affinity()`` (read without a call when not).
+        self.affine = self._read_key is not None or self.sticky is not None
         #: ``mirror=``: the copies to the mirror pool (the Balancer links it).
         self.mirror: Mirror | None = None
         #: Requests that came with a hash key, without one, and with a sticky cookie
@@ -122,7 +137,10 @@ class PoolRuntime:
         return pool.hash_fallback if pool.policy == "hash" else pool.policy
 
     def _member(self, upstream: Upstream) -> Member:
-        member = Member(upstream, self._resolve(upstream), self.pool.max_connections, self.load)
+        pool = self.pool
+        member = Member(
+            upstream, self._resolve(upstream), pool.max_connections, self.load, pool.ewma_decay
+        )
         if self.shared is not None:
             self.shared.bind(member)
         return member
@@ -190,7 +208,17 @@ class PoolRuntime:
     ) -> None:
         hashing = self.hashing
         previous = hashing.fallback if hashing is not None else self.policy
-        policy = build(self._fallback_policy, eligible, weights, self.rng, previous, resume_after)
+        name = self._fallback_policy
+        policy = build(
+            name,
+            eligible,
+            weights,
+            self.rng,
+            previous,
+            resume_after,
+            estimates=[m.latency for m in eligible] if name == "peak_ewma" else None,
+            clock=self.clock,
+        )
         if self.pool.policy == "hash":
             if hashing is not None and hashing.ring.reusable(eligible, weights):
                 ring = hashing.ring
@@ -232,13 +260,19 @@ class PoolRuntime:
             )
         return member
 
-    def affinity(self, scope: Scope) -> Affinity | None:
+    def affinity(self, scope: Scope, trusted: TrustedProxies) -> Affinity | None:
         """Where this request asks to go (its sticky cookie, its hash key); None for a
-        pool with neither ``sticky`` nor ``policy="hash"``."""
+        pool with neither ``sticky`` nor ``policy="hash"``. ``hash_on="client"`` is the
+        client's address as ``trusted`` proxies tell it (``client_address``)."""
         read_key, sticky = self._read_key, self.sticky
         if read_key is None and sticky is None:
             return None
-        key = read_key(scope) if read_key is not None else None
+        if self.pool.hash_on == "client":
+            peer = scope.get("client")
+            address = client_address(scope["headers"], peer[0] if peer else None, trusted)
+            key = address.encode("ascii", "replace") if address is not None else None
+        else:
+            key = read_key(scope) if read_key is not None else None
         pinned = cookie_value(scope["headers"], sticky.name) if sticky is not None else None
         if read_key is not None:
             self.affinity_counts["keyed" if key is not None else "unkeyed"] += 1
@@ -337,6 +371,18 @@ class PoolRuntime:
         ``slot=False`` takes no ``max_connections`` slot (a WebSocket's); ``affinity``
         where the request asks to go (``affinity(scope)``)."""
         return Attempt(self, tried, slot, affinity)
+
+    def hedged_attempt(
+        self,
+        tried: list[Member],
+        hedging: Hedging,
+        build: Callable[[Upstream], UpstreamRequest],
+        affinity: Affinity | None = None,
+    ) -> HedgedAttempt:
+        """An attempt raced against hedges (``hedging.py``), used as ``attempt()``'s;
+        ``build`` makes the request for each upstream tried. The first try goes where
+        ``affinity`` asks, the hedges where the policy picks."""
+        return HedgedAttempt(self, tried, hedging, self.budget, build, affinity)
 
     # -- outcomes (only an Attempt reports them) ------------------------------------------
 
@@ -457,11 +503,12 @@ class PoolRuntime:
 
     # -- membership (discovery) -----------------------------------------------------------
 
-    def set_members(self, upstreams: list[Upstream]) -> None:
+    def set_members(self, upstreams: list[Upstream], *, ramp: bool = False) -> None:
         """Make ``upstreams`` the pool's members, as a diff: an upstream that stays keeps
         its state (health, counters, connections, place in the rotation; a new weight is
         taken); a removed one gets no new requests while those in flight finish; a new one
-        starts as a static upstream does (healthy until checked, slow start if set)."""
+        starts as a static upstream does (healthy until checked, slow start if set: always
+        with ``ramp``, else once discovery has delivered its first list)."""
         current = {m.upstream.identity: m for m in self.members}
         members: list[Member] = []
         added: list[Member] = []
@@ -478,7 +525,7 @@ class PoolRuntime:
             member = current.pop(upstream.identity, None)
             if member is None:
                 member = self._member(upstream)
-                if self.watcher is not None and self.watcher.updates:
+                if ramp or (self.watcher is not None and self.watcher.updates):
                     member.health.recovered_at = now  # a newcomer ramps up (slow start)
                 added.append(member)
             elif member.upstream.weight != upstream.weight:
@@ -561,7 +608,8 @@ class PoolRuntime:
     def snapshot(self) -> list[dict[str, Any]]:
         """Per upstream (the current members): url, weight, effective weight, health
         (active), ejection (passive), half-open, drained, eligible, in flight, open
-        WebSockets, requests and failures (exchanges with an outcome), last check. With
+        WebSockets, requests and failures (exchanges with an outcome), the latency
+        estimate and cost (``policy="peak_ewma"``; else None), last check. With
         a zone: what every worker sharing it knows, and their totals."""
         return [row for row, _ in self.rows()]
 
@@ -583,6 +631,8 @@ class PoolRuntime:
         health = member.health
         tenths, _ = health.ramp(now, self.pool.slow_start)
         last = health.last_check
+        latency = member.latency
+        ewma = latency.value(now) if latency.estimate is not None else None
         return {
             "url": member.upstream.url,
             "weight": member.weight,
@@ -597,6 +647,11 @@ class PoolRuntime:
             "websockets": stats.websockets,
             "requests": stats.requests,
             "failures": stats.failures,
+            # policy="peak_ewma": the latency estimate (s) and the cost a pick compares.
+            "latency_ewma": ewma,
+            "cost": cost(ewma, stats.in_flight, member.weight)
+            if self.pool.policy == "peak_ewma"
+            else None,
             "last_check": None
             if last is None
             else {

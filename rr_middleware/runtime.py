@@ -24,24 +24,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
-from typing import Any, Union
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Union
 
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .config import PoolsArg, normalize_pool_key, normalize_pools
+from .config import Pool, PoolsArg, normalize_pool_key, normalize_pools
 from .errors import FieldError
 from .handler import ForwardedResponse, RouteForwarder
 from .mirroring import Mirror
 from .pool_runtime import PoolRuntime
 from .sticky import SECRET_ENV
+from .tls import TLS
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
 from .transport.httpx_transport import HttpxTransport, in_process
 from .upstream import Upstream
-from .zone import FLUSH_INTERVAL, ZONE_ENV, PoolLayout, Zone
+from .zone import FLUSH_INTERVAL, ZONE_ENV, Zone
+from .zone_link import join, layouts_of, leave
+
+if TYPE_CHECKING:
+    from .reconfigure import Changes
 
 __all__ = ["Balancer", "TransportArg", "as_transport"]
 
@@ -88,22 +93,52 @@ class Balancer:
         self._flusher: asyncio.TimerHandle | None = None
         self._own_transport = transport is None
         self.transport: UpstreamTransport = as_transport(transport) or Http1Transport()
-        self.pools: dict[str, PoolRuntime] = {}
-        for prefix, pool in configs.items():
-            pool_transport = as_transport(pool.transport) or self.transport
-
-            def resolve(upstream: Upstream, default: UpstreamTransport = pool_transport) -> Any:
-                if upstream.app is not None:
-                    return in_process(upstream.app)
-                return as_transport(upstream.transport) or default
-
-            self.pools[prefix] = PoolRuntime(prefix, pool, resolve)
-        self._link_mirrors()
+        #: A built-in transport per distinct ``TLS`` of a pool or upstream, owned here.
+        self._tls_transports: dict[TLS, Http1Transport] = {}
+        self.pools: dict[str, PoolRuntime] = {
+            prefix: self.build_runtime(prefix, pool) for prefix, pool in configs.items()
+        }
+        #: With a zone: name it after the pools' layout too, so that workers serving
+        #: another configuration (during a reload) never share its records.
+        self.zone_follows_layout = False
+        self.link_mirrors()
         self._owner: RouteForwarder | None = None
+        self._on_routes_changed: Callable[[], None] | None = None
         #: The routes of the middleware serving it (set by the middleware), for status.
         self.routes: list[Any] = []
 
-    def _link_mirrors(self) -> None:
+    def build_runtime(self, prefix: str, pool: Pool) -> PoolRuntime:
+        """A pool's runtime, whose members reach their upstream through (first that
+        applies) their app, their transport, their TLS, the pool's transport, the pool's
+        TLS, the balancer's transport."""
+        pool_transport = as_transport(pool.transport)
+
+        def resolve(upstream: Upstream) -> UpstreamTransport:
+            if upstream.app is not None:
+                return in_process(upstream.app)
+            own = as_transport(upstream.transport)
+            if own is not None:
+                return own
+            if upstream.tls is not None:
+                return self._tls_transport(upstream.tls)
+            if pool_transport is not None:
+                return pool_transport
+            if pool.tls is not None:
+                return self._tls_transport(pool.tls)
+            return self.transport
+
+        return PoolRuntime(prefix, pool, resolve)
+
+    def _tls_transport(self, tls: TLS) -> Http1Transport:
+        transport = self._tls_transports.get(tls)
+        if transport is None:
+            transport = Http1Transport(ssl=tls.context(), server_name=tls.server_name)
+            self._tls_transports[tls] = transport
+        return transport
+
+    def link_mirrors(self) -> None:
+        """Give each pool with a ``mirror`` the runtime of the pool it mirrors to (again
+        after a reconfiguration)."""
         for key, runtime in self.pools.items():
             pool = runtime.pool
             if pool.mirror is None:
@@ -179,11 +214,27 @@ class Balancer:
             raise RuntimeError("the route consumed the request body with stream(): it is gone")
         return ForwardedResponse(owner, prefix, path, body)
 
-    def attach(self, owner: RouteForwarder) -> None:
-        """Called by the middleware that serves this balancer: one serves one."""
+    def attach(
+        self, owner: RouteForwarder, on_routes_changed: Callable[[], None] | None = None
+    ) -> None:
+        """Called by the middleware that serves this balancer: one serves one. It is told
+        when the set of pools changes (``reconfigure``), to route to the new ones."""
         if self._owner is not None and self._owner is not owner:
             raise ValueError("this Balancer already serves another RoundRobinMiddleware")
         self._owner = owner
+        self._on_routes_changed = on_routes_changed
+
+    async def reconfigure(self, pools: PoolsArg) -> Changes:
+        """Take the running pools to ``pools`` without dropping a request: pools added and
+        removed, upstream lists applied as discovery updates are, pools whose options
+        changed rebuilt (see ``reconfigure.py``). Returns what changed."""
+        from .reconfigure import reconfigure
+
+        return await reconfigure(self, normalize_pools(pools))
+
+    def routes_changed(self) -> None:
+        if self._on_routes_changed is not None:
+            self._on_routes_changed()
 
     # -- life -----------------------------------------------------------------------------
 
@@ -194,8 +245,10 @@ class Balancer:
         ends), and discovered pools stay empty."""
         if self._own_transport:
             await self.transport.aopen()
+        for transport in self._tls_transports.values():
+            await transport.aopen()
         if self.zone_name is not None and self.zone is None:
-            self._attach_zone(self.zone_name)
+            self.join_zone()
         runtimes = [runtime for runtime in self.pools.values() if runtime.watcher is not None]
         for runtime in runtimes:
             runtime.start_discovery()
@@ -228,29 +281,28 @@ class Balancer:
         opened (a transport you passed in is yours to close)."""
         for runtime in self.pools.values():
             await runtime.stop()
-        self._detach_zone()
+        self.leave_zone()
         if self._own_transport:
             await self.transport.aclose()
+        for transport in self._tls_transports.values():
+            await transport.aclose()
 
     # -- the zone -------------------------------------------------------------------------
 
-    def _attach_zone(self, name: str) -> None:
-        layouts = [
-            PoolLayout(
-                prefix,
-                [upstream.identity for upstream in runtime.pool.members],
-                discovered=runtime.pool.discovery is not None,
-            )
-            for prefix, runtime in self.pools.items()
-        ]
-        zone = Zone(name, layouts)
-        zone.attach()
-        self.zone = zone
-        for index, runtime in enumerate(self.pools.values()):
-            runtime.share(zone.pool(index))
-            if runtime.checker is not None:
-                runtime.checker.lead = zone.lead
-        logger.info("zone %s: attached as worker %d (%s)", name, zone.slot, zone.directory)
+    def layout_changes(self, pools: dict[str, Pool]) -> bool:
+        """Whether ``pools`` need other records in the zone than the running pools."""
+        zone = self.zone
+        new = [layout.describe() for layout in layouts_of(pools)]
+        return zone is None or [layout.describe() for layout in zone.layouts] != new
+
+    def join_zone(self, *, seed: bool = False) -> None:
+        """Attach to the zone (``zone_name``, after the layout with
+        ``zone_follows_layout``); with ``seed``, one this process creates starts from what
+        the pools know now (see ``zone_link.py``)."""
+        assert self.zone_name is not None
+        self.zone = join(
+            self.pools, self.zone_name, follows_layout=self.zone_follows_layout, seed=seed
+        )
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush)
 
     def _flush(self) -> None:
@@ -262,20 +314,14 @@ class Balancer:
                 runtime.shared.flush(runtime.members)
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush)
 
-    def _detach_zone(self) -> None:
+    def leave_zone(self) -> None:
+        """Detach from the zone, keeping in this process what the pools knew."""
         zone, self.zone = self.zone, None
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
-        if zone is None:
-            return
-        for runtime in self.pools.values():
-            if runtime.shared is not None:
-                runtime.shared.flush(runtime.members)
-            if runtime.checker is not None:
-                runtime.checker.lead = None
-            runtime.share(None)
-        zone.detach()
+        if zone is not None:
+            leave(self.pools, zone)
 
 
 def as_transport(transport: Any) -> UpstreamTransport | None:

@@ -1,8 +1,8 @@
 """Tracing: an OpenTelemetry client span per upstream attempt, and ``X-Request-ID``.
 
 OpenTelemetry is optional (``pip install 'rr-middleware[otel]'``). Without it, nothing
-here runs. With it, every attempt on an upstream (a retry is a sibling span of the first
-try, under the same parent) gets a ``CLIENT`` span following the HTTP client semantic
+here runs. With it, every attempt on an upstream (a retry or a hedge is a sibling span of
+the first try, under the same parent) gets a ``CLIENT`` span following the HTTP client semantic
 conventions (``http.request.method``, ``server.address``, ``server.port``, ``url.full``,
 ``http.request.resend_count`` on a retry, ``http.response.status_code``, ``error.type``),
 from the send until the response is closed, and the upstream gets its ``traceparent``
@@ -25,12 +25,15 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from starlette.types import Scope
 
-    from .attempt import Attempt
+    from .members import Member
     from .transport.base import UpstreamRequest, UpstreamResponse
 
 try:
@@ -59,8 +62,24 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
     return value
 
 
+class _Traced:
+    """One traced request: its scope (the client's traceparent) and its sends so far."""
+
+    __slots__ = ("scope", "sends")
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        self.sends = 0
+
+
+#: The request being forwarded, while it is traced. A context variable, so that the tries
+#: a request starts in tasks of their own (hedges) are traced as its siblings too.
+_CURRENT: ContextVar[_Traced | None] = ContextVar("rr_middleware_traced", default=None)
+
+
 class AttemptTracer:
-    """Client spans for one pool's attempts."""
+    """Client spans for one pool's attempts: ``begin(scope)`` when a request starts
+    (nothing unless a tracer provider is configured), then ``send`` for each try."""
 
     __slots__ = ("_configured", "_next_check", "_tracer")
 
@@ -86,15 +105,27 @@ class AttemptTracer:
         self._configured = not isinstance(provider, trace.ProxyTracerProvider)
         return self._configured
 
-    async def send(
-        self, attempt: Attempt, request: UpstreamRequest, scope: Scope, resends: int
-    ) -> UpstreamResponse:
-        """``attempt.send(request)`` in a client span, the span's context propagated
-        (call it when ``active()``)."""
-        upstream = attempt.upstream
+    def begin(self, scope: Scope) -> Token[_Traced | None] | None:
+        """Trace the request of ``scope`` from here (if spans would record); give the
+        token back to ``end``."""
+        return _CURRENT.set(_Traced(scope)) if self.active() else None
+
+    @staticmethod
+    def end(token: Token[_Traced | None]) -> None:
+        _CURRENT.reset(token)
+
+    async def send(self, member: Member, request: UpstreamRequest) -> UpstreamResponse:
+        """``member``'s transport sending ``request``, in a client span whose context the
+        upstream gets, when the request is traced."""
+        traced = _CURRENT.get()
+        if traced is None:
+            return await member.transport.send(request)
+        resends = traced.sends
+        traced.sends += 1
+        upstream = member.upstream
         parent = None
         if not trace.get_current_span().get_span_context().is_valid:
-            parent = propagate.extract(_carrier(scope["headers"]))
+            parent = propagate.extract(_carrier(traced.scope["headers"]))
         attributes: dict[str, Any] = {
             "http.request.method": request.method,
             "server.address": upstream.host,
@@ -104,10 +135,7 @@ class AttemptTracer:
         if resends:
             attributes["http.request.resend_count"] = resends
         span = self._tracer.start_span(
-            request.method,
-            context=parent,
-            kind=trace.SpanKind.CLIENT,
-            attributes=attributes,
+            request.method, context=parent, kind=trace.SpanKind.CLIENT, attributes=attributes
         )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span, parent))
@@ -116,7 +144,7 @@ class AttemptTracer:
             *((k.encode("latin-1"), v.encode("latin-1")) for k, v in carrier.items()),
         ]
         try:
-            response = await attempt.send(request)
+            response = await member.transport.send(request)
         except BaseException as exc:
             _end(span, type(exc).__name__)
             raise

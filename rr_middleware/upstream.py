@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .errors import FieldError
+from .tls import TLS
 
 if TYPE_CHECKING:
     import httpx
@@ -35,7 +36,8 @@ class Upstream:
     ``url`` is ``http://host[:port][/base/path]``; the base path is prepended to every
     forwarded path. ``weight`` is the server's share of the pool (``0`` drains it).
     ``app=`` makes the upstream an in-process ASGI app (no sockets, through
-    ``httpx.ASGITransport``); ``transport=`` takes any ``httpx.AsyncBaseTransport``.
+    ``httpx.ASGITransport``); ``transport=`` takes any ``httpx.AsyncBaseTransport``;
+    ``tls=`` (a ``TLS``) how to trust it and what to present, over the pool's.
 
     >>> Upstream("http://10.0.0.3:8000/v1", weight=2).origin
     'http://10.0.0.3:8000'
@@ -45,6 +47,7 @@ class Upstream:
     weight: int = 1
     app: ASGIApp | None = field(default=None, repr=False)
     transport: httpx.AsyncBaseTransport | UpstreamTransport | None = field(default=None, repr=False)
+    tls: TLS | None = None
 
     # Derived once in __post_init__; never set them yourself.
     scheme: str = field(init=False, repr=False)
@@ -88,6 +91,8 @@ class Upstream:
             raise FieldError("weight", problem, f"upstream {self.url!r}: weight {problem}")
         if self.app is not None and self.transport is not None:
             raise ValueError(f"upstream {self.url!r}: give app= or transport=, not both")
+        if self.tls is not None:
+            check_tls(self.tls, self.transport if self.app is None else self.app)
 
         host = parts.hostname
         port = port if port is not None else _DEFAULT_PORTS[scheme]
@@ -111,6 +116,18 @@ class Upstream:
 
     def __repr__(self) -> str:
         return f"Upstream({self.url!r}, weight={self.weight})"
+
+
+def check_tls(tls: object, client: object) -> None:
+    """``tls`` is a ``TLS``, and nothing else (a transport, an app) says how to connect."""
+    if not isinstance(tls, TLS):
+        raise FieldError("tls", f"must be a TLS, got {tls!r}")
+    if client is not None:
+        raise FieldError(
+            "tls",
+            "applies to the built-in transport: give tls= or a transport/app of your own "
+            "(with its own TLS settings), not both",
+        )
 
 
 def _derive(value: Any, **fields: Any) -> None:

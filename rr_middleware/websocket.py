@@ -87,7 +87,8 @@ async def forward_websocket(
         return
     handshake = _Handshake(runtime, scope, receive, send, path, headers, has_host, message)
     tried: list[Member] = []
-    affinity = runtime.affinity(scope)  # a cookie or a key pins it; no cookie is set
+    # A cookie or a key pins it; no cookie is set.
+    affinity = runtime.affinity(scope, settings.trusted) if runtime.affine else None
     for _ in range(runtime.pool.retries + 1):
         try:
             async with runtime.attempt(tried, slot=False, affinity=affinity) as attempt:

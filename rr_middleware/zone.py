@@ -59,7 +59,14 @@ from .health import CheckResult, UpstreamHealth
 if TYPE_CHECKING:
     from .members import Member
 
-__all__ = ["DISCOVERED_CAPACITY", "FLUSH_INTERVAL", "WORKER_SLOTS", "Zone", "ZoneError"]
+__all__ = [
+    "DISCOVERED_CAPACITY",
+    "FLUSH_INTERVAL",
+    "WORKER_SLOTS",
+    "Zone",
+    "ZoneError",
+    "layout_digest",
+]
 
 logger = logging.getLogger("rr_middleware")
 
@@ -191,6 +198,8 @@ class Zone:
         self.ints: memoryview | None = None
         self.slot = -1
         self.leading = False
+        #: Whether this process built the region (no other was attached to it).
+        self.created = False
 
     # -- life -------------------------------------------------------------------------------
 
@@ -237,6 +246,7 @@ class Zone:
                     self.name,
                 )
             fcntl.flock(attached, fcntl.LOCK_SH)  # from exclusive: others may join now
+            self.created = True
         else:
             fcntl.flock(attached, fcntl.LOCK_SH)
             fd = os.open(path, os.O_RDWR)
@@ -536,6 +546,16 @@ class ZonePool:
             yield
             self.store_member(member)
 
+    def seed(self, members: Sequence[Member]) -> None:
+        """Store what this process knows of ``members`` (health, drain, weight) as the
+        shared state: a zone created by a reload starts from it."""
+        with self.writing():
+            for member in members:
+                if member.record is not None:
+                    self.store(member.record, member.health)
+                    weight = member.weight_override
+                    self.set_flag(member.record, member.drained, -1 if weight is None else weight)
+
     def set_drained(self, member: Member, drained: bool) -> None:
         if member.record is not None:
             with self.writing():
@@ -799,6 +819,12 @@ def _stats_from(sums: list[int], float_sums: dict[int, float]) -> UpstreamStats:
         histogram.counts = sums[hist : hist + _HIST - 1]
         histogram.total = float_sums[hist + _HIST - 1]
     return stats
+
+
+def layout_digest(layouts: Sequence[PoolLayout]) -> str:
+    """A short name for what a zone holds, to name zones after their layout."""
+    text = json.dumps([p.describe() for p in layouts], sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def _fingerprint(layouts: Sequence[PoolLayout]) -> tuple[int, int, int, int]:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,14 +83,20 @@ class ConsulAgent:
     """A running dev-mode agent and sync helpers for its HTTP API."""
 
     def __init__(
-        self, process: subprocess.Popen[bytes], http_port: int, dns_port: int, log_path: Path
+        self,
+        process: subprocess.Popen[bytes],
+        http_port: int,
+        dns_port: int,
+        log_path: Path,
+        token: str | None = None,
     ) -> None:
         self.process = process
         self.http_port = http_port
         self.dns_port = dns_port
         self.log_path = log_path
         self.address = f"http://127.0.0.1:{http_port}"
-        self.client = httpx.Client(base_url=self.address, timeout=10.0)
+        headers = {"x-consul-token": token} if token else {}
+        self.client = httpx.Client(base_url=self.address, timeout=10.0, headers=headers)
         # Services registered and not yet deregistered, so a test's leftovers can be removed.
         self.registered: set[str] = set()
 
@@ -253,8 +259,17 @@ class AgentStartError(RuntimeError):
     pass
 
 
-def start_agent(binary: str, workdir: Path, attempts: int = 3) -> ConsulAgent:
-    """Start ``consul agent -dev`` in ``workdir`` and wait until it has a leader.
+def start_agent(
+    binary: str,
+    workdir: Path,
+    attempts: int = 3,
+    *,
+    extra_args: Sequence[str] = (),
+    token: str | None = None,
+) -> ConsulAgent:
+    """Start ``consul agent -dev`` in ``workdir`` and wait until it has a leader
+    (``extra_args`` added to its command line; ``token``: what the helpers send as
+    ``X-Consul-Token``, for an agent started with ACLs).
 
     A port taken by someone else between ``free_ports`` and the agent binding it makes
     the agent exit at once; that is retried with new ports.
@@ -279,6 +294,7 @@ def start_agent(binary: str, workdir: Path, attempts: int = 3) -> ConsulAgent:
             "-serf-wan-port=-1",
             "-grpc-port=-1",
             "-https-port=-1",
+            *extra_args,
         ]
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -288,7 +304,7 @@ def start_agent(binary: str, workdir: Path, attempts: int = 3) -> ConsulAgent:
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
             )
-        agent = ConsulAgent(process, http, dns, log_path)
+        agent = ConsulAgent(process, http, dns, log_path, token)
         try:
             _wait_for_leader(agent)
         except AgentStartError:

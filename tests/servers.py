@@ -1,5 +1,5 @@
 """Real servers for the tests: uvicorn on 127.0.0.1 ephemeral ports, in threads (for raw
-TCP upstreams, see ``tests/raw_upstream.py``).
+TCP upstreams, see ``rr_middleware.testing.raw``).
 
 The listening socket is bound before the server starts, so its port is known at once and
 connections made before the server is ready wait in the backlog: no polling, no sleeps.
@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
+
+from rr_middleware.testing.raw import bind_socket
 
 
 class RunningServer:
@@ -37,15 +39,6 @@ class RunningServer:
             self.thread.join(timeout=30)
             assert not self.thread.is_alive(), "uvicorn server did not stop"
         self.socket.close()
-
-
-def bind_socket(port: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock
 
 
 # The sockets behind dead_url(), bound for the rest of the test run.

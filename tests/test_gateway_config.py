@@ -16,6 +16,7 @@ import pytest
 
 import rr_middleware
 from rr_middleware import (
+    TLS,
     ConsulDiscovery,
     DNSDiscovery,
     HealthCheck,
@@ -128,6 +129,7 @@ def test_the_checks_below_cover_every_class_a_file_builds() -> None:
         DNSDiscovery,
         StickyCookie,
         Route,
+        TLS,
     }
     assert set(KEY_TABLES) == classes
 
@@ -203,7 +205,8 @@ def test_every_default_is_accepted_by_its_converter(table: KeyTable[Any]) -> Non
         (
             API + 'policy = "fastest"',
             'pools."/api".policy',
-            "must be 'round_robin', 'least_requests', 'random' or 'hash', got 'fastest'",
+            "must be 'round_robin', 'least_requests', 'peak_ewma', 'random' or 'hash', "
+            "got 'fastest'",
         ),
         (
             API + "unhealthy_statuses = [502, 999]",

@@ -1,7 +1,7 @@
 """Health: passive ejection with a half-open probe, active checks, panic mode, retries,
 slow start, draining and the checker's life, driven through the middleware.
 
-Every test runs on an injected clock (``FakeClock``) and a seeded ``random.Random``: windows,
+Every test runs on an injected clock (``ManualClock``) and a seeded ``random.Random``: windows,
 ejections and slow start move when the test advances the clock, never with real time.
 Upstreams are in-process ASGI apps (``Backend``) whose behaviour the test switches, or an
 ``httpx.MockTransport`` in front of one (``Door``) when a failure must happen at connect
@@ -35,6 +35,7 @@ from rr_middleware import (
     RoundRobinMiddleware,
     Upstream,
 )
+from rr_middleware.testing import ManualClock
 
 WAIT = 5.0  # bound on every wait for something that must happen (it happens in ms)
 
@@ -42,19 +43,6 @@ pytestmark = pytest.mark.usefixtures("no_asyncio_errors")
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-class FakeClock:
-    """The pool's clock: seconds that move only when the test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Backend:
@@ -187,7 +175,7 @@ def inproc(backend: Backend, weight: int = 1) -> Upstream:
     return Upstream(backend.url, weight=weight, app=backend)
 
 
-def make_pool(members: list[Upstream], clock: FakeClock, **options: Any) -> Pool:
+def make_pool(members: list[Upstream], clock: ManualClock, **options: Any) -> Pool:
     return Pool(members, clock=clock, random=random.Random(0), **options)
 
 
@@ -238,7 +226,7 @@ def _middleware_log_from_info(caplog: pytest.LogCaptureFixture) -> None:
 def test_max_fails_failures_within_fail_timeout_eject_for_fail_timeout(
     kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     at_connect = kind in ("connect refused", "read timeout")
@@ -293,7 +281,7 @@ def test_max_fails_failures_within_fail_timeout_eject_for_fail_timeout(
 
 
 def test_failures_spread_over_more_than_fail_timeout_do_not_eject() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
@@ -320,7 +308,7 @@ def test_failures_spread_over_more_than_fail_timeout_do_not_eject() -> None:
 
 @pytest.mark.parametrize("status", [400, 401, 404, 409, 429, 500])
 def test_client_errors_and_statuses_outside_unhealthy_statuses_never_count(status: int) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
@@ -335,7 +323,7 @@ def test_client_errors_and_statuses_outside_unhealthy_statuses_never_count(statu
 
 
 def test_an_upstream_that_raises_counts_when_500_is_an_unhealthy_status() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, unhealthy_statuses={500, 502, 503, 504})
     mw = proxy(pool)
@@ -350,7 +338,7 @@ def test_an_upstream_that_raises_counts_when_500_is_an_unhealthy_status() -> Non
 
 @pytest.mark.anyio
 async def test_after_fail_timeout_exactly_one_request_probes_and_success_brings_it_back() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
@@ -394,7 +382,7 @@ async def test_after_fail_timeout_exactly_one_request_probes_and_success_brings_
 
 
 def test_a_failed_probe_ejects_again_for_fail_timeout(caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
@@ -424,7 +412,7 @@ def test_a_failed_probe_ejects_again_for_fail_timeout(caplog: pytest.LogCaptureF
 
 @pytest.mark.anyio
 async def test_a_probe_whose_client_left_does_not_keep_the_upstream_out_forever() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
@@ -452,7 +440,7 @@ async def test_a_probe_whose_client_left_does_not_keep_the_upstream_out_forever(
 
 @pytest.mark.parametrize("kind", ["status 503", "connect refused"])
 def test_a_pool_of_one_is_never_ejected(kind: str) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a = Backend("a")
     door = Door(a)
     pool = make_pool([door.upstream() if kind == "connect refused" else inproc(a)], clock)
@@ -471,7 +459,7 @@ def test_a_pool_of_one_is_never_ejected(kind: str) -> None:
 
 
 def test_max_fails_zero_turns_passive_ejection_off() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, max_fails=0)
     mw = proxy(pool)
@@ -484,7 +472,7 @@ def test_max_fails_zero_turns_passive_ejection_off() -> None:
 
 
 def test_a_response_that_breaks_mid_body_counts_as_one_failed_request() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     pool = make_pool([door.upstream(), inproc(b)], clock)
@@ -499,7 +487,7 @@ def test_a_response_that_breaks_mid_body_counts_as_one_failed_request() -> None:
 
 
 def test_a_probe_whose_response_breaks_mid_body_ejects_again() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     pool = make_pool([door.upstream(), inproc(b)], clock)
@@ -532,7 +520,7 @@ def test_a_probe_whose_response_breaks_mid_body_ejects_again() -> None:
 async def test_down_after_fall_consecutive_failed_checks_up_after_rise_passes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=HealthCheck(rise=2, fall=3))
     mw = proxy(pool)
@@ -575,7 +563,7 @@ async def test_down_after_fall_consecutive_failed_checks_up_after_rise_passes(
 @pytest.mark.anyio
 @pytest.mark.parametrize("fall", [1, 2])
 async def test_upstreams_start_healthy_and_the_first_check_counts(fall: int) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=HealthCheck(rise=1, fall=fall))
     mw = proxy(pool)
@@ -609,7 +597,7 @@ async def test_upstreams_start_healthy_and_the_first_check_counts(fall: int) -> 
     ],
 )
 async def test_check_status_must_be_in_expect(status: int, expect: Any, passes: bool) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     health = HealthCheck(rise=1, fall=1, expect=expect)
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=health)
@@ -628,7 +616,7 @@ async def test_check_status_must_be_in_expect(status: int, expect: Any, passes: 
 
 @pytest.mark.anyio
 async def test_checks_carry_host_and_user_agent_but_never_client_credentials() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a = Backend("a")
     b = Backend("b")
     pool = make_pool(
@@ -663,7 +651,7 @@ async def test_checks_carry_host_and_user_agent_but_never_client_credentials() -
 @pytest.mark.anyio
 @pytest.mark.parametrize("failure", ["timeout", "connect refused", "raises"])
 async def test_a_check_that_times_out_or_fails_to_connect_fails(failure: str) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     health = HealthCheck(timeout=0.05, rise=1, fall=1)
@@ -700,7 +688,7 @@ async def test_a_check_that_times_out_or_fails_to_connect_fails(failure: str) ->
 
 @pytest.mark.anyio
 async def test_traffic_only_when_neither_active_nor_passive_says_down() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b, c = Backend("a"), Backend("b"), Backend("c")
     health = HealthCheck(rise=1, fall=1)
     pool = make_pool([inproc(a), inproc(b), inproc(c)], clock, health_check=health, max_fails=1)
@@ -746,7 +734,7 @@ async def test_traffic_only_when_neither_active_nor_passive_says_down() -> None:
 
 @pytest.mark.anyio
 async def test_try_all_routes_round_robin_across_all_when_every_check_fails() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=HealthCheck(rise=1, fall=1))
     mw = proxy(pool)
@@ -760,7 +748,7 @@ async def test_try_all_routes_round_robin_across_all_when_every_check_fails() ->
 
 
 def test_try_all_routes_across_all_when_every_upstream_is_ejected() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, max_fails=1)
     mw = proxy(pool)
@@ -776,7 +764,7 @@ def test_try_all_routes_across_all_when_every_upstream_is_ejected() -> None:
 
 @pytest.mark.anyio
 async def test_fail_answers_503_with_retry_after_when_every_check_fails() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     health = HealthCheck(rise=1, fall=1, interval=10.0)
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=health, on_all_down="fail")
@@ -801,7 +789,7 @@ async def test_fail_answers_503_with_retry_after_when_every_check_fails() -> Non
 
 
 def test_fail_answers_503_with_retry_after_when_every_upstream_is_ejected() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, max_fails=1, on_all_down="fail")
     with TestClient(proxy(pool)) as client:
@@ -825,7 +813,7 @@ def test_fail_answers_503_with_retry_after_when_every_upstream_is_ejected() -> N
 
 
 def test_a_get_is_retried_on_the_next_upstream_when_the_first_refuses() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     pool = make_pool([door.upstream(), inproc(b)], clock)
@@ -840,7 +828,7 @@ def test_a_get_is_retried_on_the_next_upstream_when_the_first_refuses() -> None:
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
 @pytest.mark.parametrize("how", ["dropped after reading the body", "broken response"])
 def test_a_non_idempotent_request_is_not_retried_once_sent(method: str, how: str) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     first = door.upstream() if how == "dropped after reading the body" else inproc(a)
@@ -860,7 +848,7 @@ def test_a_non_idempotent_request_is_not_retried_once_sent(method: str, how: str
 
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
 def test_a_non_idempotent_request_is_retried_when_nothing_was_sent(method: str) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     pool = make_pool([door.upstream(), inproc(b)], clock)
@@ -874,7 +862,7 @@ def test_a_non_idempotent_request_is_retried_when_nothing_was_sent(method: str) 
 
 @pytest.mark.parametrize("how", ["dropped after reading the body", "broken response"])
 def test_retry_non_idempotent_retries_a_post_after_it_was_sent(how: str) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     first = door.upstream() if how == "dropped after reading the body" else inproc(a)
@@ -888,7 +876,7 @@ def test_retry_non_idempotent_retries_a_post_after_it_was_sent(how: str) -> None
 
 
 def test_retry_on_statuses_moves_a_get_to_the_next_upstream() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, retry_on_statuses={503})
     with TestClient(proxy(pool)) as client:
@@ -901,14 +889,14 @@ def test_retry_on_statuses_moves_a_get_to_the_next_upstream() -> None:
         assert (posted.status_code, posted.text) == (503, "a")
         assert [m for m, _, _ in b.hits] == ["GET"]
     # Statuses not listed are passed on.
-    pool = make_pool([inproc(a), inproc(b)], FakeClock(), retry_on_statuses={503})
+    pool = make_pool([inproc(a), inproc(b)], ManualClock(), retry_on_statuses={503})
     with TestClient(proxy(pool)) as client:
         a.status = 502
         assert client.get("/api/x").status_code == 502
 
 
 def test_retry_on_statuses_tries_each_upstream_once_then_passes_the_last_answer() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     backends = [Backend(n) for n in "abc"]
     pool = make_pool(
         [inproc(x) for x in backends], clock, retry_on_statuses={503}, retries=5, max_fails=0
@@ -934,7 +922,7 @@ def test_retry_on_statuses_tries_each_upstream_once_then_passes_the_last_answer(
 async def test_a_streamed_body_over_retry_body_limit_is_not_retried_once_sent(
     case: str, chunks: list[bytes], retried: bool
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     door = Door(a)
     door.mode = "drop"
@@ -972,7 +960,7 @@ async def test_a_streamed_body_over_retry_body_limit_is_not_retried_once_sent(
 def test_an_upstream_already_tried_is_never_tried_again_for_one_request(
     policy: str, weights: tuple[int, ...]
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     log: list[str] = []
     doors = [Door(Backend(name), log) for name in "abc"]
     members = [door.upstream(weight) for door, weight in zip(doors, weights, strict=True)]
@@ -988,7 +976,7 @@ def test_an_upstream_already_tried_is_never_tried_again_for_one_request(
 
 
 def test_retries_cap_the_attempts() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     log: list[str] = []
     doors = [Door(Backend(name), log) for name in "abcd"]
     pool = make_pool([door.upstream() for door in doors], clock, retries=2, max_fails=0)
@@ -1005,7 +993,7 @@ def test_retries_cap_the_attempts() -> None:
 
 
 def test_slow_start_ramps_an_upstream_back_after_a_half_open_recovery() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock, slow_start=10, max_fails=1)
     mw = proxy(pool)
@@ -1032,7 +1020,7 @@ def test_slow_start_ramps_an_upstream_back_after_a_half_open_recovery() -> None:
 
         previous = 0.1
         for elapsed in (2, 3, 5, 7, 9, 9.99, 10, 11, 30):
-            clock.now = recovered + elapsed
+            clock.set(recovered + elapsed)
             weight = row(api, a)["effective_weight"]
             assert weight >= previous, elapsed
             assert abs(weight - min(1.0, 0.1 + 0.9 * elapsed / 10)) <= 0.1 + 1e-9, elapsed
@@ -1044,7 +1032,7 @@ def test_slow_start_ramps_an_upstream_back_after_a_half_open_recovery() -> None:
 
 @pytest.mark.anyio
 async def test_slow_start_ramps_an_upstream_back_after_its_check_comes_up() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     health = HealthCheck(rise=1, fall=1)
     pool = make_pool([inproc(a), inproc(b)], clock, health_check=health, slow_start=10)
@@ -1070,7 +1058,7 @@ async def test_slow_start_ramps_an_upstream_back_after_its_check_comes_up() -> N
 
 
 def test_drain_stops_new_requests_and_undrain_restores(caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
@@ -1089,7 +1077,7 @@ def test_drain_stops_new_requests_and_undrain_restores(caplog: pytest.LogCapture
 
 @pytest.mark.anyio
 async def test_drain_lets_requests_in_flight_finish() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     pool = make_pool([inproc(a), inproc(b)], clock)
     mw = proxy(pool)
@@ -1117,7 +1105,7 @@ async def test_drain_lets_requests_in_flight_finish() -> None:
 
 
 def test_drain_of_an_unknown_url_is_a_value_error() -> None:
-    pool = make_pool([inproc(Backend("a")), inproc(Backend("b"))], FakeClock())
+    pool = make_pool([inproc(Backend("a")), inproc(Backend("b"))], ManualClock())
     api = proxy(pool).balancer["/api"]
     with pytest.raises(ValueError, match="no upstream"):
         api.drain("http://nope.internal")
@@ -1129,7 +1117,7 @@ def test_a_pool_is_a_value_that_any_number_of_apps_serve_apart() -> None:
     """A Pool only describes: two apps built with the same one each run it on their own
     (draining an upstream in one leaves the other alone), and it cannot be changed."""
     a, b = Backend("a"), Backend("b")
-    pool = make_pool([inproc(a), inproc(b)], FakeClock())
+    pool = make_pool([inproc(a), inproc(b)], ManualClock())
     first, second = proxy(pool), proxy(pool)
     first.balancer["/api"].drain(a.url)
     assert row(first.balancer["/api"], a)["drained"] is True
@@ -1141,7 +1129,7 @@ def test_a_pool_is_a_value_that_any_number_of_apps_serve_apart() -> None:
 
 
 def test_a_balancer_serves_one_middleware() -> None:
-    balancer = Balancer({"/api": make_pool([inproc(Backend("a"))], FakeClock())})
+    balancer = Balancer({"/api": make_pool([inproc(Backend("a"))], ManualClock())})
     RoundRobinMiddleware(Starlette(), balancer=balancer)
     with pytest.raises(ValueError, match="already serves another"):
         RoundRobinMiddleware(Starlette(), balancer=balancer)
@@ -1163,7 +1151,7 @@ def destroyed_tasks(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_checks_run_under_the_test_client_lifespan_and_stop_with_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a, b = Backend("a"), Backend("b")
     enough = threading.Event()
     late = threading.Event()
@@ -1196,7 +1184,7 @@ def test_checks_run_under_the_test_client_lifespan_and_stop_with_it(
 async def test_checks_run_while_the_lifespan_runs_and_none_arrive_after_shutdown(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     a = Backend("a")
     enough = asyncio.Event()
     late = asyncio.Event()

@@ -20,7 +20,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -36,12 +35,13 @@ from starlette.requests import Request
 
 from rr_middleware import HealthCheck, Pool, RoundRobinMiddleware, Upstream
 from rr_middleware.metrics import BUCKETS
+from rr_middleware.testing import FakeUpstream, ManualClock
 
 from .chromium import dump_dom
 from .polling import wait_for
 from .proxy import client, host_app, running_proxy
 from .servers import dead_url, serve
-from .upstream_app import UpstreamApp, _respond
+from .upstream_app import UpstreamApp
 
 T = TypeVar("T")
 
@@ -50,54 +50,6 @@ LOGGER = "rr_middleware"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class Failing503Upstream(UpstreamApp):
-    """An UpstreamApp that answers every request (health checks too) 503 while ``failing``
-    is set. Requests answered so are counted in ``refused``, not recorded in ``requests``."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.failing = threading.Event()
-        self.refused = 0
-
-    async def _handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if not self.failing.is_set():
-            await super()._handle(scope, receive, send)
-            return
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            if not message.get("more_body", False):
-                break
-        self.refused += 1
-        await _respond(send, 503, [(b"x-upstream", self.name.encode())], b"failing")
-
-
-class SickUpstream(UpstreamApp):
-    """An UpstreamApp whose health checks (``/health``) fail while ``failing`` is set; its
-    traffic is answered as usual all along."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.failing = threading.Event()
-
-    async def _handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["raw_path"] == b"/health" and self.failing.is_set():
-            await _respond(send, 503, [], b"sick")
-            return
-        await super()._handle(scope, receive, send)
-
-
-class ManualClock:
-    """A pool clock the test moves: ejections run out when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def row(http: httpx.Client, prefix: str, url: str, path: str = "/status.json") -> dict[str, Any]:
@@ -271,8 +223,8 @@ def lines_with(lines: list[str], *words: str) -> list[str]:
 
 
 def test_prometheus_metrics_count_what_happened() -> None:
-    a_app, b_app, c_app = UpstreamApp("a"), Failing503Upstream("b"), UpstreamApp("c")
-    with serve(a_app) as a, serve(b_app) as b, serve(c_app) as c:
+    a_app, c_app = UpstreamApp("a"), UpstreamApp("c")
+    with serve(a_app) as a, FakeUpstream("b").serve() as b, serve(c_app) as c:
         dead, dead2 = dead_url(), dead_url()
         api = Pool(
             [a.url, b.url, dead], retries=2, max_fails=2, fail_timeout=60, retry_on_statuses={503}
@@ -302,7 +254,7 @@ def test_prometheus_metrics_count_what_happened() -> None:
             else:
                 pytest.fail("the dead upstream was never ejected")
             # b answers 503 now (retried on the next upstream), until it is ejected too.
-            b_app.failing.set()
+            b.answer(503)
             for n in range(20):
                 if row(http, "/api", b.url)["state"] == "ejected":
                     break
@@ -340,9 +292,8 @@ def test_prometheus_metrics_count_what_happened() -> None:
             metrics = scrape(http)
 
             # What the upstreams saw agrees with what the client saw.
-            assert b_app.refused == 2
+            assert b.request_count == relayed["b"] + 2  # two answered 503, then ejected
             assert len(a_app.requests) == relayed["a"]
-            assert len(b_app.requests) == relayed["b"]
             assert relayed["b"] >= 1
 
             for name, kind in {
@@ -713,9 +664,11 @@ def test_one_warning_per_state_change_and_per_failed_request(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    a_app, b_app, h_app = UpstreamApp("a"), Failing503Upstream("b"), Failing503Upstream("h")
+    a_app = UpstreamApp("a")
     clock = ManualClock()
-    with serve(a_app) as a, serve(b_app) as b, serve(h_app) as h, ExitStack() as stack:
+    with serve(a_app) as a, ExitStack() as stack:
+        b = stack.enter_context(FakeUpstream("b").serve())
+        h = stack.enter_context(FakeUpstream("h").serve())
         c = stack.enter_context(serve(UpstreamApp("c")))
         dead = dead_url()
         flaky = Pool(
@@ -745,15 +698,15 @@ def test_one_warning_per_state_change_and_per_failed_request(
 
         # b answers 503 (retried on a): ejected; answers again, the ejection runs out, and
         # the half-open probe recovers it.
-        b_app.failing.set()
+        b.answer(503)
         for n in range(4):
             if row(http, "/flaky", b.url)["state"] == "ejected":
                 break
             assert http.get(f"/flaky/f{n}").status_code == 200
         else:
             pytest.fail("b was never ejected")
-        b_app.failing.clear()
-        clock.now += 5.5
+        b.answer(200)
+        clock.advance(5.5)
         for n in range(4):
             if row(http, "/flaky", b.url)["state"] == "up":
                 break
@@ -762,9 +715,9 @@ def test_one_warning_per_state_change_and_per_failed_request(
             pytest.fail("b never recovered")
 
         # Active checks: h DOWN, then UP.
-        h_app.failing.set()
+        h.fail_health_checks(503)
         wait_for(lambda: row(http, "/checked", h.url)["state"] == "down", "h to go down")
-        h_app.failing.clear()
+        h.pass_health_checks()
         wait_for(lambda: row(http, "/checked", h.url)["state"] == "up", "h to come back up")
 
         # Drained, and back.
@@ -846,9 +799,8 @@ def test_panic_mode_is_a_pool_gauge_and_flag_and_leaves_rr_upstream_up_alone() -
     them anyway: ``rr_pool_panic`` 1, ``panic`` true in the JSON, a line on the page, while
     ``rr_upstream_up`` stays 0 (each upstream, on its own health, is not eligible).
     ``/fail`` answers 503 instead: not panic. Once checks pass again, all of it reverts."""
-    a_app, b_app = SickUpstream("a"), SickUpstream("b")
     checks = HealthCheck(interval=0.05, rise=1, fall=1)
-    with serve(a_app) as a, serve(b_app) as b, ExitStack() as stack:
+    with FakeUpstream("a").serve() as a, FakeUpstream("b").serve() as b, ExitStack() as stack:
         pools = {
             "/api": Pool([a.url, b.url], health_check=checks),
             "/fail": Pool([a.url, b.url], health_check=checks, on_all_down="fail"),
@@ -862,8 +814,8 @@ def test_panic_mode_is_a_pool_gauge_and_flag_and_leaves_rr_upstream_up_alone() -
         assert before.by("rr_pool_panic", "pool") == {"/api": 0, "/fail": 0}
         assert pool_status(http, "/api")["panic"] is False
 
-        a_app.failing.set()
-        b_app.failing.set()
+        a.fail_health_checks()
+        b.fail_health_checks()
         wait_for(
             lambda: all(
                 up["state"] == "down"
@@ -890,8 +842,8 @@ def test_panic_mode_is_a_pool_gauge_and_flag_and_leaves_rr_upstream_up_alone() -
         assert "data-panic='/api'" in page
         assert "data-panic='/fail'" not in page
 
-        a_app.failing.clear()
-        b_app.failing.clear()
+        a.pass_health_checks()
+        b.pass_health_checks()
         wait_for(lambda: not pool_status(http, "/api")["panic"], "the checks to pass again")
         after = scrape(http)
         assert after.by("rr_pool_panic", "pool") == {"/api": 0, "/fail": 0}
@@ -916,7 +868,7 @@ def test_panic_mode_from_ejections_ends_when_they_run_out() -> None:
         assert scrape(http).get("rr_pool_panic", pool="/api") == 1
         assert mw.status()["pools"][0]["panic"] is True
         assert http.get("/api/x").status_code == 200  # served all the same
-        clock.now += 6
+        clock.advance(6)
         assert scrape(http).get("rr_pool_panic", pool="/api") == 0
         assert mw.status()["pools"][0]["panic"] is False
 
@@ -954,7 +906,7 @@ def test_up_gauge_follows_an_ejection_running_out() -> None:
         failed = http.get("/api/x?action=status&code=503").headers["x-upstream"]
         url = {"a": a.url, "b": b.url}[failed]
         assert scrape(http).get("rr_upstream_up", pool="/api", upstream=url) == 0
-        clock.now += 6  # the ejection has run out: the next request may probe it
+        clock.advance(6)  # the ejection has run out: the next request may probe it
         up_metric = scrape(http).get("rr_upstream_up", pool="/api", upstream=url)
         assert row(http, "/api", url)["eligible"] is True  # the JSON says it takes traffic
         assert up_metric == 1

@@ -4,6 +4,7 @@ the traceparent they got. And X-Request-ID."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -238,3 +239,37 @@ def test_without_opentelemetry_nothing_runs(upstream: RunningServer) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("False None ")
     assert f"['traceparent', '{incoming}']" in done.stdout  # passed on as any header
+
+
+async def slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers every request after 2 s (a try a hedge overtakes)."""
+    if scope["type"] != "http":
+        return
+    await asyncio.sleep(2)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"slow"})
+
+
+def test_a_hedge_is_a_sibling_span(spans: InMemorySpanExporter, upstream: RunningServer) -> None:
+    with serve(slow_app) as slow:
+        pool = Pool([slow.url, upstream.url], hedge_after=0.05, max_hedges=1)
+        with serve(instrumented({"/api": pool})) as front, client() as http:
+            for _ in range(2):  # round robin: one of the two starts on the slow one
+                response = http.get(f"{front.url}/api/x")
+                assert response.json()["server"] == "up"
+    exported = spans.get_finished_spans()
+    servers = of_kind(exported, trace.SpanKind.SERVER)
+    clients = of_kind(exported, trace.SpanKind.CLIENT)
+    hedged = [
+        [c for c in clients if c.parent is not None and c.parent.span_id == s.context.span_id]
+        for s in servers
+    ]
+    pairs = [tries for tries in hedged if len(tries) == 2]
+    assert pairs, hedged
+    assert all(len(tries) in (1, 2) for tries in hedged)
+    for pair in pairs:  # a try on the slow one, and the hedge overtaking it
+        ports = {(c.attributes or {})["server.port"]: dict(c.attributes or {}) for c in pair}
+        assert set(ports) == {slow.port, upstream.port}
+        assert ports[upstream.port]["http.response.status_code"] == 200
+        assert ports[upstream.port]["http.request.resend_count"] == 1
+        assert ports[slow.port]["error.type"] == "CancelledError"  # overtaken, cancelled

@@ -24,6 +24,7 @@ import pytest
 from rr_middleware import Balancer, Pool, StickyCookie, Upstream
 from rr_middleware.errors import FieldError
 from rr_middleware.gateway_config import load_config
+from rr_middleware.headers import TrustedProxies, client_address
 from rr_middleware.sticky import SECRET_ENV
 
 from .proxy import InProcessProxy, aclient, client, running_proxy
@@ -390,3 +391,58 @@ secret = "s3cret"
     assert app.sticky == StickyCookie(
         name="backend", max_age=3600, secure=True, samesite="None", secret="s3cret"
     )
+
+
+@pytest.mark.parametrize(
+    ("chain", "peer", "trusted", "client"),
+    [
+        (None, "192.0.2.1", (), "192.0.2.1"),
+        ("203.0.113.9", "192.0.2.1", (), "192.0.2.1"),  # an untrusted peer's header: ignored
+        ("203.0.113.9", "10.0.0.2", ("10.0.0.0/8",), "203.0.113.9"),
+        ("6.6.6.6, 203.0.113.9, 10.0.0.3", "10.0.0.2", ("10.0.0.0/8",), "203.0.113.9"),
+        ("10.0.0.4, 10.0.0.3", "10.0.0.2", ("10.0.0.0/8",), "10.0.0.4"),
+        (None, "10.0.0.2", ("10.0.0.0/8",), "10.0.0.2"),
+        (None, None, ("*",), None),
+    ],
+)
+def test_the_client_address_behind_trusted_proxies(
+    chain: str | None, peer: str | None, trusted: tuple[str, ...], client: str | None
+) -> None:
+    headers = [(b"x-forwarded-for", chain.encode())] if chain is not None else []
+    assert client_address(headers, peer, TrustedProxies(trusted)) == client
+
+
+def test_hash_on_client_uses_the_address_trusted_proxies_give(
+    upstreams: list[RunningServer],
+) -> None:
+    """Behind a trusted proxy (here the test itself, 127.0.0.1) the key is the address in
+    X-Forwarded-For: one client keeps its upstream, many clients spread. Without trust,
+    every request is from 127.0.0.1: one key."""
+    pool = Pool([s.url for s in upstreams], policy="hash", hash_on="client")
+
+    def answers(trusted: tuple[str, ...]) -> tuple[set[str], set[str]]:
+        with (
+            running_proxy({"/api": pool}, trusted_proxies=trusted) as (proxy, _),
+            client() as http,
+        ):
+            one = {
+                http.get(f"{proxy.url}/api/x", headers={"x-forwarded-for": "203.0.113.7"}).headers[
+                    "x-upstream"
+                ]
+                for _ in range(10)
+            }
+            many = {
+                http.get(
+                    f"{proxy.url}/api/x", headers={"x-forwarded-for": f"198.51.100.{i}"}
+                ).headers["x-upstream"]
+                for i in range(60)
+            }
+        return one, many
+
+    one, many = answers(("127.0.0.1",))
+    assert len(one) == 1
+    assert many == {"a", "b", "c"}
+    one, many = answers(())
+    assert len(one) == 1
+    assert len(many) == 1
+    assert one == many

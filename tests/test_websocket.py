@@ -784,3 +784,16 @@ async def test_a_websocket_that_connects_ends_a_half_open_probe() -> None:
                 row = runtime.snapshot()[0]
                 assert not row["half_open"], (row, names)
                 assert names.count("revived") == 2, names
+
+
+def test_a_websocket_is_never_hedged(a: WsUpstream, b: WsUpstream) -> None:
+    """A pool hedging after a millisecond: the handshake takes longer, and still goes to
+    one upstream only (hedging is for HTTP requests that may be sent twice)."""
+    with ws_proxy({"/ws": Pool([a.url, b.url], hedge_after=0.001)}) as (proxy, middleware):
+        with sync_client(ws_url(proxy, "/ws/echo")) as ws:
+            ws.send("once")
+            assert ws.recv(timeout=WAIT) == "once"
+        runtime = middleware.balancer["/ws"]
+        assert runtime.hedging is not None
+        assert runtime.hedging.sent == 0
+    assert a.handshakes.qsize() + b.handshakes.qsize() == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -46,8 +47,9 @@ class ConsulDiscovery:
     ``token`` is sent as ``X-Consul-Token``; ``datacenter`` and ``tag`` filter as Consul's
     ``dc`` and ``tag``; ``passing_only=False`` also takes instances whose checks fail
     (leave it to your own health checks). ``wait`` is the blocking query's wait.
-    ``transport`` (any ``httpx.AsyncBaseTransport``) reaches Consul, e.g. with your TLS
-    settings.
+    ``ca_file`` (PEM) is the CA that signs an ``https`` agent's certificate, instead of
+    the system's. ``transport`` (any ``httpx.AsyncBaseTransport``) reaches Consul, e.g.
+    with TLS settings of your own.
     """
 
     service: str
@@ -61,6 +63,7 @@ class ConsulDiscovery:
     startup_timeout: float = 5.0
     retry_initial: float = 0.5
     retry_max: float = 30.0
+    ca_file: str | None = None
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +97,20 @@ class ConsulDiscovery:
         check_seconds("consul", "startup_timeout", self.startup_timeout, allow_zero=True)
         check_seconds("consul", "retry_initial", self.retry_initial)
         check_seconds("consul", "retry_max", self.retry_max)
+        if self.ca_file is not None:
+            self.ssl_context()  # a file that cannot be loaded is a start-up error
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """What verifies the agent's certificate: ``ca_file``'s CA, else the system's."""
+        if self.ca_file is None:
+            return True
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise FieldError.of(
+                "consul", "ca_file", f"{self.ca_file!r} cannot be loaded: {reason}"
+            ) from None
 
     def describe(self) -> str:
         tag = f" (tag {self.tag!r})" if self.tag else ""
@@ -118,7 +135,11 @@ class ConsulDiscovery:
         index = 0
         last: list[tuple[str, int]] | None = None
         async with httpx.AsyncClient(
-            base_url=self.address, headers=headers, timeout=timeout, transport=self.transport
+            base_url=self.address,
+            headers=headers,
+            timeout=timeout,
+            transport=self.transport,
+            verify=self.ssl_context(),
         ) as client:
             while True:
                 started = time.monotonic()

@@ -179,12 +179,16 @@ class Http1Transport(UpstreamTransport):
     ``keepalive_timeout`` (default 4 s): idle connections older than this are not reused,
     so they are dropped before common upstream servers close them (uvicorn and Node.js
     after 5 s). ``ssl``: True verifies certificates with the system's CAs (default), or
-    pass an ``ssl.SSLContext``.
+    pass an ``ssl.SSLContext``. ``server_name``: the name to verify and send as SNI
+    (``None``: each upstream URL's host).
     """
 
-    def __init__(self, *, keepalive_timeout: float = 4.0, ssl: Any = True) -> None:
+    def __init__(
+        self, *, keepalive_timeout: float = 4.0, ssl: Any = True, server_name: str | None = None
+    ) -> None:
         self._keepalive = keepalive_timeout
         self._ssl_option = ssl
+        self._server_name = server_name
         self._ssl_context: ssl_module.SSLContext | None = None
         self._connections: Connections | None = None
         self._closer: AsyncGenerator[None, None] | None = None
@@ -258,7 +262,9 @@ class Http1Transport(UpstreamTransport):
                     upstream.host,
                     upstream.port,
                     ssl=ssl_context,
-                    server_hostname=upstream.host if ssl_context is not None else None,
+                    server_hostname=(self._server_name or upstream.host)
+                    if ssl_context is not None
+                    else None,
                 ),
                 timeout,
             )

@@ -1,0 +1,183 @@
+"""Reloading the gateway's file while it serves: SIGHUP, and ``--watch``.
+
+Each worker process holds a :class:`Reloader` next to its app. On SIGHUP (or, watching,
+when the file changes) it reads and validates the file again; a file with a mistake is
+refused with one log line and the running configuration stays; a valid one is applied by
+``Balancer.reconfigure`` (``reconfigure.py``: pools added and removed, upstream lists
+diffed as discovery updates are, pools whose options changed rebuilt), with no request or
+WebSocket cut. ``[server]`` and ``[middleware]`` are read at start-up only: a reload that
+changes them says so and applies the pools.
+
+With several workers the gateway's parent process does the watching and validating (so a
+mistake is logged once) and hands SIGHUP to every worker, each of which reloads itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .config_mapping import ConfigError
+from .gateway_admin import GatewayOperator, Overrides
+from .gateway_config import GatewayConfig, load_config
+from .reconfigure import Changes
+
+__all__ = ["FileWatch", "Reloader"]
+
+logger = logging.getLogger("rr_middleware")
+
+#: Seconds between two looks at the watched file.
+WATCH_INTERVAL = 1.0
+
+
+class FileWatch:
+    """Whether a file changed since the last look: its modification time, size and inode
+    (an editor that writes a new file and renames it changes the inode)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None  # gone for a moment (a rename under way): not a change yet
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def changed(self) -> bool:
+        signature = self._signature()
+        if signature is None or signature == self._seen:
+            return False
+        self._seen = signature
+        return True
+
+
+class Reloader:
+    """Reloads ``path`` into the running app of this process (see the module docstring).
+    ``lifespan`` is the app's Starlette lifespan: it installs the SIGHUP handler and, with
+    ``watch``, the loop that looks at the file every ``WATCH_INTERVAL`` seconds."""
+
+    def __init__(self, path: Path, overrides: dict[str, Any], *, watch: bool = False) -> None:
+        self.path = path
+        self.overrides = overrides
+        self.watch = watch
+        self.config: GatewayConfig | None = None
+        #: Upstreams added and removed through the admin API, applied over the file.
+        self.admin_changes = Overrides.from_environment()
+        #: Why the last reload was refused (None: it was not).
+        self.error: str | None = None
+        self.reloads = 0
+        self._lock: asyncio.Lock | None = None
+        self._pending = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def load(self) -> GatewayConfig:
+        """The first configuration, whose app runs with this reloader in its lifespan."""
+        config = load_config(self.path, lifespan=self.lifespan, **self.overrides)
+        admin = config.app.endpoints.admin
+        if admin is not None:
+            admin.operator = GatewayOperator(config.app.balancer, self)
+        self.config = config
+        return config
+
+    def catch_early_signal(self) -> None:
+        """Until the lifespan installs its handler, remember a SIGHUP instead of dying of
+        it (the default): a worker that was starting when it came reloads once it runs."""
+
+        def remember(signum: int, frame: FrameType | None) -> None:
+            self._pending = True
+
+        signal.signal(signal.SIGHUP, remember)
+
+    async def reload(self, why: str) -> Changes | None:
+        """Read the file again and apply it; None if it was refused."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one at a time, each against what the last one left
+            running = self.config
+            assert running is not None, "load() first"
+            try:
+                config = load_config(self.path, **self.overrides)
+            except ConfigError as exc:
+                self.error = str(exc)
+                logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
+                return None
+            pools = self.admin_changes.apply(config.pools)
+            try:
+                changes = await running.app.balancer.reconfigure(pools)
+            except ValueError as exc:  # checked before anything changed
+                self.error = f"{self.path}: {exc}"
+                logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
+                return None
+            self.error = None
+            config.app = running.app
+            self.config = config
+            self.reloads += 1
+            logger.warning("reload (%s) of %s: %s", why, self.path, changes.describe())
+            for note in _start_up_only(running, config):
+                logger.warning("reload (%s): %s", why, note)
+            return changes
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._spawn, "SIGHUP")
+        if self._pending:
+            self._pending = False
+            self._spawn("SIGHUP")
+        if self.watch:
+            self._keep(asyncio.ensure_future(self._watch()))
+        if self.admin_changes.operations():
+            await self.reload("the admin API's changes")  # a worker started after some
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, why: str) -> None:
+        self._keep(asyncio.ensure_future(self.reload(why)))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self) -> None:
+        watch = FileWatch(self.path)
+        await watch_file(watch, lambda: self.reload("the file changed"))
+
+
+async def watch_file(watch: FileWatch, on_change: Callable[[], Any]) -> None:
+    """Look at the file every ``WATCH_INTERVAL`` on a fixed schedule (a slow reload does
+    not shift the next look) and await ``on_change()`` after each change."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time()
+    while True:
+        deadline += WATCH_INTERVAL
+        await asyncio.sleep(max(0.0, deadline - loop.time()))
+        if watch.changed():
+            await on_change()
+        deadline = max(deadline, loop.time() - WATCH_INTERVAL)
+
+
+def _start_up_only(running: GatewayConfig, config: GatewayConfig) -> list[str]:
+    notes = []
+    if running.server != config.server:
+        notes.append("[server] changed; it is read at start-up only (restart to apply)")
+    if {k: v for k, v in running.middleware.items() if k != "routes"} != {
+        k: v for k, v in config.middleware.items() if k != "routes"
+    }:
+        notes.append("[middleware] changed; it is read at start-up only (restart to apply)")
+    if running.middleware.get("routes") != config.middleware.get("routes"):
+        notes.append("[[routes]] changed; they are read at start-up only (restart to apply)")
+    return notes

@@ -1,0 +1,157 @@
+"""The admin API in one process: authorization, every action, and every refusal, against
+real upstreams (``tests/test_admin_gateway.py`` drives rr-gateway's workers)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+from starlette.requests import Request
+
+from rr_middleware import RoundRobinMiddleware
+from rr_middleware.errors import FieldError
+
+from .servers import serve
+from .upstream_app import UpstreamApp
+
+TOKEN = "admin-s3cret"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+URLS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def upstreams() -> Iterator[None]:
+    with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b, serve(UpstreamApp("c")) as c:
+        URLS.update(a=a.url, b=b.url, c=c.url)
+        yield
+
+
+def app_with(**options: Any) -> RoundRobinMiddleware:
+    pools = {"/api": [URLS["a"], URLS["b"]], "/found": [URLS["c"]]}
+    return RoundRobinMiddleware(Starlette(), pools=pools, admin_path="/_admin", **options)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with LifespanManager(app_with(admin_token=TOKEN)) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client
+
+
+async def served(client: httpx.AsyncClient, n: int = 6) -> Counter[str]:
+    return Counter([(await client.get("/api/x")).headers["x-upstream"] for _ in range(n)])
+
+
+async def admin(client: httpx.AsyncClient, action: str, **body: Any) -> httpx.Response:
+    return await client.post(f"/_admin/{action}", json=body, headers=AUTH)
+
+
+@pytest.mark.anyio
+async def test_every_action_changes_what_the_upstreams_see(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = URLS["b"]
+    caplog.set_level(logging.WARNING, "rr_middleware")
+    response = await admin(client, "drain", pool="/api", url=b)
+    assert response.json() == {"ok": True, "done": f"pool /api: {b} drained"}
+    assert await served(client) == {"a": 6}
+    assert f"admin: 127.0.0.1 (bearer token) asked to drain: pool /api: {b}" in caplog.text
+    assert (await admin(client, "undrain", pool="/api", url=b + "/")).status_code == 200
+    assert (await admin(client, "weight", pool="/api", url=b, weight=2)).status_code == 200
+    assert await served(client) == {"a": 2, "b": 4}
+    assert (await admin(client, "weight", pool="/api", url=b, weight=None)).status_code == 200
+    assert await served(client) == {"a": 3, "b": 3}
+    # An added upstream serves at once; a removed one no more.
+    added = await admin(client, "add", pool="/api", url=URLS["c"], weight=1)
+    assert added.status_code == 200, added.text
+    assert await served(client) == {"a": 2, "b": 2, "c": 2}
+    assert (await admin(client, "remove", pool="/api", url=URLS["a"])).status_code == 200
+    assert await served(client) == {"b": 3, "c": 3}
+    state = (await client.get("/_admin/state", headers=AUTH)).json()
+    api = next(pool for pool in state["pools"] if pool["prefix"] == "/api")
+    assert [row["url"] for row in api["upstreams"]] == [b, URLS["c"]]
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("action", "body", "status", "message"),
+    [
+        ("drain", {"pool": "/nope", "url": "a"}, 404, "no pool '/nope'"),
+        ("drain", {"pool": "/api", "url": "http://z.internal"}, 404, "has no upstream"),
+        ("remove", {"pool": "/api", "url": "http://z.internal"}, 404, "has no upstream"),
+        ("drain", {"pool": "/api"}, 400, "url is required"),
+        ("weight", {"pool": "/api", "url": "a"}, 400, "weight is required"),
+        ("weight", {"pool": "/api", "url": "a", "weight": -1}, 400, ">= 0"),
+        ("weight", {"pool": "/api", "url": "a", "weight": "2"}, 400, ">= 0"),
+        ("add", {"pool": "/api", "url": "ftp://x"}, 400, "must start with http"),
+        ("add", {"pool": "/api", "url": "a"}, 400, "already has"),
+        ("remove", {"pool": "/found", "url": "c"}, 400, "last upstream"),
+        ("reload", {}, 400, "no configuration file"),
+    ],
+)
+@pytest.mark.anyio
+async def test_bad_requests_say_what_is_wrong(
+    client: httpx.AsyncClient, action: str, body: dict[str, Any], status: int, message: str
+) -> None:
+    if body.get("url") in URLS:  # a name: the upstream's real URL
+        body = {**body, "url": URLS[body["url"]]}
+    response = await admin(client, action, **body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+@pytest.mark.anyio
+async def test_malformed_requests_are_400_or_405(client: httpx.AsyncClient) -> None:
+    response = await client.post("/_admin/drain", content=b"{nope", headers=AUTH)
+    assert response.status_code == 400
+    assert "JSON" in response.json()["error"]
+    response = await client.post("/_admin/drain", content=b"[1]", headers=AUTH)
+    assert response.status_code == 400
+    response = await client.get("/_admin/drain", headers=AUTH)
+    assert (response.status_code, response.headers["allow"]) == (405, "POST")
+
+
+@pytest.mark.anyio
+async def test_no_token_no_answer(client: httpx.AsyncClient) -> None:
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN}):
+        response = await client.post(
+            "/_admin/drain", json={"pool": "/api", "url": URLS["a"]}, headers=headers
+        )
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert (await client.get("/_admin/state", headers=headers)).status_code == 401
+    assert await served(client) == {"a": 3, "b": 3}  # nothing was drained
+
+
+@pytest.mark.anyio
+async def test_a_guard_may_allow_instead_of_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RR_ADMIN_TOKEN", raising=False)
+
+    def local(request: Request) -> bool:
+        return request.headers.get("x-operator") == "yes"
+
+    async with LifespanManager(app_with(admin_guard=local)) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            assert (await client.get("/_admin/state")).status_code == 401
+            allowed = await client.get("/_admin/state", headers={"x-operator": "yes"})
+            assert allowed.status_code == 200
+
+
+def test_the_token_comes_from_the_environment_and_is_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RR_ADMIN_TOKEN", raising=False)
+    with pytest.raises(FieldError) as caught:
+        app_with()
+    assert caught.value.field == "admin_path"
+    assert "RR_ADMIN_TOKEN" in str(caught.value)
+    monkeypatch.setenv("RR_ADMIN_TOKEN", TOKEN)
+    app_with()  # the variable is enough

@@ -1,0 +1,99 @@
+"""The admin API of rr-gateway with 4 workers: every change reaches every worker, as the
+upstreams see it (requests on fresh connections, which any worker may take)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .gateway_process import Gateway, run_gateway
+from .polling import wait_for
+from .servers import RunningServer, serve
+from .upstream_app import UpstreamApp
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "gateway-admin-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[dict[str, RunningServer]]:
+    with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b, serve(UpstreamApp("c")) as c:
+        yield {"a": a, "b": b, "c": c}
+
+
+def split(gateway: Gateway, n: int) -> Counter[str]:
+    return Counter(
+        httpx.get(f"{gateway.url}/api/x", headers={"connection": "close"}).headers["x-upstream"]
+        for _ in range(n)
+    )
+
+
+def admin(gateway: Gateway, action: str, **body: Any) -> httpx.Response:
+    return httpx.post(f"{gateway.url}/_rr/admin/{action}", json=body, headers=AUTH, timeout=30)
+
+
+def applied(gateway: Gateway, what: str) -> int:
+    return len(re.findall(rf"reload \(SIGHUP\) of .*{re.escape(what)}", gateway.output()))
+
+
+def test_every_change_reaches_all_four_workers(
+    upstreams: dict[str, RunningServer], tmp_path: Path
+) -> None:
+    a, b, c = (upstreams[n].url for n in "abc")
+    config = f"""
+[server]
+port = 0
+workers = 4
+
+[middleware]
+admin_path = "/_rr/admin"
+status_path = "/_rr/status"
+
+[pools."/api"]
+upstreams = ["{a}", "{b}"]
+"""
+    with run_gateway(tmp_path, config, env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
+        wait_for(lambda: gateway.output().count("Application startup complete") == 4, "workers")
+        unauthorized = httpx.post(f"{gateway.url}/_rr/admin/drain", json={"pool": "/api"})
+        assert unauthorized.status_code == 401
+
+        assert admin(gateway, "drain", pool="/api", url=b).status_code == 200
+        assert split(gateway, 40) == {"a": 40}  # whichever worker takes the request
+        assert admin(gateway, "undrain", pool="/api", url=b).status_code == 200
+        assert admin(gateway, "weight", pool="/api", url=b, weight=3).status_code == 200
+        served = split(gateway, 80)
+        assert abs(served["b"] - 60) <= 4, served  # 3:1, each worker off by one at most
+
+        response = admin(gateway, "add", pool="/api", url=c)
+        assert response.status_code == 200, response.text
+        assert "every worker applies it" in response.json()["done"]
+        wait_for(lambda: applied(gateway, "upstreams 1 added") == 4, "every worker to add c")
+        served = split(gateway, 100)
+        assert set(served) == {"a", "b", "c"}, served
+        assert abs(served["b"] - 60) <= 4, served  # b's weight survived the move (1:3:1)
+
+        assert admin(gateway, "remove", pool="/api", url=a).status_code == 200
+        wait_for(lambda: applied(gateway, "upstreams 1 removed") == 4, "every worker to drop a")
+        assert set(split(gateway, 40)) == {"b", "c"}
+
+        unknown = admin(gateway, "drain", pool="/api", url="http://127.0.0.1:1")
+        assert unknown.status_code == 404
+        assert admin(gateway, "weight", pool="/api", url=b, weight=-2).status_code == 400
+        assert admin(gateway, "reload").status_code == 200
+        wait_for(lambda: applied(gateway, "nothing changed") == 4, "every worker to reload")
+        # A reload of the file keeps the admin API's changes on top of it.
+        assert set(split(gateway, 40)) == {"b", "c"}
+        log = gateway.output()
+        assert gateway.stop() == 0
+    assert (
+        len(re.findall(r"admin: 127\.0\.0\.1 \(bearer token\) asked to", log)) == 6
+    )  # each change
+    assert TOKEN not in log
