@@ -63,11 +63,13 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 class _Traced:
-    """One traced request: its scope (the client's traceparent) and its sends so far."""
+    """One traced request: its pool's tracer, its scope (the client's traceparent) and
+    its sends so far."""
 
-    __slots__ = ("scope", "sends")
+    __slots__ = ("scope", "sends", "tracer")
 
-    def __init__(self, scope: Scope) -> None:
+    def __init__(self, tracer: AttemptTracer, scope: Scope) -> None:
+        self.tracer = tracer
         self.scope = scope
         self.sends = 0
 
@@ -108,7 +110,7 @@ class AttemptTracer:
     def begin(self, scope: Scope) -> Token[_Traced | None] | None:
         """Trace the request of ``scope`` from here (if spans would record); give the
         token back to ``end``."""
-        return _CURRENT.set(_Traced(scope)) if self.active() else None
+        return _CURRENT.set(_Traced(self, scope)) if self.active() else None
 
     @staticmethod
     def end(token: Token[_Traced | None]) -> None:
@@ -120,8 +122,10 @@ class AttemptTracer:
         traced = _CURRENT.get()
         if traced is None:
             return await member.transport.send(request)
-        resends = traced.sends
-        traced.sends += 1
+        resends = 0
+        if traced.tracer is self:  # not a copy to another pool (a mirror's, in its task)
+            resends = traced.sends
+            traced.sends += 1
         upstream = member.upstream
         parent = None
         if not trace.get_current_span().get_span_context().is_valid:

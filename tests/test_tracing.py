@@ -8,6 +8,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,23 @@ def test_a_hedge_is_a_sibling_span(spans: InMemorySpanExporter, upstream: Runnin
         assert ports[upstream.port]["http.response.status_code"] == 200
         assert ports[upstream.port]["http.request.resend_count"] == 1
         assert ports[slow.port]["error.type"] == "CancelledError"  # overtaken, cancelled
+
+
+def test_a_mirrored_copy_is_its_own_span_not_a_resend(spans: InMemorySpanExporter) -> None:
+    with serve(UpstreamApp("main")) as main, serve(UpstreamApp("shadow")) as shadow:
+        pools = {"/api": Pool([main.url], mirror="shadow"), "shadow": [shadow.url]}
+        with serve(instrumented(pools)) as front, client() as http:
+            assert http.get(f"{front.url}/api/x").json()["server"] == "main"
+            deadline = time.monotonic() + 10
+            while len(of_kind(spans.get_finished_spans(), trace.SpanKind.CLIENT)) < 2:
+                assert time.monotonic() < deadline, "no span for the mirrored copy"
+                time.sleep(0.02)
+    exported = spans.get_finished_spans()
+    (server,) = of_kind(exported, trace.SpanKind.SERVER)
+    clients = of_kind(exported, trace.SpanKind.CLIENT)
+    assert sorted((c.attributes or {})["server.port"] for c in clients) == sorted(
+        [main.port, shadow.port]
+    )
+    for span in clients:
+        assert span.context.trace_id == server.context.trace_id
+        assert "http.request.resend_count" not in (span.attributes or {})
