@@ -158,18 +158,12 @@ class HashRing(Generic[M]):
         index = bisect_left(self._points, point << _OWNER_BITS)
         return index if index < len(self._points) else 0
 
-    def owner(self, point: int) -> M | None:
-        """The member owning ``point``, with no bound on load (None: an empty ring)."""
-        if not self._points:
-            return None
-        return self._members[self._index[self._points[self.position(point)] & _OWNER_MASK]]
-
 
 class ConsistentHash(Generic[M]):
     """``policy="hash"``: ``pick_key(key, tried)`` the key's upstream on the ring, under
     the bounded load; ``pick(tried)`` (a request without a key) the ``fallback``'s."""
 
-    __slots__ = ("balance_factor", "fallback", "last", "load", "ring", "spills")
+    __slots__ = ("balance_factor", "fallback", "load", "ring", "spills")
 
     def __init__(
         self,
@@ -184,7 +178,6 @@ class ConsistentHash(Generic[M]):
         self.load = load
         #: Keys sent past their own upstream because it was at its bound.
         self.spills = 0
-        self.last: M | None = getattr(fallback, "last", None)
 
     def pick(self, tried: Sequence[M] = ()) -> M | None:
         return self.fallback.pick(tried)

@@ -95,7 +95,8 @@ class Reloader:
         def remember(signum: int, frame: FrameType | None) -> None:
             self._pending = True
 
-        signal.signal(signal.SIGHUP, remember)
+        with contextlib.suppress(ValueError):  # not the main thread: no signals here
+            signal.signal(signal.SIGHUP, remember)
 
     async def reload(self, why: str) -> Changes | None:
         """Read the file again and apply it; None if it was refused."""
@@ -129,7 +130,14 @@ class Reloader:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._spawn, "SIGHUP")
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._spawn, "SIGHUP")
+            handling = True
+        except (ValueError, RuntimeError, NotImplementedError):
+            # Served outside the main thread (an embedding of your own): no SIGHUP here;
+            # --watch and the admin API still reload.
+            handling = False
+            logger.warning("reload: not in the main thread, so SIGHUP is not handled")
         if self._pending:
             self._pending = False
             self._spawn("SIGHUP")
@@ -140,7 +148,8 @@ class Reloader:
         try:
             yield
         finally:
-            loop.remove_signal_handler(signal.SIGHUP)
+            if handling:
+                loop.remove_signal_handler(signal.SIGHUP)
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -42,6 +42,13 @@ def _rows(status: dict[str, Any]) -> str:
                     pool=html.escape(pool["prefix"]), text=html.escape(PANIC)
                 )
             )
+        traffic = _traffic(pool)
+        if traffic:
+            rows.append(
+                "<tr class='traffic'><td>{pool}</td><td colspan='9'>{text}</td></tr>".format(
+                    pool=html.escape(pool["prefix"]), text=html.escape(traffic)
+                )
+            )
         for up in pool["upstreams"]:
             requests = up["requests"]
             rows.append(
@@ -61,6 +68,25 @@ def _rows(status: dict[str, Any]) -> str:
                 )
             )
     return "\n".join(rows)
+
+
+def _traffic(pool: dict[str, Any]) -> str:
+    """A pool's hashing, sticky-cookie and mirror counts, in one line ("" if none); the
+    page's script writes the same (``traffic`` there)."""
+    parts = []
+    affinity = pool.get("affinity")
+    if affinity:
+        parts.append(
+            "affinity: {keyed} keyed, {unkeyed} unkeyed, {spilled} spilled, "
+            "{sticky_kept} sticky kept, {sticky_set} cookies set".format(**affinity)
+        )
+    mirror = pool.get("mirror")
+    if mirror:
+        parts.append(
+            "mirror to {pool}: {sent} sent, {answered} answered, {failed} failed, "
+            "{dropped} dropped, {skipped} skipped".format(**mirror)
+        )
+    return "; ".join(parts)
 
 
 def _no_members(pool: dict[str, Any]) -> str:
@@ -90,6 +116,7 @@ tr.down td.state, tr.ejected td.state {{ color: #cf222e; }}
 tr.probing td.state, tr.drained td.state {{ color: #9a6700; }}
 tr.down, tr.ejected {{ background: #fff5f5; }}
 tr.panic td {{ background: #fff8c5; color: #9a6700; font-weight: 600; }}
+tr.traffic td {{ color: #5b6675; }}
 </style></head>
 <body>
 <h1>rr-middleware</h1>
@@ -105,6 +132,17 @@ const JSON_URL = {json_url};
 const PANIC = {panic};
 let last = null;
 function ms(s) {{ return s === null ? "-" : Math.round(s * 1000) + " ms"; }}
+function traffic(pool) {{
+  const parts = [];
+  const a = pool.affinity, m = pool.mirror;
+  if (a) parts.push("affinity: " + a.keyed + " keyed, " + a.unkeyed + " unkeyed, " +
+    a.spilled + " spilled, " + a.sticky_kept + " sticky kept, " + a.sticky_set +
+    " cookies set");
+  if (m) parts.push("mirror to " + m.pool + ": " + m.sent + " sent, " + m.answered +
+    " answered, " + m.failed + " failed, " + m.dropped + " dropped, " + m.skipped +
+    " skipped");
+  return parts.join("; ");
+}}
 function cell(text, cls) {{
   const td = document.createElement("td"); td.textContent = text;
   if (cls) td.className = cls; return td;
@@ -127,6 +165,12 @@ async function refresh() {{
     const tr = document.createElement("tr"); tr.className = "panic";
     tr.dataset.panic = pool.prefix;
     const td = cell(PANIC); td.colSpan = 9;
+    tr.append(cell(pool.prefix), td); rows.push(tr);
+  }}
+  const summary = traffic(pool);
+  if (summary) {{
+    const tr = document.createElement("tr"); tr.className = "traffic";
+    const td = cell(summary); td.colSpan = 9;
     tr.append(cell(pool.prefix), td); rows.push(tr);
   }}
   for (const up of pool.upstreams) {{

@@ -202,9 +202,11 @@ async def test_status_and_metrics_tell_costs_budget_and_hedges(
         registry = CollectorRegistry(auto_describe=True)
         registry.register(proxy.middleware.balancer.prometheus_collector())
         text = generate_latest(registry).decode()
-    assert shown["hedging"]["sent"] == 1
+    # At least the sleeping request; a quick one may be too, on a loaded machine.
+    sent = shown["hedging"]["sent"]
+    assert sent >= 1
     assert shown["hedging"]["delay"] == 0.05
-    assert shown["hedging"]["won"] in (0, 1)
+    assert 0 <= shown["hedging"]["won"] <= sent
     assert shown["retry_budget"] == {
         "fraction": 0.2,
         "minimum": 3,
@@ -216,7 +218,7 @@ async def test_status_and_metrics_tell_costs_budget_and_hedges(
     rows = shown["upstreams"]
     assert all(row["latency_ewma"] is not None and row["latency_ewma"] > 0 for row in rows)
     assert all(row["cost"] >= row["latency_ewma"] for row in rows)  # weight 1, in flight 0
-    assert 'rr_pool_hedges_total{pool="/api"} 1.0' in text
+    assert f'rr_pool_hedges_total{{pool="/api"}} {float(sent)}' in text
     assert 'rr_pool_retries_refused_total{pool="/api"} 0.0' in text
     assert text.count("rr_upstream_latency_ewma_seconds{") == 3
 
@@ -300,8 +302,9 @@ async def test_the_first_headers_win_and_the_slow_try_is_cancelled() -> None:
 
 @pytest.mark.anyio
 async def test_a_try_failing_leaves_the_race_to_the_other() -> None:
-    # The first fails after the hedge went out; the hedge answers later.
-    pool = scripted_pool({1: (0.1, UpstreamBroken("reset")), 2: (0.2, None)})
+    # The first fails after the hedge went out (at 50 ms); the hedge answers later. The
+    # margins are wide for a loaded machine.
+    pool = scripted_pool({1: (0.3, UpstreamBroken("reset")), 2: (0.6, None)})
     async with InProcessProxy(pool) as proxy:
         response = await proxy.http.get("/api/x")
         assert (response.status_code, response.text) == (200, "2")
@@ -313,7 +316,7 @@ async def test_a_try_failing_leaves_the_race_to_the_other() -> None:
 @pytest.mark.anyio
 async def test_every_try_failing_is_the_attempt_failing() -> None:
     # retries=0: the hedge failed too, so the client gets the failure's status.
-    failing = {1: (0.1, UpstreamBroken("reset")), 2: (0.1, UpstreamBroken("reset"))}
+    failing = {1: (0.3, UpstreamBroken("reset")), 2: (0.3, UpstreamBroken("reset"))}
     async with InProcessProxy(scripted_pool(failing, retries=0)) as proxy:
         response = await proxy.http.get("/api/x")
         assert response.status_code == 502
@@ -328,7 +331,7 @@ async def test_the_client_leaving_cancels_every_try() -> None:
     assert isinstance(transport, Scripted)
     async with InProcessProxy(pool) as proxy:
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(proxy.http.get("/api/x"), 0.3)
+            await asyncio.wait_for(proxy.http.get("/api/x"), 1.0)
         await settled(lambda: len(transport.cancelled) == 2)
         assert sorted(transport.started) == [1, 2]
         assert idle(proxy.pool)

@@ -5,6 +5,7 @@ the middleware under uvicorn to real uvicorn upstreams."""
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
 import time
 from collections.abc import Iterator
@@ -215,3 +216,31 @@ def test_traffic_counts_in_prometheus(upstreams: list[RunningServer]) -> None:
     assert 'rr_pool_affinity_total{event="unkeyed",pool="/api"} 1.0' in text
     assert 'rr_mirror_requests_total{mirror="shadow",outcome="answered",pool="/api"} 2.0' in text
     assert 'rr_route_requests_total{pool="canary",prefix="/api",route="0"} 1.0' in text
+
+
+def test_the_status_page_shows_the_traffic_counts(
+    upstreams: list[RunningServer], tmp_path: Any, chromium: str
+) -> None:
+    """One line per pool with its affinity and mirror counts: as the server renders the
+    page, and as its script rebuilds it from the JSON (in headless Chromium)."""
+    from .chromium import dump_dom
+
+    pools = {
+        "/api": Pool([upstreams[0].url], mirror="shadow", policy="hash", hash_on="query:u"),
+        "shadow": Pool([upstreams[1].url]),
+    }
+    with (
+        running_proxy(pools, status_path="/status") as (proxy, middleware),
+        client() as http,
+    ):
+        assert http.get(f"{proxy.url}/api/x", params={"u": "1"}).status_code == 200
+        assert http.get(f"{proxy.url}/api/x").status_code == 200
+        wait_for(lambda: middleware.status()["pools"][0]["mirror"]["answered"] == 2, "the copies")
+        line = (
+            "affinity: 1 keyed, 1 unkeyed, 0 spilled, 0 sticky kept, 0 cookies set; "
+            "mirror to shadow: 2 sent, 2 answered, 0 failed, 0 dropped, 0 skipped"
+        )
+        assert line in http.get(f"{proxy.url}/status").text
+        dom = dump_dom(f"{proxy.url}/status", tmp_path / "profile", chromium)
+    assert 'id="updated">Updated ' in dom  # the script ran, and rebuilt the rows
+    assert re.search(r'<tr class="traffic"><td>/api</td><td colspan="9">' + re.escape(line), dom)

@@ -3,13 +3,20 @@ one process with in-process upstreams (``tests/test_reload.py`` runs the gateway
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
 from rr_middleware import Balancer, HealthCheck, Pool, RoundRobinMiddleware, Route, Upstream
+from rr_middleware.reload import Reloader
 
+from .servers import serve
 from .upstream_app import UpstreamApp
 
 APPS = {name: UpstreamApp(name) for name in "abcd"}
@@ -130,3 +137,31 @@ async def test_a_mirrored_pool_stays_linked_to_its_mirror() -> None:
         mirror = balancer["/api"].mirror
         assert mirror is not None
         assert mirror.target is balancer.pools["shadow"]  # the rebuilt pool
+
+
+def test_the_gateway_app_runs_outside_the_main_thread_too(tmp_path: Path) -> None:
+    """create_app() in a thread of your own (no signals there): it serves, and a change
+    of the file still reaches it through a reload."""
+    path = tmp_path / "gateway.toml"
+    with serve(UpstreamApp("a")) as a, serve(UpstreamApp("b")) as b:
+        path.write_text(f'[pools."/api"]\nupstreams = ["{a.url}"]\n')
+        reloader = Reloader(path, {})
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            async def main() -> None:
+                app = reloader.load().app
+                async with LifespanManager(app) as manager:
+                    transport = httpx.ASGITransport(app=manager.app)
+                    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                        outcome["before"] = (await c.get("/api/x")).headers["x-upstream"]
+                        path.write_text(f'[pools."/api"]\nupstreams = ["{b.url}"]\n')
+                        await reloader.reload("test")
+                        outcome["after"] = (await c.get("/api/x")).headers["x-upstream"]
+
+            asyncio.run(main())
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(timeout=30)
+    assert outcome == {"before": "a", "after": "b"}

@@ -233,3 +233,34 @@ stick_on = "cookie:session"
     ]:
         assert line in routes_part, routes_part
     assert routes_part.count("[[routes]]") == 2
+
+
+@pytest.mark.slow
+def test_websockets_follow_routes_and_hash_keys() -> None:
+    """A WebSocket handshake is matched as a request is: the header route sends it to the
+    canary; under the hashing pool one key always opens on one upstream."""
+    from .test_websocket import WsUpstream, sync_client
+
+    upstreams = [WsUpstream(name) for name in ("s1", "s2", "s3", "canary")]
+    with ExitStack() as stack:
+        for upstream in upstreams:
+            upstream.url = stack.enter_context(serve(upstream.app)).url
+        pools = {
+            "/api": Pool([u.url for u in upstreams[:3]], policy="hash", hash_on="header:x-user"),
+            "canary": Pool([upstreams[3].url]),
+        }
+        routes = [Route("/api", pool="canary", headers={"x-canary": "always"})]
+        with running_proxy(pools, routes=routes) as (proxy, _):
+            url = f"ws://127.0.0.1:{proxy.port}/api/hello"
+
+            def opened_on(headers: dict[str, str]) -> str:
+                with sync_client(url, additional_headers=headers) as ws:
+                    name: str = ws.recv()
+                return name
+
+            assert opened_on({"x-canary": "always"}) == "canary"
+            assert {opened_on({"x-user": "alice"}) for _ in range(6)} == {
+                opened_on({"x-user": "alice"})
+            }
+            spread = {opened_on({"x-user": f"user-{i}"}) for i in range(30)}
+    assert spread == {"s1", "s2", "s3"}
