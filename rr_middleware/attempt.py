@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import NoUpstream, PoolTimeout, ProxyError, UpstreamError, UpstreamProtocolError
+from .tracing import TRACED
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -126,9 +127,9 @@ class Attempt:
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         """Send ``request`` to this attempt's upstream; return once its headers came."""
         tracer = self.runtime.tracer
-        if tracer is None:
+        if tracer is None or TRACED.get() is None:
             response = await self.member.transport.send(request)
-        else:  # a client span, when the request is traced (``tracing.py``)
+        else:  # a client span (``tracing.py``)
             response = await tracer.send(self.member, request)
         status = response.status
         if not 200 <= status <= 599:  # any transport: the ASGI server could not send it

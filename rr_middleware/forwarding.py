@@ -186,41 +186,14 @@ async def forward(
     )
     forwarding = _Forwarding(runtime, scope, send, path, headers, has_host, client, settings)
     forwarding.request_id = rid
-    await _drive(forwarding)
-
-
-async def _drive(forwarding: _Forwarding) -> None:
-    """Run one request's forwarding (traced, when spans would record), and answer for a
-    client that left or stopped reading."""
-    runtime = forwarding.runtime
-    client = forwarding.client
-    send = forwarding.send
     tracer = runtime.tracer
-    traced = tracer.begin(forwarding.scope) if tracer is not None else None
+    traced = tracer.begin(scope) if tracer is not None else None
     try:
         await forwarding.run()
     except asyncio.CancelledError:
         if not client.swallows():
             raise
-        if client.stalled:
-            logger.info(
-                "pool %s: the client took no response for %ss; aborting its connection",
-                runtime.name,
-                runtime.pool.client_send_timeout,
-            )
-            await abort(send, "the client stopped reading its response")
-            return
-        logger.info(
-            "pool %s: client left during %s %s; upstream exchange closed",
-            runtime.name,
-            forwarding.method,
-            forwarding.scope.get("path", ""),
-        )
-        if not forwarding.response_started:
-            # No one will read it, but an app wrapping this one (BaseHTTPMiddleware)
-            # expects an answer: nginx's code for a client that left, 499.
-            with contextlib.suppress(Exception):
-                await send_error(send, 499, _CLOSE)
+        await forwarding.client_left()
     finally:
         client.close()
         if traced is not None:
@@ -389,6 +362,30 @@ class _Forwarding:
         ):
             return runtime.hedged_attempt(tried, hedging, self._request, self.affinity)
         return runtime.attempt(tried, affinity=self.affinity)
+
+    async def client_left(self) -> None:
+        """The client left, or stopped reading (``ClientSide``): say so, and give an app
+        wrapping this one the answer it expects."""
+        runtime = self.runtime
+        if self.client.stalled:
+            logger.info(
+                "pool %s: the client took no response for %ss; aborting its connection",
+                runtime.name,
+                runtime.pool.client_send_timeout,
+            )
+            await abort(self.send, "the client stopped reading its response")
+            return
+        logger.info(
+            "pool %s: client left during %s %s; upstream exchange closed",
+            runtime.name,
+            self.method,
+            self.scope.get("path", ""),
+        )
+        if not self.response_started:
+            # No one will read it, but an app wrapping this one (BaseHTTPMiddleware)
+            # expects an answer: nginx's code for a client that left, 499.
+            with contextlib.suppress(Exception):
+                await send_error(self.send, 499, _CLOSE)
 
     def _request(self, upstream: Upstream) -> UpstreamRequest:
         target = upstream.base_path + self.suffix

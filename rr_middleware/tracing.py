@@ -43,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - the "otel" extra is not installed
     OPENTELEMETRY = False
 
-__all__ = ["OPENTELEMETRY", "REQUEST_ID", "AttemptTracer", "request_id", "tracer"]
+__all__ = ["OPENTELEMETRY", "REQUEST_ID", "TRACED", "AttemptTracer", "request_id", "tracer"]
 
 REQUEST_ID = b"x-request-id"
 _REQUEST_ID_VALUE = re.compile(rb"[\x21-\x7e]{1,200}")
@@ -76,7 +76,7 @@ class _Traced:
 
 #: The request being forwarded, while it is traced. A context variable, so that the tries
 #: a request starts in tasks of their own (hedges) are traced as its siblings too.
-_CURRENT: ContextVar[_Traced | None] = ContextVar("rr_middleware_traced", default=None)
+TRACED: ContextVar[_Traced | None] = ContextVar("rr_middleware_traced", default=None)
 
 
 class AttemptTracer:
@@ -110,16 +110,16 @@ class AttemptTracer:
     def begin(self, scope: Scope) -> Token[_Traced | None] | None:
         """Trace the request of ``scope`` from here (if spans would record); give the
         token back to ``end``."""
-        return _CURRENT.set(_Traced(self, scope)) if self.active() else None
+        return TRACED.set(_Traced(self, scope)) if self.active() else None
 
     @staticmethod
     def end(token: Token[_Traced | None]) -> None:
-        _CURRENT.reset(token)
+        TRACED.reset(token)
 
     async def send(self, member: Member, request: UpstreamRequest) -> UpstreamResponse:
         """``member``'s transport sending ``request``, in a client span whose context the
-        upstream gets, when the request is traced."""
-        traced = _CURRENT.get()
+        upstream gets (call it when ``TRACED`` holds the request)."""
+        traced = TRACED.get()
         if traced is None:
             return await member.transport.send(request)
         resends = 0
