@@ -137,12 +137,15 @@ def _check_routes(balancer: Reconfigurable, pools: dict[str, Pool]) -> None:
 
 
 def _same_options(old: Pool, new: Pool) -> bool:
-    """Whether two pools differ in nothing but their upstream list."""
+    """Whether two pools differ in nothing but their upstream list (an upstream that
+    stays with other TLS settings, or renewed TLS files, is another option: the member
+    needs a transport of its own)."""
+    tls = {u.identity: u.tls for u in old.members}
     return all(
         getattr(old, field.name) == getattr(new, field.name)
         for field in dataclasses.fields(Pool)
         if field.name != "upstreams"
-    )
+    ) and all(tls.get(u.identity, u.tls) == u.tls for u in new.members)
 
 
 def _apply_members(runtime: PoolRuntime, pool: Pool, changes: Changes) -> None:

@@ -7,7 +7,8 @@ as SNI when it is not the URL's host (``server_name``: an upstream reached by ad
 and ``verify=False`` to trust anything (tests, a migration; never across a network you
 do not control). The files are loaded once, when the value is built, so a missing file or
 a key that does not match its certificate is an error at start-up naming the option and
-the file, not a 502 on the first request.
+the file, not a 502 on the first request. Two values with the same paths but files
+renewed in between are not equal: a reload takes renewed certificates.
 
 ``Pool(tls=...)`` applies to every upstream of the pool, ``Upstream(tls=...)`` to one
 (and wins); the balancer gives each distinct ``TLS`` a built-in ``Http1Transport`` of its
@@ -16,8 +17,11 @@ own, opened and closed with it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import FieldError
 
@@ -39,6 +43,10 @@ class TLS:
     server_name: str | None = None
     verify: bool = True
     _context: ssl.SSLContext = field(init=False, repr=False, compare=False, hash=False)
+    #: A digest of the files' contents: the same paths holding renewed certificates are
+    #: other settings, so a reload takes them (and the transport made for the old ones
+    #: is not reused).
+    _contents: str = field(init=False, repr=False, compare=True, hash=True)
 
     def __post_init__(self) -> None:
         for name in ("ca_file", "cert_file", "key_file", "server_name"):
@@ -52,6 +60,13 @@ class TLS:
             other = "cert_file" if self.cert_file is None else "key_file"
             raise FieldError.of("tls", name, f"needs {other} beside it (both or neither)")
         object.__setattr__(self, "_context", self._build())
+        digest = hashlib.sha256()
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            if path is not None:
+                with contextlib.suppress(OSError):  # loaded just now; gone since: no matter
+                    digest.update(Path(path).read_bytes())
+            digest.update(b"\0")
+        object.__setattr__(self, "_contents", digest.hexdigest())
 
     def _build(self) -> ssl.SSLContext:
         context = ssl.create_default_context()

@@ -176,3 +176,37 @@ def test_check_prints_the_tls_tables(pki: Pki, tmp_path: Path) -> None:
     text = describe(load_config(path))
     assert f'[pools."/api".tls]\nca_file = "{pki.ca}"' in text
     assert '{ url = "https://a:1", weight = 1, tls = { verify = false } },' in text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["pool", "upstream"])
+async def test_a_reload_takes_the_new_contents_of_the_tls_files(
+    pki: Pki, tls_upstreams: dict[str, RunningServer], tmp_path: Path, where: str
+) -> None:
+    """Certificates are renewed in place (the same paths, new contents): a reload then
+    uses the new ones, as nginx's does, without a restart."""
+    from asgi_lifespan import LifespanManager
+    from starlette.applications import Starlette
+
+    from rr_middleware import Balancer, RoundRobinMiddleware
+
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(pki.other_ca.read_bytes())  # not yet the CA that signed it
+
+    def pools() -> dict[str, Pool]:
+        url, tls = https(tls_upstreams["plain"]), TLS(ca_file=str(ca_file))
+        if where == "pool":
+            return {"/api": Pool([url], tls=tls)}
+        return {"/api": Pool([Upstream(url, tls=tls)])}
+
+    balancer = Balancer(pools())
+    app = RoundRobinMiddleware(Starlette(), balancer=balancer)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/api/x")).status_code == 502
+            ca_file.write_bytes(pki.ca.read_bytes())  # the CA file renewed in place
+            await balancer.reconfigure(pools())
+            response = await client.get("/api/x")
+    assert response.status_code == 200
+    assert response.headers["x-upstream"] == "plain"
