@@ -110,6 +110,8 @@ class PoolRuntime:
         self.affinity_counts = {"keyed": 0, "unkeyed": 0, "sticky_kept": 0, "sticky_set": 0}
         self.all_down = False
         self._next_change = math.inf
+        #: The pool that replaced this one in a reload (``reconfigure.py``), if any.
+        self.successor: PoolRuntime | None = None
         #: Keeps the members in step with ``pool.discovery`` while the app serves.
         self.watcher: Watcher | None = None
         if pool.discovery is not None:
@@ -202,6 +204,11 @@ class PoolRuntime:
         self.eligible = eligible
         self._build_policies(eligible, weights, resume_after)
         self._next_change = next_change
+        if self.successor is not None:
+            # Retired by a reload: the outcome of a request it still serves (an
+            # ejection, a recovery) changes the shared health, which the pool that
+            # replaced it must apply too.
+            self.successor.refresh()
 
     def _build_policies(
         self, eligible: list[Member], weights: list[int], resume_after: Member | None

@@ -198,6 +198,7 @@ def _rebuilt(balancer: Reconfigurable, old: PoolRuntime, pool: Pool) -> PoolRunt
             member.latency.retune(pool.ewma_decay)
             members.append(member)
     new.members = members
+    old.successor = new  # its requests in flight report to the members new now serves
     # Built on the old pool's policy, as a discovery update is: the estimates it knew
     # stay (never seeded again as newcomers), and so does the rotation.
     new.hashing = None

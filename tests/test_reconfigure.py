@@ -23,6 +23,7 @@ from rr_middleware import (
     StickyCookie,
     Upstream,
 )
+from rr_middleware.errors import UpstreamBroken
 from rr_middleware.reload import Reloader
 
 from .servers import serve
@@ -332,3 +333,32 @@ async def test_a_new_ewma_decay_applies_to_the_upstreams_a_rebuilt_pool_keeps() 
         clock[0] += 1.0  # one new decay: the estimate is divided by e
         estimate = balancer.status()["pools"][0]["upstreams"][0]["latency_ewma"]
     assert estimate == pytest.approx(math.exp(-1.0), rel=0.01)
+
+
+@pytest.mark.anyio
+async def test_an_ejection_by_a_request_from_before_a_rebuild_reaches_the_new_pool() -> None:
+    """A request in flight across a reload ends in the pool it started in: its failure
+    ejecting an upstream must take that upstream out of the new pool's rotation too."""
+    from .proxy import InProcessProxy
+    from .test_hedging import Scripted
+
+    script: dict[int, tuple[float, Exception | None]] = {1: (0.5, UpstreamBroken("reset"))}
+    script[2] = (0.0, None)
+
+    def pool(timeout: float) -> Pool:
+        urls = [f"http://127.0.0.1:{port}" for port in script]
+        return Pool(urls, transport=transport, retries=0, max_fails=1, timeout=timeout)
+
+    transport = Scripted(script)
+    async with InProcessProxy(pool(30.0)) as proxy:
+        balancer = proxy.middleware.balancer
+        early = asyncio.ensure_future(proxy.http.get("/api/x"))  # to port 1, first in turn
+        for _ in range(500):  # until it is in flight (at most 5 s)
+            if transport.started:
+                break
+            await asyncio.sleep(0.01)
+        await balancer.reconfigure({"/api": pool(5.0)})
+        assert (await early).status_code == 502
+        assert balancer["/api"].members[0].health.ejected_until is not None
+        after = [(await proxy.http.get("/api/x")).headers.get("x-upstream") for _ in range(4)]
+    assert after == ["2"] * 4
