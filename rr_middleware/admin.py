@@ -113,13 +113,14 @@ class Operator:
     async def add(self, pool: str, url: str, weight: int) -> str:
         upstream = dataclasses.replace(self.check_membership(pool, url, True), weight=weight)
         runtime = self.runtime(pool)
-        await self._reconfigure(pool, [*runtime.pool.members, upstream])
+        await self._reconfigure(runtime.name, [*runtime.pool.members, upstream])
         return f"pool {pool}: {upstream.url} added (weight {weight})"
 
     async def remove(self, pool: str, url: str) -> str:
         gone = self.check_membership(pool, url, False).identity
-        members = [u for u in self.runtime(pool).pool.members if u.identity != gone]
-        await self._reconfigure(pool, members)
+        runtime = self.runtime(pool)
+        members = [u for u in runtime.pool.members if u.identity != gone]
+        await self._reconfigure(runtime.name, members)
         return f"pool {pool}: {url} removed"
 
     async def reload(self) -> str:

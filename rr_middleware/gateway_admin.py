@@ -126,14 +126,16 @@ class GatewayOperator(Operator):
 
     async def add(self, pool: str, url: str, weight: int) -> str:
         upstream = self.check_membership(pool, url, True)
+        key = self.runtime(pool).name  # as the file's pools are keyed ("/api/": "/api")
         self.reloader.admin_changes.append(
-            {"op": "add", "pool": pool, "url": upstream.url, "weight": weight}
+            {"op": "add", "pool": key, "url": upstream.url, "weight": weight}
         )
         return await self._everywhere(f"pool {pool}: {upstream.url} added (weight {weight})")
 
     async def remove(self, pool: str, url: str) -> str:
         upstream = self.check_membership(pool, url, False)
-        self.reloader.admin_changes.append({"op": "remove", "pool": pool, "url": upstream.url})
+        key = self.runtime(pool).name
+        self.reloader.admin_changes.append({"op": "remove", "pool": key, "url": upstream.url})
         return await self._everywhere(f"pool {pool}: {upstream.url} removed")
 
     async def reload(self) -> str:

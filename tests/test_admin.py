@@ -155,3 +155,52 @@ def test_the_token_comes_from_the_environment_and_is_required(
     assert "RR_ADMIN_TOKEN" in str(caught.value)
     monkeypatch.setenv("RR_ADMIN_TOKEN", TOKEN)
     app_with()  # the variable is enough
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("pool", ["/api", "/api/"])
+async def test_the_gateway_applies_a_change_to_a_pool_named_as_the_file_does_or_not(
+    pool: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rr-gateway: a pool may be named "/api/" as well as "/api" (as drain takes it); an
+    upstream it says it added is in the pool, and one it says it removed is gone."""
+    from rr_middleware.gateway_admin import STATE_ENV
+    from rr_middleware.reload import Reloader
+
+    monkeypatch.setenv("RR_ADMIN_TOKEN", "t0ken")
+    monkeypatch.delenv(STATE_ENV, raising=False)  # one worker: the changes in memory
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[middleware]\nadmin_path = "/_rr/admin"\n\n'
+        '[pools."/api"]\nupstreams = ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]\n'
+    )
+    reloader = Reloader(path, {})
+    app = reloader.load().app
+    auth = {"authorization": "Bearer t0ken"}
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            added = await http.post(
+                "/_rr/admin/add", json={"pool": pool, "url": "http://10.0.0.9:8000"}, headers=auth
+            )
+            after_add = [m.upstream.url for m in app.balancer["/api"].members]
+            removed = await http.post(
+                "/_rr/admin/remove",
+                json={"pool": pool, "url": "http://10.0.0.1:8000"},
+                headers=auth,
+            )
+            after_remove = [m.upstream.url for m in app.balancer["/api"].members]
+    assert (added.status_code, removed.status_code) == (200, 200)
+    assert "http://10.0.0.9:8000" in after_add
+    assert after_remove == ["http://10.0.0.2:8000", "http://10.0.0.9:8000"]
+
+
+@pytest.mark.anyio
+async def test_a_pool_named_with_a_trailing_slash_takes_added_and_removed_upstreams(
+    client: httpx.AsyncClient,
+) -> None:
+    """The admin API names a pool as drain does ("/api/" is "/api"): add and remove
+    work with it, not a 500."""
+    added = await admin(client, "add", pool="/api/", url="http://10.0.0.9:8000")
+    removed = await admin(client, "remove", pool="/api/", url="http://10.0.0.9:8000")
+    assert (added.status_code, removed.status_code) == (200, 200)
