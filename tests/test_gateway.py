@@ -7,18 +7,26 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trustme
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
 from .consul_agent import ConsulAgent
-from .gateway_process import DEADLINE, gateway_command, run_gateway
+from .gateway_process import DEADLINE, SERVER_LOG, STARTED, gateway_command, run_gateway
 from .polling import wait_for
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
@@ -32,11 +40,14 @@ def pool_toml(urls: Sequence[str], extra: str = "", *, server: str = "") -> str:
     )
 
 
-def test_serves_and_balances_by_weight(upstreams: list[RunningServer], tmp_path: Path) -> None:
+def test_serves_and_balances_by_weight(
+    upstreams: list[RunningServer], tmp_path: Path, server: str
+) -> None:
     a, b, c = upstreams
     config = f"""
 [server]
 port = 0
+server = "{server}"
 
 [middleware]
 status_path = "/_rr/status"
@@ -272,19 +283,18 @@ def test_flags_beat_environment_beats_file(upstreams: list[RunningServer], tmp_p
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(
-    tmp_path: Path, workers: int
+    tmp_path: Path, workers: int, server: str
 ) -> None:
     app = UpstreamApp("slow")
+    spawned, draining = SERVER_LOG[server]
     with serve(app) as upstream:
-        config = pool_toml([upstream.url], server=f"workers = {workers}")
+        config = pool_toml([upstream.url], server=f'workers = {workers}\nserver = "{server}"')
         with run_gateway(tmp_path, config) as gateway:
             wait_for(
-                lambda: (
-                    len(re.findall(r"Application startup complete", gateway.output())) == workers
-                ),
+                lambda: len(re.findall(STARTED[server], gateway.output())) == workers,
                 "every worker",
             )
-            started = re.findall(r"Started server process \[(\d+)\]", gateway.output())
+            started = re.findall(spawned, gateway.output())
             assert len(set(started)) == workers
             for n in range(10):  # fresh connections: each worker may take them
                 assert httpx.get(f"{gateway.url}/api/{n}").status_code == 200
@@ -302,7 +312,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(
             wait_for(lambda: len(app.requests) == 11, "the upstream to receive the request")
             gateway.process.send_signal(signal.SIGTERM)
             wait_for(
-                lambda: "Waiting for connections to close" in gateway.output(),
+                lambda: draining in gateway.output(),
                 "the gateway to drain",
             )
             assert gateway.process.poll() is None  # still waiting for our request
@@ -381,3 +391,73 @@ wait = 1.0
             consul.deregister(registration.service_id)
             wait_for(lambda: serving() == {"a"}, "the deregistered instance to leave")
             assert gateway.stop() == 0
+
+
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept(subprotocol=websocket.scope["subprotocols"][0])
+    with suppress(WebSocketDisconnect):
+        while True:
+            await websocket.send_text(await websocket.receive_text())
+
+
+def test_serves_tls_websockets_streams_and_metrics(tmp_path: Path, server: str) -> None:
+    """What the gateway documents, under each server: its listener's certificate, a
+    WebSocket with its subprotocol, a streamed response, the metrics and the status page."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    slow = UpstreamApp("slow")
+    ws_app = Starlette(routes=[WebSocketRoute("/{path:path}", echo)])
+    with serve(slow) as upstream, serve(ws_app, log_config=None) as ws_upstream:
+        config = f"""
+[server]
+port = 0
+server = "{server}"
+ssl_certfile = "{cert_file}"
+ssl_keyfile = "{key_file}"
+
+[middleware]
+status_path = "/_rr/status"
+metrics_path = "/_rr/metrics"
+access_log = true
+
+[pools."/api"]
+upstreams = ["{upstream.url}"]
+
+[pools."/ws"]
+upstreams = ["{ws_upstream.url}"]
+"""
+        context = ssl.create_default_context(cafile=str(ca_file))
+        with run_gateway(tmp_path, config, verify=context) as gateway:
+            client = httpx.Client(base_url=gateway.url, verify=context, timeout=DEADLINE)
+            assert gateway.url.startswith("https://")
+            slow.proceed.release()
+            with client.stream("GET", "/api/x?action=stream&n=3&size=4&wait=1") as response:
+                chunks = response.iter_bytes()
+                for expected in (b"AAAA", b"BBBB", b"CCCC"):
+                    assert next(chunks) == expected  # each alone: the next one is not sent yet
+                    slow.proceed.release()
+                assert b"".join(chunks) == b""
+            ws_url = gateway.url.replace("https://", "wss://") + "/ws/chat"
+            with ws_connect(ws_url, ssl=context, subprotocols=[Subprotocol("chat")]) as ws:
+                assert ws.subprotocol == "chat"
+                ws.send("hello")
+                assert ws.recv(timeout=DEADLINE) == "hello"
+            status = client.get("/_rr/status.json").json()
+            api = next(p for p in status["pools"] if p["prefix"] == "/api")
+            assert api["upstreams"][0]["requests"] == 1
+            metrics = client.get("/_rr/metrics").text
+            served = re.search(
+                r'rr_upstream_requests_total\{code="200",pool="/api",[^}]*\} (\S+)', metrics
+            )
+            assert served is not None, metrics
+            assert float(served.group(1)) == 1.0
+            # Closed first: uvicorn's SIGTERM waits for an idle TLS keep-alive connection.
+            client.close()
+            assert gateway.stop() == 0
+        log = gateway.output()
+    assert "pool /api: GET /api/x" in log  # the access log
+    assert "Traceback" not in log

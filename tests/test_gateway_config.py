@@ -413,3 +413,47 @@ def test_check_prints_every_key_and_hides_secrets(tmp_path: Path) -> None:
     assert "s3cr3t" not in text
     users = text.split('[pools."/users".discovery]')[1]
     assert users.startswith('\ntype = "consul"')
+
+
+# ------------------------------------------------------------------- [server] server
+
+
+def test_the_server_is_uvicorn_unless_the_file_or_flag_says_granian(tmp_path: Path) -> None:
+    assert load(tmp_path, API).server.server == "uvicorn"
+    assert load(tmp_path, '[server]\nserver = "granian"\n' + API).server.server == "granian"
+    path = tmp_path / "gateway.toml"
+    assert load_config(path, server="granian").server.server == "granian"  # --server
+    error = mistake(tmp_path, '[server]\nserver = "hypercorn"\n' + API)
+    assert str(error).endswith("server.server: must be one of uvicorn, granian, got 'hypercorn'")
+
+
+@pytest.mark.parametrize("hidden", ['["Server"]', '["x-powered-by", "date"]'])
+def test_granian_cannot_hide_the_headers_it_adds(tmp_path: Path, hidden: str) -> None:
+    middleware = f"[middleware]\nhide_response_headers = {hidden}\n"
+    assert load(tmp_path, middleware + API).server.server == "uvicorn"  # uvicorn adds none
+    error = mistake(tmp_path, f'[server]\nserver = "granian"\n{middleware}{API}')
+    assert error.key == "middleware.hide_response_headers"
+    assert 'under server = "granian", which adds its own' in str(error)
+
+
+def test_granian_gets_the_server_table(tmp_path: Path) -> None:
+    pytest.importorskip("granian")
+    from granian.constants import SSLProtocols
+
+    from rr_middleware.gateway_granian import granian_options
+
+    settings = ServerSettings(
+        server="granian",
+        workers=3,
+        keepalive_timeout=2.5,
+        graceful_timeout=0.2,
+        limit_concurrency=64,
+        log_level="trace",
+    )
+    options = granian_options(settings)
+    assert options["workers"] == 3
+    assert options["http1_settings"].header_read_timeout == 2500
+    assert options["workers_kill_timeout"] == 1  # whole seconds, at least one
+    assert options["backpressure"] == 64
+    assert options["log_level"] == "debug"  # granian has no trace
+    assert options["ssl_protocol_min"] == SSLProtocols.tls12  # as uvicorn accepts
