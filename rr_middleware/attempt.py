@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import NoUpstream, PoolTimeout, ProxyError, UpstreamError, UpstreamProtocolError
+from .tracing import TRACED
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from .latency import PeakEwma
     from .members import Member
     from .sticky import Affinity
+    from .tracing import AttemptTracer
     from .transport.base import UpstreamRequest, UpstreamResponse
     from .upstream import Upstream
 
@@ -33,6 +35,7 @@ class Outcomes(Protocol):
     name: str
     pool: Pool
     record_latency: Callable[[PeakEwma, float], None] | None
+    tracer: AttemptTracer | None
 
     def pick(self, tried: list[Member], affinity: Affinity | None = None) -> Member | None: ...
     def succeeded(self, member: Member) -> None: ...
@@ -123,7 +126,11 @@ class Attempt:
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         """Send ``request`` to this attempt's upstream; return once its headers came."""
-        response = await self.member.transport.send(request)
+        tracer = self.runtime.tracer
+        if tracer is None or TRACED.get() is None:
+            response = await self.member.transport.send(request)
+        else:  # a client span (``tracing.py``)
+            response = await tracer.send(self.member, request)
         status = response.status
         if not 200 <= status <= 599:  # any transport: the ASGI server could not send it
             await response.aclose()

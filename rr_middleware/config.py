@@ -27,6 +27,7 @@ from .upstream import Upstream, check_tls
 if TYPE_CHECKING:
     import httpx
 
+    from .hooks import Guard, OnRequest, OnResponse
     from .transport.base import UpstreamTransport
 
 __all__ = [
@@ -148,6 +149,13 @@ class Pool:
     websocket_idle_timeout: float | None = None
     websocket_ping_interval: float | None = 20.0
     discovery: Discovery | None = None
+    rewrite_redirects: bool = True
+    rewrite_cookies: bool = True
+    guard: Guard | None = field(default=None, repr=False)
+    on_request: OnRequest | None = field(default=None, repr=False)
+    on_response: OnResponse | None = field(default=None, repr=False)
+    internal: bool = False
+    tracing: bool = True
     tls: TLS | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     random: random_module.Random | None = field(default=None, repr=False)
@@ -243,11 +251,18 @@ class Pool:
             raise FieldError("slow_start", f"must be >= 0 seconds, got {self.slow_start!r}")
         if not callable(self.clock):
             raise FieldError("clock", f"must be a callable returning seconds, got {self.clock!r}")
-        if not isinstance(self.refuse_ambiguous_paths, bool):
-            raise FieldError(
-                "refuse_ambiguous_paths",
-                f"must be True or False, got {self.refuse_ambiguous_paths!r}",
-            )
+        for name in ("guard", "on_request", "on_response"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise FieldError(name, f"must be a function or None, got {getattr(self, name)!r}")
+        for name in (
+            "refuse_ambiguous_paths",
+            "rewrite_redirects",
+            "rewrite_cookies",
+            "internal",
+            "tracing",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise FieldError(name, f"must be True or False, got {getattr(self, name)!r}")
 
     def _check_affinity(self) -> None:
         if self.policy == "hash" and self.hash_on is None:

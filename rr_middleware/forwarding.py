@@ -39,9 +39,12 @@ from .errors import (
     UpstreamError,
 )
 from .headers import BadRequestHeaders, TrustedProxies, request_headers, response_headers
+from .hooks import HookFailed
+from .tracing import REQUEST_ID, AttemptTracer, request_id
 from .transport.base import UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
+    from starlette.responses import Response
     from starlette.types import Receive, Scope, Send
 
     from .attempt import Attempt
@@ -79,15 +82,20 @@ class ProxySettings:
     hidden_response_headers: frozenset[bytes]
     max_header_bytes: int = 64 * 1024
     access_log: bool = False
+    #: Pass on the client's X-Request-ID or make one (``tracing.request_id``).
+    request_id: bool = False
     #: Keeps the deadlines of every exchange in flight (see ``client``).
     sweeper: Sweeper = field(default_factory=Sweeper)
 
     def upstream_headers(
-        self, runtime: PoolRuntime, scope: Scope, scheme: str
+        self, runtime: PoolRuntime, scope: Scope, scheme: str, stripped: bytes | None = None
     ) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The headers to send upstream, and whether they hold the Host (the client's,
-        with ``preserve_host``); raises BadRequestHeaders."""
+        with ``preserve_host``); raises BadRequestHeaders. ``stripped``: the prefix taken
+        off the path, when not the pool's (forwarding from a route handler)."""
         pool = runtime.pool
+        if stripped is None:
+            stripped = runtime.prefix if pool.strip_prefix else b""
         peer = scope.get("client")
         return request_headers(
             scope["headers"],
@@ -95,7 +103,7 @@ class ProxySettings:
             scheme=scheme,
             trusted=self.trusted,
             keep_host=pool.preserve_host,
-            prefix=runtime.prefix if pool.strip_prefix else b"",
+            prefix=stripped,
             max_bytes=self.max_header_bytes,
         )
 
@@ -131,21 +139,37 @@ async def forward(
     send: Send,
     path: bytes,
     settings: ProxySettings,
+    stripped: bytes | None = None,
 ) -> None:
     """Forward one HTTP request to the pool and relay the answer. ``path`` is the raw path
-    to send (prefix already stripped when the pool strips it)."""
+    to send (prefix already stripped when the pool strips it; ``stripped``, if not the
+    pool's prefix, is what was)."""
     pool = runtime.pool
+    hooks = runtime.hooks
+    if hooks is not None and hooks.guard is not None:
+        refusal = await hooks.check_guard(scope)
+        if refusal is not None:
+            await send_response(refusal, scope, receive, send)
+            return
     if not runtime.members:  # a discovered pool with no upstreams (yet, or any more)
         logger.info("pool %s: no upstreams; answering 503", runtime.name)
         retry_after = (b"retry-after", b"%d" % runtime.retry_after())
         await send_error(send, 503, [retry_after, *closing(scope)])
         return
     try:
-        headers, has_host = settings.upstream_headers(runtime, scope, scope.get("scheme", "http"))
+        scheme = scope.get("scheme", "http")
+        headers, has_host = settings.upstream_headers(runtime, scope, scheme, stripped)
     except BadRequestHeaders as exc:
         logger.info("pool %s: refused request: %s", runtime.name, exc)
         await send_error(send, exc.status, closing(scope))
         return
+    if hooks is not None and hooks.on_request is not None:
+        answer = await hooks.edit_request(scope, headers)
+        if answer is not None:
+            await send_response(answer, scope, receive, send)
+            return
+        has_host = any(name == b"host" for name, _ in headers)  # the hook may set one
+    rid = request_id(headers) if settings.request_id else None
     size_limit = pool.max_body_size
     if size_limit is not None and (_declared_length(scope["headers"]) or 0) > size_limit:
         # Said up front: not a byte of the body is read, so the connection cannot carry
@@ -161,35 +185,30 @@ async def forward(
         sweeper=settings.sweeper,
     )
     forwarding = _Forwarding(runtime, scope, send, path, headers, has_host, client, settings)
+    forwarding.request_id = rid
+    tracer = runtime.tracer
+    traced = tracer.begin(scope) if tracer is not None else None
     try:
         await forwarding.run()
     except asyncio.CancelledError:
         if not client.swallows():
             raise
-        if client.stalled:
-            logger.info(
-                "pool %s: the client took no response for %ss; aborting its connection",
-                runtime.name,
-                pool.client_send_timeout,
-            )
-            await abort(send, "the client stopped reading its response")
-            return
-        logger.info(
-            "pool %s: client left during %s %s; upstream exchange closed",
-            runtime.name,
-            forwarding.method,
-            scope.get("path", ""),
-        )
-        if not forwarding.response_started:
-            # No one will read it, but an app wrapping this one (BaseHTTPMiddleware)
-            # expects an answer: nginx's code for a client that left, 499.
-            with contextlib.suppress(Exception):
-                await send_error(send, 499, _CLOSE)
+        await forwarding.client_left()
     finally:
         client.close()
+        if traced is not None:
+            AttemptTracer.end(traced)
 
 
 _CLOSE = ((b"connection", b"close"),)
+
+
+async def send_response(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+    """A pool's guard or hook answered instead of the upstream: its response, with
+    ``Connection: close`` when the request body was not read (see ``closing``)."""
+    if closing(scope):
+        response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 def closing(scope: Scope) -> Sequence[tuple[bytes, bytes]]:
@@ -220,7 +239,9 @@ class _Forwarding:
         "has_host",
         "headers",
         "method",
+        "path",
         "replayable",
+        "request_id",
         "response_started",
         "retryable",
         "retrying",
@@ -248,6 +269,7 @@ class _Forwarding:
         self.send = send
         self.method: str = scope["method"]
         query: bytes = scope.get("query_string", b"")
+        self.path = path
         self.suffix = path + b"?" + query if query else path
         self.headers = headers
         self.has_host = has_host
@@ -258,6 +280,7 @@ class _Forwarding:
         self.stream: ClientSide | None = None
         self.replayable = False
         self.response_started = False
+        self.request_id: bytes | None = None
         self.retrying = False  # holds a place in the pool's retry budget
         self.affinity = runtime.affinity(scope, settings.trusted) if runtime.affine else None
 
@@ -339,6 +362,30 @@ class _Forwarding:
         ):
             return runtime.hedged_attempt(tried, hedging, self._request, self.affinity)
         return runtime.attempt(tried, affinity=self.affinity)
+
+    async def client_left(self) -> None:
+        """The client left, or stopped reading (``ClientSide``): say so, and give an app
+        wrapping this one the answer it expects."""
+        runtime = self.runtime
+        if self.client.stalled:
+            logger.info(
+                "pool %s: the client took no response for %ss; aborting its connection",
+                runtime.name,
+                runtime.pool.client_send_timeout,
+            )
+            await abort(self.send, "the client stopped reading its response")
+            return
+        logger.info(
+            "pool %s: client left during %s %s; upstream exchange closed",
+            runtime.name,
+            self.method,
+            self.scope.get("path", ""),
+        )
+        if not self.response_started:
+            # No one will read it, but an app wrapping this one (BaseHTTPMiddleware)
+            # expects an answer: nginx's code for a client that left, 499.
+            with contextlib.suppress(Exception):
+                await send_error(self.send, 499, _CLOSE)
 
     def _request(self, upstream: Upstream) -> UpstreamRequest:
         target = upstream.base_path + self.suffix
@@ -476,13 +523,21 @@ class _Forwarding:
                 status,
             )
         headers = response_headers(response.headers, self.settings.hidden_response_headers)
+        rewriter = self.runtime.rewriter
+        if rewriter is not None:
+            rewriter.rewrite(headers, self.runtime.members, member.upstream, self.scope, self.path)
         if self.runtime.sticky is not None:
             cookie = self.runtime.sticky_header(member, self.affinity)
             if cookie is not None:
                 headers.append(cookie)
         client = self.client
         send = self.send
+        hooks = self.runtime.hooks
         try:
+            if hooks is not None and hooks.on_response is not None:
+                status, headers = await hooks.edit_response(
+                    self.scope, status, headers, member.upstream.url
+                )
             client.sending_since = client.loop.time()
             if status in (204, 304) or status < 200:
                 # No body, by definition. A 304's Content-Length (the size of the cached
@@ -490,6 +545,8 @@ class _Forwarding:
                 headers = [(n, v) for n, v in headers if n != b"content-length"]
             if not client.complete:  # an early answer: the rest of the body stays unread
                 headers.append((b"connection", b"close"))
+            if self.request_id is not None and all(n != REQUEST_ID for n, _ in headers):
+                headers.append((REQUEST_ID, self.request_id))
             self.response_started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
             if status in (204, 304) or status < 200 or self.method == "HEAD":
@@ -504,6 +561,8 @@ class _Forwarding:
                 member.stats.bytes_out += len(body)
             else:
                 await self._stream(member, response)
+        except HookFailed:
+            await send_error(send, 500, self._closing())
         except UpstreamError as exc:
             self._raise_client_failure(exc)  # the client's body broke the exchange
             attempt.fail(exc)
@@ -541,13 +600,14 @@ class _Forwarding:
     def _access_log(self, upstream: str, status: int, elapsed: float) -> None:
         if self.settings.access_log:
             logger.info(
-                "pool %s: %s %s -> %s %d in %.1f ms",
+                "pool %s: %s %s -> %s %d in %.1f ms%s",
                 self.runtime.name,
                 self.method,
                 self.scope.get("path", ""),
                 upstream,
                 status,
                 elapsed * 1000,
+                "" if self.request_id is None else " id=" + self.request_id.decode("ascii"),
             )
 
 

@@ -241,7 +241,10 @@ def _table_lines(obj: Any, keys: KeyTable[Any], where: str) -> list[str]:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for name in keys.keys:
         value = getattr(obj, name)
-        if not fields[name].repr and value is not None:
+        if callable(value) and hasattr(value, "__qualname__"):  # a guard or hook
+            module = getattr(value, "__module__", "?")
+            lines.append(f"{name} = {json.dumps(f'{module}:{value.__qualname__}')}")
+        elif not fields[name].repr and value is not None:
             lines.append(f"{name} = (set, not shown)")  # a secret, such as a token
         elif type(value) in KEY_TABLES:
             tables.append((name, value))

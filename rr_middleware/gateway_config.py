@@ -15,6 +15,7 @@ path, never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import ssl
@@ -35,6 +36,7 @@ from .config_mapping import (
     AnyOf,
     Array,
     ConfigError,
+    Converter,
     KeyTable,
     MapOf,
     Regex,
@@ -120,6 +122,32 @@ class ServerSettings:
                 ) from None
 
 
+class _ImportString(Converter[Any]):
+    """``"package.module:function"``: the function a pool's guard or hook names, imported
+    when the file is loaded (so a wrong name is a start-up error, as uvicorn's app is)."""
+
+    expected = "a 'module:function' string"
+
+    def __call__(self, value: object, where: str) -> Any:
+        if not isinstance(value, str):
+            raise self.mismatch(value, where)
+        module_name, _, name = value.partition(":")
+        if not module_name or not name:
+            raise ConfigError(where, f"expected 'module:function', got {value!r}")
+        try:
+            found: Any = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(where, f"cannot import {module_name!r}: {exc}") from None
+        for part in name.split("."):
+            try:
+                found = getattr(found, part)
+            except AttributeError:
+                raise ConfigError(where, f"{module_name!r} has no {name!r}") from None
+        return found
+
+
+FUNCTION = _ImportString()
+
 # The file format: one line per key. A new option of one of these classes needs a line
 # here, or its name in python_only (tests/test_gateway_config.py checks every init field).
 SERVER = KeyTable(
@@ -148,6 +176,7 @@ MIDDLEWARE = KeyTable(
         "metrics_path": optional(STRING),
         "status_path": optional(STRING),
         "access_log": BOOLEAN,
+        "request_id": BOOLEAN,
         "zone": optional(STRING),
         "admin_path": optional(STRING),
     },
@@ -281,9 +310,16 @@ POOL = KeyTable(
         "websocket_idle_timeout": optional(NUMBER),
         "websocket_ping_interval": optional(NUMBER),  # false: no pings
         "discovery": optional(DISCOVERY),
+        "rewrite_redirects": BOOLEAN,
+        "rewrite_cookies": BOOLEAN,
+        "guard": optional(FUNCTION),
+        "on_request": optional(FUNCTION),
+        "on_response": optional(FUNCTION),
+        "tracing": BOOLEAN,
         "tls": optional(Table(TLS_KEYS)),
     },
-    python_only={"transport", "clock", "random"},
+    # internal: reached only from a route of your own app, which the gateway has not.
+    python_only={"transport", "clock", "random", "internal"},
 )
 CONDITION = AnyOf(STRING, BOOLEAN, Regex())
 ROUTE = KeyTable(

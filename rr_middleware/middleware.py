@@ -47,6 +47,16 @@ _AMBIGUOUS_PATH = Refusal(400, "a path some upstreams read as having a dot segme
 _STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 
 
+_GUARDED = Refusal(403, "the pool's guard refused it")
+
+
+def _raw_path(scope: Scope) -> bytes:
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    if b"?" in raw_path:  # some servers leave the query in raw_path
+        raw_path = raw_path.partition(b"?")[0]
+    return raw_path
+
+
 def _unreached(key: str) -> FieldError:
     return FieldError(
         "pools",
@@ -100,6 +110,8 @@ class RoundRobinMiddleware:
         status_guard: A callable taking the Request and returning, or awaiting, True to
             allow the status page, its JSON and the metrics.
         access_log: Log a line per proxied request.
+        request_id: Pass on the client's ``X-Request-ID`` (when well-formed) or make one,
+            send it upstream and back to the client, and log it.
         admin_path: Serve the admin API under this path (drain, weight, add and remove
             upstreams; see ``admin.py``).
         admin_token: The bearer token the admin API requires (``None``: the
@@ -125,6 +137,7 @@ class RoundRobinMiddleware:
         status_path: str | None = None,
         status_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
         access_log: bool = False,
+        request_id: bool = False,
         admin_path: str | None = None,
         admin_token: str | None = None,
         admin_guard: Callable[[Request], bool | Awaitable[bool]] | None = None,
@@ -147,6 +160,8 @@ class RoundRobinMiddleware:
         balancer.attach(self, self._build_routes)
         self.balancer = balancer
         self.trusted_proxies = TrustedProxies(trusted_proxies)
+        if not isinstance(request_id, bool):
+            raise FieldError("request_id", f"must be True or False, got {request_id!r}")
         if max_url_length < 1:
             raise FieldError("max_url_length", f"must be >= 1, got {max_url_length!r}")
         self.max_url_length = max_url_length
@@ -165,6 +180,7 @@ class RoundRobinMiddleware:
             ),
             max_header_bytes=max_header_bytes,
             access_log=access_log,
+            request_id=request_id,
         )
         self._routes = routes
         self._build_routes()
@@ -180,18 +196,11 @@ class RoundRobinMiddleware:
             key: _method_refusal(runtime.pool.refuse_methods)
             for key, runtime in balancer.pools.items()
         }
-        prefixed = {key: runtime for key, runtime in balancer.pools.items() if key[0] == "/"}
-        self._router: PrefixRouter[PoolRuntime] = PrefixRouter(prefixed)
+        self._router: PrefixRouter[PoolRuntime]
         #: With routes: the route table of each prefix (None without routes: the common
         #: case, which costs nothing more than prefix matching).
-        self._tables: PrefixRouter[RouteTable] | None = None
-        if self._routes:
-            self._tables = self._route_tables(self._routes, balancer)
-        else:
-            mirrors = {r.mirror.target.name for r in balancer.pools.values() if r.mirror}
-            unreached = [k for k in balancer.pools if k not in prefixed and k not in mirrors]
-            if unreached:
-                raise _unreached(unreached[0])
+        self._tables: PrefixRouter[RouteTable] | None
+        self._router, self._tables = self._routers(self._routes, balancer)
         router = self._tables if self._tables is not None else self._router
         #: First segments of every prefix, or None with a "/" pool (which takes everything).
         self._first_segments = router.first_segments
@@ -230,12 +239,35 @@ class RoundRobinMiddleware:
             return
         await forward(state, scope, receive, send, rest, self._settings)
 
+    @classmethod
+    def _routers(
+        cls, routes: Sequence[Route], balancer: Balancer
+    ) -> tuple[PrefixRouter[PoolRuntime], PrefixRouter[RouteTable] | None]:
+        """The prefix router and, with routes, the route tables. An internal pool is
+        reached only from a route handler (Balancer.forward), never by its prefix."""
+        prefixed = {
+            key: runtime
+            for key, runtime in balancer.pools.items()
+            if key[0] == "/" and not runtime.pool.internal
+        }
+        if routes:
+            return PrefixRouter(prefixed), cls._route_tables(routes, balancer)
+        mirrors = {r.mirror.target.name for r in balancer.pools.values() if r.mirror}
+        for key, runtime in balancer.pools.items():
+            if key not in prefixed and key not in mirrors and not runtime.pool.internal:
+                raise _unreached(key)
+        return PrefixRouter(prefixed), None
+
     @staticmethod
     def _route_tables(routes: Sequence[Route], balancer: Balancer) -> PrefixRouter[RouteTable]:
-        tables, states = build_tables(routes, balancer.pools)
+        # Internal pools are reached only from route handlers (Balancer.forward).
+        pools = {
+            key: runtime for key, runtime in balancer.pools.items() if not runtime.pool.internal
+        }
+        tables, states = build_tables(routes, pools)
         reached = {key for state in states for key in state.route.targets}
         reached |= {r.mirror.target.name for r in balancer.pools.values() if r.mirror}
-        for key, runtime in balancer.pools.items():
+        for key, runtime in pools.items():
             if key[0] != "/" and key not in reached:
                 raise _unreached(key)
             if key[0] != "/" and not runtime.prefix:
@@ -260,7 +292,7 @@ class RoundRobinMiddleware:
         instead (None: forward it); None if no pool matches. (A tuple, not an object: it
         is built for every pooled request.)"""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        if b"?" in raw_path:  # some servers leave the query in raw_path
+        if b"?" in raw_path:  # some servers leave the query in raw_path (as _raw_path)
             raw_path = raw_path.partition(b"?")[0]
         if self._tables is None:
             found = self._router.match(raw_path)
@@ -269,6 +301,11 @@ class RoundRobinMiddleware:
         if found is None:
             return None
         end, state = found
+        refusal = self._refusal(state, scope, raw_path)
+        return state, raw_path[end:] if state.pool.strip_prefix else raw_path, refusal
+
+    def _refusal(self, state: PoolRuntime, scope: Scope, raw_path: bytes) -> Refusal | None:
+        """The Refusal the pool answers this request with, or None (forward it)."""
         pool = state.pool
         # A WebSocket scope has no method: its handshake is a GET.
         method: str = scope.get("method", "GET")
@@ -293,7 +330,38 @@ class RoundRobinMiddleware:
                 refusal.status,
                 refusal.why,
             )
-        return state, raw_path[end:] if pool.strip_prefix else raw_path, refusal
+        return refusal
+
+    async def forward_route(
+        self, scope: Scope, receive: Receive, send: Send, prefix: str, path: str | None
+    ) -> None:
+        """Forward a request a route handler took to the pool at ``prefix`` (see
+        ``Balancer.forward``): the refusals, guard and hooks as for a request matched by
+        prefix. ``path``: the raw path to send (None: the request's, less the pool's
+        prefix when it starts with it and the pool strips it)."""
+        state = self.balancer[prefix]
+        raw_path = _raw_path(scope)
+        refusal = self._refusal(state, scope, raw_path)
+        if path is None:
+            rest = raw_path
+            own = state.prefix
+            if (
+                state.pool.strip_prefix
+                and own
+                and rest.startswith(own)
+                and rest[len(own) : len(own) + 1] in (b"", b"/")
+            ):
+                rest = rest[len(own) :]
+        else:
+            rest = path.encode("latin-1")
+            if refusal is None and (is_unsafe_path(rest) or has_dot_segment(rest)):
+                logger.info("pool %s: refused the route's path %r", state.name, rest[:200])
+                refusal = _UNSAFE_PATH
+        if refusal is not None:
+            await send_error(send, refusal.status, [*refusal.headers, *closing(scope)])
+            return
+        stripped = raw_path[: len(raw_path) - len(rest)] if raw_path.endswith(rest) else b""
+        await forward(state, scope, receive, send, rest, self._settings, stripped)
 
     def status(self) -> dict[str, Any]:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""
@@ -305,6 +373,14 @@ class RoundRobinMiddleware:
             await self.app(scope, receive, send)
             return
         state, path, refusal = found
+        hooks = state.hooks
+        if (
+            refusal is None
+            and hooks is not None
+            and hooks.guard is not None
+            and await hooks.check_guard(scope) is not None
+        ):
+            refusal = _GUARDED
         if refusal is not None:
             await send({"type": "websocket.close", "code": 1008})
             return

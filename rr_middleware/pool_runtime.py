@@ -23,9 +23,12 @@ from .discovery.base import Watcher
 from .headers import TrustedProxies, client_address
 from .health import CheckResult, HealthChecker
 from .hedging import HedgedAttempt, Hedging
+from .hooks import PoolHooks
 from .latency import cost, recorder
 from .members import Member, PoolLoad
+from .rewrite import ResponseRewriter
 from .sticky import Affinity, StickyValues
+from .tracing import AttemptTracer, tracer
 from .transport.base import UpstreamTransport
 from .upstream import Upstream
 
@@ -63,6 +66,14 @@ class PoolRuntime:
         self.prefix = prefix.encode("ascii") if prefix.startswith("/") and prefix != "/" else b""
         self.pool = pool
         self._resolve = resolve
+        #: Maps the upstreams' redirects and cookies back to the client's addresses.
+        self.rewriter: ResponseRewriter | None = None
+        if pool.rewrite_redirects or pool.rewrite_cookies:
+            self.rewriter = ResponseRewriter(pool.rewrite_redirects, pool.rewrite_cookies)
+        #: The pool's guard, on_request and on_response (None: it has none).
+        self.hooks = PoolHooks.of(prefix, pool)
+        #: OpenTelemetry client spans (None: off, or OpenTelemetry not installed).
+        self.tracer: AttemptTracer | None = tracer() if pool.tracing else None
         #: The pool's records in a zone shared with other worker processes (``zone.py``),
         #: while attached; and the zone generation this process last loaded.
         self.shared: ZonePool | None = None

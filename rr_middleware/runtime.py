@@ -28,9 +28,12 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Union
 
 import httpx
+from starlette.requests import Request
+from starlette.responses import Response
 
 from .config import Pool, PoolsArg, normalize_pool_key, normalize_pools
 from .errors import FieldError
+from .handler import ForwardedResponse, RouteForwarder
 from .mirroring import Mirror
 from .pool_runtime import PoolRuntime
 from .sticky import SECRET_ENV
@@ -99,7 +102,7 @@ class Balancer:
         #: another configuration (during a reload) never share its records.
         self.zone_follows_layout = False
         self.link_mirrors()
-        self._owner: object | None = None
+        self._owner: RouteForwarder | None = None
         self._on_routes_changed: Callable[[], None] | None = None
         #: The routes of the middleware serving it (set by the middleware), for status.
         self.routes: list[Any] = []
@@ -183,7 +186,37 @@ class Balancer:
 
         return PrometheusCollector(self.pools, lambda: self.routes)
 
-    def attach(self, owner: object, on_routes_changed: Callable[[], None] | None = None) -> None:
+    async def forward(self, request: Request, prefix: str, *, path: str | None = None) -> Response:
+        """Forward ``request`` from inside a route handler to the pool at ``prefix`` (or
+        of that name), so the route's dependencies (a login) run first; return the
+        Response that relays the upstream's answer as it streams in.
+
+        ```python
+        @app.api_route("/admin/{path:path}", methods=["GET", "POST"])
+        async def admin(request: Request, user=Depends(current_user)) -> Response:
+            return await balancer.forward(request, "/admin")
+        ```
+
+        ``path`` is the raw path to send (percent-encoded; the upstream's base path goes
+        in front); by default the request's own, less the pool's prefix if it starts
+        with it and the pool strips it. The pool may be ``internal`` (not reachable by
+        its prefix). Needs the ``RoundRobinMiddleware`` serving this balancer in the
+        app. A body the route already read (a body parameter) is sent from memory."""
+        owner = self._owner
+        if owner is None:
+            raise RuntimeError(
+                "this Balancer serves no RoundRobinMiddleware yet: add it to the app with "
+                "app.add_middleware(RoundRobinMiddleware, balancer=balancer)"
+            )
+        self[prefix]  # a KeyError naming the pools, now rather than later
+        body: bytes | None = getattr(request, "_body", None)  # read by the route already
+        if body is None and getattr(request, "_stream_consumed", False):
+            raise RuntimeError("the route consumed the request body with stream(): it is gone")
+        return ForwardedResponse(owner, prefix, path, body)
+
+    def attach(
+        self, owner: RouteForwarder, on_routes_changed: Callable[[], None] | None = None
+    ) -> None:
         """Called by the middleware that serves this balancer: one serves one. It is told
         when the set of pools changes (``reconfigure``), to route to the new ones."""
         if self._owner is not None and self._owner is not owner:

@@ -357,10 +357,11 @@ def test_set_cookie_headers_relayed_separately_and_never_shared(
     with running_proxy({"/c": [a.url]}) as (proxy, _):
         with client() as first:
             response = first.get(f"{proxy.url}/c/?action=cookies&n=3")
+            # Path=/ is the pool's root: /c (rewrite_cookies).
             assert response.headers.get_list("set-cookie") == [
-                "c0=v0; Path=/",
-                "c1=v1; Path=/",
-                "c2=v2; Path=/",
+                "c0=v0; Path=/c",
+                "c1=v1; Path=/c",
+                "c2=v2; Path=/c",
             ]
             # The first client's own cookies do pass through on its own requests.
             record = first.get(f"{proxy.url}/c/?action=echo").json()
@@ -380,7 +381,7 @@ def test_redirect_is_relayed_not_followed() -> None:
     ):
         response = http.get(f"{proxy.url}/r/redirect")
     assert response.status_code == 302
-    assert response.headers["location"] == "/landed"
+    assert response.headers["location"] == "/r/landed"  # under the pool (rewrite_redirects)
     assert response.content == b"moved"
     assert misc.paths == ["/redirect"]
 

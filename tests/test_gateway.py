@@ -211,19 +211,28 @@ def test_start_up_mistakes_outside_the_file_exit_2(
     assert "Traceback" not in result.stderr
 
 
-def test_without_uvicorn_it_says_which_extra_to_install(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("server", "flags", "extra"),
+    [
+        ("uvicorn", [], "gateway"),
+        ("granian", ["--server", "granian"], "granian"),  # the flag picks it
+    ],
+)
+def test_without_its_server_it_says_which_extra_to_install(
+    tmp_path: Path, server: str, flags: list[str], extra: str
+) -> None:
     path = tmp_path / "g.toml"
     path.write_text(pool_toml(["http://127.0.0.1:1"]))
     code = (
-        "import sys; sys.modules['uvicorn'] = None\n"
+        f"import sys; sys.modules[{server!r}] = None\n"
         "from rr_middleware.gateway import main\n"
-        f"sys.exit(main(['--config', {str(path)!r}]))"
+        f"sys.exit(main(['--config', {str(path)!r}, *{flags!r}]))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE
     )
     assert result.returncode == 2
-    assert "pip install 'rr-middleware[gateway]'" in result.stderr
+    assert f"rr-gateway: needs {server}: pip install 'rr-middleware[{extra}]'" in result.stderr
 
 
 def test_check_prints_every_pool_with_weights_and_defaults(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from rr_middleware.gateway_config import (
     ServerSettings,
     load_config,
 )
+
+from .upstream_app import values
 
 
 def load(tmp_path: Path, text: str) -> GatewayConfig:
@@ -457,3 +460,41 @@ def test_granian_gets_the_server_table(tmp_path: Path) -> None:
     assert options["backpressure"] == 64
     assert options["log_level"] == "debug"  # granian has no trace
     assert options["ssl_protocol_min"] == SSLProtocols.tls12  # as uvicorn accepts
+
+
+def test_guard_and_hooks_are_import_strings(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        """
+        [pools."/api"]
+        upstreams = ["http://10.0.0.1:8000"]
+        guard = "tests.upstream_app:values"
+        on_response = "os.path:join"
+        rewrite_redirects = false
+        """,
+    )
+    pool = config.pools["/api"]
+    assert pool.guard is values
+    assert pool.on_response is os.path.join
+    assert (pool.on_request, pool.rewrite_redirects, pool.rewrite_cookies) == (None, False, True)
+    # --check names them back as the file can (os.path.join lives in posixpath).
+    text = describe(config)
+    assert 'guard = "tests.upstream_app:values"' in text
+    assert 'on_response = "posixpath:join"' in text
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('"no_such_module_x:f"', "cannot import 'no_such_module_x'"),
+        ('"os.path:nothing_here"', "'os.path' has no 'nothing_here'"),
+        ('"os.path"', "expected 'module:function', got 'os.path'"),
+        ("3", "expected a 'module:function' string"),
+    ],
+)
+def test_a_wrong_import_string_names_the_key(tmp_path: Path, value: str, problem: str) -> None:
+    error = mistake(
+        tmp_path, f'[pools."/api"]\nupstreams = ["http://10.0.0.1:8000"]\nguard = {value}\n'
+    )
+    assert error.key == 'pools."/api".guard'
+    assert problem in error.message

@@ -598,7 +598,7 @@ def test_set_cookie_for_client_a_never_reaches_client_bs_requests(site: Site) ->
         status, headers, _ = a.request(raw_request("GET", "/api/?action=cookies&n=2", FRONT))
         assert status == 200
         cookies = [v for n, v in headers if n == b"set-cookie"]
-        assert cookies == [b"c0=v0; Path=/", b"c1=v1; Path=/"]
+        assert cookies == [b"c0=v0; Path=/api", b"c1=v1; Path=/api"]
         for _ in range(3):
             status, _, body = b.request(raw_request("GET", "/api/?action=echo", FRONT))
             assert status == 200

@@ -449,6 +449,25 @@ def test_a_handshake_is_a_get_for_refuse_methods(a: WsUpstream) -> None:
     assert a.handshakes.empty()
 
 
+def test_a_pools_guard_decides_the_handshake(a: WsUpstream) -> None:
+    """The guard sees the handshake (an HTTPConnection: headers, cookies); a refusal
+    closes it before the upstream hears of it."""
+
+    def guard(connection: Any) -> bool:
+        return connection.headers.get("authorization") == "Bearer ok"
+
+    with ws_proxy({"/ws": Pool([a.url], guard=guard)}) as (server, _):
+        with pytest.raises(InvalidStatus) as caught, sync_client(ws_url(server, "/ws/echo")):
+            pass
+        assert caught.value.response.status_code == 403
+        assert a.handshakes.empty()
+        headers = {"Authorization": "Bearer ok"}
+        with sync_client(ws_url(server, "/ws/echo"), additional_headers=headers) as ws:
+            ws.send("hi")
+            assert ws.recv(timeout=WAIT) == "hi"
+        assert a.handshake()["path"] == "/echo"
+
+
 # ------------------------------------------------------------------------------- closing
 
 
