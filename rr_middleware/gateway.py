@@ -32,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from starlette.types import ASGIApp
+
 from . import __version__
 from .config_mapping import ConfigError, KeyTable, key_path
 from .gateway_config import (
@@ -58,6 +60,7 @@ ENV_PORT = "RR_GATEWAY_PORT"
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 _FACTORY = "rr_middleware.gateway:create_app"
+_GRANIAN_FACTORY = "rr_middleware.gateway:create_granian_app"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,12 +146,18 @@ def serve(config: GatewayConfig, reloader: Reloader | None = None) -> int:
         flush=True,
     )
     overrides, watch = (reloader.overrides, reloader.watch) if reloader else ({}, False)
+    # A stop signal ends the process with 0: one that comes before the server has its own
+    # handlers, and the one uvicorn re-raises once it has drained.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _exit_cleanly)
     try:
         if settings.server == "granian":
             from .gateway_granian import GranianGateway
 
-            return GranianGateway(_FACTORY, config, sock, overrides, watch=watch).run()
+            return GranianGateway(_GRANIAN_FACTORY, config, sock, overrides, watch=watch).run()
         return _serve_uvicorn(config, sock, overrides, watch)
+    except SystemExit as exc:
+        return 0 if exc.code in (0, None) else EXIT_FAILURE
     finally:
         sock.close()
 
@@ -179,9 +188,6 @@ def _serve_uvicorn(
         "ssl_certfile": settings.ssl_certfile,
         "ssl_keyfile": settings.ssl_keyfile,
     }
-    # uvicorn re-raises the stop signal once it has drained; ours ends the process with 0.
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, _exit_cleanly)
     try:
         if settings.workers == 1:
             config.app.balancer.zone_follows_layout = True
@@ -213,6 +219,14 @@ def create_app() -> RoundRobinMiddleware:
     # Workers that reloaded another layout must not share the zone of this one.
     app.balancer.zone_follows_layout = True
     return app
+
+
+def create_granian_app() -> ASGIApp:
+    """What each worker runs under granian: ``create_app`` whose failure to start stops
+    the worker (see ``gateway_granian.StartupFailure``)."""
+    from .gateway_granian import StartupFailure
+
+    return StartupFailure(create_app())
 
 
 def describe(config: GatewayConfig) -> str:

@@ -5,6 +5,8 @@ granian always serves from worker processes (one with ``workers = 1``); each bui
 app from the file (``gateway.create_app``), as uvicorn's workers do. This module maps the
 ``[server]`` table onto granian and replaces two of its habits:
 
+- a worker whose app fails to start exits 1 with its error (``StartupFailure``), where
+  granian would go on serving it without its lifespan;
 - the listening socket is the one the gateway bound (``port = 0`` is one port, printed,
   shared by every worker), not one socket per worker;
 - SIGHUP does not replace the workers (which would cut WebSockets): the parent validates
@@ -25,6 +27,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -35,13 +38,14 @@ from granian.constants import HTTPModes, Interfaces, SSLProtocols
 from granian.http import HTTP1Settings
 from granian.log import LOGGING_CONFIG
 from granian.server import MPServer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config_mapping import ConfigError
 from .gateway_admin import STATE_ENV
 from .gateway_config import GatewayConfig, ServerSettings, load_config
 from .reload import WATCH_INTERVAL, FileWatch
 
-__all__ = ["GranianGateway", "granian_options", "log_config"]
+__all__ = ["GranianGateway", "StartupFailure", "granian_options", "log_config"]
 
 logger = logging.getLogger("rr_middleware")
 
@@ -100,6 +104,33 @@ def log_config(level: str) -> dict[str, Any]:
     return config
 
 
+class StartupFailure:
+    """The app with a lifespan that says ``lifespan.startup.failed`` when it raises before
+    it started: granian takes a bare exception for "no lifespan support" and would serve
+    without starting the pools; this way the worker exits 1 with the error."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        said = False
+
+        async def watched(message: Message) -> None:
+            nonlocal said
+            said = said or message["type"].startswith("lifespan.startup.")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if not said:
+                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            raise
+
+
 class GranianGateway(MPServer):
     """granian's process manager serving ``target`` on the gateway's socket ``sock``
     (bound, not yet listening), with SIGHUP and ``--watch`` reloading in place."""
@@ -135,7 +166,10 @@ class GranianGateway(MPServer):
         try:
             self.serve()
         except SystemExit as exc:
-            return 0 if exc.code in (0, None) else 1
+            if exc.code in (0, None):
+                return 0
+            print("rr-gateway: a worker failed (its error is above)", file=sys.stderr)
+            return 1
         finally:
             self._stop.set()
             if watcher.is_alive():
@@ -146,12 +180,14 @@ class GranianGateway(MPServer):
     def _init_shared_socket(self) -> None:
         # Every worker accepts on the gateway's one socket (granian would bind one per
         # worker with SO_REUSEPORT: with port 0, one port each).
+        # granian's objects get copies of the descriptor, theirs to close; the gateway
+        # closes its own socket as it exits.
         self.sock.listen(self.backlog)
-        fd = self.sock.fileno()
+        fd = os.dup(self.sock.fileno())
         self._ssp = None
         self._shd: Any = SocketHolder(fd, False, self.backlog)  # type: ignore[call-arg]
         self._sfd: Any = fd
-        self._sso = socket.socket(fileno=os.dup(fd))  # granian's to close
+        self._sso = socket.socket(fileno=os.dup(fd))
         self._sso.set_inheritable(True)
 
     def _reload(self, spawn_target: Any, target_loader: Any) -> None:

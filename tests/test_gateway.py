@@ -470,3 +470,38 @@ upstreams = ["{ws_upstream.url}"]
         log = gateway.output()
     assert "pool /api: GET /api/x" in log  # the access log
     assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_granian_limit_concurrency_makes_the_next_request_wait(tmp_path: Path) -> None:
+    """Under granian ``limit_concurrency`` is its backpressure: a request beyond it waits
+    for one in flight to finish (uvicorn answers 503 instead), as docs/gateway.md says."""
+    pytest.importorskip("granian")
+    app = UpstreamApp("slow")
+    with serve(app) as upstream:
+        config = pool_toml([upstream.url], server='server = "granian"\nlimit_concurrency = 1')
+        with run_gateway(tmp_path, config) as gateway:
+            first: dict[str, Any] = {}
+
+            def held() -> None:
+                url = f"{gateway.url}/api/held?action=stream&wait=1&n=1&size=4"
+                first["status"] = httpx.get(url, timeout=DEADLINE).status_code
+
+            thread = threading.Thread(target=held)
+            thread.start()
+            wait_for(lambda: len(app.requests) == 1, "the first request upstream")
+            second: dict[str, Any] = {}
+            waiting = threading.Thread(
+                target=lambda: second.update(
+                    status=httpx.get(f"{gateway.url}/api/next", timeout=DEADLINE).status_code
+                )
+            )
+            waiting.start()
+            waiting.join(timeout=1.0)
+            assert waiting.is_alive()  # waiting, not refused
+            assert len(app.requests) == 1
+            app.proceed.release()
+            thread.join(timeout=DEADLINE)
+            waiting.join(timeout=DEADLINE)
+            assert first == {"status": 200}
+            assert second == {"status": 200}

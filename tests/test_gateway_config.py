@@ -498,3 +498,39 @@ def test_a_wrong_import_string_names_the_key(tmp_path: Path, value: str, problem
     )
     assert error.key == 'pools."/api".guard'
     assert problem in error.message
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated")  # granian's own call
+async def test_a_worker_whose_app_fails_to_start_stops_under_granian() -> None:
+    """granian takes a lifespan that raises for "no lifespan support" and serves on;
+    the gateway's workers say the start failed, so granian stops the worker instead."""
+    pytest.importorskip("granian")
+    from granian.asgi import LifespanProtocol
+
+    from rr_middleware.gateway_granian import StartupFailure
+
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        raise RuntimeError("the zone cannot be made")
+
+    bare = LifespanProtocol(broken)
+    await bare.startup()
+    assert not bare.interrupt  # what StartupFailure is for
+
+    wrapped = LifespanProtocol(StartupFailure(broken))
+    await wrapped.startup()
+    assert wrapped.interrupt
+    assert str(wrapped.exc) == "the zone cannot be made"
+
+    async def fine(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    working = LifespanProtocol(StartupFailure(fine))
+    await working.startup()
+    assert not working.interrupt
+    await working.shutdown()
+    assert not working.interrupt
