@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -160,6 +161,9 @@ class GranianGateway(MPServer):
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; 0 after a clean stop, 1 if workers kept failing."""
+        # Workers inherit the gateway's socket by fork: granian would spawn them where fork
+        # is not the default (Python 3.14), and a spawned worker cannot take the socket.
+        multiprocessing.set_start_method("fork", force=True)
         watcher = threading.Thread(target=self._watch, name="rr-watch", daemon=True)
         if self.watch:
             watcher.start()
