@@ -6,7 +6,8 @@
         [--json PATH]
 
 Sections (see benchmarks/README.md): ``throughput`` small GETs through a pool of 2 at each
-``--connections`` (rr-middleware, asgiproxy, nginx, direct; everything on; 2 workers),
+``--connections`` (rr-middleware, asgiproxy, nginx, direct; everything on; 2 workers;
+rr-gateway under granian vs uvicorn when granian is installed),
 ``post`` 64 KiB POST / 1 MiB answer, ``stream`` 1 GiB down, up and chunked up plus a slow reader,
 ``pick`` time per pick by pool size, ``fallthrough`` a route that matches no prefix.
 Contenders of a section run in alternating rounds within seconds of each other; figures
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import shlex
@@ -126,14 +128,20 @@ def start_proxy(
 
 
 def start_gateway(
-    name: str, workers: int, upstreams: str, log_dir: Path, servers: list[Server]
+    name: str,
+    workers: int,
+    upstreams: str,
+    log_dir: Path,
+    servers: list[Server],
+    server: str = "uvicorn",
 ) -> Server:
     """``rr-gateway`` (``python -m rr_middleware``) with ``workers`` processes in front of
-    ``upstreams``, configured the way a user would: a TOML file."""
+    ``upstreams`` under ``server`` (uvicorn or granian), configured the way a user would:
+    a TOML file."""
     config = log_dir / f"{name}.toml"
     urls = ", ".join(f'"{u}"' for u in upstreams.split(","))
     config.write_text(
-        f'[server]\nworkers = {workers}\nlog_level = "warning"\n\n'
+        f'[server]\nserver = "{server}"\nworkers = {workers}\nlog_level = "warning"\n\n'
         f'[pools."/api"]\nupstreams = [{urls}]\n'
     )
     sock = _bound_socket()
@@ -214,6 +222,7 @@ def throughput(ctx: Context) -> list[Row]:
         ("rr-everything", "rr-all", "/api/hello"),
         ("rr-gateway", "rr-gw1", "/api/hello"),
         ("rr-gateway-2w", "rr-gw2", "/api/hello"),
+        ("rr-gateway-granian", "rr-gwg", "/api/hello"),
         ("rr-baseline", "rr-base", "/api/hello"),
     ]
     targets = [(Target(n, n, srv, p, b""), s[srv]) for n, srv, p in specs if srv in s]
@@ -333,6 +342,18 @@ def throughput(ctx: Context) -> list[Row]:
                     f"{rps(g2)}, CPU {g2.cpu_us_per_request:.0f} us",
                     f"1 worker {rps(g1)}, CPU {g1.cpu_us_per_request:.0f} us",
                     g2,
+                    g1,
+                )
+            )
+        if "rr-gateway" in r and "rr-gateway-granian" in r:
+            g1, gg = r["rr-gateway"], r["rr-gateway-granian"]
+            rows.append(
+                compared(
+                    f"   GET -c{c}",
+                    "rr-gateway granian vs uvicorn",
+                    f"{rps(gg)}, CPU {gg.cpu_us_per_request:.0f} us",
+                    f"uvicorn {rps(g1)}, CPU {g1.cpu_us_per_request:.0f} us",
+                    gg,
                     g1,
                 )
             )
@@ -654,6 +675,10 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         if args.workers > 1:
             by["rr-gw1"] = start_gateway("rr-gw1", 1, urls, log_dir, servers)
             by["rr-gw2"] = start_gateway("rr-gw2", args.workers, urls, log_dir, servers)
+        if importlib.util.find_spec("granian") is not None:
+            # The same gateway, file and middleware under granian (1 worker, as rr-gw1).
+            by["rr-gw1"] = by.get("rr-gw1") or start_gateway("rr-gw1", 1, urls, log_dir, servers)
+            by["rr-gwg"] = start_gateway("rr-gwg", 1, urls, log_dir, servers, "granian")
     if "stream" in want:
         by["rr-stream"] = start_proxy("rr-stream", args.proxy_command, 1, base, log_dir, servers)
         by["asgi-floor"] = start_server("asgi-floor", "forwarder_app", base, log_dir, servers)
@@ -667,7 +692,17 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         if name in ("asgiproxy", "nginx") or name.startswith("rr-gw"):
             path = "/api/hello"
         wait_ready(server, path)
-    for name in ("rr", "rr-all", "rr-gw1", "rr-gw2", "rr-stream", "rr-base", "asgiproxy", "nginx"):
+    for name in (
+        "rr",
+        "rr-all",
+        "rr-gw1",
+        "rr-gw2",
+        "rr-gwg",
+        "rr-stream",
+        "rr-base",
+        "asgiproxy",
+        "nginx",
+    ):
         if name in by:
             seen = {
                 http_get(by[name].base_url, "/api/hello", 10.0).headers.get("x-upstream")

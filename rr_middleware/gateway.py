@@ -32,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from starlette.types import ASGIApp
+
 from . import __version__
 from .config_mapping import ConfigError, KeyTable, key_path
 from .gateway_config import (
@@ -42,6 +44,7 @@ from .gateway_config import (
     POOL,
     ROUTE,
     SERVER,
+    SERVERS,
     GatewayConfig,
     ServerSettings,
 )
@@ -57,6 +60,7 @@ ENV_PORT = "RR_GATEWAY_PORT"
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 _FACTORY = "rr_middleware.gateway:create_app"
+_GRANIAN_FACTORY = "rr_middleware.gateway:create_granian_app"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,13 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--host", help="listen address (overrides [server] host)")
     parser.add_argument("--port", type=int, help="listen port (overrides [server] port)")
+    parser.add_argument(
+        "--server", choices=SERVERS, help="the ASGI server (overrides [server] server)"
+    )
     parser.add_argument("--version", action="version", version=f"rr-gateway {__version__}")
     args = parser.parse_args(argv)
     try:
         path = args.check or args.config or os.environ.get(ENV_CONFIG)
         if not path:
             raise ConfigError("", f"no configuration: pass --config FILE or set {ENV_CONFIG}")
-        reloader = Reloader(Path(path), _listen_overrides(args.host, args.port), watch=args.watch)
+        overrides = _listen_overrides(args.host, args.port)
+        if args.server:
+            overrides["server"] = args.server
+        reloader = Reloader(Path(path), overrides, watch=args.watch)
         config = reloader.load()
     except ConfigError as exc:
         print(f"rr-gateway: {exc}", file=sys.stderr)
@@ -99,14 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(config: GatewayConfig, reloader: Reloader | None = None) -> int:
-    """Serve ``config`` under uvicorn until SIGTERM or SIGINT; returns the exit status.
-    SIGHUP (and, with the reloader's ``watch``, a change of the file) reloads it."""
-    try:
-        import uvicorn
-    except ImportError:
-        print("rr-gateway: needs uvicorn: pip install 'rr-middleware[gateway]'", file=sys.stderr)
-        return EXIT_CONFIG
+    """Serve ``config`` under its ``[server] server`` (uvicorn or granian) until SIGTERM or
+    SIGINT; returns the exit status. SIGHUP (and, with the reloader's ``watch``, a change
+    of the file) reloads it."""
     settings = config.server
+    extra = "gateway" if settings.server == "uvicorn" else "granian"
+    try:
+        __import__(settings.server)
+    except ImportError:
+        print(
+            f"rr-gateway: needs {settings.server}: pip install 'rr-middleware[{extra}]'",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     try:
         sock = _listen(settings.host, settings.port)
     except OSError as exc:
@@ -121,6 +136,38 @@ def serve(config: GatewayConfig, reloader: Reloader | None = None) -> int:
         # a zone named after what this gateway serves, so a rerun finds and rebuilds what a
         # crashed one left, and two gateways never share one by accident.
         os.environ.setdefault(ZONE_ENV, _zone_name(config.path, settings.host, sock))
+    scheme = "https" if settings.ssl_certfile else "http"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(
+        f"rr-gateway: {config.path}: listening on {scheme}://{host}:{sock.getsockname()[1]}"
+        f" ({settings.workers} worker{'s' if settings.workers > 1 else ''}, {settings.server};"
+        f" pools {', '.join(config.pools)})",
+        file=sys.stderr,
+        flush=True,
+    )
+    overrides, watch = (reloader.overrides, reloader.watch) if reloader else ({}, False)
+    # A stop signal ends the process with 0: one that comes before the server has its own
+    # handlers, and the one uvicorn re-raises once it has drained.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _exit_cleanly)
+    try:
+        if settings.server == "granian":
+            from .gateway_granian import GranianGateway
+
+            return GranianGateway(_GRANIAN_FACTORY, config, sock, overrides, watch=watch).run()
+        return _serve_uvicorn(config, sock, overrides, watch)
+    except SystemExit as exc:
+        return 0 if exc.code in (0, None) else EXIT_FAILURE
+    finally:
+        sock.close()
+
+
+def _serve_uvicorn(
+    config: GatewayConfig, sock: socket.socket, overrides: dict[str, Any], watch: bool
+) -> int:
+    import uvicorn
+
+    settings = config.server
     options: dict[str, Any] = {
         "host": settings.host,
         "port": sock.getsockname()[1],
@@ -141,18 +188,6 @@ def serve(config: GatewayConfig, reloader: Reloader | None = None) -> int:
         "ssl_certfile": settings.ssl_certfile,
         "ssl_keyfile": settings.ssl_keyfile,
     }
-    scheme = "https" if settings.ssl_certfile else "http"
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(
-        f"rr-gateway: {config.path}: listening on {scheme}://{host}:{options['port']}"
-        f" ({settings.workers} worker{'s' if settings.workers > 1 else ''};"
-        f" pools {', '.join(config.pools)})",
-        file=sys.stderr,
-        flush=True,
-    )
-    # uvicorn re-raises the stop signal once it has drained; ours ends the process with 0.
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, _exit_cleanly)
     try:
         if settings.workers == 1:
             config.app.balancer.zone_follows_layout = True
@@ -161,7 +196,6 @@ def serve(config: GatewayConfig, reloader: Reloader | None = None) -> int:
             return 0 if server.started else EXIT_FAILURE
         from .supervisor import Supervisor
 
-        overrides, watch = (reloader.overrides, reloader.watch) if reloader else ({}, False)
         factory = uvicorn.Config(_FACTORY, factory=True, **options)
         supervisor = Supervisor(factory, [sock], config.path, overrides, watch=watch)
         supervisor.run()
@@ -171,8 +205,6 @@ def serve(config: GatewayConfig, reloader: Reloader | None = None) -> int:
         return 0
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else EXIT_FAILURE
-    finally:
-        sock.close()
 
 
 def create_app() -> RoundRobinMiddleware:
@@ -187,6 +219,14 @@ def create_app() -> RoundRobinMiddleware:
     # Workers that reloaded another layout must not share the zone of this one.
     app.balancer.zone_follows_layout = True
     return app
+
+
+def create_granian_app() -> ASGIApp:
+    """What each worker runs under granian: ``create_app`` whose failure to start stops
+    the worker (see ``gateway_granian.StartupFailure``)."""
+    from .gateway_granian import StartupFailure
+
+    return StartupFailure(create_app())
 
 
 def describe(config: GatewayConfig) -> str:

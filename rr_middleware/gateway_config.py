@@ -67,10 +67,15 @@ GATEWAY_MIDDLEWARE_DEFAULTS: dict[str, Any] = {"hide_response_headers": ()}
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
+#: The ASGI servers the gateway runs under (granian: the optional extra ``granian``).
+SERVERS = ("uvicorn", "granian")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
-    """``[server]``: how the gateway listens (uvicorn's settings)."""
+    """``[server]``: how the gateway listens (uvicorn's settings, or granian's)."""
 
+    server: str = "uvicorn"
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -83,6 +88,8 @@ class ServerSettings:
     ssl_keyfile: str | None = None
 
     def __post_init__(self) -> None:
+        if self.server not in SERVERS:
+            raise FieldError("server", f"must be one of {', '.join(SERVERS)}, got {self.server!r}")
         if not 0 <= self.port <= 65535:
             raise FieldError("port", f"must be in 0..65535, got {self.port}")
         if self.workers < 1:
@@ -146,6 +153,7 @@ FUNCTION = _ImportString()
 SERVER = KeyTable(
     ServerSettings,
     {
+        "server": STRING,
         "host": STRING,
         "port": INTEGER,
         "workers": INTEGER,
@@ -390,6 +398,7 @@ def _build(
             table_of(document.get("middleware", {}), "middleware"), "middleware"
         ),
     }
+    _check_server_headers(server, middleware)
     pools_table = table_of(document.get("pools", {}), "pools")
     if not pools_table:
         raise ConfigError("pools", 'no pool configured: add a [pools."/prefix"] table')
@@ -409,6 +418,19 @@ def _build(
     # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".
     app = MIDDLEWARE.create(middleware, "middleware", inner, pools, elsewhere="pools")
     return GatewayConfig(path, server, middleware, pools, app)
+
+
+def _check_server_headers(server: ServerSettings, middleware: dict[str, Any]) -> None:
+    """granian adds ``Server`` and ``Date`` to a response without them: hiding either is
+    not possible under it, so the file may not ask for it."""
+    hidden = {str(name).lower() for name in middleware.get("hide_response_headers", ())}
+    added = sorted(hidden & {"server", "date"})
+    if server.server == "granian" and added:
+        raise ConfigError(
+            "middleware.hide_response_headers",
+            f'cannot hide {" and ".join(added)} under server = "granian", which adds its own'
+            " where a response has none (uvicorn does not)",
+        )
 
 
 def _with_environment(

@@ -24,6 +24,16 @@ def upstreams() -> Iterator[list[RunningServer]]:
         yield [a, b, c]
 
 
+@pytest.fixture(params=["uvicorn", "granian"])
+def server(request: pytest.FixtureRequest) -> str:
+    """The ASGI server under rr-gateway (``[server] server``): each test that asks for it
+    runs under both."""
+    name: str = request.param
+    if name == "granian":
+        pytest.importorskip("granian")
+    return name
+
+
 @pytest.fixture
 def leak_log() -> Iterator[LeakLog]:
     """Where leaks and crashes are logged (asyncio, rr_middleware, uvicorn), as text; see

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,13 @@ import httpx
 from .polling import wait_for
 
 DEADLINE = 30.0
+
+# What each server logs: a worker started (its PID), and the gateway draining.
+SERVER_LOG = {
+    "uvicorn": (r"Started server process \[(\d+)\]", "Waiting for connections to close"),
+    "granian": (r"Spawning worker-\d+ with PID: (\d+)", "Stopping worker-"),
+}
+STARTED = {"uvicorn": "Application startup complete", "granian": r"Started worker-\d+"}
 
 
 class Gateway:
@@ -72,9 +80,11 @@ def run_gateway(
     *args: str,
     env: dict[str, str] | None = None,
     config_flag: bool = True,
+    verify: ssl.SSLContext | bool = True,
 ) -> Iterator[Gateway]:
     """Start the gateway on ``config`` (named by --config, or else by RR_GATEWAY_CONFIG)
-    and yield it once it answers HTTP."""
+    and yield it once it answers HTTP (``verify``: a client's TLS context, for a gateway
+    serving TLS)."""
     path = tmp_path / "gateway.toml"
     path.write_text(config)
     log = tmp_path / "gateway.log"
@@ -88,14 +98,14 @@ def run_gateway(
 
         def listening() -> str | None:
             assert process.poll() is None, f"gateway exited:\n{log.read_text()}"
-            found = re.search(r"listening on (http://\S+)", log.read_text())
+            found = re.search(r"listening on (https?://\S+)", log.read_text())
             return found.group(1) if found else None
 
         url = wait_for(listening, "the gateway's address")
 
         def answers() -> bool:
             try:
-                return httpx.get(url + "/", timeout=1).status_code == 404
+                return httpx.get(url + "/", timeout=1, verify=verify).status_code == 404
             except httpx.TransportError:
                 return False
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .gateway_process import Gateway, run_gateway
+from .gateway_process import STARTED, Gateway, run_gateway
 from .polling import wait_for
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
@@ -45,13 +45,14 @@ def applied(gateway: Gateway, what: str) -> int:
 
 
 def test_every_change_reaches_all_four_workers(
-    upstreams: dict[str, RunningServer], tmp_path: Path
+    upstreams: dict[str, RunningServer], tmp_path: Path, server: str
 ) -> None:
     a, b, c = (upstreams[n].url for n in "abc")
     config = f"""
 [server]
 port = 0
 workers = 4
+server = "{server}"
 
 [middleware]
 admin_path = "/_rr/admin"
@@ -61,7 +62,7 @@ status_path = "/_rr/status"
 upstreams = ["{a}", "{b}"]
 """
     with run_gateway(tmp_path, config, env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
-        wait_for(lambda: gateway.output().count("Application startup complete") == 4, "workers")
+        wait_for(lambda: len(re.findall(STARTED[server], gateway.output())) == 4, "workers")
         unauthorized = httpx.post(f"{gateway.url}/_rr/admin/drain", json={"pool": "/api"})
         assert unauthorized.status_code == 401
 

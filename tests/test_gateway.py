@@ -7,18 +7,26 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trustme
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
 from .consul_agent import ConsulAgent
-from .gateway_process import DEADLINE, gateway_command, run_gateway
+from .gateway_process import DEADLINE, SERVER_LOG, STARTED, gateway_command, run_gateway
 from .polling import wait_for
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
@@ -32,11 +40,14 @@ def pool_toml(urls: Sequence[str], extra: str = "", *, server: str = "") -> str:
     )
 
 
-def test_serves_and_balances_by_weight(upstreams: list[RunningServer], tmp_path: Path) -> None:
+def test_serves_and_balances_by_weight(
+    upstreams: list[RunningServer], tmp_path: Path, server: str
+) -> None:
     a, b, c = upstreams
     config = f"""
 [server]
 port = 0
+server = "{server}"
 
 [middleware]
 status_path = "/_rr/status"
@@ -59,7 +70,12 @@ upstreams = ["{c.url}/v1"]
         assert len(reply.headers.get_list("date")) == 1
         assert reply.headers.get_list("server") == ["uvicorn"]
 
-        assert client.get("/elsewhere").status_code == 404
+        elsewhere = client.get("/elsewhere")
+        assert elsewhere.status_code == 404
+        # The gateway's own answers: granian names itself and dates them, uvicorn does not.
+        added = {"uvicorn": [], "granian": ["granian"]}[server]
+        assert elsewhere.headers.get_list("server") == added
+        assert len(elsewhere.headers.get_list("date")) == len(added)
         status = client.get("/_rr/status.json").json()
         api = next(p for p in status["pools"] if p["prefix"] == "/api")
         assert {u["url"]: u["requests"] for u in api["upstreams"]} == {a.url: 2, b.url: 4}
@@ -200,19 +216,28 @@ def test_start_up_mistakes_outside_the_file_exit_2(
     assert "Traceback" not in result.stderr
 
 
-def test_without_uvicorn_it_says_which_extra_to_install(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("server", "flags", "extra"),
+    [
+        ("uvicorn", [], "gateway"),
+        ("granian", ["--server", "granian"], "granian"),  # the flag picks it
+    ],
+)
+def test_without_its_server_it_says_which_extra_to_install(
+    tmp_path: Path, server: str, flags: list[str], extra: str
+) -> None:
     path = tmp_path / "g.toml"
     path.write_text(pool_toml(["http://127.0.0.1:1"]))
     code = (
-        "import sys; sys.modules['uvicorn'] = None\n"
+        f"import sys; sys.modules[{server!r}] = None\n"
         "from rr_middleware.gateway import main\n"
-        f"sys.exit(main(['--config', {str(path)!r}]))"
+        f"sys.exit(main(['--config', {str(path)!r}, *{flags!r}]))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE
     )
     assert result.returncode == 2
-    assert "pip install 'rr-middleware[gateway]'" in result.stderr
+    assert f"rr-gateway: needs {server}: pip install 'rr-middleware[{extra}]'" in result.stderr
 
 
 def test_check_prints_every_pool_with_weights_and_defaults(tmp_path: Path) -> None:
@@ -272,19 +297,18 @@ def test_flags_beat_environment_beats_file(upstreams: list[RunningServer], tmp_p
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(
-    tmp_path: Path, workers: int
+    tmp_path: Path, workers: int, server: str
 ) -> None:
     app = UpstreamApp("slow")
+    spawned, draining = SERVER_LOG[server]
     with serve(app) as upstream:
-        config = pool_toml([upstream.url], server=f"workers = {workers}")
+        config = pool_toml([upstream.url], server=f'workers = {workers}\nserver = "{server}"')
         with run_gateway(tmp_path, config) as gateway:
             wait_for(
-                lambda: (
-                    len(re.findall(r"Application startup complete", gateway.output())) == workers
-                ),
+                lambda: len(re.findall(STARTED[server], gateway.output())) == workers,
                 "every worker",
             )
-            started = re.findall(r"Started server process \[(\d+)\]", gateway.output())
+            started = re.findall(spawned, gateway.output())
             assert len(set(started)) == workers
             for n in range(10):  # fresh connections: each worker may take them
                 assert httpx.get(f"{gateway.url}/api/{n}").status_code == 200
@@ -302,7 +326,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(
             wait_for(lambda: len(app.requests) == 11, "the upstream to receive the request")
             gateway.process.send_signal(signal.SIGTERM)
             wait_for(
-                lambda: "Waiting for connections to close" in gateway.output(),
+                lambda: draining in gateway.output(),
                 "the gateway to drain",
             )
             assert gateway.process.poll() is None  # still waiting for our request
@@ -381,3 +405,108 @@ wait = 1.0
             consul.deregister(registration.service_id)
             wait_for(lambda: serving() == {"a"}, "the deregistered instance to leave")
             assert gateway.stop() == 0
+
+
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept(subprotocol=websocket.scope["subprotocols"][0])
+    with suppress(WebSocketDisconnect):
+        while True:
+            await websocket.send_text(await websocket.receive_text())
+
+
+def test_serves_tls_websockets_streams_and_metrics(tmp_path: Path, server: str) -> None:
+    """What the gateway documents, under each server: its listener's certificate, a
+    WebSocket with its subprotocol, a streamed response, the metrics and the status page."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    slow = UpstreamApp("slow")
+    ws_app = Starlette(routes=[WebSocketRoute("/{path:path}", echo)])
+    with serve(slow) as upstream, serve(ws_app, log_config=None) as ws_upstream:
+        config = f"""
+[server]
+port = 0
+server = "{server}"
+ssl_certfile = "{cert_file}"
+ssl_keyfile = "{key_file}"
+
+[middleware]
+status_path = "/_rr/status"
+metrics_path = "/_rr/metrics"
+access_log = true
+
+[pools."/api"]
+upstreams = ["{upstream.url}"]
+
+[pools."/ws"]
+upstreams = ["{ws_upstream.url}"]
+"""
+        context = ssl.create_default_context(cafile=str(ca_file))
+        with run_gateway(tmp_path, config, verify=context) as gateway:
+            client = httpx.Client(base_url=gateway.url, verify=context, timeout=DEADLINE)
+            assert gateway.url.startswith("https://")
+            slow.proceed.release()
+            with client.stream("GET", "/api/x?action=stream&n=3&size=4&wait=1") as response:
+                chunks = response.iter_bytes()
+                for expected in (b"AAAA", b"BBBB", b"CCCC"):
+                    assert next(chunks) == expected  # each alone: the next one is not sent yet
+                    slow.proceed.release()
+                assert b"".join(chunks) == b""
+            ws_url = gateway.url.replace("https://", "wss://") + "/ws/chat"
+            with ws_connect(ws_url, ssl=context, subprotocols=[Subprotocol("chat")]) as ws:
+                assert ws.subprotocol == "chat"
+                ws.send("hello")
+                assert ws.recv(timeout=DEADLINE) == "hello"
+            status = client.get("/_rr/status.json").json()
+            api = next(p for p in status["pools"] if p["prefix"] == "/api")
+            assert api["upstreams"][0]["requests"] == 1
+            metrics = client.get("/_rr/metrics").text
+            served = re.search(
+                r'rr_upstream_requests_total\{code="200",pool="/api",[^}]*\} (\S+)', metrics
+            )
+            assert served is not None, metrics
+            assert float(served.group(1)) == 1.0
+            # Closed first: uvicorn's SIGTERM waits for an idle TLS keep-alive connection.
+            client.close()
+            assert gateway.stop() == 0
+        log = gateway.output()
+    assert "pool /api: GET /api/x" in log  # the access log
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_granian_limit_concurrency_makes_the_next_request_wait(tmp_path: Path) -> None:
+    """Under granian ``limit_concurrency`` is its backpressure: a request beyond it waits
+    for one in flight to finish (uvicorn answers 503 instead), as docs/gateway.md says."""
+    pytest.importorskip("granian")
+    app = UpstreamApp("slow")
+    with serve(app) as upstream:
+        config = pool_toml([upstream.url], server='server = "granian"\nlimit_concurrency = 1')
+        with run_gateway(tmp_path, config) as gateway:
+            first: dict[str, Any] = {}
+
+            def held() -> None:
+                url = f"{gateway.url}/api/held?action=stream&wait=1&n=1&size=4"
+                first["status"] = httpx.get(url, timeout=DEADLINE).status_code
+
+            thread = threading.Thread(target=held)
+            thread.start()
+            wait_for(lambda: len(app.requests) == 1, "the first request upstream")
+            second: dict[str, Any] = {}
+            waiting = threading.Thread(
+                target=lambda: second.update(
+                    status=httpx.get(f"{gateway.url}/api/next", timeout=DEADLINE).status_code
+                )
+            )
+            waiting.start()
+            waiting.join(timeout=1.0)
+            assert waiting.is_alive()  # waiting, not refused
+            assert len(app.requests) == 1
+            app.proceed.release()
+            thread.join(timeout=DEADLINE)
+            waiting.join(timeout=DEADLINE)
+            assert first == {"status": 200}
+            assert second == {"status": 200}

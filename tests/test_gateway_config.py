@@ -418,6 +418,50 @@ def test_check_prints_every_key_and_hides_secrets(tmp_path: Path) -> None:
     assert users.startswith('\ntype = "consul"')
 
 
+# ------------------------------------------------------------------- [server] server
+
+
+def test_the_server_is_uvicorn_unless_the_file_or_flag_says_granian(tmp_path: Path) -> None:
+    assert load(tmp_path, API).server.server == "uvicorn"
+    assert load(tmp_path, '[server]\nserver = "granian"\n' + API).server.server == "granian"
+    path = tmp_path / "gateway.toml"
+    assert load_config(path, server="granian").server.server == "granian"  # --server
+    error = mistake(tmp_path, '[server]\nserver = "hypercorn"\n' + API)
+    assert str(error).endswith("server.server: must be one of uvicorn, granian, got 'hypercorn'")
+
+
+@pytest.mark.parametrize("hidden", ['["Server"]', '["x-powered-by", "date"]'])
+def test_granian_cannot_hide_the_headers_it_adds(tmp_path: Path, hidden: str) -> None:
+    middleware = f"[middleware]\nhide_response_headers = {hidden}\n"
+    assert load(tmp_path, middleware + API).server.server == "uvicorn"  # uvicorn adds none
+    error = mistake(tmp_path, f'[server]\nserver = "granian"\n{middleware}{API}')
+    assert error.key == "middleware.hide_response_headers"
+    assert 'under server = "granian", which adds its own' in str(error)
+
+
+def test_granian_gets_the_server_table(tmp_path: Path) -> None:
+    pytest.importorskip("granian")
+    from granian.constants import SSLProtocols
+
+    from rr_middleware.gateway_granian import granian_options
+
+    settings = ServerSettings(
+        server="granian",
+        workers=3,
+        keepalive_timeout=2.5,
+        graceful_timeout=0.2,
+        limit_concurrency=64,
+        log_level="trace",
+    )
+    options = granian_options(settings)
+    assert options["workers"] == 3
+    assert options["http1_settings"].header_read_timeout == 2500
+    assert options["workers_kill_timeout"] == 1  # whole seconds, at least one
+    assert options["backpressure"] == 64
+    assert options["log_level"] == "debug"  # granian has no trace
+    assert options["ssl_protocol_min"] == SSLProtocols.tls12  # as uvicorn accepts
+
+
 def test_guard_and_hooks_are_import_strings(tmp_path: Path) -> None:
     config = load(
         tmp_path,
@@ -454,3 +498,39 @@ def test_a_wrong_import_string_names_the_key(tmp_path: Path, value: str, problem
     )
     assert error.key == 'pools."/api".guard'
     assert problem in error.message
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated")  # granian's own call
+async def test_a_worker_whose_app_fails_to_start_stops_under_granian() -> None:
+    """granian takes a lifespan that raises for "no lifespan support" and serves on;
+    the gateway's workers say the start failed, so granian stops the worker instead."""
+    pytest.importorskip("granian")
+    from granian.asgi import LifespanProtocol
+
+    from rr_middleware.gateway_granian import StartupFailure
+
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        raise RuntimeError("the zone cannot be made")
+
+    bare = LifespanProtocol(broken)
+    await bare.startup()
+    assert not bare.interrupt  # what StartupFailure is for
+
+    wrapped = LifespanProtocol(StartupFailure(broken))
+    await wrapped.startup()
+    assert wrapped.interrupt
+    assert str(wrapped.exc) == "the zone cannot be made"
+
+    async def fine(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    working = LifespanProtocol(StartupFailure(fine))
+    await working.startup()
+    assert not working.interrupt
+    await working.shutdown()
+    assert not working.interrupt

@@ -21,7 +21,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.sync.client import connect as ws_connect
 
-from .gateway_process import DEADLINE, Gateway, gateway_command, run_gateway
+from .gateway_process import DEADLINE, STARTED, Gateway, gateway_command, run_gateway
 from .polling import wait_for
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
@@ -126,14 +126,16 @@ async def echo(websocket: WebSocket) -> None:
 
 
 def test_requests_and_websockets_in_flight_outlive_their_pool(
-    upstreams: dict[str, RunningServer], tmp_path: Path
+    upstreams: dict[str, RunningServer], tmp_path: Path, server: str
 ) -> None:
     path = tmp_path / "gateway.toml"
     slow = UpstreamApp("slow")
     ws_app = Starlette(routes=[WebSocketRoute("/{path:path}", echo)])
     with serve(slow) as slow_server, serve(ws_app, log_config=None) as ws_server:
         both = {**upstreams, "slow": slow_server, "ws": ws_server}
-        config = gateway_file(both, {"/api": "a", "/slow": "slow", "/ws": "ws"}, "")
+        config = gateway_file(
+            both, {"/api": "a", "/slow": "slow", "/ws": "ws"}, f'server = "{server}"'
+        )
         with run_gateway(tmp_path, config) as gateway:
             received: dict[str, Any] = {}
 
@@ -151,7 +153,7 @@ def test_requests_and_websockets_in_flight_outlive_their_pool(
             with ws_connect(ws_url, open_timeout=DEADLINE) as websocket:
                 websocket.send("before")
                 assert websocket.recv(timeout=DEADLINE) == "before"
-                path.write_text(gateway_file(both, {"/api": "a"}, ""))
+                path.write_text(gateway_file(both, {"/api": "a"}, f'server = "{server}"'))
                 gateway.process.send_signal(signal.SIGHUP)
                 wait_for(lambda: reloads(gateway) == 1, "the reload")
                 assert httpx.get(f"{gateway.url}/slow/x").status_code == 404  # gone for new
@@ -165,18 +167,17 @@ def test_requests_and_websockets_in_flight_outlive_their_pool(
 
 
 def test_watched_file_reloads_every_worker_under_load_without_a_failure(
-    upstreams: dict[str, RunningServer], tmp_path: Path
+    upstreams: dict[str, RunningServer], tmp_path: Path, server: str
 ) -> None:
     """2 workers, 16 clients sending requests without pause, 10 reloads by --watch that
     add, remove and reweigh upstreams: not one request fails, and the traffic split then
     follows the last file."""
     path = tmp_path / "gateway.toml"
     steps = ["a b c", "a:3 b", "b c", "a c:2", "a b:2 c", "c", "b:5 a", "a b c", "a:4 c", "a:2 b"]
-    config = gateway_file(upstreams, {"/api": "a b"}, "workers = 2")
+    settings = f'workers = 2\nserver = "{server}"'
+    config = gateway_file(upstreams, {"/api": "a b"}, settings)
     with run_gateway(tmp_path, config, "--watch") as gateway:
-        wait_for(
-            lambda: gateway.output().count("Application startup complete") == 2, "both workers"
-        )
+        wait_for(lambda: len(re.findall(STARTED[server], gateway.output())) == 2, "both workers")
         stop = threading.Event()
         outcomes: Counter[str] = Counter()
         lock = threading.Lock()
@@ -198,7 +199,7 @@ def test_watched_file_reloads_every_worker_under_load_without_a_failure(
         try:
             for done, members in enumerate(steps, start=1):
                 before = sum(outcomes.values())
-                path.write_text(gateway_file(upstreams, {"/api": members}, "workers = 2"))
+                path.write_text(gateway_file(upstreams, {"/api": members}, settings))
                 wait_for(
                     lambda done=done: reloads(gateway) == 2 * done, f"both workers at step {done}"
                 )
@@ -229,11 +230,12 @@ def test_watched_file_reloads_every_worker_under_load_without_a_failure(
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_worker_that_fails_to_start_is_exit_1_with_its_error(
-    upstreams: dict[str, RunningServer], tmp_path: Path, workers: int
+    upstreams: dict[str, RunningServer], tmp_path: Path, workers: int, server: str
 ) -> None:
     """A zone that cannot be made (its directory under /proc) fails each worker's start:
     the gateway exits 1, the worker's error on stderr, with one worker or several."""
-    config = gateway_file(upstreams, {"/api": "a"}, f"workers = {workers}").replace(
+    settings = f'workers = {workers}\nserver = "{server}"'
+    config = gateway_file(upstreams, {"/api": "a"}, settings).replace(
         "[pools", '[middleware]\nzone = "/proc/rr-gateway-test-zone"\n\n[pools', 1
     )
     path = tmp_path / "gateway.toml"
