@@ -118,6 +118,9 @@ class GatewayOperator(Operator):
     def __init__(self, balancer: Balancer, reloader: Reloading) -> None:
         super().__init__(balancer)
         self.reloader = reloader
+        # The parent at start-up: if it dies, this worker is re-parented (to PID 1, or a
+        # subreaper), and a SIGHUP must not go to whatever process that is.
+        self.parent = os.getppid()
 
     @property
     def supervised(self) -> bool:
@@ -147,8 +150,12 @@ class GatewayOperator(Operator):
 
     async def _everywhere(self, done: str) -> str:
         if self.supervised:
+            if os.getppid() != self.parent:
+                raise AdminError(
+                    503, "the gateway's parent process is gone: restart the gateway"
+                )
             with contextlib.suppress(ProcessLookupError):
-                os.kill(os.getppid(), signal.SIGHUP)  # the parent has every worker reload
+                os.kill(self.parent, signal.SIGHUP)  # the parent has every worker reload
             return f"{done}; every worker applies it"
         if await self.reloader.reload("admin API") is None:
             raise AdminError(

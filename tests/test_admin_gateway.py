@@ -3,7 +3,10 @@ upstreams see it (requests on fresh connections, which any worker may take)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .gateway_process import STARTED, Gateway, run_gateway
+from .gateway_process import STARTED, Gateway, children_of, run_gateway
 from .polling import wait_for
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp
@@ -98,3 +101,39 @@ upstreams = ["{a}", "{b}"]
         len(re.findall(r"admin: 127\.0\.0\.1 \(bearer token\) asked to", log)) == 6
     )  # each change
     assert TOKEN not in log
+
+
+def test_an_orphaned_worker_refuses_to_signal_a_parent_it_no_longer_has(
+    upstreams: dict[str, RunningServer], tmp_path: Path
+) -> None:
+    """Killing the gateway's parent with SIGKILL leaves its workers serving; their admin API
+    must not hand SIGHUP to whatever process they were re-parented to (PID 1 in a
+    container)."""
+    a, b = upstreams["a"].url, upstreams["b"].url
+    config = f"""
+[server]
+port = 0
+workers = 2
+
+[middleware]
+admin_path = "/_rr/admin"
+
+[pools."/api"]
+upstreams = ["{a}"]
+"""
+    with run_gateway(tmp_path, config, env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
+        wait_for(lambda: len(re.findall(STARTED["uvicorn"], gateway.output())) == 2, "workers")
+        workers = children_of(gateway.process.pid)
+        assert workers
+        try:
+            gateway.process.kill()
+            gateway.process.wait(timeout=30)
+            response = admin(gateway, "add", pool="/api", url=b)
+            assert response.status_code == 503, response.text
+            assert "parent process is gone" in response.json()["error"]
+            # What needs no parent still works.
+            assert admin(gateway, "drain", pool="/api", url=a).status_code == 200
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
