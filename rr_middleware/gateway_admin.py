@@ -151,9 +151,7 @@ class GatewayOperator(Operator):
     async def _everywhere(self, done: str) -> str:
         if self.supervised:
             if os.getppid() != self.parent:
-                raise AdminError(
-                    503, "the gateway's parent process is gone: restart the gateway"
-                )
+                raise AdminError(503, "the gateway's parent process is gone: restart the gateway")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.parent, signal.SIGHUP)  # the parent has every worker reload
             return f"{done}; every worker applies it"
