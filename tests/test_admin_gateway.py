@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -14,6 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+
+from rr_middleware.gateway_admin import STATE_ENV
+from rr_middleware.zone import ZONE_ENV, zone_directory
 
 from .gateway_process import STARTED, Gateway, children_of, run_gateway
 from .polling import wait_for
@@ -125,6 +129,15 @@ upstreams = ["{a}"]
         wait_for(lambda: len(re.findall(STARTED["uvicorn"], gateway.output())) == 2, "workers")
         workers = children_of(gateway.process.pid)
         assert workers
+        # Its parent killed, the gateway cannot remove its state directory and zone: the
+        # test does, from what the workers were given.
+        environ = dict(
+            line.split("=", 1)
+            for line in Path(f"/proc/{workers[0]}/environ").read_text().split("\0")
+            if "=" in line
+        )
+        zone = zone_directory(environ[ZONE_ENV])
+        leftovers = [Path(environ[STATE_ENV]), *zone.parent.glob(f"{zone.name}*")]
         try:
             gateway.process.kill()
             gateway.process.wait(timeout=30)
@@ -137,3 +150,7 @@ upstreams = ["{a}"]
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            for pid in workers:
+                wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), f"worker {pid} to end")
+            for path in leftovers:
+                shutil.rmtree(path, ignore_errors=True)
