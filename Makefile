@@ -55,7 +55,7 @@ consul: | $(BIN)/python
 
 # pytest exits 5 when it collects no test; make fails on any non-zero exit.
 # Then the same suite on every other Python of PYTHONS found on the machine (see
-# .ci/test-pythons; about 4 min each, the tests marked slow left out): `make test PYTHONS=` runs .venv's alone.
+# .ci/test-pythons; side by side, the tests marked slow left out): `make test PYTHONS=` runs .venv's alone.
 PYTHONS ?= 3.10 3.11 3.12 3.13
 
 test: $(VENV)/.dev system-deps consul lint docs
