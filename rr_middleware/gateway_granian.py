@@ -20,13 +20,11 @@ with exit status 1.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -41,10 +39,9 @@ from granian.log import LOGGING_CONFIG
 from granian.server import MPServer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config_mapping import ConfigError
 from .gateway_admin import STATE_ENV
-from .gateway_config import GatewayConfig, ServerSettings, load_config
-from .reload import WATCH_INTERVAL, FileWatch
+from .gateway_config import GatewayConfig, ServerSettings
+from .reload import WATCH_INTERVAL, FileWatch, hand_reload_to
 
 __all__ = ["GranianGateway", "StartupFailure", "granian_options", "log_config"]
 
@@ -200,17 +197,8 @@ class GranianGateway(MPServer):
         self.reload_signal = False
         self.main_loop_interrupt.clear()
         why, self._why = self._why, "SIGHUP"
-        try:
-            load_config(self.path, **self.overrides)
-        except ConfigError as exc:
-            logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
-            return
-        logger.info("reload (%s): handing it to %d workers", why, len(self.wrks))
-        for worker in self.wrks:
-            pid = worker.inner.pid
-            if pid is not None and worker.inner.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGHUP)
+        alive = [w.inner.pid for w in self.wrks if w.inner.pid is not None and w.inner.is_alive()]
+        hand_reload_to(alive, self.path, self.overrides, why)
 
     def _watch(self) -> None:
         watch = FileWatch(self.path)

@@ -190,3 +190,19 @@ def _start_up_only(running: GatewayConfig, config: GatewayConfig) -> list[str]:
     if running.middleware.get("routes") != config.middleware.get("routes"):
         notes.append("[[routes]] changed; they are read at start-up only (restart to apply)")
     return notes
+
+
+def hand_reload_to(workers: list[int], path: Path, overrides: dict[str, Any], why: str) -> None:
+    """The parent's side of a reload with several workers: read the file once (a mistake
+    is logged once, and no worker hears of it), then SIGHUP every worker in ``workers``
+    (PIDs), each of which reloads itself. One that died meanwhile is replaced by one that
+    reads the file anew."""
+    try:
+        load_config(path, **overrides)
+    except ConfigError as exc:
+        logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
+        return
+    logger.info("reload (%s): handing it to %d workers", why, len(workers))
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)

@@ -146,15 +146,7 @@ class PrefixRouter(Generic[T]):
         if first not in self._first and b"%" not in first:
             return (0, self._root) if self._root is not None else None
         table = self._table
-        ends: list[int] = []
-        pos = 0
-        for _ in range(self._max_depth):
-            nxt = raw_path.find(b"/", pos + 1)
-            if nxt == -1:
-                ends.append(len(raw_path))
-                break
-            ends.append(nxt)
-            pos = nxt
+        ends = self._ends(raw_path)
         if ends and b"%" in raw_path[: ends[-1]]:
             found = self._match_decoded(raw_path, ends)
             if found is not None:
@@ -172,7 +164,18 @@ class PrefixRouter(Generic[T]):
         """Every prefix ``raw_path`` is under, longest first (``/`` last), as ``match``
         finds the first: for routes that may decline a request, leaving it to a shorter
         prefix."""
-        found: list[tuple[int, T]] = []
+        table = self._table
+        found = [
+            (end, value)
+            for end, key in reversed(self._keys(raw_path, self._ends(raw_path)))
+            if (value := table.get(key)) is not None
+        ]
+        if self._root is not None:
+            found.append((0, self._root))
+        return found
+
+    def _ends(self, raw_path: bytes) -> list[int]:
+        """Where each of the path's first ``max_depth`` segments ends."""
         ends: list[int] = []
         pos = 0
         for _ in range(self._max_depth):
@@ -182,8 +185,15 @@ class PrefixRouter(Generic[T]):
                 break
             ends.append(nxt)
             pos = nxt
-        start = 0
+        return ends
+
+    @staticmethod
+    def _keys(raw_path: bytes, ends: list[int]) -> list[tuple[int, bytes]]:
+        """The decoded prefix ending at each of ``ends``, up to a segment whose decoding
+        holds a ``/`` (never a prefix: ``%2F`` does not split a segment)."""
+        keys: list[tuple[int, bytes]] = []
         key = b""
+        start = 0
         for end in ends:
             segment = raw_path[start + 1 : end]
             if b"%" in segment:
@@ -191,27 +201,12 @@ class PrefixRouter(Generic[T]):
                 if b"/" in segment:
                     break
             key += b"/" + segment
-            value = self._table.get(key)
-            if value is not None:
-                found.append((end, value))
-            start = end
-        found.reverse()
-        if self._root is not None:
-            found.append((0, self._root))
-        return found
-
-    def _match_decoded(self, raw_path: bytes, ends: list[int]) -> tuple[int, T] | None:
-        keys: list[tuple[int, bytes]] = []
-        key = b""
-        start = 0
-        for end in ends:
-            segment = unquote_to_bytes(raw_path[start + 1 : end])
-            if b"/" in segment:
-                break
-            key += b"/" + segment
             keys.append((end, key))
             start = end
-        for end, candidate in reversed(keys):
+        return keys
+
+    def _match_decoded(self, raw_path: bytes, ends: list[int]) -> tuple[int, T] | None:
+        for end, candidate in reversed(self._keys(raw_path, ends)):
             value = self._table.get(candidate)
             if value is not None:
                 return end, value

@@ -12,7 +12,6 @@ The admin API's membership changes reach every worker the same way (``gateway_ad
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -27,10 +26,8 @@ from uvicorn import Config
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from .config_mapping import ConfigError
 from .gateway_admin import STATE_ENV
-from .gateway_config import load_config
-from .reload import WATCH_INTERVAL, FileWatch
+from .reload import WATCH_INTERVAL, FileWatch, hand_reload_to
 
 __all__ = ["Supervisor"]
 
@@ -84,18 +81,8 @@ class Supervisor(Multiprocess):
 
     def handle_hup(self) -> None:
         why, self._why = self._why, "SIGHUP"
-        try:
-            load_config(self.path, **self.overrides)
-        except ConfigError as exc:
-            logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
-            return
-        logger.info("reload (%s): handing it to %d workers", why, len(self.processes))
-        for process in self.processes:
-            pid = process.pid
-            if pid is not None:
-                # One that died meanwhile is replaced by one that reads the file anew.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGHUP)
+        workers = [process.pid for process in self.processes if process.pid is not None]
+        hand_reload_to(workers, self.path, self.overrides, why)
 
     def _watch(self) -> None:
         """Look at the file on a fixed schedule until the parent exits; queue a reload
