@@ -120,6 +120,30 @@ def rss_bytes() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
+class RssGrowth:
+    """While in its ``with`` block, samples this process's RSS every 20 ms from a thread;
+    ``growth`` is the peak seen over the RSS at entry."""
+
+    def __enter__(self) -> RssGrowth:
+        self.before = self.peak = rss_bytes()
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample)
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._sampler.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.before
+
+
 def held_sockets(port: int) -> int:
     """TCP sockets this process holds open to 127.0.0.1:``port``: the proxy's connections
     to the upstream listening there, as the kernel reports them (``/proc/net/tcp``). A

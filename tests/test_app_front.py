@@ -5,7 +5,6 @@ uvicorn upstreams that record what reached them."""
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from rr_middleware import Balancer, Pool, RoundRobinMiddleware
 from rr_middleware.hooks import ResponseHead
 
+from .leaks import RssGrowth
 from .proxy import assert_generic_error, client, running_proxy
 from .servers import RunningServer, serve
 from .upstream_app import UpstreamApp, values
@@ -295,42 +295,22 @@ def test_guard_and_hooks_apply_to_forwarding_from_a_route(upstream: RunningServe
     assert len(reached(upstream)) == 1
 
 
-def rss() -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
-
-
 @pytest.mark.slow
 def test_a_gibibyte_streams_through_a_route_with_flat_memory(upstream: RunningServer) -> None:
     """The route's response is the relay: 1 GiB from the upstream reaches the client
     while the process (upstream, proxy and client in one) grows by far less."""
     size = 1 << 30
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.02):
-            peak = max(peak, rss())
-
     with serve(admin_app(upstream.url)) as front, client() as http:
         assert http.get(f"{front.url}/admin/warm", headers=GOOD).status_code == 200
-        before = rss()
-        sampler = threading.Thread(target=sample)
-        sampler.start()
         received = 0
-        try:
+        with RssGrowth() as memory:
             url = f"{front.url}/admin/big?action=slowbody&size={size}&chunk=262144"
             with http.stream("GET", url, headers=GOOD) as response:
                 assert response.status_code == 200
                 for chunk in response.iter_raw(1 << 20):
                     received += len(chunk)
-        finally:
-            done.set()
-            sampler.join()
     assert received == size
-    assert peak - before < 64 << 20, f"grew by {(peak - before) >> 20} MiB"
+    assert memory.growth < 64 << 20, f"grew by {memory.growth >> 20} MiB"
 
 
 class CountingSink:
@@ -360,13 +340,6 @@ def test_a_gibibyte_upload_streams_through_a_route_with_flat_memory() -> None:
     size = 1 << 30
     chunk = b"u" * (1 << 20)
     sink = CountingSink()
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.02):
-            peak = max(peak, rss())
 
     def body() -> Iterator[bytes]:
         for _ in range(size // len(chunk)):
@@ -376,18 +349,12 @@ def test_a_gibibyte_upload_streams_through_a_route_with_flat_memory() -> None:
         refused = http.post(f"{front.url}/admin/up", content=body())
         assert refused.status_code == 401  # the dependency: nothing went upstream
         assert sink.sizes == []
-        before = rss()
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
+        with RssGrowth() as memory:
             headers = {**GOOD, "content-length": str(size)}
             response = http.post(f"{front.url}/admin/up", content=body(), headers=headers)
-        finally:
-            done.set()
-            sampler.join()
     assert (response.status_code, response.text) == (200, str(size))
     assert sink.sizes == [size]
-    assert peak - before < 64 << 20, f"grew by {(peak - before) >> 20} MiB"
+    assert memory.growth < 64 << 20, f"grew by {memory.growth >> 20} MiB"
 
 
 def test_an_internal_pool_keyed_by_a_name(upstream: RunningServer) -> None:
