@@ -23,12 +23,14 @@ from uvicorn.supervisors import Multiprocess
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("fd", type=int, help="descriptor of a bound, listening TCP socket")
-    parser.add_argument("factory", help="name of an app factory in bench_apps")
+    parser.add_argument(
+        "factory", help="name of an app factory in bench_apps, or MODULE:NAME of another"
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     args = parser.parse_args()
     sock = socket.socket(fileno=args.fd)  # family and type detected from the descriptor
     config = uvicorn.Config(
-        f"bench_apps:{args.factory}",
+        args.factory if ":" in args.factory else f"bench_apps:{args.factory}",
         factory=True,
         loop="uvloop",
         http="httptools",

@@ -21,7 +21,13 @@ from .forwarding import ProxySettings, closing, forward, logger, send_error
 from .headers import TrustedProxies
 from .matching import Route, RouteTable, build_tables
 from .pool_runtime import PoolRuntime
-from .routing import PrefixRouter, has_dot_segment, is_ambiguous_path, is_unsafe_path
+from .routing import (
+    PrefixRouter,
+    has_dot_segment,
+    is_ambiguous_path,
+    is_plain_path,
+    is_unsafe_path,
+)
 from .runtime import Balancer, TransportArg
 from .transport.base import UpstreamTransport
 from .websocket import forward_websocket
@@ -292,7 +298,9 @@ class RoundRobinMiddleware:
         instead (None: forward it); None if no pool matches. (A tuple, not an object: it
         is built for every pooled request.)"""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        if b"?" in raw_path:  # some servers leave the query in raw_path (as _raw_path)
+        # Some servers leave the query in raw_path (as _raw_path). 63 is "?": an int is
+        # looked for with a memchr, a bytes needle through the buffer protocol.
+        if 63 in raw_path:
             raw_path = raw_path.partition(b"?")[0]
         if self._tables is None:
             found = self._router.match(raw_path)
@@ -315,6 +323,8 @@ class RoundRobinMiddleware:
             refusal = self._method_refusals[state.name]
         elif len(raw_path) + len(scope.get("query_string", b"")) > self.max_url_length:
             refusal = _URL_TOO_LONG
+        elif is_plain_path(raw_path):
+            return None  # nearly every request: no refusal looks at such a path
         # The whole path is checked, not just the part after the prefix: "/api/../admin"
         # must neither reach the /api pool nor be re-read as "/admin" by an upstream.
         elif is_unsafe_path(raw_path) or has_dot_segment(raw_path):

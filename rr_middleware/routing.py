@@ -22,7 +22,13 @@ from collections.abc import Mapping
 from typing import Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["PrefixRouter", "has_dot_segment", "is_ambiguous_path", "is_unsafe_path"]
+__all__ = [
+    "PrefixRouter",
+    "has_dot_segment",
+    "is_ambiguous_path",
+    "is_plain_path",
+    "is_unsafe_path",
+]
 
 T = TypeVar("T")
 
@@ -39,9 +45,20 @@ _DOT_SEGMENTS = (b".", b"..")
 # several times "37 in path" (a memchr).
 _PERCENT = ord("%")
 _SEMICOLON = ord(";")
+_DOT = ord(".")
+# What nearly every path is: origin-form, of unreserved characters, sub-delimiters other
+# than ";", ":", "@" and "/" only (RFC 3986 §3.3), so with no byte any refusal looks at.
+_PLAIN = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 _OVERLONG = re.compile(
     rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]|\xf0[\x80-\x8f][\x80-\xbf]{2}"
 )
+
+
+def is_plain_path(raw_path: bytes) -> bool:
+    """True for a path none of the refusals below can apply to (one match, where they
+    would take several scans): origin-form, with no "%", ";", backslash, control or
+    non-ASCII byte, and no segment starting with a dot."""
+    return _PLAIN.fullmatch(raw_path) is not None and b"/." not in raw_path
 
 
 def has_dot_segment(raw_path: bytes) -> bool:
@@ -50,9 +67,9 @@ def has_dot_segment(raw_path: bytes) -> bool:
     Encoded slashes and backslashes count as separators here: an upstream that decodes
     them must not be handed ``/api/..%2Fadmin`` either.
     """
-    if b"." not in raw_path and b"%" not in raw_path:
+    if _DOT not in raw_path and _PERCENT not in raw_path:
         return False
-    decoded = unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path
+    decoded = unquote_to_bytes(raw_path) if _PERCENT in raw_path else raw_path
     return any(seg in _DOT_SEGMENTS for seg in decoded.replace(b"\\", b"/").split(b"/"))
 
 
@@ -143,11 +160,11 @@ class PrefixRouter(Generic[T]):
         """
         first_end = raw_path.find(b"/", 1)
         first = raw_path[1:first_end] if first_end != -1 else raw_path[1:]
-        if first not in self._first and b"%" not in first:
+        if first not in self._first and _PERCENT not in first:
             return (0, self._root) if self._root is not None else None
         table = self._table
         ends = self._ends(raw_path)
-        if ends and b"%" in raw_path[: ends[-1]]:
+        if ends and _PERCENT in raw_path[: ends[-1]]:
             found = self._match_decoded(raw_path, ends)
             if found is not None:
                 return found

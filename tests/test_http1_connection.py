@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from rr_middleware.transport.base import UpstreamBroken, UpstreamTimeout
-from rr_middleware.transport.http1_connection import Connection, Exchange
+from rr_middleware.transport.http1_connection import Connection, Deadlines, Exchange
 
 WAIT = 5.0  # the longest any test waits for bytes that should come at once
 
@@ -35,7 +35,7 @@ class Upstream:
 
 
 @asynccontextmanager
-async def connected() -> AsyncIterator[Upstream]:
+async def connected(deadlines: Deadlines | None = None) -> AsyncIterator[Upstream]:
     loop = asyncio.get_running_loop()
     accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
@@ -47,7 +47,7 @@ async def connected() -> AsyncIterator[Upstream]:
     lost: asyncio.Queue[Connection] = asyncio.Queue()
     try:
         _, conn = await loop.create_connection(
-            lambda: Connection(loop, lost.put_nowait), "127.0.0.1", port
+            lambda: Connection(loop, lost.put_nowait, deadlines), "127.0.0.1", port
         )
         reader, writer = await asyncio.wait_for(accepted.get(), WAIT)
         try:
@@ -230,3 +230,28 @@ async def test_a_silent_upstream_times_the_wait_out_and_loses_the_connection() -
         assert isinstance(exchange.error, UpstreamTimeout)
         assert up.conn.closed
         assert await asyncio.wait_for(up.lost.get(), WAIT) is up.conn
+
+
+async def test_read_deadlines_shared_by_connections_each_fire_on_time() -> None:
+    """One timer serves the read deadlines of every connection of a loop (``Deadlines``):
+    a wait that began later but ends sooner still times out on time, the others wait on,
+    and a wait its upstream answered is never timed out afterwards."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    async with connected(deadlines) as slow, connected(deadlines) as silent:
+        answered = slow.conn.start(head_only=False)
+        slow_wait = asyncio.ensure_future(answered.wait(WAIT))
+        await asyncio.sleep(0)  # its deadline, WAIT away, is the one the timer is set to
+        timed = silent.conn.start(head_only=False)
+        began = loop.time()
+        await timed.wait(0.05)
+        took = loop.time() - began
+        assert isinstance(timed.error, UpstreamTimeout)
+        assert 0.05 <= took < 1.0
+        assert not slow_wait.done()
+        assert answered.error is None
+        slow.send(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await asyncio.wait_for(slow_wait, WAIT)
+        assert answered.error is None
+        assert answered.status == 204
+        assert not deadlines.waiting

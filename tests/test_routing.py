@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rr_middleware.routing import PrefixRouter, has_dot_segment, is_ambiguous_path, is_unsafe_path
+from rr_middleware.routing import (
+    PrefixRouter,
+    has_dot_segment,
+    is_ambiguous_path,
+    is_plain_path,
+    is_unsafe_path,
+)
 
 
 @pytest.fixture
@@ -346,6 +352,42 @@ def encode(text: bytes, times: int) -> bytes:
     for _ in range(times - 1):
         once = once.replace(b"%", b"%25")
     return once
+
+
+# Bytes that matter to some filter, and ordinary ones.
+_PATH_BYTES = b"/.%;\\:@-_~!$&'()*+,=aZ09 #?\x00\x7f\xc0\xae2eEfF"
+
+
+@given(
+    st.binary(max_size=16).map(lambda raw: bytes(_PATH_BYTES[b % len(_PATH_BYTES)] for b in raw))
+)
+def test_a_plain_path_is_one_no_filter_refuses(path: bytes) -> None:
+    """``is_plain_path`` is the shortcut the middleware takes before the filters: it may
+    say no to a path they let through, never yes to one they refuse."""
+    for candidate in (path, b"/" + path):
+        if is_plain_path(candidate):
+            assert not is_unsafe_path(candidate)
+            assert not has_dot_segment(candidate)
+            assert not is_ambiguous_path(candidate)
+
+
+@pytest.mark.parametrize(
+    ("path", "plain"),
+    [
+        (b"/api/hello", True),
+        (b"/api/app.min.js", True),
+        (b"/api/users/42:rename@x", True),
+        (b"/", True),
+        (b"/api/.env", False),
+        (b"/api/../admin", False),
+        (b"/api%2e%2e/admin", False),
+        (b"/api/..;/admin", False),
+        (b"api/hello", False),
+        (b"/api/h\xc3\xa9", False),
+    ],
+)
+def test_ordinary_paths_are_plain(path: bytes, plain: bool) -> None:
+    assert is_plain_path(path) is plain
 
 
 @given(

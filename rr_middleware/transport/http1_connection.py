@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 from collections.abc import Callable
 from typing import cast
@@ -28,7 +29,7 @@ import httptools
 
 from .base import UpstreamBroken, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 
-__all__ = ["Connection", "Exchange"]
+__all__ = ["Connection", "Deadlines", "Exchange"]
 
 _MAX_HEADER_BYTES = 64 * 1024  # the upstream's whole response head, and its trailer
 _MAX_HEADERS = 256
@@ -40,6 +41,7 @@ class Connection(asyncio.Protocol):
 
     ``on_lost(connection)`` is called once the connection is closed, from either end, so
     that its owner stops counting it (and never hands out an idle one the upstream shut).
+    ``deadlines`` keeps the read deadlines; an owner of many connections shares one.
     """
 
     __slots__ = (
@@ -48,6 +50,7 @@ class Connection(asyncio.Protocol):
         "_on_lost",
         "_write_paused",
         "closed",
+        "deadlines",
         "exchange",
         "loop",
         "parser",
@@ -56,9 +59,14 @@ class Connection(asyncio.Protocol):
     )
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, on_lost: Callable[[Connection], object]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_lost: Callable[[Connection], object],
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.loop = loop
+        #: The read deadlines of this loop's exchanges (one per connection if not shared).
+        self.deadlines = deadlines if deadlines is not None else Deadlines(loop)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         #: The exchange under way (or the last one, until the pool takes the connection
@@ -291,6 +299,58 @@ class Connection(asyncio.Protocol):
         self.closed = True
 
 
+class Deadlines:
+    """The read deadlines of the exchanges waiting on one event loop, under one timer set
+    to the earliest of them.
+
+    A timer per wait (``call_later``, then ``cancel`` when the upstream answers in time,
+    as nearly every one does) cost more than the rest of an exchange's bookkeeping. Here
+    a wait only joins and leaves a set; the timer is moved only when a wait ends earlier
+    than every other, and when it fires it fails the waits that are due and is set again
+    to the earliest left. The deadlines are as exact as with a timer each: the timer may
+    fire for a wait that already ended (then it only looks again), never late.
+    """
+
+    __slots__ = ("_at", "_timer", "loop", "waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiting: set[Exchange] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = math.inf
+
+    def add(self, exchange: Exchange) -> None:
+        self.waiting.add(exchange)
+        if exchange.deadline < self._at:
+            self._arm(exchange.deadline)
+
+    def discard(self, exchange: Exchange) -> None:
+        self.waiting.discard(exchange)
+
+    def close(self) -> None:
+        """No more waits (the owner closes): the timer goes."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._at = math.inf
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = at
+        self._timer = self.loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._at = math.inf
+        now = self.loop.time()
+        for exchange in [e for e in self.waiting if e.deadline <= now]:
+            self.waiting.discard(exchange)
+            exchange.expire(UpstreamTimeout("read timed out"))
+        if self.waiting:
+            self._arm(min(exchange.deadline for exchange in self.waiting))
+
+
 class Exchange:
     """One request's response on a ``Connection``, which fills it in as it parses; the
     response ``http1`` hands out reads its status, headers and body from here."""
@@ -303,6 +363,7 @@ class Exchange:
         "body_size",
         "bypass_checked",
         "complete",
+        "deadline",
         "error",
         "framing_run",
         "head_only",
@@ -344,6 +405,8 @@ class Exchange:
         self.body_due: int | None = None
         self.bypass_checked = False
         self.waiter: asyncio.Future[None] | None = None
+        #: When the wait under way times out (``wait``; loop time).
+        self.deadline = math.inf
 
     def may_bypass_parser(self) -> bool:
         """Whether the rest of this response's body may skip the parser: only a body
@@ -401,16 +464,19 @@ class Exchange:
 
     async def wait(self, timeout: float) -> None:
         """Wait for parser progress (or failure), at most ``timeout`` seconds."""
-        loop = self._conn.loop
+        conn = self._conn
+        loop = conn.loop
         waiter = self.waiter = loop.create_future()
-        timer = loop.call_later(timeout, self.expire, UpstreamTimeout("read timed out"))
+        self.deadline = loop.time() + timeout
+        deadlines = conn.deadlines
+        deadlines.add(self)
         try:
             await waiter
         except asyncio.CancelledError:
-            self._conn.abort()
+            conn.abort()
             raise
         finally:
-            timer.cancel()
+            deadlines.discard(self)
             self.waiter = None
 
     async def wait_or(self, task: asyncio.Task[None]) -> None:
