@@ -213,6 +213,10 @@ def middleware_app() -> Starlette:
     count = int(os.environ.get("BENCH_PREFIXES", "1"))
     if count < 1:
         raise RuntimeError("BENCH_PREFIXES must be >= 1")
+    return _with_middleware(count)
+
+
+def _with_middleware(count: int) -> Starlette:
     app = bare_app()
     transport = AiohttpTransport() if os.environ.get("BENCH_TRANSPORT") == "aiohttp" else None
     extra: dict[str, Any] = {}
@@ -222,6 +226,55 @@ def middleware_app() -> Starlette:
         RoundRobinMiddleware, pools=_pools(count, _upstreams()), transport=transport, **extra
     )
     return app
+
+
+def fallthrough_apps() -> ASGIApp:
+    """Three apps in one process, behind one server, picked per request by the first path
+    segment, which is cut off: ``/bare/local`` is ``bare_app``'s ``/local``, ``/mw1/local``
+    the same app wrapped in the middleware with one pool (``/api``), ``/mw50/local`` with
+    50 prefixes. The apps share the process, its heap, its server and its moment, so the
+    difference between their request rates is the middleware's, not the processes'."""
+    _log_to_stderr()
+    apps: dict[str, ASGIApp] = {
+        "/bare": bare_app(),
+        "/mw1": _with_middleware(1),
+        "/mw50": _with_middleware(50),
+    }
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespans(list(apps.values()), scope, receive, send)
+            return
+        path: str = scope["path"]
+        cut = path.find("/", 1)
+        inner = {**scope, "path": path[cut:], "raw_path": scope["raw_path"][cut:]}
+        await apps[path[:cut]](inner, receive, send)
+
+    return app
+
+
+async def _lifespans(apps: list[ASGIApp], scope: Scope, receive: Receive, send: Send) -> None:
+    """Run each app's lifespan beside the others (a middleware starts its pools and timers
+    there): startup completes when every app's has, shutdown likewise."""
+    boxes = [(asyncio.Queue[Message](), asyncio.Queue[Message]()) for _ in apps]
+    tasks = [
+        asyncio.ensure_future(a({**scope}, inbox.get, outbox.put))
+        for a, (inbox, outbox) in zip(apps, boxes, strict=True)
+    ]
+    try:
+        while True:
+            message = await receive()
+            phase = message["type"].removeprefix("lifespan.")
+            for inbox, _ in boxes:
+                inbox.put_nowait(message)
+            answers = [await asyncio.wait_for(out.get(), 30.0) for _, out in boxes]
+            failed = [m for m in answers if m["type"].endswith(".failed")]
+            await send(failed[0] if failed else {"type": f"lifespan.{phase}.complete"})
+            if phase == "shutdown" or failed:
+                return
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _everything() -> bool:
