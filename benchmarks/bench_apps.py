@@ -123,11 +123,14 @@ def upstream_app() -> ASGIApp:
 
 
 def forwarder_app() -> ASGIApp:
-    """The least any ASGI proxy must do for an upload, as a floor to compare with: read the
-    body with ``receive()`` and write each message as it comes to the first upstream's
-    ``/upload`` on a fresh connection, then answer what the upstream answered. No routing,
-    no header handling, no pooling, no error handling: only the data path. Any other
-    request gets a local 13-byte answer (the harness's readiness check).
+    """The least any ASGI proxy must do for a stream, as a floor to compare with, on a
+    fresh connection to the first upstream per request. ``/api/upload``: read the body with
+    ``receive()`` and write each message as it comes (chunk-framed when the client sent no
+    Content-Length), then answer what the upstream answered. ``/api/download``: send the
+    GET, then each read of the upstream's Content-Length body (up to 256 KiB, the upstream
+    leg's read size in rr-middleware too) as one body message. No routing, no header
+    handling, no pooling, no error handling: only the data path. Any other request gets a
+    local 13-byte answer (the harness's readiness check).
     """
     _log_to_stderr()
     host, _, port = _upstreams()[0].removeprefix("http://").partition(":")
@@ -137,28 +140,54 @@ def forwarder_app() -> ASGIApp:
         if scope["type"] != "http":
             await _lifespan(receive, send)
             return
-        if scope["path"] != PROXY_PREFIX + "/upload":
+        path = scope["path"]
+        if path not in (PROXY_PREFIX + "/upload", PROXY_PREFIX + "/download"):
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send(local)
             return
-        length = dict(scope["headers"])[b"content-length"]
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"POST /upload HTTP/1.1\r\nhost: up\r\ncontent-length: %s\r\n\r\n" % length)
-        more = True
-        while more:
-            message = await receive()
-            writer.write(message.get("body", b""))
-            await writer.drain()
-            more = message.get("more_body", False)
-        head = await reader.readuntil(b"\r\n\r\n")
-        size = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
-        answer = await reader.readexactly(size)
-        writer.close()
-        headers = [(b"content-length", b"%d" % size)]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
+        reader, writer = await asyncio.open_connection(host, int(port), limit=STREAM_CHUNK)
+        try:
+            if path.endswith("/upload"):
+                await _forward_upload(dict(scope["headers"]), receive, writer)
+            else:
+                query = scope["query_string"]
+                writer.write(b"GET /download?%s HTTP/1.1\r\nhost: up\r\n\r\n" % query)
+            head = await reader.readuntil(b"\r\n\r\n")
+            remaining = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+            headers = [(b"content-length", b"%d" % remaining)]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            while remaining > 0:
+                piece = await reader.read(min(remaining, STREAM_CHUNK))
+                if not piece:
+                    raise ConnectionError("the upstream closed in the body")
+                remaining -= len(piece)
+                await send(
+                    {"type": "http.response.body", "body": piece, "more_body": remaining > 0}
+                )
+        finally:
+            writer.close()
 
     return app
+
+
+async def _forward_upload(
+    headers: dict[bytes, bytes], receive: Receive, writer: asyncio.StreamWriter
+) -> None:
+    length = headers.get(b"content-length")
+    framing = b"content-length: %s" % length if length else b"transfer-encoding: chunked"
+    writer.write(b"POST /upload HTTP/1.1\r\nhost: up\r\n%s\r\n\r\n" % framing)
+    more = True
+    while more:
+        message = await receive()
+        body = message.get("body", b"")
+        if length:
+            writer.write(body)
+        elif body:
+            writer.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        await writer.drain()
+        more = message.get("more_body", False)
+    if not length:
+        writer.write(b"0\r\n\r\n")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -74,9 +74,8 @@ FLAGGED: list[str] = []
 # --- processes -------------------------------------------------------------------------
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds used by a process and its children (uvicorn's workers)."""
-    total = 0.0
+def tree_pids(pid: int) -> list[int]:
+    """A process and its children (uvicorn's or granian's workers)."""
     pids = [pid]
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -87,7 +86,13 @@ def tree_cpu_seconds(pid: int) -> float:
                 continue
             if int(fields[1]) == pid:
                 pids.append(int(entry))
-    for p in pids:
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used by a process and its children (uvicorn's or granian's workers)."""
+    total = 0.0
+    for p in tree_pids(pid):
         try:
             with open(f"/proc/{p}/stat") as stat:
                 fields = stat.read().rpartition(")")[2].split()
@@ -95,6 +100,22 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def start_granian(
+    name: str, factory: str, env: dict[str, str], log_dir: Path, servers: list[Server]
+) -> Server:
+    """granian's own command serving ``bench_apps.<factory>()`` as the gateway runs it:
+    ASGI with its lifespan, HTTP/1.1, one worker, granian's default event loop and
+    threads, the gateway's backlog (2048), no access log."""
+    sock = _bound_socket()
+    port = sock.getsockname()[1]
+    sock.close()  # granian binds it itself
+    argv = [sys.executable, "-m", "granian", "--interface", "asgi", "--factory"]
+    argv += ["--http", "1", "--workers", "1", "--backlog", "2048", "--no-access-log"]
+    argv += ["--log-level", "warning", "--working-dir", str(BENCH_DIR)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), f"bench_apps:{factory}"]
+    return spawn(name, argv, port, log_dir, servers, env)
 
 
 def start_proxy(
@@ -504,116 +525,145 @@ def post(ctx: Context) -> list[Row]:
     return rows
 
 
+#: Stream contenders: (name in the rows, server, path prefix). "proxy" is rr-middleware in
+#: a Starlette app under uvicorn (serve.py); "gateway" rr-gateway with one worker under
+#: uvicorn, "gateway-granian" the same file under granian; "floor" and "floor-granian" the
+#: smallest ASGI forwarder (bench_apps.forwarder_app) under each server.
+STREAM_CONTENDERS = (
+    ("direct", "upstream1", ""),
+    ("proxy", "rr-stream", "/api"),
+    ("baseline", "rr-base", "/api"),
+    ("floor", "asgi-floor", "/api"),
+    ("gateway", "rr-gw-stream", "/api"),
+    ("gateway-granian", "rr-gwg-stream", "/api"),
+    ("floor-granian", "asgi-floor-granian", "/api"),
+)
+STREAM_MOVES = (
+    ("download", "/download", bench_stream.download),
+    ("upload", "/upload", bench_stream.upload),
+    ("chunked upload", "/upload", bench_stream.chunked_upload),
+)
+
+
+class StreamRuns:
+    """Per transfer kind and contender: MiB/s and the server's CPU s/GiB per round, and
+    the peak RSS growth of its process tree over the rounds."""
+
+    def __init__(self) -> None:
+        kinds = [kind for kind, _, _ in STREAM_MOVES]
+        self.rates: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
+        self.cpu: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
+        self.growth: dict[str, dict[str, int]] = {kind: {} for kind in kinds}
+
+    def rate(self, kind: str, name: str) -> float:
+        return statistics.median(self.rates[kind][name])
+
+    def cpu_s(self, kind: str, name: str) -> float:
+        return statistics.median(self.cpu[kind][name])
+
+    def per_round(self, kind: str, a: str, b: str) -> list[float]:
+        pairs = zip(self.rates[kind][a], self.rates[kind][b], strict=True)
+        return [x / y for x, y in pairs]
+
+    def figure(self, kind: str, name: str) -> str:
+        return f"{self.rate(kind, name):,.0f} MiB/s, {self.cpu_s(kind, name):.2f} CPU s/GiB"
+
+
 def stream(ctx: Context) -> list[Row]:
     s, args = ctx.servers, ctx.args
-    proxy, up = s["rr-stream"], s["upstream1"]
-    pid = proxy.process.pid
     nbytes = args.stream_mib * MIB
-    contenders = {"direct": (up, ""), "proxy": (proxy, "/api")}
-    if "rr-base" in s:
-        contenders["baseline"] = (s["rr-base"], "/api")
-    contenders["floor"] = (s["asgi-floor"], "/api")  # uploads only
-    #: {kind: {contender: [MiB/s per round]}}, and the proxies' CPU seconds per GiB.
-    moves = (
-        ("download", "/download", bench_stream.download),
-        ("upload", "/upload", bench_stream.upload),
-        ("chunked upload", "/upload", bench_stream.chunked_upload),
-    )
-    kinds = [kind for kind, _, _ in moves]
-    rates: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
-    cpu: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
-    growth = dict.fromkeys(kinds, 0)
+    contenders = {name: (s[srv], prefix) for name, srv, prefix in STREAM_CONTENDERS if srv in s}
+    runs = StreamRuns()
     for round_no in range(1, args.stream_rounds + 1):
-        for kind, path, move in moves:
+        for kind, path, move in STREAM_MOVES:
             for name, (server, prefix) in contenders.items():
-                if name == "floor" and kind != "upload":
-                    continue  # it forwards Content-Length uploads only
+                pids = tree_pids(server.process.pid)
                 before = tree_cpu_seconds(server.process.pid)
-                with bench_stream.PeakRss(server.process.pid) as rss:
+                with bench_stream.PeakRss(*pids) as rss:
                     transfer = move(server.port, prefix + path, nbytes)
                 used = tree_cpu_seconds(server.process.pid) - before
-                rates[kind].setdefault(name, []).append(transfer.mib_per_s)
-                cpu[kind].setdefault(name, []).append(used / (nbytes / 1024 / MIB))
-                if name == "proxy":
-                    growth[kind] = max(growth[kind], rss.growth)
+                runs.rates[kind].setdefault(name, []).append(transfer.mib_per_s)
+                runs.cpu[kind].setdefault(name, []).append(used / (nbytes / 1024 / MIB))
+                runs.growth[kind][name] = max(runs.growth[kind].get(name, 0), rss.growth)
             progress(
                 f"stream round {round_no} {kind}: "
-                + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rates[kind].items())
+                + ", ".join(f"{n} {v[-1]:.0f}" for n, v in runs.rates[kind].items())
                 + " MiB/s"
             )
+    proxy, up = s["rr-stream"], s["upstream1"]
     slow = bench_stream.slow_download(
         proxy.port,
         "/api/download",
         {"upstream1": up.port, "upstream2": s["upstream2"].port},
-        pid,
+        proxy.process.pid,
         rate=MIB,
         seconds=args.slow_seconds,
     )
     ctx.raw["stream"] = {
-        "mib_per_s": rates,
-        "cpu_s_per_gib": cpu,
-        "rss_growth_bytes": growth,
+        "mib_per_s": runs.rates,
+        "cpu_s_per_gib": runs.cpu,
+        "rss_growth_bytes": runs.growth,
         "slow": slow.__dict__,
     }
-    t = f"3. stream {args.stream_mib} MiB"
-    rows = []
-    for kind in kinds:
-        r, c = rates[kind], cpu[kind]
-        med = {n: statistics.median(v) for n, v in r.items()}
-        per_round = [p / d for p, d in zip(r["proxy"], r["direct"], strict=True)]
-        rows.append(
-            Row(
-                t,
-                f"{kind} via proxy",
-                f"{med['proxy']:,.0f} MiB/s",
-                f"direct {med['direct']:,.0f} MiB/s",
-                med["proxy"] / med["direct"],
-                ">= 0.50x",
-                med["proxy"] >= 0.5 * med["direct"],
-                per_round,
-            )
+    rows: list[Row] = []
+    for kind, _, _ in STREAM_MOVES:
+        rows += _stream_rows(f"3. stream {args.stream_mib} MiB", kind, runs)
+    return rows + _slow_rows(slow)
+
+
+def _stream_rows(t: str, kind: str, runs: StreamRuns) -> list[Row]:
+    have = runs.rates[kind]
+
+    def versus(a: str, b: str, what: str, goal: str, least: float | None) -> Row:
+        ratio = runs.rate(kind, a) / runs.rate(kind, b)
+        met = None if least is None else ratio >= least
+        label = {"direct": "direct", "baseline": "baseline"}.get(b, b.replace("-", " "))
+        reference = f"{label} {runs.figure(kind, b)}"
+        return Row(
+            t, what, runs.figure(kind, a), reference, ratio, goal, met, runs.per_round(kind, a, b)
         )
-        if "floor" in med:
+
+    rows = [versus("proxy", "direct", f"{kind} via proxy", ">= 0.50x", 0.5)]
+    if "floor" in have:
+        rows.append(
+            versus("proxy", "floor", f"{kind}, rr vs bare ASGI forwarder", ">= 0.95x", 0.95)
+        )
+    if "baseline" in have:
+        rows.append(versus("proxy", "baseline", f"{kind}, rr vs --baseline", "", None))
+    if "gateway" in have:
+        rows.append(
+            versus("gateway", "direct", f"{kind} via rr-gateway (uvicorn)", ">= 0.50x", 0.5)
+        )
+    if "gateway-granian" in have:
+        g = "gateway-granian"
+        rows.append(versus(g, "direct", f"{kind} via rr-gateway on granian", ">= 0.50x", 0.5))
+        if "floor-granian" in have:
+            rows.append(
+                versus(
+                    g, "floor-granian", f"{kind}, granian: rr vs bare forwarder", ">= 0.95x", 0.95
+                )
+            )
+        if "gateway" in have:
+            rows.append(versus(g, "gateway", f"{kind}, rr-gateway granian vs uvicorn", "", None))
+    for name in ("proxy", "gateway", "gateway-granian"):
+        if name in have:
+            growth = runs.growth[kind][name]
             rows.append(
                 Row(
                     t,
-                    f"{kind}, rr vs bare ASGI forwarder",
-                    f"{med['proxy']:,.0f} MiB/s, {statistics.median(c['proxy']):.2f} CPU s/GiB",
-                    f"forwarder {med['floor']:,.0f} MiB/s, "
-                    f"{statistics.median(c['floor']):.2f} CPU s/GiB",
-                    med["proxy"] / med["floor"],
-                    "",
+                    f"peak RSS growth, {kind}, {name}",
+                    f"{growth / MIB:.1f} MiB",
+                    f"CPU {runs.cpu_s(kind, name):.2f} s/GiB",
                     None,
-                    [p / f for p, f in zip(r["proxy"], r["floor"], strict=True)],
+                    "< 64 MiB",
+                    growth < 64 * MIB,
                 )
             )
-        if "baseline" in med:
-            rows.append(
-                Row(
-                    t,
-                    f"{kind}, rr vs --baseline",
-                    f"{med['proxy']:,.0f} MiB/s, {statistics.median(c['proxy']):.2f} CPU s/GiB",
-                    f"baseline {med['baseline']:,.0f} MiB/s, "
-                    f"{statistics.median(c['baseline']):.2f} CPU s/GiB",
-                    med["proxy"] / med["baseline"],
-                    "",
-                    None,
-                    [p / b for p, b in zip(r["proxy"], r["baseline"], strict=True)],
-                )
-            )
-        rows.append(
-            Row(
-                t,
-                f"peak RSS growth, {kind}",
-                f"{growth[kind] / MIB:.1f} MiB",
-                f"proxy CPU {statistics.median(c['proxy']):.2f} s/GiB",
-                None,
-                "< 64 MiB",
-                growth[kind] < 64 * MIB,
-            )
-        )
+    return rows
+
+
+def _slow_rows(slow: bench_stream.SlowRead) -> list[Row]:
     return [
-        *rows,
         Row(
             "3. slow reader 1 MiB/s",
             f"{slow.seconds:.0f} s: RSS growth",
@@ -803,6 +853,14 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
     if "stream" in want:
         by["rr-stream"] = start_proxy("rr-stream", args.proxy_command, 1, base, log_dir, servers)
         by["asgi-floor"] = start_server("asgi-floor", "forwarder_app", base, log_dir, servers)
+        by["rr-gw-stream"] = start_gateway("rr-gw-stream", 1, urls, log_dir, servers)
+        if importlib.util.find_spec("granian") is not None:
+            by["rr-gwg-stream"] = start_gateway(
+                "rr-gwg-stream", 1, urls, log_dir, servers, "granian"
+            )
+            by["asgi-floor-granian"] = start_granian(
+                "asgi-floor-granian", "forwarder_app", base, log_dir, servers
+            )
     if "fallthrough" in want:
         by["ft"] = start_server("ft", "fallthrough_apps", base, log_dir, servers)
     for name, server in by.items():
@@ -819,6 +877,8 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         "rr-gw2-nozone",
         "rr-gwg",
         "rr-stream",
+        "rr-gw-stream",
+        "rr-gwg-stream",
         "rr-base",
         "asgiproxy",
         "nginx",
