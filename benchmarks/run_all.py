@@ -473,6 +473,8 @@ def post(ctx: Context) -> list[Row]:
         ("asgiproxy", "asgiproxy", "/api/post"),
         ("nginx", "nginx", "/api/post"),
         ("rr-baseline", "rr-base", "/api/post"),
+        ("rr-gateway", "rr-gw1", "/api/post"),
+        ("rr-gateway-granian", "rr-gwg", "/api/post"),
     ]
     targets = [(Target(n, n, srv, p, b""), s[srv]) for n, srv, p in specs if srv in s]
     c = args.post_connections
@@ -509,6 +511,18 @@ def post(ctx: Context) -> list[Row]:
     if "nginx" in r:
         rows.append(
             Row(t, "rr vs nginx", "", "nginx " + mib(r["nginx"]), rr.rps / r["nginx"].rps, "", None)
+        )
+    if "rr-gateway" in r and "rr-gateway-granian" in r:
+        g1, gg = r["rr-gateway"], r["rr-gateway-granian"]
+        rows.append(
+            compared(
+                t.replace("2.", "4.", 1),
+                "rr-gateway granian vs uvicorn",
+                f"{mib(gg)}, CPU {gg.cpu_us_per_request:.0f} us/req",
+                f"uvicorn {mib(g1)}, CPU {g1.cpu_us_per_request:.0f} us/req",
+                gg,
+                g1,
+            )
         )
     if "rr-baseline" in r:
         b = r["rr-baseline"]
@@ -846,10 +860,10 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
             by["rr-gw2-nozone"] = start_gateway(
                 "rr-gw2-nozone", args.workers, urls, log_dir, servers, env={ZONE_ENV: ""}
             )
-        if importlib.util.find_spec("granian") is not None:
-            # The same gateway, file and middleware under granian (1 worker, as rr-gw1).
-            by["rr-gw1"] = by.get("rr-gw1") or start_gateway("rr-gw1", 1, urls, log_dir, servers)
-            by["rr-gwg"] = start_gateway("rr-gwg", 1, urls, log_dir, servers, "granian")
+    if want & {"throughput", "post"} and importlib.util.find_spec("granian") is not None:
+        # The same gateway, file and middleware under granian (1 worker, as rr-gw1).
+        by["rr-gw1"] = by.get("rr-gw1") or start_gateway("rr-gw1", 1, urls, log_dir, servers)
+        by["rr-gwg"] = start_gateway("rr-gwg", 1, urls, log_dir, servers, "granian")
     if "stream" in want:
         by["rr-stream"] = start_proxy("rr-stream", args.proxy_command, 1, base, log_dir, servers)
         by["asgi-floor"] = start_server("asgi-floor", "forwarder_app", base, log_dir, servers)
