@@ -24,6 +24,7 @@ import os
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ from bench_proxy import (
     stop_servers,
     wait_ready,
 )
-from report import Row, render
+from report import Row, machine_line, render, write_page
 from wrk_runner import WrkError
 
 from rr_middleware.zone import ZONE_ENV
@@ -494,7 +495,7 @@ def post(ctx: Context) -> list[Row]:
         return f"{m.rps * POST_RESPONSE_BYTES / MIB:,.0f} MiB/s ({m.rps:,.0f} req/s)"
 
     rr, ap, d = r["rr-middleware"], r["asgiproxy"], r["direct"]
-    t = f"2. POST 64K/1M -c{c}"
+    t = f"   POST 64K/1M -c{c}"
     rows = [
         Row(
             t,
@@ -516,7 +517,7 @@ def post(ctx: Context) -> list[Row]:
         g1, gg = r["rr-gateway"], r["rr-gateway-granian"]
         rows.append(
             compared(
-                t.replace("2.", "4.", 1),
+                f"4. POST 64K/1M -c{c}",
                 "rr-gateway granian vs uvicorn",
                 f"{mib(gg)}, CPU {gg.cpu_us_per_request:.0f} us/req",
                 f"uvicorn {mib(g1)}, CPU {g1.cpu_us_per_request:.0f} us/req",
@@ -762,7 +763,7 @@ def fallthrough(ctx: Context) -> list[Row]:
         Row(
             t,
             "1 prefix vs bare, one process",
-            f"{(1 - median) * 100:+.1f}% slower",
+            slower(median),
             f"bare {rps(bare)}; rounds {min(ratios):.2f}-{max(ratios):.2f}x",
             median,
             "<= 3% slower",
@@ -782,7 +783,7 @@ def fallthrough(ctx: Context) -> list[Row]:
         Row(
             t,
             "50 prefixes vs 1, one process",
-            f"{(1 - statistics.median(paired(many, one))) * 100:+.1f}% slower",
+            slower(statistics.median(paired(many, one))),
             "",
             statistics.median(paired(many, one)),
             "~ 1.0x",
@@ -791,6 +792,12 @@ def fallthrough(ctx: Context) -> list[Row]:
         ),
     ]
     return rows + _micro_rows(args, bare)
+
+
+def slower(ratio: float) -> str:
+    """A request-rate ratio as how much slower (or faster) the first one ran."""
+    pct = (1 - ratio) * 100
+    return f"{abs(pct):.1f}% {'slower' if pct >= 0 else 'faster'}"
 
 
 def _micro_rows(args: argparse.Namespace, bare: Measurement) -> list[Row]:
@@ -970,6 +977,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a smoke run: 2 s runs, 2 rounds, 256 MiB transfers, 4 s slow reader",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON")
+    p.add_argument(
+        "--write-page",
+        type=Path,
+        metavar="PATH",
+        help="render the table into this Markdown page between its generated markers "
+        "(docs/performance.md; only when every section ran)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.rounds, args.warmup = 2, 2, 1
@@ -990,6 +1004,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     env = environment(argparse.Namespace(connections=args.connections, duration=args.duration))
+    env["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    env["commit"] = git_commit()
     if not args.default_malloc:
         os.environ.update(FIXED_MALLOC)  # inherited by every server started below
     servers: list[Server] = []
@@ -1010,26 +1026,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = log_problems(servers)
         tails = {server.name: server.log_tail(6) for server in servers if server.name in problems}
     env["loadavg_at_end"] = os.getloadavg()
+    env["seconds"] = time.monotonic() - started
+    env["run"] = describe_run(args)
     print()
-    print(
-        f"{env['cpus']} CPUs, Python {env['python']}, load {env['loadavg_at_start'][0]:.2f} at "
-        f"start, {env['loadavg_at_end'][0]:.2f} at end; wrk -t1 -d{args.duration}s, "
-        f"{args.rounds} alternating rounds, medians; "
-        f"{'default' if args.default_malloc else 'fixed'} malloc thresholds; "
-        f"{time.monotonic() - started:.0f} s in all"
-    )
+    print(machine_line(env))
     print(render(rows))
     if FLAGGED:
         print("\nFLAGGED (wrk saw socket errors or non-2xx/3xx):\n    " + "\n    ".join(FLAGGED))
     for name, lines in problems.items():
         print(f"\n{name} logged {len(lines)} warning/error line(s); its log ends:")
         print("\n".join("    " + line for line in tails[name].splitlines()))
+    payload = {
+        "environment": env,
+        "rows": [r.as_dict() for r in rows],
+        "flagged": FLAGGED,
+        "log_problems": {name: len(lines) for name, lines in problems.items()},
+        "raw": raw,
+    }
     if args.json is not None:
-        payload = {"environment": env, "rows": [r.as_dict() for r in rows], "raw": raw}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if args.write_page is not None:
+        if set(SECTIONS) - set(args.only):
+            print(f"\n{args.write_page} not written: a page holds every section's rows")
+        else:
+            write_page(args.write_page, json.loads(json.dumps(payload, default=str)))
+            print(f"\n{args.write_page} written")
     # asgiproxy's and nginx's own troubles are theirs: reported above, not a failure here.
     ours = [name for name in problems if name not in ("asgiproxy", "nginx")]
     return 1 if ours or FLAGGED or any(r.met is False for r in rows) else 0
+
+
+def describe_run(args: argparse.Namespace) -> str:
+    """How the run was made, for the line above its table."""
+    parts = [
+        f"wrk -t1 -d{args.duration}s -c{args.connections} after a {args.warmup} s warm-up, "
+        f"{args.rounds} alternating rounds, medians"
+    ]
+    if "fallthrough" in args.only:
+        parts.append(
+            f"fall-through {args.fallthrough_rounds} rounds of {args.fallthrough_duration} s"
+        )
+    if "stream" in args.only:
+        parts.append(f"streams {args.stream_mib} MiB, {args.stream_rounds} round(s)")
+    parts.append(f"{'default' if args.default_malloc else 'fixed'} malloc thresholds")
+    parts.append("sections " + ", ".join(args.only) + (" (--quick)" if args.quick else ""))
+    return "; ".join(parts)
+
+
+def git_commit() -> str:
+    """The commit measured, ``+changes`` when the checkout differs from it (the page
+    being written does not count)."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(
+            ["git", *argv], cwd=BENCH_DIR.parent, capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/performance.md")
+    return commit + ("+changes" if dirty else "")
 
 
 def http_post(base: str, path: str, body: bytes) -> Reply:
