@@ -15,11 +15,12 @@ uvicorn can load it with ``--factory``:
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urljoin, urlsplit
 
 from starlette.applications import Starlette
@@ -124,13 +125,13 @@ def upstream_app() -> ASGIApp:
 
 def forwarder_app() -> ASGIApp:
     """The least any ASGI proxy must do for a stream, as a floor to compare with, on a
-    fresh connection to the first upstream per request. ``/api/upload``: read the body with
+    fresh connection to the first upstream per request (``_Leg``: what the socket reads is
+    handed on as it is, no buffer, no copy). ``/api/upload``: read the body with
     ``receive()`` and write each message as it comes (chunk-framed when the client sent no
     Content-Length), then answer what the upstream answered. ``/api/download``: send the
-    GET, then each read of the upstream's Content-Length body (up to 256 KiB, the upstream
-    leg's read size in rr-middleware too) as one body message. No routing, no header
-    handling, no pooling, no error handling: only the data path. Any other request gets a
-    local 13-byte answer (the harness's readiness check).
+    GET, then each read of the upstream's Content-Length body as one body message. No
+    routing, no header handling, no pooling, no error handling, no deadlines: only the data
+    path. Any other request gets a local 13-byte answer (the harness's readiness check).
     """
     _log_to_stderr()
     host, _, port = _upstreams()[0].removeprefix("http://").partition(":")
@@ -145,49 +146,107 @@ def forwarder_app() -> ASGIApp:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send(local)
             return
-        reader, writer = await asyncio.open_connection(host, int(port), limit=STREAM_CHUNK)
+        loop = asyncio.get_running_loop()
+        transport, leg = await loop.create_connection(_Leg, host, int(port))
         try:
             if path.endswith("/upload"):
-                await _forward_upload(dict(scope["headers"]), receive, writer)
+                await _forward_upload(dict(scope["headers"]), receive, leg)
             else:
                 query = scope["query_string"]
-                writer.write(b"GET /download?%s HTTP/1.1\r\nhost: up\r\n\r\n" % query)
-            head = await reader.readuntil(b"\r\n\r\n")
+                transport.write(b"GET /download?%s HTTP/1.1\r\nhost: up\r\n\r\n" % query)
+            head, piece = b"", b""
+            while b"\r\n\r\n" not in head:
+                head += await leg.read()
+            head, _, piece = head.partition(b"\r\n\r\n")
             remaining = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
             headers = [(b"content-length", b"%d" % remaining)]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            while remaining > 0:
-                piece = await reader.read(min(remaining, STREAM_CHUNK))
+            while True:
+                remaining -= len(piece)
+                more = remaining > 0
+                await send({"type": "http.response.body", "body": piece, "more_body": more})
+                if not more:
+                    return
+                piece = await leg.read()
                 if not piece:
                     raise ConnectionError("the upstream closed in the body")
-                remaining -= len(piece)
-                await send(
-                    {"type": "http.response.body", "body": piece, "more_body": remaining > 0}
-                )
         finally:
-            writer.close()
+            transport.close()
 
     return app
 
 
-async def _forward_upload(
-    headers: dict[bytes, bytes], receive: Receive, writer: asyncio.StreamWriter
-) -> None:
+class _Leg(asyncio.Protocol):
+    """An upstream connection as bare as asyncio allows: each piece the socket delivers is
+    queued as it is and read once; writes wait only while the transport asks to."""
+
+    def __init__(self) -> None:
+        self.pieces: collections.deque[bytes] = collections.deque()
+        self.closed = False
+        self.wakeup: asyncio.Future[None] | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.pieces.append(data)
+        if len(self.pieces) > 1:
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def _wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next piece read from the socket; b"" at its end."""
+        while not self.pieces:
+            if self.closed:
+                return b""
+            self.wakeup = asyncio.get_running_loop().create_future()
+            await self.wakeup
+        piece = self.pieces.popleft()
+        if not self.pieces:
+            self.transport.resume_reading()
+        return piece
+
+    async def write(self, *data: bytes) -> None:
+        self.transport.writelines(data)
+        await self.writable.wait()
+
+
+async def _forward_upload(headers: dict[bytes, bytes], receive: Receive, leg: _Leg) -> None:
     length = headers.get(b"content-length")
     framing = b"content-length: %s" % length if length else b"transfer-encoding: chunked"
-    writer.write(b"POST /upload HTTP/1.1\r\nhost: up\r\n%s\r\n\r\n" % framing)
+    await leg.write(b"POST /upload HTTP/1.1\r\nhost: up\r\n%s\r\n\r\n" % framing)
     more = True
     while more:
         message = await receive()
         body = message.get("body", b"")
         if length:
-            writer.write(body)
+            await leg.write(body)
         elif body:
-            writer.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
-        await writer.drain()
+            await leg.write(b"%x\r\n" % len(body), body, b"\r\n")
         more = message.get("more_body", False)
     if not length:
-        writer.write(b"0\r\n\r\n")
+        await leg.write(b"0\r\n\r\n")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
