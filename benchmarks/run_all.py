@@ -1058,10 +1058,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def describe_run(args: argparse.Namespace) -> str:
     """How the run was made, for the line above its table."""
-    parts = [
-        f"wrk -t1 -d{args.duration}s -c{args.connections} after a {args.warmup} s warm-up, "
-        f"{args.rounds} alternating rounds, medians"
-    ]
+    parts = []
+    if {"throughput", "post"} & set(args.only):
+        parts.append(
+            f"wrk -t1 -d{args.duration}s -c{args.connections} (POST -c{args.post_connections}) "
+            f"after a {args.warmup} s warm-up, {args.rounds} alternating rounds, medians"
+        )
     if "fallthrough" in args.only:
         parts.append(
             f"fall-through {args.fallthrough_rounds} rounds of {args.fallthrough_duration} s"
