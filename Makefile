@@ -67,7 +67,7 @@ endif
 test-pythons: $(VENV)/.dev system-deps consul
 	.ci/test-pythons $(PYTHONS)
 
-# Every performance target in one table (~8 min), also written into docs/performance.md
+# Every performance target in one table (~9 min), also written into docs/performance.md
 # (between its generated markers); BENCH_ARGS="--quick" for a smoke run, "--only
 # throughput,post" for a subset, which leaves the page alone (see benchmarks/README.md).
 # nginx is the reference proxy; Debian's nginx-light is enough.

@@ -270,6 +270,7 @@ def throughput(ctx: Context) -> list[Row]:
         ("rr-gateway-2w", "rr-gw2", "/api/hello"),
         ("rr-gateway-2w-nozone", "rr-gw2-nozone", "/api/hello"),
         ("rr-gateway-granian", "rr-gwg", "/api/hello"),
+        ("bare-granian", "bare-granian", "/local"),
         ("rr-baseline", "rr-base", "/api/hello"),
     ]
     targets = [(Target(n, n, srv, p, b""), s[srv]) for n, srv, p in specs if srv in s]
@@ -463,6 +464,32 @@ def _gateway_rows(r: dict[str, Measurement], c: int, workers: int) -> list[Row]:
                 g1,
             )
         )
+        rows += _granian_rows(r, c)
+    return rows
+
+
+def _granian_rows(r: dict[str, Measurement], c: int) -> list[Row]:
+    """Goal 4: the rows of goal 1 for the gateway under each server, side by side."""
+    g1, gg, ap = r["rr-gateway"], r["rr-gateway-granian"], r["asgiproxy"]
+    rows = [
+        compared(f"4. GET -c{c}", "rr-gateway on uvicorn vs asgiproxy", "", "asgiproxy", g1, ap),
+        compared(f"4. GET -c{c}", "rr-gateway on granian vs asgiproxy", "", "asgiproxy", gg, ap),
+    ]
+    for server, gateway, bare in (("uvicorn", g1, "bare"), ("granian", gg, "bare-granian")):
+        if bare in r:
+            b = r[bare]
+            rows.append(
+                Row(
+                    f"4. GET -c{c}",
+                    f"{server}: gateway CPU vs bare app CPU",
+                    f"rr-gateway {gateway.cpu_us_per_request:.0f} us/req",
+                    f"bare app {b.cpu_us_per_request:.0f} us/req, {rps(b)}",
+                    gateway.cpu_us_per_request / b.cpu_us_per_request,
+                    "",
+                    None,
+                    cpu_paired(gateway, b),
+                )
+            )
     return rows
 
 
@@ -871,6 +898,8 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         # The same gateway, file and middleware under granian (1 worker, as rr-gw1).
         by["rr-gw1"] = by.get("rr-gw1") or start_gateway("rr-gw1", 1, urls, log_dir, servers)
         by["rr-gwg"] = start_gateway("rr-gwg", 1, urls, log_dir, servers, "granian")
+        if "throughput" in want:
+            by["bare-granian"] = start_granian("bare-granian", "bare_app", base, log_dir, servers)
     if "stream" in want:
         by["rr-stream"] = start_proxy("rr-stream", args.proxy_command, 1, base, log_dir, servers)
         by["asgi-floor"] = start_server("asgi-floor", "forwarder_app", base, log_dir, servers)
