@@ -1,4 +1,7 @@
-"""The ASGI apps the benchmark serves, each in its own uvicorn subprocess.
+"""The ASGI apps the benchmark serves, each in its own server process (uvicorn, or granian
+for the ``*-granian`` contenders): ``upstream_app``, ``bare_app``, ``middleware_app``,
+``fallthrough_apps`` (bare and middleware apps in one process, picked by path),
+``forwarder_app`` (the smallest stream forwarder) and ``asgiproxy_app``.
 
 Every factory is configured through environment variables (set by ``bench_proxy.py``), so
 uvicorn can load it with ``--factory``:

@@ -2,16 +2,19 @@
 
     .venv/bin/python benchmarks/run_all.py [--only throughput,post,stream,pick,fallthrough]
         [--duration 4] [--rounds 3] [--warmup 1] [--connections 32,256] [--quick]
-        [--stream-mib 1024] [--slow-seconds 8] [--proxy-command TEMPLATE] [--default-malloc]
-        [--json PATH]
+        [--stream-mib 1024] [--slow-seconds 8] [--fallthrough-rounds 8]
+        [--proxy-command TEMPLATE] [--default-malloc] [--json PATH] [--write-page PATH]
 
-Sections (see benchmarks/README.md): ``throughput`` small GETs through a pool of 2 at each
-``--connections`` (rr-middleware, asgiproxy, nginx, direct; everything on; 2 workers;
-rr-gateway under granian vs uvicorn when granian is installed),
-``post`` 64 KiB POST / 1 MiB answer, ``stream`` 1 GiB down, up and chunked up plus a slow reader,
-``pick`` time per pick by pool size, ``fallthrough`` a route that matches no prefix.
-Contenders of a section run in alternating rounds within seconds of each other; figures
-are medians; ratios are of medians (each round's own ratio is in the JSON).
+Sections (see benchmarks/README.md and docs/performance.md): ``throughput`` small GETs
+through a pool of 2 at each ``--connections`` (rr-middleware, asgiproxy, nginx, direct, the
+bare app; everything on; rr-gateway with 1 and 2 workers, the latter with and without its
+zone; rr-gateway and the bare app under granian when granian is installed), ``post``
+64 KiB POST / 1 MiB answer, ``stream`` 1 GiB down, up and chunked up through each proxy and
+the smallest ASGI forwarder under uvicorn and granian, plus a slow reader, ``pick`` time
+per pick by pool size, ``fallthrough`` a route that matches no prefix, bare and with the
+middleware in one server process. Contenders of a section run in alternating rounds
+within seconds of each other; figures are medians; ratios are of medians, each round's
+own ratio beside them. ``--write-page`` renders the table into the docs' page.
 """
 
 from __future__ import annotations
