@@ -108,13 +108,23 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_page(path: Path, payload: dict[str, Any]) -> None:
-    """Replace what lies between the page's markers with ``markdown(payload)``."""
-    text = path.read_text()
-    head, begin, rest = text.partition(BEGIN)
+def _split(path: Path) -> tuple[str, str]:
+    """The page before its first marker and after its second (OSError, ValueError)."""
+    head, begin, rest = path.read_text().partition(BEGIN)
     _, end, tail = rest.partition(END)
     if not begin or not end:
         raise ValueError(f"{path}: no {BEGIN!r} ... {END!r} markers to write between")
+    return head, tail
+
+
+def check_page(path: Path) -> None:
+    """Raise (OSError, ValueError) unless ``path`` can take a table: before a long run."""
+    _split(path)
+
+
+def write_page(path: Path, payload: dict[str, Any]) -> None:
+    """Replace what lies between the page's markers with ``markdown(payload)``."""
+    head, tail = _split(path)
     path.write_text(f"{head}{BEGIN}\n\n{markdown(payload)}\n\n{END}{tail}")
 
 

@@ -58,7 +58,7 @@ from bench_proxy import (
     stop_servers,
     wait_ready,
 )
-from report import Row, machine_line, render, write_page
+from report import Row, check_page, machine_line, render, write_page
 from wrk_runner import WrkError
 
 from rr_middleware.zone import ZONE_ENV
@@ -1034,6 +1034,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("wrk") is None and set(args.only) - {"pick"}:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
+    if args.write_page is not None:
+        try:
+            check_page(args.write_page)
+        except (OSError, ValueError) as exc:
+            print(f"--write-page: {exc}", file=sys.stderr)
+            return 2
     started = time.monotonic()
     env = environment(argparse.Namespace(connections=args.connections, duration=args.duration))
     env["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
