@@ -43,6 +43,7 @@ import wrk_runner
 from bench_apps import POST_RESPONSE_BYTES
 from bench_proxy import (
     BENCH_DIR,
+    READY_DEADLINE_S,
     BenchError,
     Measurement,
     Reply,
@@ -951,7 +952,12 @@ def check_zones(by: dict[str, Server], workers: int) -> None:
     """The multi-worker gateway shares a zone among all its workers; the one started
     without must have none, or the zone rows compare nothing."""
     if "rr-gw2" in by:
+        # A worker attaches when it has started, which may be after the first answered.
+        deadline = time.monotonic() + READY_DEADLINE_S
         zone = gateway_zone(by["rr-gw2"])
+        while (zone is None or zone["workers"] != workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            zone = gateway_zone(by["rr-gw2"])
         if zone is None or zone["workers"] != workers:
             raise BenchError(f"rr-gw2: expected a zone of {workers} workers, got {zone}")
     if "rr-gw2-nozone" in by and gateway_zone(by["rr-gw2-nozone"]) is not None:
