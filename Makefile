@@ -67,13 +67,14 @@ endif
 test-pythons: $(VENV)/.dev system-deps consul
 	.ci/test-pythons $(PYTHONS)
 
-# Every performance target in one table (~6 min); BENCH_ARGS="--quick" for a smoke run,
-# "--only throughput,post" for a subset (see benchmarks/README.md). nginx is the reference
-# proxy; Debian's nginx-light is enough.
+# Every performance target in one table (~9 min), also written into docs/performance.md
+# (between its generated markers); BENCH_ARGS="--quick" for a smoke run, "--only
+# throughput,post" for a subset, which leaves the page alone (see benchmarks/README.md).
+# nginx is the reference proxy; Debian's nginx-light is enough.
 bench: $(VENV)/.dev
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
-	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/run_all.py --write-page docs/performance.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-3.* .pytest_cache .mypy_cache .ruff_cache .hypothesis site

@@ -1,4 +1,7 @@
-"""The ASGI apps the benchmark serves, each in its own uvicorn subprocess.
+"""The ASGI apps the benchmark serves, each in its own server process (uvicorn, or granian
+for the ``*-granian`` contenders): ``upstream_app``, ``bare_app``, ``middleware_app``,
+``fallthrough_apps`` (bare and middleware apps in one process, picked by path),
+``forwarder_app`` (the smallest stream forwarder) and ``asgiproxy_app``.
 
 Every factory is configured through environment variables (set by ``bench_proxy.py``), so
 uvicorn can load it with ``--factory``:
@@ -15,11 +18,12 @@ uvicorn can load it with ``--factory``:
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urljoin, urlsplit
 
 from starlette.applications import Starlette
@@ -123,11 +127,14 @@ def upstream_app() -> ASGIApp:
 
 
 def forwarder_app() -> ASGIApp:
-    """The least any ASGI proxy must do for an upload, as a floor to compare with: read the
-    body with ``receive()`` and write each message as it comes to the first upstream's
-    ``/upload`` on a fresh connection, then answer what the upstream answered. No routing,
-    no header handling, no pooling, no error handling: only the data path. Any other
-    request gets a local 13-byte answer (the harness's readiness check).
+    """The least any ASGI proxy must do for a stream, as a floor to compare with, on a
+    fresh connection to the first upstream per request (``_Leg``: what the socket reads is
+    handed on as it is, no buffer, no copy). ``/api/upload``: read the body with
+    ``receive()`` and write each message as it comes (chunk-framed when the client sent no
+    Content-Length), then answer what the upstream answered. ``/api/download``: send the
+    GET, then each read of the upstream's Content-Length body as one body message. No
+    routing, no header handling, no pooling, no error handling, no deadlines: only the data
+    path. Any other request gets a local 13-byte answer (the harness's readiness check).
     """
     _log_to_stderr()
     host, _, port = _upstreams()[0].removeprefix("http://").partition(":")
@@ -137,28 +144,112 @@ def forwarder_app() -> ASGIApp:
         if scope["type"] != "http":
             await _lifespan(receive, send)
             return
-        if scope["path"] != PROXY_PREFIX + "/upload":
+        path = scope["path"]
+        if path not in (PROXY_PREFIX + "/upload", PROXY_PREFIX + "/download"):
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send(local)
             return
-        length = dict(scope["headers"])[b"content-length"]
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"POST /upload HTTP/1.1\r\nhost: up\r\ncontent-length: %s\r\n\r\n" % length)
-        more = True
-        while more:
-            message = await receive()
-            writer.write(message.get("body", b""))
-            await writer.drain()
-            more = message.get("more_body", False)
-        head = await reader.readuntil(b"\r\n\r\n")
-        size = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
-        answer = await reader.readexactly(size)
-        writer.close()
-        headers = [(b"content-length", b"%d" % size)]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
+        loop = asyncio.get_running_loop()
+        transport, leg = await loop.create_connection(_Leg, host, int(port))
+        try:
+            if path.endswith("/upload"):
+                await _forward_upload(dict(scope["headers"]), receive, leg)
+            else:
+                query = scope["query_string"]
+                transport.write(b"GET /download?%s HTTP/1.1\r\nhost: up\r\n\r\n" % query)
+            head, piece = b"", b""
+            while b"\r\n\r\n" not in head:
+                head += await leg.read()
+            head, _, piece = head.partition(b"\r\n\r\n")
+            remaining = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+            headers = [(b"content-length", b"%d" % remaining)]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            while True:
+                remaining -= len(piece)
+                more = remaining > 0
+                await send({"type": "http.response.body", "body": piece, "more_body": more})
+                if not more:
+                    return
+                piece = await leg.read()
+                if not piece:
+                    raise ConnectionError("the upstream closed in the body")
+        finally:
+            transport.close()
 
     return app
+
+
+class _Leg(asyncio.Protocol):
+    """An upstream connection as bare as asyncio allows: each piece the socket delivers is
+    queued as it is and read once; writes wait only while the transport asks to."""
+
+    def __init__(self) -> None:
+        self.pieces: collections.deque[bytes] = collections.deque()
+        self.closed = False
+        self.wakeup: asyncio.Future[None] | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.pieces.append(data)
+        if len(self.pieces) > 1:
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def _wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next piece read from the socket; b"" at its end."""
+        while not self.pieces:
+            if self.closed:
+                return b""
+            self.wakeup = asyncio.get_running_loop().create_future()
+            await self.wakeup
+        piece = self.pieces.popleft()
+        if not self.pieces:
+            self.transport.resume_reading()
+        return piece
+
+    async def write(self, *data: bytes) -> None:
+        self.transport.writelines(data)
+        await self.writable.wait()
+
+
+async def _forward_upload(headers: dict[bytes, bytes], receive: Receive, leg: _Leg) -> None:
+    length = headers.get(b"content-length")
+    framing = b"content-length: %s" % length if length else b"transfer-encoding: chunked"
+    await leg.write(b"POST /upload HTTP/1.1\r\nhost: up\r\n%s\r\n\r\n" % framing)
+    more = True
+    while more:
+        message = await receive()
+        body = message.get("body", b"")
+        if length:
+            await leg.write(body)
+        elif body:
+            await leg.write(b"%x\r\n" % len(body), body, b"\r\n")
+        more = message.get("more_body", False)
+    if not length:
+        await leg.write(b"0\r\n\r\n")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -213,6 +304,10 @@ def middleware_app() -> Starlette:
     count = int(os.environ.get("BENCH_PREFIXES", "1"))
     if count < 1:
         raise RuntimeError("BENCH_PREFIXES must be >= 1")
+    return _with_middleware(count)
+
+
+def _with_middleware(count: int) -> Starlette:
     app = bare_app()
     transport = AiohttpTransport() if os.environ.get("BENCH_TRANSPORT") == "aiohttp" else None
     extra: dict[str, Any] = {}
@@ -222,6 +317,55 @@ def middleware_app() -> Starlette:
         RoundRobinMiddleware, pools=_pools(count, _upstreams()), transport=transport, **extra
     )
     return app
+
+
+def fallthrough_apps() -> ASGIApp:
+    """Three apps in one process, behind one server, picked per request by the first path
+    segment, which is cut off: ``/bare/local`` is ``bare_app``'s ``/local``, ``/mw1/local``
+    the same app wrapped in the middleware with one pool (``/api``), ``/mw50/local`` with
+    50 prefixes. The apps share the process, its heap, its server and its moment, so the
+    difference between their request rates is the middleware's, not the processes'."""
+    _log_to_stderr()
+    apps: dict[str, ASGIApp] = {
+        "/bare": bare_app(),
+        "/mw1": _with_middleware(1),
+        "/mw50": _with_middleware(50),
+    }
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespans(list(apps.values()), scope, receive, send)
+            return
+        path: str = scope["path"]
+        cut = path.find("/", 1)
+        inner = {**scope, "path": path[cut:], "raw_path": scope["raw_path"][cut:]}
+        await apps[path[:cut]](inner, receive, send)
+
+    return app
+
+
+async def _lifespans(apps: list[ASGIApp], scope: Scope, receive: Receive, send: Send) -> None:
+    """Run each app's lifespan beside the others (a middleware starts its pools and timers
+    there): startup completes when every app's has, shutdown likewise."""
+    boxes = [(asyncio.Queue[Message](), asyncio.Queue[Message]()) for _ in apps]
+    tasks = [
+        asyncio.ensure_future(a({**scope}, inbox.get, outbox.put))
+        for a, (inbox, outbox) in zip(apps, boxes, strict=True)
+    ]
+    try:
+        while True:
+            message = await receive()
+            phase = message["type"].removeprefix("lifespan.")
+            for inbox, _ in boxes:
+                inbox.put_nowait(message)
+            answers = [await asyncio.wait_for(out.get(), 30.0) for _, out in boxes]
+            failed = [m for m in answers if m["type"].endswith(".failed")]
+            await send(failed[0] if failed else {"type": f"lifespan.{phase}.complete"})
+            if phase == "shutdown" or failed:
+                return
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _everything() -> bool:

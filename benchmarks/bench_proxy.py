@@ -120,17 +120,25 @@ def start_server(
 
 
 def stop_servers(servers: Sequence[Server]) -> None:
-    """Terminate every server by PID, wait for it, and kill the ones that do not stop."""
-    for server in servers:
-        if server.process.poll() is None:
-            server.process.terminate()
-    for server in servers:
-        try:
-            server.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            print(f"{server.name} (pid {server.process.pid}) ignored SIGTERM; killing it")
-            server.process.kill()
-            server.process.wait(timeout=STOP_TIMEOUT_S)
+    """Terminate every server by PID, wait for it, and kill the ones that do not stop.
+
+    The proxies go first and the upstreams once the proxies have exited: a proxy stopping
+    still answers what wrk left in flight (and drains what it accepted), which must not
+    meet an upstream already gone, or the proxy's log fills with "Connection refused"
+    warnings that say nothing about the run."""
+    proxies = [s for s in servers if s.name not in UPSTREAMS]
+    upstreams = [s for s in servers if s.name in UPSTREAMS]
+    for wave in (proxies, upstreams):
+        for server in wave:
+            if server.process.poll() is None:
+                server.process.terminate()
+        for server in wave:
+            try:
+                server.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print(f"{server.name} (pid {server.process.pid}) ignored SIGTERM; killing it")
+                server.process.kill()
+                server.process.wait(timeout=STOP_TIMEOUT_S)
 
 
 @dataclass

@@ -33,19 +33,23 @@ def rss_bytes(pid: int) -> int:
 
 
 class PeakRss:
-    """Samples a process's RSS in a thread while in the ``with`` block."""
+    """Samples the summed RSS of processes (a server and its workers) in a thread while in
+    the ``with`` block."""
 
-    def __init__(self, pid: int, interval: float = 0.02) -> None:
-        self.pid = pid
+    def __init__(self, *pids: int, interval: float = 0.02) -> None:
+        self.pids = pids
         self.interval = interval
-        self.baseline = rss_bytes(pid)
+        self.baseline = self._rss()
         self.peak = self.baseline
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _rss(self) -> int:
+        return sum(rss_bytes(pid) for pid in self.pids)
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.peak = max(self.peak, self._rss())
 
     @property
     def growth(self) -> int:
@@ -58,7 +62,7 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes(self.pid))
+        self.peak = max(self.peak, self._rss())
 
 
 def _connect(port: int, timeout: float) -> socket.socket:
