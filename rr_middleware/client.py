@@ -52,27 +52,27 @@ class Sweeper:
     exchanges in flight, so nothing is left pending when a loop ends.
     """
 
-    __slots__ = ("_loops", "tick")
+    __slots__ = ("_last", "_loops", "tick")
 
     def __init__(self, tick: float = TICK) -> None:
         self.tick = tick
         #: Per event loop: its exchanges in flight, and its pending sweep (None: none).
         self._loops: dict[asyncio.AbstractEventLoop, _LoopSweep] = {}
+        self._last: _LoopSweep | None = None  # the last one asked for: nearly always it
 
-    def add(self, exchange: ClientSide) -> None:
-        loop = exchange.loop
+    def of(self, loop: asyncio.AbstractEventLoop) -> _LoopSweep:
+        """The sweep of ``loop``'s exchanges, which each exchange joins and leaves."""
+        last = self._last
+        if last is not None and last.loop is loop:
+            return last
         sweep = self._loops.get(loop)
         if sweep is None:
             if len(self._loops) > 16:  # loops that ended (TestClient): forget them
                 for old in [old for old in self._loops if old.is_closed()]:
                     del self._loops[old]
             sweep = self._loops[loop] = _LoopSweep(loop, self.tick)
-        sweep.add(exchange)
-
-    def discard(self, exchange: ClientSide) -> None:
-        sweep = self._loops.get(exchange.loop)
-        if sweep is not None:
-            sweep.exchanges.discard(exchange)
+        self._last = sweep
+        return sweep
 
 
 class _LoopSweep:
@@ -84,10 +84,9 @@ class _LoopSweep:
         self.exchanges: set[ClientSide] = set()
         self.timer: asyncio.TimerHandle | None = None
 
-    def add(self, exchange: ClientSide) -> None:
-        self.exchanges.add(exchange)
-        if self.timer is None:
-            self.timer = self.loop.call_later(self.tick, self.sweep)
+    def arm(self) -> None:
+        """Sweep a tick from now (called when an exchange joins and none is pending)."""
+        self.timer = self.loop.call_later(self.tick, self.sweep)
 
     def sweep(self) -> None:
         self.timer = None
@@ -153,8 +152,10 @@ class ClientSide:
         self.body_timeout = body_timeout
         self.send_timeout = send_timeout
         self.min_rate = min_rate
-        self._sweeper = sweeper
-        sweeper.add(self)
+        sweep = self._sweep = sweeper.of(loop)
+        sweep.exchanges.add(self)
+        if sweep.timer is None:
+            sweep.arm()
 
     # -- the body -------------------------------------------------------------------------
 
@@ -256,7 +257,7 @@ class ClientSide:
             self.stalled = self.gone = True
             self._task.cancel()
             return
-        if self.complete and self._watch is None and now - self._since >= self._sweeper.tick:
+        if self.complete and self._watch is None and now - self._since >= self._sweep.tick:
             self._watch = asyncio.ensure_future(self._receive())
             self._watch.add_done_callback(self._on_message)
 
@@ -274,7 +275,7 @@ class ClientSide:
         if self.closed:
             return
         self.closed = True
-        self._sweeper.discard(self)
+        self._sweep.exchanges.discard(self)
         watch = self._watch
         if watch is not None and not watch.done():
             watch.cancel()

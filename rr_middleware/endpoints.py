@@ -29,7 +29,8 @@ Guard = Callable[[Request], "bool | Awaitable[bool]"]
 class Endpoints:
     """``metrics_path`` (Prometheus text format; needs ``prometheus_client``),
     ``status_path`` (HTML) and ``status_path + ".json"``, for one balancer. ``path in
-    endpoints`` is the middleware's one test per request; false when none is configured."""
+    endpoints.paths`` (a dict lookup, no call) is the middleware's one test per request.
+    """
 
     def __init__(
         self,
@@ -42,7 +43,7 @@ class Endpoints:
         self._balancer = balancer
         self._guard = guard
         self.admin = admin
-        self._paths: dict[str, str] = {}
+        self.paths: dict[str, str] = {}
         self._registry: Any = None
         self._status_json_url = ""
         if metrics_path is not None:
@@ -55,29 +56,29 @@ class Endpoints:
                 ) from None
             self._registry = CollectorRegistry(auto_describe=False)
             self._registry.register(balancer.prometheus_collector())
-            self._paths[_path("metrics_path", metrics_path)] = "metrics"
+            self.paths[_path("metrics_path", metrics_path)] = "metrics"
         if status_path is not None:
             status_path = _path("status_path", status_path)
             for path in (status_path, status_path + ".json"):
-                if path in self._paths:
+                if path in self.paths:
                     raise FieldError("status_path", f"{status_path!r} collides with metrics_path")
-            self._paths[status_path] = "html"
-            self._paths[status_path + ".json"] = "json"
+            self.paths[status_path] = "html"
+            self.paths[status_path + ".json"] = "json"
             self._status_json_url = status_path + ".json"
         if admin is not None:
             for path in admin.paths:
-                if path in self._paths:
+                if path in self.paths:
                     raise FieldError("admin_path", f"{path!r} collides with another endpoint")
-                self._paths[path] = "admin"
+                self.paths[path] = "admin"
 
     def __bool__(self) -> bool:
-        return bool(self._paths)
+        return bool(self.paths)
 
     def __contains__(self, path: object) -> bool:
-        return path in self._paths
+        return path in self.paths
 
     async def serve(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = self._paths[path]
+        kind = self.paths[path]
         if kind == "admin":
             assert self.admin is not None
             await self.admin.serve(path, scope, receive, send)  # its own authorization

@@ -222,9 +222,8 @@ class RoundRobinMiddleware:
             return
 
         path: str = scope["path"]
-        endpoints = self.endpoints
-        if endpoints and path in endpoints:
-            await endpoints.serve(path, scope, receive, send)
+        if path in self.endpoints.paths:
+            await self.endpoints.serve(path, scope, receive, send)
             return
         first_segments = self._first_segments
         if first_segments is not None:

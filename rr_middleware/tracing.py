@@ -109,7 +109,11 @@ class AttemptTracer:
 
     def begin(self, scope: Scope) -> Token[_Traced | None] | None:
         """Trace the request of ``scope`` from here (if spans would record); give the
-        token back to ``end``."""
+        token back to ``end``. (``active``'s test is repeated here: this runs for every
+        request of a traced pool, and nearly always says "not configured, not yet time
+        to look" at the cost of a clock read, not of a call.)"""
+        if not self._configured and time.monotonic() < self._next_check:
+            return None
         return TRACED.set(_Traced(self, scope)) if self.active() else None
 
     @staticmethod
