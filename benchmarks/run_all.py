@@ -266,6 +266,8 @@ def throughput(ctx: Context) -> list[Row]:
     specs = [
         ("direct", "upstream1", "/hello"),
         ("bare", "bare", "/local"),
+        ("asgi-floor", "asgi", "/hello"),
+        ("rr-instant", "instant", "/api/hello"),
         ("rr-middleware", "rr", "/api/hello"),
         ("asgiproxy", "asgiproxy", "/api/hello"),
         ("nginx", "nginx", "/api/hello"),
@@ -282,6 +284,7 @@ def throughput(ctx: Context) -> list[Row]:
         r = wrk_rounds(targets, args, c, title=f"GET -c{c}")
         ctx.raw[f"throughput_c{c}"] = {k: m.as_dict() for k, m in r.items()}
         rows += _goal1_rows(r, c)
+        rows += _step_rows(r, c)
         rows += _goal6_rows(r, c)
         rows += _gateway_rows(r, c, args.workers)
     return rows
@@ -371,6 +374,49 @@ def _goal1_rows(r: dict[str, Measurement], c: int) -> list[Row]:
             )
         )
     return rows
+
+
+def _step_rows(r: dict[str, Measurement], c: int) -> list[Row]:
+    """Where the proxy's CPU per request goes, as differences of measured steps: the
+    server with a bare ASGI app, a Starlette route, the proxy whose upstream leg answers
+    at once in-process, the proxy (``profile_proxy.py`` samples the stages within). Per
+    round: the difference in µs."""
+    if not {"asgi-floor", "rr-instant", "bare"} <= r.keys():
+        return []
+    rr, bare = r["rr-middleware"], r["bare"]
+    floor, instant = r["asgi-floor"], r["rr-instant"]
+
+    def step(what: str, a: Measurement, b: Measurement) -> Row:
+        per = [x - y for x, y in zip(a.cpu_us, b.cpu_us, strict=True)]
+        extra = a.cpu_us_per_request - b.cpu_us_per_request
+        share = extra / rr.cpu_us_per_request
+        return Row(
+            f"1. GET -c{c}",
+            what,
+            f"{extra:+.0f} us/req ({share:.0%} of rr's)",
+            f"{a.cpu_us_per_request:.0f} - {b.cpu_us_per_request:.0f} us",
+            None,
+            "",
+            None,
+            per,
+        )
+
+    return [
+        Row(
+            f"1. GET -c{c}",
+            "CPU step: server + bare ASGI app",
+            f"{floor.cpu_us_per_request:.0f} us/req "
+            f"({floor.cpu_us_per_request / rr.cpu_us_per_request:.0%} of rr's)",
+            rps(floor),
+            None,
+            "",
+            None,
+            floor.cpu_us,
+        ),
+        step("CPU step: Starlette route (bare - asgi)", bare, floor),
+        step("CPU step: middleware, no upstream leg", instant, floor),
+        step("CPU step: upstream leg (rr - instant)", rr, instant),
+    ]
 
 
 def _goal6_rows(r: dict[str, Measurement], c: int) -> list[Row]:
@@ -888,6 +934,10 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         by["rr-base"] = start_proxy("rr-base", args.proxy_command, 1, old, log_dir, servers)
     if "throughput" in want:
         by["bare"] = start_server("bare", "bare_app", base, log_dir, servers)
+        # Steps between the bare server and the proxy (``profile_proxy.py`` says why):
+        # a bare ASGI app, and the proxy with an upstream leg that answers at once.
+        by["asgi"] = start_server("asgi", "stage_apps:asgi_app", base, log_dir, servers)
+        by["instant"] = start_server("instant", "stage_apps:instant_app", base, log_dir, servers)
         everything = {**base, "BENCH_EVERYTHING": "1"}
         by["rr-all"] = start_proxy("rr-all", args.proxy_command, 1, everything, log_dir, servers)
         if args.workers > 1:
@@ -920,7 +970,7 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
     for name, server in by.items():
         path = "/hello" if name.startswith("upstream") else "/local"
         path = "/mw50/local" if name == "ft" else path
-        if name in ("asgiproxy", "nginx") or name.startswith("rr-gw"):
+        if name in ("asgiproxy", "nginx", "instant") or name.startswith("rr-gw"):
             path = "/api/hello"
         wait_ready(server, path)
     for name in (
