@@ -103,7 +103,8 @@ def stage_of(stack: str) -> str:
     """The stage of one collapsed stack (``frame;frame;...``, outermost first); a frame
     reads ``function (file:line)``."""
     for frame in reversed(stack.split(";")):
-        function, _, where = frame.partition(" (")
+        qualified, _, where = frame.partition(" (")
+        function = qualified.rsplit(".", 1)[-1]  # py-spy names methods Class.method
         path = where.rsplit(":", 1)[0]
         for stage, suffix, functions in STAGES:
             if suffix in path and (functions is None or function in functions):

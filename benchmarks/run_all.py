@@ -1165,6 +1165,8 @@ def describe_run(args: argparse.Namespace) -> str:
     if "stream" in args.only:
         parts.append(f"streams {args.stream_mib} MiB, {args.stream_rounds} round(s)")
     parts.append(f"{'default' if args.default_malloc else 'fixed'} malloc thresholds")
+    if args.baseline is not None:
+        parts.append(f"--baseline {args.baseline.name}")  # its name, not where it lies
     parts.append("sections " + ", ".join(args.only) + (" (--quick)" if args.quick else ""))
     return "; ".join(parts)
 
