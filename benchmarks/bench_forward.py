@@ -18,7 +18,6 @@ its pool in a zone (the state worker processes share: ``Balancer(zone=...)``) be
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -30,28 +29,9 @@ from typing import Any
 
 
 async def _measure(calls: int, zone: str | None = None) -> float:
+    from inprocess import SCOPE, AtOnce, Client
+
     from rr_middleware import Pool, RoundRobinMiddleware
-    from rr_middleware.transport.base import UpstreamRequest, UpstreamTransport
-
-    class Answer:
-        def __init__(self) -> None:
-            self.status = 200
-            self.headers = [(b"content-length", b"13"), (b"content-type", b"text/plain")]
-            self._body = b"Hello, world!"
-
-        def body_complete(self) -> bool:
-            return True
-
-        async def read(self) -> bytes:
-            body, self._body = self._body, b""
-            return body
-
-        async def aclose(self) -> None:
-            return None
-
-    class AtOnce(UpstreamTransport):
-        async def send(self, request: UpstreamRequest) -> Any:
-            return Answer()
 
     async def host(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("nothing falls through")
@@ -62,44 +42,10 @@ async def _measure(calls: int, zone: str | None = None) -> float:
     else:
         middleware = RoundRobinMiddleware(host, pools=pools, transport=AtOnce(), zone=zone)
     await middleware.startup()
-    template = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/api/hello",
-        "raw_path": b"/api/hello",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-    }
-
-    class Exchange:
-        """uvicorn's receive/send for one bodiless request: after the body, receive()
-        waits until the response is complete."""
-
-        def __init__(self) -> None:
-            self.complete = asyncio.Event()
-            self.body_sent = False
-
-        async def receive(self) -> Any:
-            if not self.body_sent:
-                self.body_sent = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await self.complete.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(self, message: Any) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                self.complete.set()
-
     started = time.perf_counter()
     for _ in range(calls):
-        exchange = Exchange()
-        await middleware(dict(template), exchange.receive, exchange.send)
+        client = Client()
+        await middleware(dict(SCOPE), client.receive, client.send)
     elapsed = (time.perf_counter() - started) / calls * 1e6
     await middleware.shutdown()
     return elapsed

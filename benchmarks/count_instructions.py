@@ -5,10 +5,10 @@
 Requests go through ``RoundRobinMiddleware`` and its built-in HTTP/1.1 transport, in
 process, to two real uvicorn upstreams (``bench_apps.upstream_app``, started here, not
 counted); the client's side is a fixed scope and uvicorn-like ``receive``/``send``
-(``bench_forward.py``'s), so no server's work is in the count. A child process does
-``--requests`` requests, then twice as many, each under ``valgrind --tool=callgrind``;
-the difference over ``--requests`` is the count per request, start-up and imports
-cancelled out. Counts are of user-space instructions (the kernel's work in system calls
+(``inprocess.py``, as in ``bench_forward.py``), so no server's work is in the count. A
+child process does ``--requests`` requests, then twice as many, each under ``valgrind
+--tool=callgrind``; the difference over ``--requests`` is the count per request, start-up
+and imports cancelled out. Counts are of user-space instructions (the kernel's work in system calls
 is not in them) and repeat within about 1 % from run to run, whatever else the machine
 does, where wall and CPU time on a shared 2-core machine move by 10 % or more: the way to
 tell a change of a few percent to the data path. ``--baseline DIR`` counts the
@@ -36,47 +36,12 @@ BENCH_DIR = Path(__file__).resolve().parent
 def _child(requests: int, concurrency: int, upstreams: list[str]) -> None:
     """The counted process: ``requests`` proxied GETs, ``concurrency`` at a time."""
     import uvloop
+    from inprocess import SCOPE, Client
 
     from rr_middleware import Pool, RoundRobinMiddleware
 
     async def host(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("nothing falls through")
-
-    template = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/api/hello",
-        "raw_path": b"/api/hello",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-    }
-
-    class Exchange:
-        """uvicorn's receive/send for one bodiless request (as in bench_forward.py)."""
-
-        def __init__(self) -> None:
-            self.complete = asyncio.Event()
-            self.body_sent = False
-            self.status = 0
-
-        async def receive(self) -> Any:
-            if not self.body_sent:
-                self.body_sent = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await self.complete.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(self, message: Any) -> None:
-            if message["type"] == "http.response.start":
-                self.status = message["status"]
-            elif not message.get("more_body"):
-                self.complete.set()
 
     async def main() -> None:
         middleware = RoundRobinMiddleware(host, pools={"/api": Pool(upstreams)})
@@ -84,10 +49,10 @@ def _child(requests: int, concurrency: int, upstreams: list[str]) -> None:
 
         async def worker(count: int) -> None:
             for _ in range(count):
-                exchange = Exchange()
-                await middleware(dict(template), exchange.receive, exchange.send)
-                if exchange.status != 200:
-                    raise RuntimeError(f"the proxy answered {exchange.status}")
+                client = Client()
+                await middleware(dict(SCOPE), client.receive, client.send)
+                if client.status != 200:
+                    raise RuntimeError(f"the proxy answered {client.status}")
 
         await asyncio.gather(*[worker(requests // concurrency) for _ in range(concurrency)])
         await middleware.shutdown()

@@ -476,44 +476,27 @@ def _goal6_rows(r: dict[str, Measurement], c: int) -> list[Row]:
 
 
 def _gateway_rows(r: dict[str, Measurement], c: int, workers: int) -> list[Row]:
+    """Contenders side by side: (row number, measure, this, that, that's label)."""
+    pairs = (
+        ("", "rr vs --baseline build", "rr-middleware", "rr-baseline", "baseline"),
+        ("", f"rr-gateway {workers} workers vs 1", "rr-gateway-2w", "rr-gateway", "1 worker"),
+        ("4.", "rr-gateway granian vs uvicorn", "rr-gateway-granian", "rr-gateway", "uvicorn"),
+    )
     rows: list[Row] = []
-    rr = r["rr-middleware"]
-    if "rr-baseline" in r:
-        b = r["rr-baseline"]
-        rows.append(
-            compared(
-                f"   GET -c{c}",
-                "rr vs --baseline build",
-                f"CPU {rr.cpu_us_per_request:.0f} us/req",
-                f"baseline {rps(b)}, CPU {b.cpu_us_per_request:.0f} us/req",
-                rr,
-                b,
+    for number, what, a, b, label in pairs:
+        if a in r and b in r:
+            this, that = r[a], r[b]
+            rows.append(
+                compared(
+                    f"{number:>2} GET -c{c}",
+                    what,
+                    f"{rps(this)}, CPU {this.cpu_us_per_request:.0f} us/req",
+                    f"{label} {rps(that)}, CPU {that.cpu_us_per_request:.0f} us/req",
+                    this,
+                    that,
+                )
             )
-        )
-    if "rr-gateway" in r and "rr-gateway-2w" in r:
-        g1, g2 = r["rr-gateway"], r["rr-gateway-2w"]
-        rows.append(
-            compared(
-                f"   GET -c{c}",
-                f"rr-gateway {workers} workers vs 1",
-                f"{rps(g2)}, CPU {g2.cpu_us_per_request:.0f} us",
-                f"1 worker {rps(g1)}, CPU {g1.cpu_us_per_request:.0f} us",
-                g2,
-                g1,
-            )
-        )
     if "rr-gateway" in r and "rr-gateway-granian" in r:
-        g1, gg = r["rr-gateway"], r["rr-gateway-granian"]
-        rows.append(
-            compared(
-                f"4. GET -c{c}",
-                "rr-gateway granian vs uvicorn",
-                f"{rps(gg)}, CPU {gg.cpu_us_per_request:.0f} us",
-                f"uvicorn {rps(g1)}, CPU {g1.cpu_us_per_request:.0f} us",
-                gg,
-                g1,
-            )
-        )
         rows += _granian_rows(r, c)
     return rows
 

@@ -12,14 +12,12 @@ whole proxy) they make four steps; served by ``serve.py`` as ``stage_apps:NAME``
 
 from __future__ import annotations
 
-from typing import Any
-
 from bench_apps import PROXY_PREFIX, UPSTREAM_BODY, _lifespan, _log_to_stderr, _upstreams
+from inprocess import AtOnce
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rr_middleware import Pool, RoundRobinMiddleware
-from rr_middleware.transport.base import UpstreamRequest, UpstreamTransport
 
 _START = {
     "type": "http.response.start",
@@ -43,31 +41,6 @@ def asgi_app() -> ASGIApp:
     return app
 
 
-class _Answer:
-    """The upstream's answer, whole, as a transport's response."""
-
-    status = 200
-
-    def __init__(self) -> None:
-        self.headers = [(b"content-type", b"text/plain"), (b"content-length", b"13")]
-        self._body = UPSTREAM_BODY
-
-    def body_complete(self) -> bool:
-        return True
-
-    async def read(self) -> bytes:
-        body, self._body = self._body, b""
-        return body
-
-    async def aclose(self) -> None:
-        return None
-
-
-class _AtOnce(UpstreamTransport):
-    async def send(self, request: UpstreamRequest) -> Any:
-        return _Answer()
-
-
 def instant_app() -> Starlette:
     """The benchmark's proxy, its upstream leg replaced by an answer given at once."""
     _log_to_stderr()
@@ -75,5 +48,5 @@ def instant_app() -> Starlette:
 
     app = bare_app()
     pools = {PROXY_PREFIX: Pool(_upstreams())}
-    app.add_middleware(RoundRobinMiddleware, pools=pools, transport=_AtOnce())
+    app.add_middleware(RoundRobinMiddleware, pools=pools, transport=AtOnce())
     return app
