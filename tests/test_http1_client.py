@@ -862,3 +862,53 @@ def test_https_upstream_with_an_untrusted_certificate_is_a_bad_gateway(
             assert reply.status_code == 200
             assert reply.json()["raw_path"] == "/"
     assert len(app.requests) == 1
+
+
+# ----------------------------------------------------------------- the request head itself
+
+
+def _request_head(headers: list[Any], target: bytes = b"/x?y=1", extra: bytes = b"") -> bytes:
+    from rr_middleware.transport.base import UpstreamRequest
+    from rr_middleware.transport.http1 import _head
+    from rr_middleware.upstream import Upstream
+
+    request = UpstreamRequest(
+        "GET", Upstream("http://127.0.0.1:9"), target, headers, None, 1.0, 1.0
+    )
+    return _head(request, extra)
+
+
+def test_the_request_head_is_the_line_and_the_headers_as_given() -> None:
+    pairs = [(b"host", b"a"), (b"x-many", b"1"), (b"x-many", b"2")]
+    assert _request_head(pairs) == (
+        b"GET /x?y=1 HTTP/1.1\r\nhost: a\r\nx-many: 1\r\nx-many: 2\r\n\r\n"
+    )
+    assert _request_head([]) == b"GET /x?y=1 HTTP/1.1\r\n\r\n"
+    extra = b"content-length: 3\r\n"
+    assert _request_head([(b"host", b"a")], extra=extra) == (
+        b"GET /x?y=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "target"),
+    [
+        ([(b"x-a", b"1\r\nx-injected: 1")], b"/"),
+        ([(b"x-a\r\nx-b", b"1")], b"/"),
+        ([(b"x-a", b"1\n")], b"/"),
+        ([(b"x-a", b"1\r")], b"/"),
+        ([(b"x-a", b"1\x00")], b"/"),
+        ([(b"x-a", b"1")], b"/ HTTP/1.1\r\nx-injected: 1\r\n\r\nGET /"),
+        ([(b"x-a",)], b"/"),
+        ([(b"x-a", b"1", b"2")], b"/"),
+    ],
+)
+def test_a_request_head_that_would_break_the_framing_is_refused(
+    headers: list[Any], target: bytes
+) -> None:
+    """CR, LF or NUL anywhere, or a header that is not a pair, never reaches an upstream:
+    the request is refused whole (forwarding answers 400 for it)."""
+    from rr_middleware.transport.base import RequestNotForwardable
+
+    with pytest.raises(RequestNotForwardable):
+        _request_head(headers, target)

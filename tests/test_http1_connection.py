@@ -255,3 +255,15 @@ async def test_read_deadlines_shared_by_connections_each_fire_on_time() -> None:
         assert answered.error is None
         assert answered.status == 204
         assert not deadlines.waiting
+
+
+async def test_closing_the_deadlines_leaves_a_wait_under_way_its_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    async with connected(deadlines) as silent:
+        exchange = silent.conn.start(head_only=False)
+        waiting = asyncio.ensure_future(exchange.wait(0.05))
+        await asyncio.sleep(0)
+        deadlines.close()  # as a transport closing while a wait is under way
+        await asyncio.wait_for(waiting, WAIT)
+        assert isinstance(exchange.error, UpstreamTimeout)

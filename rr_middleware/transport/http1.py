@@ -171,6 +171,8 @@ def _head(request: UpstreamRequest, extra: bytes) -> bytes:
             b"\r\n",
         )
     )
+    if sum(map(len, headers)) != 2 * len(headers):  # the join would take any tuple
+        raise RequestNotForwardable("a request header that is not a (name, value) pair")
     breaks = len(headers) + 2 + extra.count(b"\n")
     if head.count(b"\n") != breaks or head.count(b"\r") != breaks or b"\0" in head:
         raise RequestNotForwardable("CR, LF or NUL inside the request line or a header")

@@ -328,11 +328,12 @@ class Deadlines:
         self.waiting.discard(exchange)
 
     def close(self) -> None:
-        """No more waits (the owner closes): the timer goes."""
-        if self._timer is not None:
+        """The owner closes: the timer goes, unless a wait is still under way (its
+        deadline stands until its connection's end wakes it)."""
+        if self._timer is not None and not self.waiting:
             self._timer.cancel()
             self._timer = None
-        self._at = math.inf
+            self._at = math.inf
 
     def _arm(self, at: float) -> None:
         if self._timer is not None:
