@@ -131,6 +131,8 @@ class ClientSide:
     #: would cost more than the bookkeeping.
     sending_since: float | None = None
     _watch: asyncio.Future[Message] | None = None
+    #: The server's body message was not read (``empty``): the watch reads past it.
+    _unread = False
 
     def __init__(
         self,
@@ -141,6 +143,7 @@ class ClientSide:
         send_timeout: float,
         sweeper: Sweeper,
         min_rate: float = 0.0,
+        empty: bool = False,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -152,6 +155,12 @@ class ClientSide:
         self.body_timeout = body_timeout
         self.send_timeout = send_timeout
         self.min_rate = min_rate
+        if empty:
+            # A request its framing says has no body (HTTP/1.x with neither a
+            # Content-Length nor a Transfer-Encoding): complete as it stands, with no
+            # receive() for the empty body message, which the disconnect watch reads.
+            self.complete = True
+            self._unread = True
         sweep = self._sweep = sweeper.of(loop)
         sweep.exchanges.add(self)
         if sweep.timer is None:
@@ -163,6 +172,8 @@ class ClientSide:
         """Read until the body ends (return it: complete, so replayable; None if empty)
         or passes ``buffer_limit`` bytes (return None, ``complete`` False: stream the
         rest with ``chunks()``). Raises ClientBodyError."""
+        if self.complete:  # ``empty``: nothing to read
+            return None
         chunk, more = await self._next()
         if not more:  # most requests: the whole body (or none) in one message
             self.complete = True
@@ -258,16 +269,23 @@ class ClientSide:
             self._task.cancel()
             return
         if self.complete and self._watch is None and now - self._since >= self._sweep.tick:
-            self._watch = asyncio.ensure_future(self._receive())
-            self._watch.add_done_callback(self._on_message)
+            self._start_watch()
+
+    def _start_watch(self) -> None:
+        self._watch = asyncio.ensure_future(self._receive())
+        self._watch.add_done_callback(self._on_message)
 
     def _on_message(self, future: asyncio.Future[Message]) -> None:
         # A callback already scheduled runs even once closed: after close(), a no-op.
         if self.closed or future.cancelled() or future.exception() is not None:
             return
-        if future.result()["type"] == "http.disconnect":
+        kind = future.result()["type"]
+        if kind == "http.disconnect":
             self.gone = True
             self._task.cancel()
+        elif kind == "http.request" and self._unread:
+            self._unread = False  # the empty body's message, left unread: watch on
+            self._start_watch()
 
     def close(self) -> None:
         """The exchange is over (the server answers ``receive()`` with a disconnect once

@@ -171,7 +171,8 @@ async def forward(
         has_host = any(name == b"host" for name, _ in headers)  # the hook may set one
     rid = request_id(headers) if settings.request_id else None
     size_limit = pool.max_body_size
-    if size_limit is not None and (_declared_length(scope["headers"]) or 0) > size_limit:
+    declared, framed = _body_framing(scope)
+    if size_limit is not None and (declared or 0) > size_limit:
         # Said up front: not a byte of the body is read, so the connection cannot carry
         # another request (the server would wait for that body first).
         await send_error(send, 413, _CLOSE)
@@ -183,6 +184,7 @@ async def forward(
         send_timeout=pool.client_send_timeout,
         min_rate=pool.client_body_min_rate,
         sweeper=settings.sweeper,
+        empty=not framed,
     )
     forwarding = _Forwarding(runtime, scope, send, path, headers, has_host, client, settings)
     forwarding.request_id = rid
@@ -304,9 +306,11 @@ class _Forwarding:
         budget = runtime.budget
         budget.active += 1
         try:
-            self.body = await self.client.start(buffer)
-            if not self.client.complete:
-                self.stream = self.client
+            client = self.client
+            if not client.complete:  # else a request with no body (``ClientSide``'s empty)
+                self.body = await client.start(buffer)
+                if not client.complete:
+                    self.stream = client
             if mirror is not None:
                 self._mirror(mirror)
             # Only a body held whole, within retry_body_limit, is sent again.
@@ -613,8 +617,18 @@ class _Forwarding:
         )
 
 
-def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
+def _body_framing(scope: Scope) -> tuple[int | None, bool]:
+    """The request body's declared length (None: none, or not a number), and whether the
+    request may have a body at all: on HTTP/1.x only one with a Transfer-Encoding or a
+    Content-Length other than 0 has one (RFC 9112 §6.3); other versions may send a body
+    with neither, so they are taken to have one."""
+    declared: int | None = None
+    framed = scope.get("http_version") not in ("1.1", "1.0")
+    for name, value in scope["headers"]:
         if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
+            if declared is None and value.isdigit():
+                declared = int(value)
+            framed = framed or value != b"0"
+        elif name == b"transfer-encoding":
+            framed = True
+    return declared, framed

@@ -594,3 +594,66 @@ async def test_async_client_streams_a_multi_chunk_body(a: UpstreamApp) -> None:
             echo = await client.get("/api/x")
     assert response.content == b"AAAABBBBCCCC"
     assert json.loads(echo.content)["server"] == "a"
+
+
+# ------------------------------------------------------------- bodies the framing tells
+
+
+async def _forward_raw(http_version: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+    """One request straight into the middleware, as a server describes it, with its body
+    in one message; returns what the upstream recorded and how often receive() ran."""
+    upstream = UpstreamApp("a")
+    middleware = RoundRobinMiddleware(
+        make_host({}), pools={"/api": Pool([Upstream("http://a.internal", app=upstream)])}
+    )
+    await middleware.startup()
+    received: list[str] = []
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        received.append("body" if not received else "more")
+        if len(received) == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}  # the response is complete by then
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": http_version,
+        "method": "POST" if body else "GET",
+        "scheme": "http",
+        "path": "/api/echo",
+        "raw_path": b"/api/echo",
+        "query_string": b"action=echo",
+        "root_path": "",
+        "headers": [(b"host", b"front"), *headers],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+    try:
+        await middleware(scope, receive, send)
+    finally:
+        await middleware.shutdown()
+    assert sent[0]["status"] == 200
+    return upstream.requests[0], received
+
+
+async def test_an_http2_body_without_a_length_reaches_the_upstream() -> None:
+    """HTTP/2 may carry a body with neither Content-Length nor Transfer-Encoding: it is
+    read and forwarded, not taken for an empty one."""
+    record, received = await _forward_raw("2", [], b"abc")
+    assert record["body"] == "abc"
+    assert received[0] == "body"
+
+
+async def test_an_http1_request_its_framing_says_is_empty_is_forwarded_unread() -> None:
+    """An HTTP/1.1 GET with no Content-Length and no Transfer-Encoding has no body (RFC
+    9112 §6.3): it is forwarded without waiting on receive() for the empty message."""
+    record, received = await _forward_raw("1.1", [], b"")
+    assert (record["method"], record["body"]) == ("GET", "")
+    assert received == []
+    record, received = await _forward_raw("1.1", [(b"content-length", b"3")], b"abc")
+    assert record["body"] == "abc"
