@@ -16,6 +16,9 @@ from bench_apps import UPSTREAM_BODY
 
 from rr_middleware.transport.base import UpstreamRequest, UpstreamTransport
 
+#: The upstream's answer's headers (``bench_apps.upstream_app``'s, less its name).
+ANSWER_HEADERS = ((b"content-type", b"text/plain"), (b"content-length", b"13"))
+
 #: A proxied GET of ``/api/hello`` as uvicorn describes it (copy it per request: the
 #: middleware may add to a scope).
 SCOPE: dict[str, Any] = {
@@ -64,7 +67,7 @@ class Answer:
     status = 200
 
     def __init__(self) -> None:
-        self.headers = [(b"content-type", b"text/plain"), (b"content-length", b"13")]
+        self.headers = list(ANSWER_HEADERS)
         self._body = UPSTREAM_BODY
 
     def body_complete(self) -> bool:

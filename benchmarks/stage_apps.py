@@ -12,8 +12,15 @@ whole proxy) they make four steps; served by ``serve.py`` as ``stage_apps:NAME``
 
 from __future__ import annotations
 
-from bench_apps import PROXY_PREFIX, UPSTREAM_BODY, _lifespan, _log_to_stderr, _upstreams
-from inprocess import AtOnce
+from bench_apps import (
+    PROXY_PREFIX,
+    UPSTREAM_BODY,
+    _lifespan,
+    _log_to_stderr,
+    _upstreams,
+    bare_app,
+)
+from inprocess import ANSWER_HEADERS, AtOnce
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -22,7 +29,7 @@ from rr_middleware import Pool, RoundRobinMiddleware
 _START = {
     "type": "http.response.start",
     "status": 200,
-    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")],
+    "headers": list(ANSWER_HEADERS),
 }
 _BODY = {"type": "http.response.body", "body": UPSTREAM_BODY}
 
@@ -44,8 +51,6 @@ def asgi_app() -> ASGIApp:
 def instant_app() -> Starlette:
     """The benchmark's proxy, its upstream leg replaced by an answer given at once."""
     _log_to_stderr()
-    from bench_apps import bare_app
-
     app = bare_app()
     pools = {PROXY_PREFIX: Pool(_upstreams())}
     app.add_middleware(RoundRobinMiddleware, pools=pools, transport=AtOnce())

@@ -171,9 +171,7 @@ class ClientSide:
     async def start(self, buffer_limit: int) -> bytes | None:
         """Read until the body ends (return it: complete, so replayable; None if empty)
         or passes ``buffer_limit`` bytes (return None, ``complete`` False: stream the
-        rest with ``chunks()``). Raises ClientBodyError."""
-        if self.complete:  # ``empty``: nothing to read
-            return None
+        rest with ``chunks()``). Raises ClientBodyError. (Not called when ``empty``.)"""
         chunk, more = await self._next()
         if not more:  # most requests: the whole body (or none) in one message
             self.complete = True

@@ -71,12 +71,6 @@ class Endpoints:
                     raise FieldError("admin_path", f"{path!r} collides with another endpoint")
                 self.paths[path] = "admin"
 
-    def __bool__(self) -> bool:
-        return bool(self.paths)
-
-    def __contains__(self, path: object) -> bool:
-        return path in self.paths
-
     async def serve(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         kind = self.paths[path]
         if kind == "admin":

@@ -171,7 +171,7 @@ async def forward(
         has_host = any(name == b"host" for name, _ in headers)  # the hook may set one
     rid = request_id(headers) if settings.request_id else None
     size_limit = pool.max_body_size
-    declared, framed = _body_framing(scope)
+    declared, framed = _body_framing(scope["headers"])
     if size_limit is not None and (declared or 0) > size_limit:
         # Said up front: not a byte of the body is read, so the connection cannot carry
         # another request (the server would wait for that body first).
@@ -184,7 +184,7 @@ async def forward(
         send_timeout=pool.client_send_timeout,
         min_rate=pool.client_body_min_rate,
         sweeper=settings.sweeper,
-        empty=not framed,
+        empty=not framed and scope.get("http_version") in ("1.1", "1.0"),
     )
     forwarding = _Forwarding(runtime, scope, send, path, headers, has_host, client, settings)
     forwarding.request_id = rid
@@ -217,10 +217,7 @@ def closing(scope: Scope) -> Sequence[tuple[bytes, bytes]]:
     """``Connection: close`` for an answer given before a request body was read: the
     connection cannot carry another request (the server would wait for that body first,
     its keep-alive timer no longer running)."""
-    for name, value in scope["headers"]:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return _CLOSE
-    return ()
+    return _CLOSE if _body_framing(scope["headers"])[1] else ()
 
 
 async def abort(send: Send, why: str) -> None:
@@ -617,14 +614,14 @@ class _Forwarding:
         )
 
 
-def _body_framing(scope: Scope) -> tuple[int | None, bool]:
+def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
     """The request body's declared length (None: none, or not a number), and whether the
-    request may have a body at all: on HTTP/1.x only one with a Transfer-Encoding or a
-    Content-Length other than 0 has one (RFC 9112 §6.3); other versions may send a body
-    with neither, so they are taken to have one."""
+    headers frame a body: a Transfer-Encoding, or a Content-Length other than 0. On
+    HTTP/1.x a request without either has no body (RFC 9112 §6.3); other versions may
+    send one with neither."""
     declared: int | None = None
-    framed = scope.get("http_version") not in ("1.1", "1.0")
-    for name, value in scope["headers"]:
+    framed = False
+    for name, value in headers:
         if name == b"content-length":
             if declared is None and value.isdigit():
                 declared = int(value)
