@@ -36,11 +36,28 @@ from .errors import BodyTooLarge, ClientBodyError, ClientBodyTimeout, ClientDisc
 if TYPE_CHECKING:
     from starlette.types import Message, Receive
 
-__all__ = ["TICK", "ClientSide", "Sweeper", "abort_client"]
+__all__ = [
+    "LINGER_BYTES",
+    "LINGER_IDLE",
+    "LINGER_TIME",
+    "TICK",
+    "ClientSide",
+    "Sweeper",
+    "abort_client",
+    "linger",
+]
 
 #: Seconds between two looks at the exchanges in flight: how late a deadline may be
 #: noticed, and how long an exchange runs before its client is watched for leaving.
 TICK = 0.1
+
+#: An answer given before the request body was read (nginx's lingering close): before its
+#: last message, what the client still sends is read and dropped, until the body ends, the
+#: client leaves, nothing comes for ``LINGER_IDLE`` seconds, ``LINGER_TIME`` seconds pass
+#: or ``LINGER_BYTES`` are read (nginx: ``lingering_timeout`` 5 s, ``lingering_time`` 30 s).
+LINGER_TIME = 2.0
+LINGER_IDLE = 0.5
+LINGER_BYTES = 1 << 20
 
 
 class Sweeper:
@@ -165,6 +182,11 @@ class ClientSide:
         sweep.exchanges.add(self)
         if sweep.timer is None:
             sweep.arm()
+
+    @property
+    def receive(self) -> Receive:
+        """The server's ``receive`` (what an answer that lingers reads: ``linger``)."""
+        return self._receive
 
     # -- the body -------------------------------------------------------------------------
 
@@ -303,6 +325,31 @@ class ClientSide:
             return False
         uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+
         return uncancel is None or uncancel() == 0
+
+
+async def linger(receive: Receive) -> None:
+    """Read and drop the rest of a request body the answer did not need, within bounds (see
+    ``LINGER_TIME``), before the answer's last message lets the server close.
+
+    A server closes a connection at once after an answer that says ``Connection: close``;
+    body bytes still arriving then (or unread in the socket) make the kernel answer with a
+    reset, and a client still writing its upload usually reports that reset ("connection
+    reset by peer") instead of the answer, which it may never read. Once the body is in,
+    or the client has stopped sending, the close is an ordinary one."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + LINGER_TIME
+    size = 0
+    while size < LINGER_BYTES:
+        wait = min(LINGER_IDLE, end - loop.time())
+        if wait <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), wait)
+        except Exception:  # nothing came in time, or the server's receive() failed:
+            return  # lingering is a courtesy; the answer ends either way
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        size += len(message.get("body", b""))
 
 
 async def abort_client(send: Any) -> bool:

@@ -30,8 +30,11 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from .client import ClientSide, Sweeper, abort_client
+from starlette.responses import StreamingResponse
+
+from .client import ClientSide, Sweeper, abort_client, linger
 from .errors import (
+    BodyTooLarge,
     ClientBodyError,
     NoUpstream,
     PoolTimeout,
@@ -45,7 +48,7 @@ from .transport.base import UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
     from starlette.responses import Response
-    from starlette.types import Receive, Scope, Send
+    from starlette.types import Message, Receive, Scope, Send
 
     from .attempt import Attempt
     from .hedging import HedgedAttempt
@@ -113,9 +116,12 @@ async def send_error(
     status: int,
     headers: Sequence[tuple[bytes, bytes]] = (),
     message: str = "http.response",
+    lingering: Receive | None = None,
 ) -> None:
     """A short, generic plain-text error response. Causes go to the log, never here.
-    ``message="websocket.http.response"`` answers a WebSocket handshake instead."""
+    ``message="websocket.http.response"`` answers a WebSocket handshake instead.
+    ``lingering``: the request's ``receive``, when the answer leaves a body the client is
+    still sending (its last message waits for ``linger``)."""
     reason = _REASONS.get(status) or HTTPStatus(status).phrase.encode()
     body = b"%d %s\n" % (status, reason)
     await send(
@@ -129,7 +135,42 @@ async def send_error(
             ],
         }
     )
-    await send({"type": message + ".body", "body": body})
+    if lingering is None:
+        await send({"type": message + ".body", "body": body})
+        return
+    await send({"type": message + ".body", "body": body, "more_body": True})
+    await linger(lingering)
+    await send({"type": message + ".body"})
+
+
+async def answer_early(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """An error answered before a byte of the request body was read: if the request has
+    a body, with ``Connection: close`` (the connection cannot carry another request: the
+    server would wait for that body first, its keep-alive timer no longer running) and,
+    over HTTP/1.x, lingering for the body the client is sending (``linger``)."""
+    if not _body_framing(scope["headers"])[1]:
+        await send_error(send, status, headers)
+        return
+    await send_error(send, status, [*headers, *_CLOSE], lingering=_lingering(scope, receive))
+
+
+def _lingering(scope: Scope, receive: Receive, asked: bool = False) -> Receive | None:
+    """``receive`` if a client may be sending a body no one read: HTTP/1.x (a stream of
+    HTTP/2 ends on its own), and not waiting for a ``100 Continue`` that never came (the
+    server sends it at the first ``receive()``: ``asked``)."""
+    if scope.get("http_version") not in ("1.1", "1.0"):
+        return None
+    if not asked:
+        for name, value in scope["headers"]:
+            if name == b"expect" and value.lower() == b"100-continue":
+                return None
+    return receive
 
 
 async def forward(
@@ -154,14 +195,14 @@ async def forward(
     if not runtime.members:  # a discovered pool with no upstreams (yet, or any more)
         logger.info("pool %s: no upstreams; answering 503", runtime.name)
         retry_after = (b"retry-after", b"%d" % runtime.retry_after())
-        await send_error(send, 503, [retry_after, *closing(scope)])
+        await answer_early(scope, receive, send, 503, [retry_after])
         return
     try:
         scheme = scope.get("scheme", "http")
         headers, has_host = settings.upstream_headers(runtime, scope, scheme, stripped)
     except BadRequestHeaders as exc:
         logger.info("pool %s: refused request: %s", runtime.name, exc)
-        await send_error(send, exc.status, closing(scope))
+        await answer_early(scope, receive, send, exc.status)
         return
     if hooks is not None and hooks.on_request is not None:
         answer = await hooks.edit_request(scope, headers)
@@ -175,7 +216,7 @@ async def forward(
     if size_limit is not None and (declared or 0) > size_limit:
         # Said up front: not a byte of the body is read, so the connection cannot carry
         # another request (the server would wait for that body first).
-        await send_error(send, 413, _CLOSE)
+        await answer_early(scope, receive, send, 413)
         return
     client = ClientSide(
         receive,
@@ -207,17 +248,27 @@ _CLOSE = ((b"connection", b"close"),)
 
 async def send_response(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
     """A pool's guard or hook answered instead of the upstream: its response, with
-    ``Connection: close`` when the request body was not read (see ``closing``)."""
-    if closing(scope):
+    ``Connection: close`` when the request has a body, which was not read, and its last
+    message held back while the body lingers (see ``answer_early``); not a streamed
+    response's, which may read ``receive`` itself."""
+    if _body_framing(scope["headers"])[1]:
         response.headers["connection"] = "close"
+        lingering = _lingering(scope, receive)
+        if lingering is not None and not isinstance(response, StreamingResponse):
+            send = _held_back(send, lingering)
     await response(scope, receive, send)
 
 
-def closing(scope: Scope) -> Sequence[tuple[bytes, bytes]]:
-    """``Connection: close`` for an answer given before a request body was read: the
-    connection cannot carry another request (the server would wait for that body first,
-    its keep-alive timer no longer running)."""
-    return _CLOSE if _body_framing(scope["headers"])[1] else ()
+def _held_back(send: Send, lingering: Receive) -> Send:
+    async def held_back(message: Message) -> None:
+        if message["type"] != "http.response.body" or message.get("more_body", False):
+            await send(message)
+            return
+        await send({**message, "more_body": True})
+        await linger(lingering)
+        await send({"type": "http.response.body"})
+
+    return held_back
 
 
 async def abort(send: Send, why: str) -> None:
@@ -484,13 +535,13 @@ class _Forwarding:
             if runtime.all_down and runtime.pool.on_all_down == "fail":
                 logger.warning("pool %s: every upstream is down; answering 503", runtime.name)
                 retry_after = (b"retry-after", b"%d" % runtime.retry_after())
-                await send_error(self.send, 503, [retry_after, *self._closing()])
+                await self._send_error(503, [retry_after])
             else:
                 logger.warning("pool %s: no upstream available; answering 503", runtime.name)
-                await send_error(self.send, 503, self._closing())
+                await self._send_error(503)
         else:
             status = error.status if error is not None else 502
-            await send_error(self.send, status, self._closing())
+            await self._send_error(status)
             if self.settings.access_log:
                 self._access_log(", ".join(m.upstream.url for m in tried), status, 0.0)
         self.client.close()
@@ -502,11 +553,23 @@ class _Forwarding:
                 await abort(self.send, str(failure))
             return  # it left; no one to tell
         # The client that left gets 499 (see forward): an app around this one expects one.
+        # A body over the limit lingers (the client is still sending it); one that stalled
+        # would only hold the connection longer.
+        lingering = None
+        if isinstance(failure, BodyTooLarge):
+            lingering = _lingering(self.scope, self.client.receive, asked=True)
         with contextlib.suppress(Exception):
-            await send_error(self.send, failure.status or 499, _CLOSE)
+            await send_error(self.send, failure.status or 499, _CLOSE, lingering=lingering)
 
-    def _closing(self) -> Sequence[tuple[bytes, bytes]]:
-        return () if self.client.complete else _CLOSE
+    async def _send_error(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """An error answer; while the request body is not all in, with ``Connection:
+        close``, lingering for the rest of it (see ``answer_early``)."""
+        client = self.client
+        if client.complete:
+            await send_error(self.send, status, headers)
+            return
+        lingering = _lingering(self.scope, client.receive, asked=True)
+        await send_error(self.send, status, [*headers, *_CLOSE], lingering=lingering)
 
     async def _relay(self, attempt: Attempt | HedgedAttempt, response: UpstreamResponse) -> None:
         """Relay the response: a body with no bytes (1xx, 204, 304, HEAD), a body already
@@ -564,7 +627,7 @@ class _Forwarding:
             else:
                 await self._stream(member, response)
         except HookFailed:
-            await send_error(send, 500, self._closing())
+            await self._send_error(500)
         except UpstreamError as exc:
             self._raise_client_failure(exc)  # the client's body broke the exchange
             attempt.fail(exc)

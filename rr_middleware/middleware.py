@@ -17,7 +17,7 @@ from .admin import AdminAPI
 from .config import PoolsArg
 from .endpoints import Endpoints
 from .errors import FieldError
-from .forwarding import ProxySettings, closing, forward, logger, send_error
+from .forwarding import ProxySettings, answer_early, forward, logger
 from .headers import TrustedProxies
 from .matching import Route, RouteTable, build_tables
 from .pool_runtime import PoolRuntime
@@ -240,7 +240,7 @@ class RoundRobinMiddleware:
             return
         state, rest, refusal = found
         if refusal is not None:
-            await send_error(send, refusal.status, [*refusal.headers, *closing(scope)])
+            await answer_early(scope, receive, send, refusal.status, refusal.headers)
             return
         await forward(state, scope, receive, send, rest, self._settings)
 
@@ -367,7 +367,7 @@ class RoundRobinMiddleware:
                 logger.info("pool %s: refused the route's path %r", state.name, rest[:200])
                 refusal = _UNSAFE_PATH
         if refusal is not None:
-            await send_error(send, refusal.status, [*refusal.headers, *closing(scope)])
+            await answer_early(scope, receive, send, refusal.status, refusal.headers)
             return
         stripped = raw_path[: len(raw_path) - len(rest)] if raw_path.endswith(rest) else b""
         await forward(state, scope, receive, send, rest, self._settings, stripped)

@@ -29,6 +29,8 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from rr_middleware import Pool, RoundRobinMiddleware, Upstream
+from rr_middleware import client as rr_client
+from rr_middleware.client import LINGER_IDLE
 
 from .leaks import LeakLog, held_sockets, leaks, proxy_sockets_to, rss_bytes
 from .proxy import aclient, aproxy_state, fault_proxy
@@ -738,8 +740,7 @@ async def test_an_answer_given_before_the_body_was_read_closes_the_connection(
             # arrived after its last read would make its close a reset (the servers close
             # without lingering), which could cut the answer short.
             writer.write(
-                b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 100000\r\n\r\n"
-                + b"u" * 1000
+                b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 100000\r\n\r\n" + b"u" * 1000
             )
             head = await answer_head(reader, 10)
             with anyio.fail_after(RELEASE + 1):
@@ -749,6 +750,77 @@ async def test_an_answer_given_before_the_body_was_read_closes_the_connection(
     assert head.startswith(b"HTTP/1.1 " + expected[case]), head
     assert b"connection: close" in head.lower(), head
     assert len(rest) < 100, rest
+
+
+@pytest.mark.parametrize("case", ["413-up-front", "405-refused", "guard", "upstream-broke"])
+async def test_an_early_answer_lingers_for_the_body_the_client_is_still_sending(
+    leak_log: LeakLog, case: str
+) -> None:
+    """nginx's lingering close: an answer given before the request body was read (the
+    proxy's own 413, 405 or 502, a guard's 403) goes out whole at once, but its end waits
+    while the client goes on sending the body, which is read and dropped. The close that
+    follows finds nothing unread: the client sends all of it after reading the answer, then
+    reads the connection's end, never a reset. (Closed at once, the bytes sent after the
+    close are answered with a reset, which clients report instead of the answer.)"""
+
+    async def broke(connection: RawConnection) -> None:
+        if await connection.read_head() is not None:
+            connection.writer.transport.abort()
+
+    with RawUpstream(broke) as upstream:
+        pool = Pool(
+            [upstream.url],
+            max_body_size=1000 if case == "413-up-front" else None,
+            refuse_methods={"POST"} if case == "405-refused" else {"CONNECT", "TRACE"},
+            guard=(lambda request: False) if case == "guard" else None,
+            request_buffer_size=0,
+            retries=0,
+        )
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(
+                b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 200000\r\n\r\n"
+                + b"u" * 1000  # the start of the body: the upstream's exchange begins with it
+            )
+            head = await answer_head(reader, 10)
+            length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r")[0])
+            with anyio.fail_after(10):
+                answer = await reader.readexactly(length)  # whole, before the body is sent
+            for _ in range(199):
+                writer.write(b"u" * 1000)
+                await writer.drain()
+            with anyio.fail_after(LINGER_IDLE + SLACK):
+                rest = await reader.read(-1)  # the body is in: the answer ends, then the close
+            await leave(writer, abort=True)
+    expected = {"413-up-front": 413, "405-refused": 405, "guard": 403, "upstream-broke": 502}
+    assert head.startswith(b"HTTP/1.1 %d " % expected[case]), head
+    assert b"connection: close" in head.lower(), head
+    assert answer, head
+    assert rest == b""
+
+
+async def test_an_early_answer_to_a_client_waiting_for_100_continue_does_not_linger(
+    leak_log: LeakLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sent ``Expect: 100-continue`` and got a final answer instead sends
+    no body: the proxy closes as soon as the answer is out, without lingering."""
+    # A proxy that lingered would hold the connection for a minute.
+    monkeypatch.setattr(rr_client, "LINGER_IDLE", 60.0)
+    monkeypatch.setattr(rr_client, "LINGER_TIME", 60.0)
+    with RawUpstream(answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")) as upstream:
+        pool = Pool([upstream.url], max_body_size=1000)
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(
+                b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 200000\r\n"
+                b"expect: 100-continue\r\n\r\n"
+            )
+            head = await answer_head(reader, 10)
+            with anyio.fail_after(RELEASE + SLACK):
+                rest = await reader.read(-1)
+            await leave(writer, abort=True)
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert rest == b"413 Content Too Large\n"
 
 
 @pytest.mark.parametrize("transport", ["default", "httpx", "aiohttp"])
