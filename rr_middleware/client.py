@@ -132,6 +132,7 @@ class ClientSide:
     _first = b""
     started = False  # chunks() has begun: the body cannot be sent again
     complete = False  # the whole body is in
+    ended = False  # the body's last message was read (even one over the limit)
     failure: ClientBodyError | None = None
     size = 0  # body bytes read so far
     gone = False  # the client left, or stopped reading (``stalled``)
@@ -245,10 +246,12 @@ class ClientSide:
         if message["type"] == "http.disconnect":
             self._fail(ClientDisconnected("the client left during the request body"))
         chunk: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        self.ended = not more
         self.size += len(chunk)
         if self.limit is not None and self.size > self.limit:
             self._fail(BodyTooLarge(f"request body over max_body_size ({self.limit})"))
-        return chunk, message.get("more_body", False)
+        return chunk, more
 
     def _fail(self, error: ClientBodyError) -> NoReturn:
         self.failure = error

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from starlette.responses import StreamingResponse
+from starlette.responses import FileResponse, StreamingResponse
 
 from .client import ClientSide, Sweeper, abort_client, linger
 from .errors import (
@@ -254,7 +254,9 @@ async def send_response(response: Response, scope: Scope, receive: Receive, send
     if _body_framing(scope["headers"])[1]:
         response.headers["connection"] = "close"
         lingering = _lingering(scope, receive)
-        if lingering is not None and not isinstance(response, StreamingResponse):
+        # Streamed and file responses listen for the disconnect on ``receive`` themselves
+        # (ASGI spec below 2.4): two readers would split the messages.
+        if lingering is not None and not isinstance(response, (StreamingResponse, FileResponse)):
             send = _held_back(send, lingering)
     await response(scope, receive, send)
 
@@ -556,7 +558,7 @@ class _Forwarding:
         # A body over the limit lingers (the client is still sending it); one that stalled
         # would only hold the connection longer.
         lingering = None
-        if isinstance(failure, BodyTooLarge):
+        if isinstance(failure, BodyTooLarge) and not self.client.ended:
             lingering = _lingering(self.scope, self.client.receive, asked=True)
         with contextlib.suppress(Exception):
             await send_error(self.send, failure.status or 499, _CLOSE, lingering=lingering)
@@ -627,6 +629,7 @@ class _Forwarding:
             else:
                 await self._stream(member, response)
         except HookFailed:
+            await response.aclose()  # the body's writer stops: lingering reads alone
             await self._send_error(500)
         except UpstreamError as exc:
             self._raise_client_failure(exc)  # the client's body broke the exchange

@@ -26,6 +26,7 @@ import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.responses import FileResponse
 from starlette.testclient import TestClient
 
 from rr_middleware import Pool, RoundRobinMiddleware, Upstream
@@ -821,6 +822,98 @@ async def test_an_early_answer_to_a_client_waiting_for_100_continue_does_not_lin
             await leave(writer, abort=True)
     assert head.startswith(b"HTTP/1.1 413 "), head
     assert rest == b"413 Content Too Large\n"
+
+
+async def test_a_response_hook_failing_on_an_early_answer_lingers_as_the_only_reader(
+    leak_log: LeakLog,
+) -> None:
+    """The upstream answers before it read the upload and ``on_response`` fails: the 500
+    lingers for the rest of the body only once the body's writer to the upstream has
+    stopped. Two readers of ``receive`` would split the body's messages (each seeing its
+    end), and the upstream connection could go back to the pool with its body cut short,
+    the next request written into it."""
+    readers = {"now": 0, "most": 0}
+
+    def failing(request: Any, response: Any) -> None:
+        raise RuntimeError("a bug in the hook")
+
+    async def answer_then_read(connection: RawConnection) -> None:
+        if await connection.read_head() is not None:
+            await connection.send(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await connection.wait_eof()
+
+    with RawUpstream(answer_then_read) as upstream:
+        pool = Pool([upstream.url], on_response=failing, request_buffer_size=0, retries=0)
+        middleware = RoundRobinMiddleware(Starlette(), pools={"/p": pool})
+
+        async def counted(scope: Any, receive: Any, send: Any) -> None:
+            async def counting_receive() -> Any:
+                readers["now"] += 1
+                readers["most"] = max(readers["most"], readers["now"])
+                try:
+                    return await receive()
+                finally:
+                    readers["now"] -= 1
+
+            await middleware(scope, counting_receive if scope["type"] == "http" else receive, send)
+
+        with serve(counted, proxy_headers=False) as proxy:
+            leak_log.watch()
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(
+                b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 200000\r\n\r\n" + b"u" * 1000
+            )
+            head = await answer_head(reader, 10)
+            for _ in range(199):
+                writer.write(b"u" * 1000)
+                await writer.drain()
+            with anyio.fail_after(LINGER_IDLE + SLACK):
+                rest = await reader.read(-1)
+            await leave(writer, abort=True)
+    assert head.startswith(b"HTTP/1.1 500 "), head
+    assert b"connection: close" in head.lower(), head
+    assert rest == b"500 Internal Server Error\n"
+    assert readers["most"] == 1
+
+
+@pytest.mark.parametrize("case", ["guard-file", "413-on-the-last-part"])
+async def test_an_early_answer_to_a_whole_body_closes_without_waiting(
+    leak_log: LeakLog, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, case: str
+) -> None:
+    """Nothing is left to linger for: a guard's ``FileResponse`` (which reads ``receive``
+    itself, for the disconnect) to a body sent whole, and a 413 raised by the body's last
+    part: the connection closes as soon as the answer is out."""
+    monkeypatch.setattr(rr_client, "LINGER_IDLE", 60.0)  # a lingering proxy would hold on
+    monkeypatch.setattr(rr_client, "LINGER_TIME", 60.0)
+    page = tmp_path / "refused.txt"
+    page.write_bytes(b"go away\n")
+
+    def refuse(request: Any) -> Any:
+        return FileResponse(page, status_code=403)
+
+    with RawUpstream(answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")) as upstream:
+        if case == "guard-file":
+            pool = Pool([upstream.url], guard=refuse)
+            request = b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 5\r\n\r\nhello"
+        else:
+            pool = Pool([upstream.url], max_body_size=1000)
+            request = (
+                b"POST /p/x HTTP/1.1\r\nhost: front\r\ntransfer-encoding: chunked\r\n\r\n"
+                + b"bb8\r\n"
+                + b"u" * 3000
+                + b"\r\n0\r\n\r\n"
+            )
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(request)
+            head = await answer_head(reader, 10)
+            with anyio.fail_after(RELEASE + SLACK):
+                rest = await reader.read(-1)
+            await leave(writer, abort=True)
+    expected = {"guard-file": (403, b"go away\n"), "413-on-the-last-part": (413, None)}
+    status, body = expected[case]
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert body is None or rest == body, rest
 
 
 @pytest.mark.parametrize("transport", ["default", "httpx", "aiohttp"])
