@@ -189,6 +189,12 @@ class ClientSide:
         """The server's ``receive`` (what an answer that lingers reads: ``linger``)."""
         return self._receive
 
+    @property
+    def reading(self) -> bool:
+        """Whether a read of the body is under way (a transport's body writer still in
+        ``receive()``): then no one else may read it."""
+        return self._waiting is not None
+
     # -- the body -------------------------------------------------------------------------
 
     async def start(self, buffer_limit: int) -> bytes | None:

@@ -559,7 +559,7 @@ class _Forwarding:
         # would only hold the connection longer.
         lingering = None
         if isinstance(failure, BodyTooLarge) and not self.client.ended:
-            lingering = _lingering(self.scope, self.client.receive, asked=True)
+            lingering = self._lingering()
         with contextlib.suppress(Exception):
             await send_error(self.send, failure.status or 499, _CLOSE, lingering=lingering)
 
@@ -570,8 +570,31 @@ class _Forwarding:
         if client.complete:
             await send_error(self.send, status, headers)
             return
-        lingering = _lingering(self.scope, client.receive, asked=True)
-        await send_error(self.send, status, [*headers, *_CLOSE], lingering=lingering)
+        await send_error(self.send, status, [*headers, *_CLOSE], lingering=self._lingering())
+
+    def _lingering(self) -> Receive | None:
+        """The client's ``receive`` to linger on (see ``answer_early``), unless a read of
+        the body is still under way (a transport's writer that did not stop): two readers
+        would split the body's messages between them, each taking its end for the end."""
+        client = self.client
+        if client.reading:
+            return None
+        return _lingering(self.scope, client.receive, asked=True)
+
+    async def _last(self, response: UpstreamResponse, body: bytes = b"") -> None:
+        """The response's last message. After an early answer (the request body not all
+        in: the upstream answered before reading it), the body's writer stops first, then
+        the answer lingers for what the client still sends (see ``answer_early``)."""
+        client = self.client
+        if not client.complete:
+            await response.aclose()
+            lingering = self._lingering()
+            if lingering is not None:
+                if body:
+                    await self.send({"type": "http.response.body", "body": body, "more_body": True})
+                    body = b""
+                await linger(lingering)
+        await self.send({"type": "http.response.body", "body": body})
 
     async def _relay(self, attempt: Attempt | HedgedAttempt, response: UpstreamResponse) -> None:
         """Relay the response: a body with no bytes (1xx, 204, 304, HEAD), a body already
@@ -617,13 +640,13 @@ class _Forwarding:
             self.response_started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
             if status in (204, 304) or status < 200 or self.method == "HEAD":
-                await send({"type": "http.response.body", "body": b""})
+                await self._last(response)
                 client.close()
             elif response.body_complete():
                 body = b""
                 while chunk := await response.read():
                     body += chunk
-                await send({"type": "http.response.body", "body": body})
+                await self._last(response, body)
                 client.close()
                 member.stats.bytes_out += len(body)
             else:
@@ -663,7 +686,7 @@ class _Forwarding:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             client.sending_since = None
         client.sending_since = now()
-        await send({"type": "http.response.body", "body": b""})
+        await self._last(response)
         client.close()
 
     def _access_log(self, upstream: str, status: int, elapsed: float) -> None:

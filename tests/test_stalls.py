@@ -753,22 +753,30 @@ async def test_an_answer_given_before_the_body_was_read_closes_the_connection(
     assert len(rest) < 100, rest
 
 
-@pytest.mark.parametrize("case", ["413-up-front", "405-refused", "guard", "upstream-broke"])
+@pytest.mark.parametrize(
+    "case", ["413-up-front", "405-refused", "guard", "upstream-broke", "upstream-answers-early"]
+)
 async def test_an_early_answer_lingers_for_the_body_the_client_is_still_sending(
     leak_log: LeakLog, case: str
 ) -> None:
     """nginx's lingering close: an answer given before the request body was read (the
-    proxy's own 413, 405 or 502, a guard's 403) goes out whole at once, but its end waits
+    proxy's own 413, 405 or 502, a guard's 403, an upstream's 413 given before it read the
+    body, whose writer to the upstream then stops) goes out whole at once, but its end waits
     while the client goes on sending the body, which is read and dropped. The close that
     follows finds nothing unread: the client sends all of it after reading the answer, then
     reads the connection's end, never a reset. (Closed at once, the bytes sent after the
     close are answered with a reset, which clients report instead of the answer.)"""
 
-    async def broke(connection: RawConnection) -> None:
-        if await connection.read_head() is not None:
+    async def upstream_side(connection: RawConnection) -> None:
+        if await connection.read_head() is None:
+            return
+        if case != "upstream-answers-early":
             connection.writer.transport.abort()
+            return
+        await connection.send(b"HTTP/1.1 413 Too Big\r\ncontent-length: 3\r\n\r\nbig")
+        await connection.hold()
 
-    with RawUpstream(broke) as upstream:
+    with RawUpstream(upstream_side) as upstream:
         pool = Pool(
             [upstream.url],
             max_body_size=1000 if case == "413-up-front" else None,
@@ -793,7 +801,13 @@ async def test_an_early_answer_lingers_for_the_body_the_client_is_still_sending(
             with anyio.fail_after(LINGER_IDLE + SLACK):
                 rest = await reader.read(-1)  # the body is in: the answer ends, then the close
             await leave(writer, abort=True)
-    expected = {"413-up-front": 413, "405-refused": 405, "guard": 403, "upstream-broke": 502}
+    expected = {
+        "413-up-front": 413,
+        "405-refused": 405,
+        "guard": 403,
+        "upstream-broke": 502,
+        "upstream-answers-early": 413,
+    }
     assert head.startswith(b"HTTP/1.1 %d " % expected[case]), head
     assert b"connection: close" in head.lower(), head
     assert answer, head
