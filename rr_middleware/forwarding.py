@@ -581,19 +581,17 @@ class _Forwarding:
             return None
         return _lingering(self.scope, client.receive, asked=True)
 
-    async def _last(self, response: UpstreamResponse, body: bytes = b"") -> None:
-        """The response's last message. After an early answer (the request body not all
-        in: the upstream answered before reading it), the body's writer stops first, then
-        the answer lingers for what the client still sends (see ``answer_early``)."""
-        client = self.client
-        if not client.complete:
-            await response.aclose()
-            lingering = self._lingering()
-            if lingering is not None:
-                if body:
-                    await self.send({"type": "http.response.body", "body": body, "more_body": True})
-                    body = b""
-                await linger(lingering)
+    async def _last_early(self, response: UpstreamResponse, body: bytes = b"") -> None:
+        """The last message of an early answer (the upstream answered before the request
+        body was all in): the body's writer stops first, then the answer lingers for what
+        the client still sends (see ``answer_early``)."""
+        await response.aclose()
+        lingering = self._lingering()
+        if lingering is not None:
+            if body:
+                await self.send({"type": "http.response.body", "body": body, "more_body": True})
+                body = b""
+            await linger(lingering)
         await self.send({"type": "http.response.body", "body": body})
 
     async def _relay(self, attempt: Attempt | HedgedAttempt, response: UpstreamResponse) -> None:
@@ -639,18 +637,19 @@ class _Forwarding:
                 headers.append((REQUEST_ID, self.request_id))
             self.response_started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            if status in (204, 304) or status < 200 or self.method == "HEAD":
-                await self._last(response)
-                client.close()
-            elif response.body_complete():
-                body = b""
+            body = b""
+            if not (status in (204, 304) or status < 200 or self.method == "HEAD"):
+                if not response.body_complete():
+                    await self._stream(member, response)
+                    return
                 while chunk := await response.read():
                     body += chunk
-                await self._last(response, body)
-                client.close()
-                member.stats.bytes_out += len(body)
+            if client.complete:
+                await send({"type": "http.response.body", "body": body})
             else:
-                await self._stream(member, response)
+                await self._last_early(response, body)
+            client.close()
+            member.stats.bytes_out += len(body)
         except HookFailed:
             await response.aclose()  # the body's writer stops: lingering reads alone
             await self._send_error(500)
@@ -686,7 +685,10 @@ class _Forwarding:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             client.sending_since = None
         client.sending_since = now()
-        await self._last(response)
+        if client.complete:
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await self._last_early(response)
         client.close()
 
     def _access_log(self, upstream: str, status: int, elapsed: float) -> None:
