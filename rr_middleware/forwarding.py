@@ -558,7 +558,7 @@ class _Forwarding:
         # A body over the limit lingers (the client is still sending it); one that stalled
         # would only hold the connection longer.
         lingering = None
-        if isinstance(failure, BodyTooLarge) and not self.client.ended:
+        if isinstance(failure, BodyTooLarge):
             lingering = self._lingering()
         with contextlib.suppress(Exception):
             await send_error(self.send, failure.status or 499, _CLOSE, lingering=lingering)
@@ -577,7 +577,7 @@ class _Forwarding:
         the body is still under way (a transport's writer that did not stop): two readers
         would split the body's messages between them, each taking its end for the end."""
         client = self.client
-        if client.reading:
+        if client.reading or client.ended:  # a read under way, or nothing left to read
             return None
         return _lingering(self.scope, client.receive, asked=True)
 
@@ -588,11 +588,28 @@ class _Forwarding:
         await response.aclose()
         lingering = self._lingering()
         if lingering is not None:
+            client = self.client
             if body:
                 await self.send({"type": "http.response.body", "body": body, "more_body": True})
                 body = b""
+            client.sending_since = None  # reading from the client, not waiting on it
             await linger(lingering)
+            client.sending_since = client.loop.time()
         await self.send({"type": "http.response.body", "body": body})
+
+    async def _failed_mid_response(
+        self, attempt: Attempt | HedgedAttempt, error: UpstreamError
+    ) -> None:
+        attempt.fail(error)
+        url = attempt.member.upstream.url
+        logger.warning(
+            "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
+            self.runtime.name,
+            url,
+            error.kind,
+            error,
+        )
+        await abort(self.send, f"upstream {url} failed mid-response")
 
     async def _relay(self, attempt: Attempt | HedgedAttempt, response: UpstreamResponse) -> None:
         """Relay the response: a body with no bytes (1xx, 204, 304, HEAD), a body already
@@ -627,23 +644,28 @@ class _Forwarding:
                     self.scope, status, headers, member.upstream.url
                 )
             client.sending_since = client.loop.time()
+            bodiless = status in (204, 304) or status < 200 or self.method == "HEAD"
             if status in (204, 304) or status < 200:
                 # No body, by definition. A 304's Content-Length (the size of the cached
                 # representation, RFC 9110 §8.6) would make the ASGI server expect one.
                 headers = [(n, v) for n, v in headers if n != b"content-length"]
+            body = b""
+            whole = not bodiless and response.body_complete()
+            if whole:
+                while chunk := await response.read():
+                    body += chunk
             if not client.complete:  # an early answer: the rest of the body stays unread
                 headers.append((b"connection", b"close"))
+                if whole and all(n != b"content-length" for n, _ in headers):
+                    # Its end seen by the client before it lingers (chunked, it would not be).
+                    headers.append((b"content-length", b"%d" % len(body)))
             if self.request_id is not None and all(n != REQUEST_ID for n, _ in headers):
                 headers.append((REQUEST_ID, self.request_id))
             self.response_started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            body = b""
-            if not (status in (204, 304) or status < 200 or self.method == "HEAD"):
-                if not response.body_complete():
-                    await self._stream(member, response)
-                    return
-                while chunk := await response.read():
-                    body += chunk
+            if not (bodiless or whole):
+                await self._stream(member, response)
+                return
             if client.complete:
                 await send({"type": "http.response.body", "body": body})
             else:
@@ -655,15 +677,7 @@ class _Forwarding:
             await self._send_error(500)
         except UpstreamError as exc:
             self._raise_client_failure(exc)  # the client's body broke the exchange
-            attempt.fail(exc)
-            logger.warning(
-                "pool %s: %s failed mid-response (%s): %s; aborting the client connection",
-                self.runtime.name,
-                member.upstream.url,
-                exc.kind,
-                exc,
-            )
-            await abort(self.send, f"upstream {member.upstream.url} failed mid-response")
+            await self._failed_mid_response(attempt, exc)
         finally:
             await response.aclose()
             elapsed = time.monotonic() - attempt.started

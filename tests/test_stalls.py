@@ -814,6 +814,47 @@ async def test_an_early_answer_lingers_for_the_body_the_client_is_still_sending(
     assert rest == b""
 
 
+async def test_an_upstreams_early_chunked_answer_is_framed_by_length_and_lingers_past_send_timeout(
+    leak_log: LeakLog,
+) -> None:
+    """An upstream answers at once with a chunked body, before it read the upload: the
+    client gets it with a Content-Length, so it sees the answer's end before the proxy
+    lingers (chunked, the end would come only after the lingering), and lingering longer
+    than ``client_send_timeout`` (0.5 s) is not taken for a client that stopped reading:
+    the upload goes on at the client's pace and the connection ends with a close."""
+
+    async def upstream_side(connection: RawConnection) -> None:
+        if await connection.read_head() is not None:
+            await connection.send(
+                b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n"
+                b"7\r\nwho are\r\n5\r\n you?\r\n0\r\n\r\n"
+            )
+            await connection.hold()
+
+    with RawUpstream(upstream_side) as upstream:
+        pool = Pool([upstream.url], request_buffer_size=0, client_send_timeout=0.5)
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(
+                b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 5000\r\n\r\n" + b"u" * 1000
+            )
+            head = await answer_head(reader, 10)
+            with anyio.fail_after(10):
+                answer = await reader.readexactly(12)
+            for _ in range(4):  # the rest, over longer than client_send_timeout
+                await asyncio.sleep(0.25)  # the client's pace, not a synchronisation
+                writer.write(b"u" * 1000)
+                await writer.drain()
+            with anyio.fail_after(LINGER_IDLE + SLACK):
+                rest = await reader.read(-1)
+            await leave(writer, abort=True)
+    assert head.startswith(b"HTTP/1.1 401 "), head
+    assert b"content-length: 12\r\n" in head.lower(), head
+    assert b"transfer-encoding" not in head.lower(), head
+    assert answer == b"who are you?"
+    assert rest == b""
+
+
 async def test_an_early_answer_to_a_client_waiting_for_100_continue_does_not_linger(
     leak_log: LeakLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:

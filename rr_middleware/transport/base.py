@@ -104,8 +104,8 @@ class UpstreamResponse(Protocol):
 
     async def aclose(self) -> None:
         """Release the connection (it is discarded if the body was not read to the end),
-        and stop sending the request body if that is still under way. May be called
-        more than once."""
+        and stop sending the request body if that is still under way: once this returns,
+        the request body is read no more. May be called more than once."""
         ...
 
 
