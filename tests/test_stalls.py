@@ -714,6 +714,51 @@ async def test_a_dripping_upload_is_cut_off_by_the_minimum_rate(leak_log: LeakLo
     assert reader_app.disconnected == 1
 
 
+async def upload_rest_then_read_end(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, parts: int, pace: float = 0.0
+) -> bytes:
+    """Send ``parts`` more 1000-byte parts of the body, ``pace`` seconds apart (the
+    client's pace, not a synchronisation), then read to the connection's end, which must
+    come within a linger's idle time of the last part; hang up. What came before the end."""
+    for _ in range(parts):
+        if pace:
+            await asyncio.sleep(pace)
+        writer.write(b"u" * 1000)
+        await writer.drain()
+    with anyio.fail_after(LINGER_IDLE + SLACK):
+        rest = await reader.read(-1)
+    await leave(writer, abort=True)
+    return rest
+
+
+def early_upstream(case: str) -> Callable[[RawConnection], Awaitable[None]]:
+    """An upstream that answers 413 as soon as it has the head, before reading the body
+    (``upstream-broke``: that resets the connection instead)."""
+
+    async def handle(connection: RawConnection) -> None:
+        if await connection.read_head() is None:
+            return
+        if case == "upstream-broke":
+            connection.writer.transport.abort()
+            return
+        await connection.send(b"HTTP/1.1 413 Too Big\r\ncontent-length: 3\r\n\r\nbig")
+        await connection.hold()
+
+    return handle
+
+
+def early_answer_pool(url: str, case: str) -> Pool:
+    """A pool that answers a POST before reading its body, in the way ``case`` names."""
+    return Pool(
+        [url],
+        max_body_size=1000 if case == "413-up-front" else None,
+        refuse_methods={"POST"} if case == "405-refused" else {"CONNECT", "TRACE"},
+        guard=(lambda request: False) if case == "guard" else None,
+        request_buffer_size=0,
+        retries=0,
+    )
+
+
 @pytest.mark.parametrize("case", ["413-up-front", "405-refused", "upstream-answers-early"])
 async def test_an_answer_given_before_the_body_was_read_closes_the_connection(
     leak_log: LeakLog, case: str
@@ -723,18 +768,8 @@ async def test_an_answer_given_before_the_body_was_read_closes_the_connection(
     and the connection closes: it cannot carry another request, and left open it would
     wait for that body with no timer running."""
 
-    async def early(connection: RawConnection) -> None:
-        if await connection.read_head() is not None:
-            await connection.send(b"HTTP/1.1 413 Too Big\r\ncontent-length: 3\r\n\r\nbig")
-            await connection.hold()
-
-    with RawUpstream(early) as upstream:
-        pool = Pool(
-            [upstream.url],
-            max_body_size=1000 if case == "413-up-front" else None,
-            refuse_methods={"POST"} if case == "405-refused" else {"CONNECT", "TRACE"},
-            request_buffer_size=0,
-        )
+    with RawUpstream(early_upstream(case)) as upstream:
+        pool = early_answer_pool(upstream.url, case)
         with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             # The head and 1000 bytes in one write, read by the server together: bytes that
@@ -767,24 +802,8 @@ async def test_an_early_answer_lingers_for_the_body_the_client_is_still_sending(
     reads the connection's end, never a reset. (Closed at once, the bytes sent after the
     close are answered with a reset, which clients report instead of the answer.)"""
 
-    async def upstream_side(connection: RawConnection) -> None:
-        if await connection.read_head() is None:
-            return
-        if case != "upstream-answers-early":
-            connection.writer.transport.abort()
-            return
-        await connection.send(b"HTTP/1.1 413 Too Big\r\ncontent-length: 3\r\n\r\nbig")
-        await connection.hold()
-
-    with RawUpstream(upstream_side) as upstream:
-        pool = Pool(
-            [upstream.url],
-            max_body_size=1000 if case == "413-up-front" else None,
-            refuse_methods={"POST"} if case == "405-refused" else {"CONNECT", "TRACE"},
-            guard=(lambda request: False) if case == "guard" else None,
-            request_buffer_size=0,
-            retries=0,
-        )
+    with RawUpstream(early_upstream(case)) as upstream:
+        pool = early_answer_pool(upstream.url, case)
         with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(
@@ -795,12 +814,8 @@ async def test_an_early_answer_lingers_for_the_body_the_client_is_still_sending(
             length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r")[0])
             with anyio.fail_after(10):
                 answer = await reader.readexactly(length)  # whole, before the body is sent
-            for _ in range(199):
-                writer.write(b"u" * 1000)
-                await writer.drain()
-            with anyio.fail_after(LINGER_IDLE + SLACK):
-                rest = await reader.read(-1)  # the body is in: the answer ends, then the close
-            await leave(writer, abort=True)
+            # The body is in: the answer ends, then the close.
+            rest = await upload_rest_then_read_end(reader, writer, 199)
     expected = {
         "413-up-front": 413,
         "405-refused": 405,
@@ -841,13 +856,8 @@ async def test_an_upstreams_early_chunked_answer_is_framed_by_length_and_lingers
             head = await answer_head(reader, 10)
             with anyio.fail_after(10):
                 answer = await reader.readexactly(12)
-            for _ in range(4):  # the rest, over longer than client_send_timeout
-                await asyncio.sleep(0.25)  # the client's pace, not a synchronisation
-                writer.write(b"u" * 1000)
-                await writer.drain()
-            with anyio.fail_after(LINGER_IDLE + SLACK):
-                rest = await reader.read(-1)
-            await leave(writer, abort=True)
+            # The rest, over longer than client_send_timeout.
+            rest = await upload_rest_then_read_end(reader, writer, 4, pace=0.25)
     assert head.startswith(b"HTTP/1.1 401 "), head
     assert b"content-length: 12\r\n" in head.lower(), head
     assert b"transfer-encoding" not in head.lower(), head
@@ -919,12 +929,7 @@ async def test_a_response_hook_failing_on_an_early_answer_lingers_as_the_only_re
                 b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 200000\r\n\r\n" + b"u" * 1000
             )
             head = await answer_head(reader, 10)
-            for _ in range(199):
-                writer.write(b"u" * 1000)
-                await writer.drain()
-            with anyio.fail_after(LINGER_IDLE + SLACK):
-                rest = await reader.read(-1)
-            await leave(writer, abort=True)
+            rest = await upload_rest_then_read_end(reader, writer, 199)
     assert head.startswith(b"HTTP/1.1 500 "), head
     assert b"connection: close" in head.lower(), head
     assert rest == b"500 Internal Server Error\n"
