@@ -58,9 +58,14 @@ def join(
 
 
 def leave(runtimes: Mapping[str, PoolRuntime], zone: Zone) -> None:
-    """Flush this process's counters, keep what the pools know in this process, detach."""
+    """Flush this process's counters, keep what the zone says last in this process,
+    detach."""
     for runtime in runtimes.values():
         if runtime.shared is not None:
+            # What any worker decided last (a drain, a weight, an ejection), not what this
+            # one last happened to load (it loads at its next pick, and may have served
+            # none since): a reload seeds the next zone from it.
+            runtime.sync()
             runtime.shared.flush(runtime.members)
         if runtime.checker is not None:
             runtime.checker.lead = None

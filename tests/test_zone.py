@@ -121,6 +121,24 @@ async def test_a_weight_set_in_one_worker_is_used_by_the_others(zone: str) -> No
         assert second.balancer["/api"].snapshot()[0]["weight"] == 3
 
 
+async def test_a_reload_seeds_the_next_zone_with_the_latest_state(zone: str) -> None:
+    """A reload that changes the layout moves the workers to a new zone, seeded by the
+    first to get there. That worker may have served nothing since another undrained an
+    upstream: it seeds what the zone said last, not the drain it last loaded."""
+    a, b, c = Answering("a"), Answering("b"), Answering("c")
+    async with workers(zone, 2, lambda: {"/api": pool_of(a, b)}) as (first, second):
+        for worker in (first, second):
+            worker.balancer.zone_follows_layout = True  # as the gateway's workers do
+        first.balancer["/api"].drain("http://b.internal")
+        assert await second.served_by(2) == ["a", "a"]  # second has loaded the drain
+        first.balancer["/api"].undrain("http://b.internal")
+        first.balancer["/api"].set_weight("http://b.internal", 3)
+        for worker in (second, first):  # second first: it creates and seeds the new zone
+            await worker.balancer.reconfigure({"/api": pool_of(a, b, c)})
+        for worker in (first, second):
+            assert sorted(await worker.served_by(5)) == ["a", "b", "b", "b", "c"]
+
+
 async def test_an_upstream_ejected_by_one_worker_is_skipped_by_all(zone: str) -> None:
     """Worker one meets a's 503s and ejects it (``max_fails=2``); worker two, which never
     saw a fail, sends it nothing from its next pick on: a failing upstream costs the
