@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -28,6 +29,7 @@ from rr_middleware import (
     RoundRobinMiddleware,
     Upstream,
 )
+from rr_middleware.discovery.base import Watcher
 
 from .chromium import dump_dom
 from .leaks import no_leaks
@@ -317,6 +319,40 @@ async def test_two_middlewares_share_nothing_but_the_source_config(
         assert await first.who(1) == ["a"]
         assert first.middleware.status()["pools"][0]["discovery"]["error"] is None
         assert updates == 1
+
+
+class SwallowsOneCancellation:
+    """A source whose watch loses the first cancellation, as ``asyncio.wait_for`` does on
+    Python 3.10 when it lands as the awaited call completes."""
+
+    startup_timeout = 5.0
+    retry_initial = 0.01
+    retry_max = 0.01
+
+    def describe(self) -> str:
+        return "a source that swallows a cancellation"
+
+    async def watch(self) -> AsyncIterator[list[Upstream]]:
+        swallowed = False
+        while True:
+            yield [Upstream("http://a.internal")]
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True
+
+
+async def test_stopping_ends_a_watch_that_lost_a_cancellation() -> None:
+    """The pool's shutdown ends its discovery even when the source's watch lost the
+    first cancellation (it hung the shutdown until the lifespan's timeout)."""
+    watcher = Watcher("/api", SwallowsOneCancellation(), lambda upstreams: None)
+    watcher.start()
+    assert await watcher.wait_first(5)
+    with anyio.fail_after(2):
+        await watcher.stop()
+    assert not watcher.running
 
 
 # --------------------------------------------------------------------- with health rules

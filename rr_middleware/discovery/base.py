@@ -90,9 +90,12 @@ class Watcher:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        # Cancelled again until it ends: on Python 3.10 and 3.11, asyncio.wait_for (which
+        # a source may await, as the DNS one does) loses a cancellation that lands as the
+        # awaited call completes, and the watch would go on (fixed in 3.12).
+        while task is not None and not task.done():
             task.cancel()
-            await asyncio.wait((task,))
+            await asyncio.wait((task,), timeout=0.1)
 
     def _applied(self, upstreams: list[Upstream]) -> None:
         if not upstreams and not self.updates:
