@@ -135,12 +135,18 @@ async def send_error(
             ],
         }
     )
-    if lingering is None:
-        await send({"type": message + ".body", "body": body})
-        return
-    await send({"type": message + ".body", "body": body, "more_body": True})
-    await linger(lingering)
-    await send({"type": message + ".body"})
+    await _last_body(send, message + ".body", body, lingering)
+
+
+async def _last_body(send: Send, kind: str, body: bytes, lingering: Receive | None) -> None:
+    """An answer's last body message; with ``lingering``, its bytes go first and the
+    empty last message waits for ``linger``."""
+    if lingering is not None:
+        if body:
+            await send({"type": kind, "body": body, "more_body": True})
+            body = b""
+        await linger(lingering)
+    await send({"type": kind, "body": body})
 
 
 async def answer_early(
@@ -266,9 +272,7 @@ def _held_back(send: Send, lingering: Receive) -> Send:
         if message["type"] != "http.response.body" or message.get("more_body", False):
             await send(message)
             return
-        await send({**message, "more_body": True})
-        await linger(lingering)
-        await send({"type": "http.response.body"})
+        await _last_body(send, "http.response.body", message.get("body", b""), lingering)
 
     return held_back
 
@@ -644,8 +648,9 @@ class _Forwarding:
                     self.scope, status, headers, member.upstream.url
                 )
             client.sending_since = client.loop.time()
-            bodiless = status in (204, 304) or status < 200 or self.method == "HEAD"
-            if status in (204, 304) or status < 200:
+            no_body = status in (204, 304) or status < 200
+            bodiless = no_body or self.method == "HEAD"
+            if no_body:
                 # No body, by definition. A 304's Content-Length (the size of the cached
                 # representation, RFC 9110 §8.6) would make the ASGI server expect one.
                 headers = [(n, v) for n, v in headers if n != b"content-length"]
