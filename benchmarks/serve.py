@@ -27,12 +27,17 @@ def main() -> None:
         "factory", help="name of an app factory in bench_apps, or MODULE:NAME of another"
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument(
+        "--loop",
+        default="uvloop",
+        help="uvicorn's --loop (default uvloop; rr-gateway's: rr_middleware.accept:new_event_loop)",
+    )
     args = parser.parse_args()
     sock = socket.socket(fileno=args.fd)  # family and type detected from the descriptor
     config = uvicorn.Config(
         args.factory if ":" in args.factory else f"bench_apps:{args.factory}",
         factory=True,
-        loop="uvloop",
+        loop=args.loop,
         http="httptools",
         workers=args.workers,
         access_log=False,

@@ -20,6 +20,7 @@ import argparse
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import json
 import os
@@ -187,6 +188,7 @@ def _serve_uvicorn(
         "limit_concurrency": settings.limit_concurrency,
         "ssl_certfile": settings.ssl_certfile,
         "ssl_keyfile": settings.ssl_keyfile,
+        "loop": _loop(),
     }
     try:
         if settings.workers == 1:
@@ -205,6 +207,13 @@ def _serve_uvicorn(
         return 0
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else EXIT_FAILURE
+
+
+def _loop() -> str:
+    """uvicorn's event loop: uvloop accepting in batches (``rr_middleware.accept`` says
+    why), or asyncio's loop where uvloop is not installed (it accepts in batches itself)."""
+    uvloop = importlib.util.find_spec("uvloop") is not None
+    return "rr_middleware.accept:new_event_loop" if uvloop else "asyncio"
 
 
 def create_app() -> RoundRobinMiddleware:
