@@ -198,11 +198,11 @@ def test_tls_is_served_and_a_failed_handshake_harms_no_other_connection(
     assert b"hi" not in refused
 
 
-def test_closing_stops_accepting() -> None:
-    with ExitStack() as stack:
-        listener = stack.enter_context(listening())
+def test_closing_stops_accepting_and_closes_the_listening_socket() -> None:
+    with listening() as listener:
+        address = listener.getsockname()
 
-        async def main() -> int:
+        async def main() -> None:
             loop = asyncio.get_running_loop()
             connections = Connections()
             server = await loop.create_server(connections.protocol, sock=listener)
@@ -211,12 +211,85 @@ def test_closing_stops_accepting() -> None:
             server.close()
             await server.wait_closed()
             assert not server.is_serving()
-            stack.enter_context(socket.create_connection(listener.getsockname()))
-            for _ in range(20):  # turns of the loop in which a serving server would accept
-                await asyncio.sleep(0.005)
-            return connections.made
+            assert not server.sockets
 
-        assert run(main) == 0
+        run(main)
+        assert listener.fileno() == -1
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address).close()
+
+
+def test_a_connection_accepted_as_the_server_closes_is_served() -> None:
+    """A stop (uvicorn's shutdown on SIGTERM) in the turn a connection was accepted: the
+    connection is set up and served, not closed under the protocol that has it (which
+    left uvicorn waiting for it until its graceful timeout)."""
+    with ExitStack() as stack:
+        listener = stack.enter_context(listening())
+        client = stack.enter_context(socket.create_connection(listener.getsockname()))
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            connections = Connections()
+            server = await loop.create_server(connections.protocol, sock=listener)
+            assert isinstance(server, accept.BatchAcceptServer)
+            server._accept(listener)  # as the loop does when the socket is readable
+            server.close()
+            await server.wait_closed()
+            await connections.served(1)
+
+        run(main)
+        client.settimeout(DEADLINE)
+        assert client.recv(2) == b"hi"
+
+
+def test_a_host_and_port_are_bound_and_served_in_batches() -> None:
+    """uvicorn with ``--host``/``--port`` and one worker asks for a host and port, not a
+    socket: served the same way."""
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        connections = Connections()
+        server = await loop.create_server(connections.protocol, host="127.0.0.1", port=0)
+        assert isinstance(server, accept.BatchAcceptServer)
+        (bound,) = server.sockets
+        reader, writer = await asyncio.open_connection(*bound.getsockname()[:2])
+        answer = await reader.read()
+        writer.close()
+        with pytest.raises(OSError, match="error while attempting to bind"):
+            await loop.create_server(connections.protocol, "127.0.0.1", bound.getsockname()[1])
+        server.close()
+        await server.wait_closed()
+        return answer
+
+    assert run(main) == b"hi"
+
+
+def test_a_lasting_accept_error_pauses_accepting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error that comes back at every try (here EINVAL: the listening socket was shut
+    down) is logged once per pause: no busy loop, no flood of tracebacks."""
+    monkeypatch.setattr(accept, "ACCEPT_RETRY_DELAY", 0.1)
+    with listening() as listener:
+
+        async def main() -> float:
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(Connections().protocol, sock=listener)
+            listener.shutdown(socket.SHUT_RDWR)
+            cpu = time.process_time()
+            await asyncio.sleep(0.35)  # about three pauses
+            cpu = time.process_time() - cpu
+            assert server.is_serving()  # it goes on trying
+            server.close()
+            await server.wait_closed()
+            return cpu
+
+        with caplog.at_level(logging.ERROR, logger="rr_middleware"):
+            cpu = run(main)
+    errors = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert 1 <= len(errors) <= 5, errors
+    assert "Invalid argument" in errors[0]
+    assert cpu < 0.2  # a busy loop would spend the whole 0.35 s
 
 
 def test_the_gateway_runs_uvicorn_on_this_loop() -> None:
