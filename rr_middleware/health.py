@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from .config import HealthCheck
 from .counters import UpstreamStats
 from .errors import UpstreamError, UpstreamTimeout
+from .tasks import cancel_and_wait
 from .transport.base import UpstreamRequest, UpstreamTransport
 from .upstream import Upstream
 
@@ -256,8 +257,7 @@ class HealthChecker:
         self._due = None
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.wait((task,))
+            await cancel_and_wait((task,))  # the interval's wait_for can lose a cancellation
 
     def check_soon(self) -> None:
         """Check now rather than an interval from now (new members arrived)."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .errors import ProxyError, UpstreamError
 from .latency import LatencyWindow, parse_hedge_after
+from .tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -235,10 +236,7 @@ class HedgedAttempt:
         close what they got, free their slots and budget places; their time so far goes
         into the latency window."""
         losers = [task for task in tasks if task not in won]
-        for task in losers:
-            task.cancel()
-        if losers:
-            await asyncio.wait(losers)
+        await cancel_and_wait(losers)  # a loser's connect (wait_for) can lose one
         window = self._hedging.window
         now = time.monotonic()
         for task in losers:

@@ -18,12 +18,12 @@ pool's own timeouts. Copies in flight when the app stops are cancelled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ProxyError
+from .tasks import cancel_and_wait
 from .transport.base import UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -152,11 +152,10 @@ class Mirror:
     async def stop(self) -> None:
         """Cancel the copies in flight (the app stops) and wait for them to end."""
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks)
+        for task in tasks:  # collect outcomes so none is reported as never retrieved
+            if not task.cancelled():
+                task.exception()
 
     def status(self) -> dict[str, Any]:
         return {"pool": self.target.name, "in_flight": len(self._tasks), **self.counts}

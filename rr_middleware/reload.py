@@ -28,6 +28,7 @@ from .config_mapping import ConfigError
 from .gateway_admin import GatewayOperator, Overrides
 from .gateway_config import GatewayConfig, load_config
 from .reconfigure import Changes
+from .tasks import cancel_and_wait
 
 __all__ = ["FileWatch", "Reloader"]
 
@@ -150,9 +151,11 @@ class Reloader:
         finally:
             if handling:
                 loop.remove_signal_handler(signal.SIGHUP)
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            tasks = list(self._tasks)
+            await cancel_and_wait(tasks)
+            for task in tasks:  # collect outcomes so none is reported as never retrieved
+                if not task.cancelled():
+                    task.exception()
 
     def _spawn(self, why: str) -> None:
         self._keep(asyncio.ensure_future(self.reload(why)))

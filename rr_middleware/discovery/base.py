@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import FieldError
+from ..tasks import cancel_and_wait
 from ..upstream import Upstream
 
 __all__ = ["Discovery", "DiscoveryError", "Watcher", "check_seconds", "upstream_at"]
@@ -90,12 +91,10 @@ class Watcher:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        # Cancelled again until it ends: on Python 3.10 and 3.11, asyncio.wait_for (which
-        # a source may await, as the DNS one does) loses a cancellation that lands as the
-        # awaited call completes, and the watch would go on (fixed in 3.12).
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait((task,), timeout=0.1)
+        if task is not None:
+            # A source may await asyncio.wait_for (the DNS one does), which can lose a
+            # cancellation: see cancel_and_wait.
+            await cancel_and_wait((task,))
 
     def _applied(self, upstreams: list[Upstream]) -> None:
         if not upstreams and not self.updates:
