@@ -1,6 +1,6 @@
 """Every performance target of the project in one run, as one table of figures and ratios.
 
-    .venv/bin/python benchmarks/run_all.py [--only throughput,post,stream,pick,fallthrough]
+    .venv/bin/python benchmarks/run_all.py [--only throughput,post,stream,pick,fallthrough,accept]
         [--duration 4] [--rounds 3] [--warmup 1] [--connections 32,256] [--quick]
         [--stream-mib 1024] [--slow-seconds 8] [--fallthrough-rounds 8]
         [--proxy-command TEMPLATE] [--default-malloc] [--json PATH] [--write-page PATH]
@@ -12,9 +12,10 @@ zone; rr-gateway and the bare app under granian when granian is installed), ``po
 64 KiB POST / 1 MiB answer, ``stream`` 1 GiB down, up and chunked up through each proxy and
 the smallest ASGI forwarder under uvicorn and granian, plus a slow reader, ``pick`` time
 per pick by pool size, ``fallthrough`` a route that matches no prefix, bare and with the
-middleware in one server process. Contenders of a section run in alternating rounds
-within seconds of each other; figures are medians; ratios are of medians, each round's
-own ratio beside them. ``--write-page`` renders the table into the docs' page.
+middleware in one server process, ``accept`` the proxy on uvloop and on the gateway's loop
+(256 connections opened at once; one request per connection). Contenders of a section run
+in alternating rounds within seconds of each other; figures are medians; ratios are of
+medians, each round's own ratio beside them. ``--write-page`` renders the table into the docs' page.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from wrk_runner import WrkError
 from rr_middleware.zone import ZONE_ENV
 
 MIB = 1024 * 1024
-SECTIONS = ("throughput", "post", "stream", "pick", "fallthrough")
+SECTIONS = ("throughput", "post", "stream", "pick", "fallthrough", "accept")
 DEFAULT_PROXY_COMMAND = "{python} {bench}/serve.py {fd} middleware_app --workers {workers}"
 #: glibc malloc thresholds every server runs with (unless --default-malloc). By default
 #: glibc moves them as the process frees large blocks, so whether uvicorn's 256 KiB body
@@ -205,17 +206,25 @@ def wrk_rounds(
     rounds: int | None = None,
     duration: int | None = None,
     alternate: bool = False,
+    threads: int = 1,
+    subject_errors: frozenset[str] = frozenset(),
 ) -> dict[str, Measurement]:
     """Warm every target up, then ``rounds`` (default ``--rounds``) rounds of ``duration``
     seconds (``--duration``) each running every target once; ``alternate``: every other
     round runs them in the reverse order, so a drift of the machine within a round does
-    not always favour the same target."""
+    not always favour the same target. Errors of the targets in ``subject_errors`` are
+    what a row measures, not flagged."""
     results = {t.name: Measurement(t, s.base_url + t.path) for t, s in targets}
     pids = {t.name: s.process.pid for t, s in targets}
 
     def run(m: Measurement, duration: int) -> wrk_runner.WrkResult:
         return wrk_runner.run(
-            m.url, duration=duration, connections=connections, script=script, timeout_s=timeout_s
+            m.url,
+            duration=duration,
+            connections=connections,
+            threads=threads,
+            script=script,
+            timeout_s=timeout_s,
         )
 
     if args.warmup > 0:
@@ -230,7 +239,7 @@ def wrk_rounds(
             result = run(m, duration or args.duration)
             m.cpu_us.append((tree_cpu_seconds(pids[name]) - before) * 1e6 / max(result.requests, 1))
             m.rounds.append(result)
-            if result.errors:
+            if result.errors and name not in subject_errors:
                 FLAGGED.append(f"{title} round {round_no} {name}: {result.errors} errors")
             flag = f"  ERRORS {result.errors}" if result.errors else ""
             progress(
@@ -505,8 +514,22 @@ def _granian_rows(r: dict[str, Measurement], c: int) -> list[Row]:
     """Goal 4: the rows of goal 1 for the gateway under each server, side by side."""
     g1, gg, ap = r["rr-gateway"], r["rr-gateway-granian"], r["asgiproxy"]
     rows = [
-        compared(f"4. GET -c{c}", "rr-gateway on uvicorn vs asgiproxy", "", "asgiproxy", g1, ap),
-        compared(f"4. GET -c{c}", "rr-gateway on granian vs asgiproxy", "", "asgiproxy", gg, ap),
+        compared(
+            f"4. GET -c{c}",
+            "rr-gateway on uvicorn vs asgiproxy",
+            rps(g1),
+            f"asgiproxy {rps(ap)}",
+            g1,
+            ap,
+        ),
+        compared(
+            f"4. GET -c{c}",
+            "rr-gateway on granian vs asgiproxy",
+            rps(gg),
+            f"asgiproxy {rps(ap)}",
+            gg,
+            ap,
+        ),
     ]
     for server, gateway, bare in (("uvicorn", g1, "bare"), ("granian", gg, "bare-granian")):
         if bare in r:
@@ -854,6 +877,69 @@ def fallthrough(ctx: Context) -> list[Row]:
     return rows + _micro_rows(args, bare)
 
 
+#: The gateway's event loop (rr_middleware.accept) against uvloop's own accept.
+ACCEPT_LOOPS = {"loop-uvloop": "uvloop", "loop-batch": "rr_middleware.accept:new_event_loop"}
+
+
+def accept_section(ctx: Context) -> list[Row]:
+    """The same proxy on uvloop and on the gateway's loop: 256 connections opened at
+    once against a loaded proxy (wrk opens them at each run's start, from two threads),
+    and one request per connection."""
+    s, args = ctx.servers, ctx.args
+    targets = [(Target(n, n, n, "/api/hello", b""), s[n]) for n in ACCEPT_LOOPS]
+    burst = wrk_rounds(
+        targets,
+        args,
+        256,
+        title="accept: GET -c256",
+        threads=2,
+        alternate=True,
+        subject_errors=frozenset({"loop-uvloop"}),  # its timeouts are the row's subject
+    )
+    single = wrk_rounds(
+        targets,
+        args,
+        32,
+        script=str(BENCH_DIR / "close.lua"),
+        title="accept: Connection: close -c32",
+        alternate=True,
+    )
+    ctx.raw["accept"] = {
+        "burst": {k: m.as_dict() for k, m in burst.items()},
+        "close": {k: m.as_dict() for k, m in single.items()},
+    }
+    new, old = burst["loop-batch"], burst["loop-uvloop"]
+    one, one_old = single["loop-batch"], single["loop-uvloop"]
+    t = "   accept"
+
+    def timeouts(m: Measurement) -> int:
+        return sum(r.socket_errors.get("timeout", 0) for r in m.rounds)
+
+    return [
+        Row(
+            t + " GET -c256",
+            "p99, 256 new connections, batch / uvloop",
+            f"{new.p99_ms:.1f} ms, {timeouts(new)} wrk timeouts",
+            f"uvloop {old.p99_ms:.1f} ms, {timeouts(old)} wrk timeouts",
+            new.p99_ms / old.p99_ms,
+            "no timeouts",
+            timeouts(new) == 0,
+            [a.p99_ms / b.p99_ms for a, b in zip(new.rounds, old.rounds, strict=True)],
+        ),
+        compared(
+            t + " GET -c256", "req/s, batch / uvloop", rps(new), f"uvloop {rps(old)}", new, old
+        ),
+        compared(
+            t + " close -c32",
+            "one request per connection, batch / uvloop",
+            f"{rps(one)}, CPU {one.cpu_us_per_request:.0f} us/req",
+            f"uvloop {rps(one_old)}, CPU {one_old.cpu_us_per_request:.0f} us/req",
+            one,
+            one_old,
+        ),
+    ]
+
+
 def slower(ratio: float) -> str:
     """A request-rate ratio as how much slower (or faster) the first one ran."""
     pct = (1 - ratio) * 100
@@ -950,10 +1036,14 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
             )
     if "fallthrough" in want:
         by["ft"] = start_server("ft", "fallthrough_apps", base, log_dir, servers)
+    if "accept" in want:
+        for name, loop in ACCEPT_LOOPS.items():
+            command = f"{DEFAULT_PROXY_COMMAND} --loop {loop}"
+            by[name] = start_proxy(name, command, 1, base, log_dir, servers)
     for name, server in by.items():
         path = "/hello" if name.startswith("upstream") else "/local"
         path = "/mw50/local" if name == "ft" else path
-        if name in ("asgiproxy", "nginx", "instant") or name.startswith("rr-gw"):
+        if name in ("asgiproxy", "nginx", "instant", *ACCEPT_LOOPS) or name.startswith("rr-gw"):
             path = "/api/hello"
         wait_ready(server, path)
     for name in (
@@ -1003,6 +1093,7 @@ SECTION_FUNCS: dict[str, Callable[[Context], list[Row]]] = {
     "stream": stream,
     "pick": pick,
     "fallthrough": fallthrough,
+    "accept": accept_section,
 }
 
 

@@ -4,10 +4,10 @@ libuv (which uvloop bundles) accepts one connection each time the event loop pol
 listening socket (libuv pull request 3696, "don't accept() connections in a loop"). A
 busy proxy's turn of the loop serves every connection that has data, which under load
 takes tens of milliseconds; new connections then wait in the kernel's listen queue, their
-requests already sent, at a few dozen per second. Measured with 256 new keep-alive
-connections against a proxy already at full load: the listen queue took ~4 s to drain,
-and a third of the connections waited over a second for their first answer (asyncio's
-own loop, which accepts in a loop, does not do this; nor does granian).
+requests already sent, at a few dozen per second. Measured with 256 keep-alive
+connections opened at once (the first ones accepted keep the proxy at full load): the
+listen queue took ~4 s to drain, and a third of the connections waited over a second for
+their first answer. asyncio's own loop accepts up to the backlog per turn.
 
 Here the listening sockets of ``create_server`` (a socket handed over, or a host and
 port bound here) are read by the loop itself (``add_reader``) and each turn accepts up
