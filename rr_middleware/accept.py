@@ -41,8 +41,9 @@ logger = logging.getLogger("rr_middleware")
 #: workers on one socket, a worker that wakes first does not take a whole burst.
 ACCEPT_BATCH = 16
 
-#: After the process ran out of descriptors (or the kernel of buffers), accepting
-#: pauses this long instead of spinning on a socket that stays readable (asyncio: 1 s).
+#: After an accept error that would come back at once (out of descriptors, say),
+#: accepting pauses this long instead of spinning on a socket that stays readable
+#: (asyncio: 1 s).
 ACCEPT_RETRY_DELAY = 1.0
 
 #: accept() errors that concern one connection only (Linux reports a pending network
