@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
     from starlette.types import Message, Receive, Scope, Send
 
+    from .access_log import AccessLog
     from .attempt import Attempt
     from .hedging import HedgedAttempt
     from .members import Member
@@ -187,10 +188,11 @@ async def forward(
     path: bytes,
     settings: ProxySettings,
     stripped: bytes | None = None,
+    access: AccessLog | None = None,
 ) -> None:
     """Forward one HTTP request to the pool and relay the answer. ``path`` is the raw path
     to send (prefix already stripped when the pool strips it; ``stripped``, if not the
-    pool's prefix, is what was)."""
+    pool's prefix, is what was). ``access``: its access log line, told the upstream."""
     pool = runtime.pool
     hooks = runtime.hooks
     if hooks is not None and hooks.guard is not None:
@@ -217,6 +219,8 @@ async def forward(
             return
         has_host = any(name == b"host" for name, _ in headers)  # the hook may set one
     rid = request_id(headers) if settings.request_id else None
+    if access is not None:
+        access.request_id = rid
     size_limit = pool.max_body_size
     declared, framed = _body_framing(scope["headers"])
     if size_limit is not None and (declared or 0) > size_limit:
@@ -235,6 +239,7 @@ async def forward(
     )
     forwarding = _Forwarding(runtime, scope, send, path, headers, has_host, client, settings)
     forwarding.request_id = rid
+    forwarding.access = access
     tracer = runtime.tracer
     traced = tracer.begin(scope) if tracer is not None else None
     try:
@@ -289,6 +294,7 @@ class _Forwarding:
     ``GZipResponder`` is the model: per-request state on an object)."""
 
     __slots__ = (
+        "access",
         "affinity",
         "body",
         "client",
@@ -337,6 +343,7 @@ class _Forwarding:
         self.replayable = False
         self.response_started = False
         self.request_id: bytes | None = None
+        self.access: AccessLog | None = None
         self.retrying = False  # holds a place in the pool's retry budget
         self.affinity = runtime.affinity(scope, settings.trusted) if runtime.affine else None
 
@@ -546,10 +553,9 @@ class _Forwarding:
                 logger.warning("pool %s: no upstream available; answering 503", runtime.name)
                 await self._send_error(503)
         else:
-            status = error.status if error is not None else 502
-            await self._send_error(status)
-            if self.settings.access_log:
-                self._access_log(", ".join(m.upstream.url for m in tried), status, 0.0)
+            if self.access is not None:
+                self.access.upstream = ", ".join(m.upstream.url for m in tried)
+            await self._send_error(error.status if error is not None else 502)
         self.client.close()
 
     async def _client_failed(self, failure: ClientBodyError) -> None:
@@ -688,8 +694,8 @@ class _Forwarding:
             elapsed = time.monotonic() - attempt.started
             member.stats.total_latency.record(elapsed)
             member.stats.bytes_in += client.size
-            if self.settings.access_log:
-                self._access_log(member.upstream.url, status, elapsed)
+            if self.access is not None:
+                self.access.upstream = member.upstream.url
 
     async def _stream(self, member: Member, response: UpstreamResponse) -> None:
         # An SSE stream never ends by itself: ended when the client leaves (ClientSide).
@@ -709,19 +715,6 @@ class _Forwarding:
         else:
             await self._last_early(response)
         client.close()
-
-    def _access_log(self, upstream: str, status: int, elapsed: float) -> None:
-        """One line per request (``access_log``; the callers test it, saving a call)."""
-        logger.info(
-            "pool %s: %s %s -> %s %d in %.1f ms%s",
-            self.runtime.name,
-            self.method,
-            self.scope.get("path", ""),
-            upstream,
-            status,
-            elapsed * 1000,
-            "" if self.request_id is None else " id=" + self.request_id.decode("ascii"),
-        )
 
 
 def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:

@@ -13,6 +13,7 @@ from typing import Any, Union
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .access_log import AccessLog
 from .admin import AdminAPI
 from .config import PoolsArg
 from .endpoints import Endpoints
@@ -239,10 +240,12 @@ class RoundRobinMiddleware:
             await self.app(scope, receive, send)
             return
         state, rest, refusal = found
-        if refusal is not None:
+        if self._settings.access_log:
+            await self._logged(state, scope, receive, send, rest, refusal, None)
+        elif refusal is not None:
             await answer_early(scope, receive, send, refusal.status, refusal.headers)
-            return
-        await forward(state, scope, receive, send, rest, self._settings)
+        else:
+            await forward(state, scope, receive, send, rest, self._settings)
 
     @classmethod
     def _routers(
@@ -366,11 +369,35 @@ class RoundRobinMiddleware:
             if refusal is None and (is_unsafe_path(rest) or has_dot_segment(rest)):
                 logger.info("pool %s: refused the route's path %r", state.name, rest[:200])
                 refusal = _UNSAFE_PATH
-        if refusal is not None:
-            await answer_early(scope, receive, send, refusal.status, refusal.headers)
-            return
         stripped = raw_path[: len(raw_path) - len(rest)] if raw_path.endswith(rest) else b""
-        await forward(state, scope, receive, send, rest, self._settings, stripped)
+        if self._settings.access_log:
+            await self._logged(state, scope, receive, send, rest, refusal, stripped)
+        elif refusal is not None:
+            await answer_early(scope, receive, send, refusal.status, refusal.headers)
+        else:
+            await forward(state, scope, receive, send, rest, self._settings, stripped)
+
+    async def _logged(
+        self,
+        state: PoolRuntime,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        rest: bytes,
+        refusal: Refusal | None,
+        stripped: bytes | None,
+    ) -> None:
+        """A request under a pool with ``access_log`` on: answered as any, then its line."""
+        access = AccessLog(state.name, scope, send)
+        try:
+            if refusal is not None:
+                await answer_early(scope, receive, access.send, refusal.status, refusal.headers)
+            else:
+                await forward(
+                    state, scope, receive, access.send, rest, self._settings, stripped, access
+                )
+        finally:
+            access.write()
 
     def status(self) -> dict[str, Any]:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""

@@ -783,6 +783,50 @@ def test_access_log_one_info_line_per_proxied_request(caplog: pytest.LogCaptureF
             assert re.fullmatch(r"\d+\.\d ms", line[len(start) :]), line
 
 
+def test_access_log_has_a_line_for_every_answer_the_proxy_gave_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refusal, a guard's answer, an upload too large, a failing on_response hook: each
+    gets its line, with the status the client got (the hook's 500, not the upstream's
+    200) and ``-`` where no upstream was asked."""
+
+    def on_response(request: Request, response: Any) -> None:
+        if request.url.path.endswith("/broken"):
+            raise RuntimeError("hook fails")
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with serve(UpstreamApp("a")) as a:
+        pools = {
+            "/api": Pool([a.url], max_body_size=10, on_response=on_response),
+            "/guarded": Pool([a.url], guard=lambda request: False),
+        }
+        with running_proxy(pools, access_log=True) as (server, _), client() as http:
+            answers = {
+                "GET /api/%2e%2e/secret": http.get(server.url + "/api/%2e%2e/secret"),
+                "GET /guarded/x": http.get(server.url + "/guarded/x"),
+                "POST /api/upload": http.post(server.url + "/api/upload", content=b"x" * 100),
+                "GET /api/broken": http.get(server.url + "/api/broken"),
+                "GET /api/fine": http.get(server.url + "/api/fine"),
+            }
+    statuses = {what: r.status_code for what, r in answers.items()}
+    assert statuses == {
+        "GET /api/%2e%2e/secret": 400,
+        "GET /guarded/x": 403,
+        "POST /api/upload": 413,
+        "GET /api/broken": 500,
+        "GET /api/fine": 200,
+    }
+    lines = [line for line in rr_records(caplog) if " -> " in line]
+    assert len(lines) == len(answers), lines
+    for line, (what, response) in zip(lines, answers.items(), strict=True):
+        method, path = what.split()
+        upstream = a.url if path in ("/api/broken", "/api/fine") else "-"
+        prefix = "/guarded" if path.startswith("/guarded") else "/api"
+        start = f"pool {prefix}: {method} "
+        assert line.startswith(start), (line, start)
+        assert line.split(" -> ")[1].startswith(f"{upstream} {response.status_code} in "), line
+
+
 # ----------------------------------------------------------------------- panic mode
 
 
