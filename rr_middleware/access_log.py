@@ -1,14 +1,26 @@
-"""The access log (``access_log=True``): one line per request under a pool's prefix,
-whatever answered it: the upstream, a refusal, a guard or hook, the proxy's own error."""
+"""The access log (``access_log=True``): one line per HTTP request under a pool's
+prefix, whatever answered it: the upstream, a refusal, a guard or hook, the proxy's own
+error."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from starlette.types import Message, Scope, Send
 
 logger = logging.getLogger("rr_middleware")
+
+_UNPRINTABLE = re.compile(rb"[^\x21-\x7e]")
+
+
+def printable_path(scope: Scope) -> str:
+    """The request's path for a log line, as the client sent it (raw, percent-encoded)
+    with any byte outside visible ASCII as ``\\xNN``: a client cannot break the line
+    or fake one (the decoded path may hold CR, LF and spaces)."""
+    raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "surrogateescape")
+    return _UNPRINTABLE.sub(lambda found: b"\\x%02x" % found[0][0], raw).decode("ascii")
 
 
 class AccessLog:
@@ -49,8 +61,8 @@ class AccessLog:
         logger.info(
             "pool %s: %s %s -> %s %s in %.1f ms%s",
             self.pool,
-            self.scope.get("method", ""),
-            self.scope.get("path", ""),
+            self.scope.get("method", ""),  # the server's parser allows no odd byte here
+            printable_path(self.scope),
             self.upstream,
             self.status or "-",
             (time.monotonic() - self.started) * 1000,

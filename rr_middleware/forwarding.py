@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from starlette.responses import FileResponse, StreamingResponse
 
+from .access_log import AccessLog, printable_path
 from .client import ClientSide, Sweeper, abort_client, linger
 from .errors import (
     BodyTooLarge,
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from starlette.responses import Response
     from starlette.types import Message, Receive, Scope, Send
 
-    from .access_log import AccessLog
     from .attempt import Attempt
     from .hedging import HedgedAttempt
     from .members import Member
@@ -252,6 +252,10 @@ async def forward(
         client.close()
         if traced is not None:
             AttemptTracer.end(traced)
+        if access is not None and access.upstream == "-" and forwarding.tried:
+            # Ended another way than by a relay or a failure answered (the client left,
+            # its upload stalled, the server cancelled it): the upstreams asked.
+            access.upstream = ", ".join(m.upstream.url for m in forwarding.tried)
 
 
 _CLOSE = ((b"connection", b"close"),)
@@ -313,6 +317,7 @@ class _Forwarding:
         "settings",
         "stream",
         "suffix",
+        "tried",
     )
 
     def __init__(
@@ -344,6 +349,7 @@ class _Forwarding:
         self.response_started = False
         self.request_id: bytes | None = None
         self.access: AccessLog | None = None
+        self.tried: list[Member] = []  # the upstreams asked, in order
         self.retrying = False  # holds a place in the pool's retry budget
         self.affinity = runtime.affinity(scope, settings.trusted) if runtime.affine else None
 
@@ -362,7 +368,7 @@ class _Forwarding:
             mirror = None
         if mirror is not None:
             buffer = max(buffer, pool.mirror_body_limit)
-        tried: list[Member] = []
+        tried = self.tried
         error: UpstreamError | None = None
         budget = runtime.budget
         budget.active += 1
@@ -444,7 +450,7 @@ class _Forwarding:
             "pool %s: client left during %s %s; upstream exchange closed",
             runtime.name,
             self.method,
-            self.scope.get("path", ""),
+            printable_path(self.scope),
         )
         if not self.response_started:
             # No one will read it, but an app wrapping this one (BaseHTTPMiddleware)

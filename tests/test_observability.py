@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -825,6 +826,36 @@ def test_access_log_has_a_line_for_every_answer_the_proxy_gave_itself(
         start = f"pool {prefix}: {method} "
         assert line.startswith(start), (line, start)
         assert line.split(" -> ")[1].startswith(f"{upstream} {response.status_code} in "), line
+
+
+def test_access_log_names_the_upstream_of_a_client_that_left_and_escapes_the_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that leaves while the upstream is slow: 499 and that upstream (it said
+    ``-``). A path with encoded CR, LF and spaces stays one line, as the client sent it
+    (decoded, it forged a second line)."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    forged = "/api/x%0d%0apool%20/api:%20GET%20/api/admin%20-%3E%20http://10.9.9.9%20200"
+    with (
+        serve(UpstreamApp("a")) as a,
+        running_proxy({"/api": [a.url]}, access_log=True) as (server, _),
+        client() as http,
+    ):
+        with socket.create_connection(("127.0.0.1", server.port)) as leaving:
+            leaving.sendall(b"GET /api/slow?action=sleep&s=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_for(lambda: a.app.requests, "the request to reach the upstream", 10)
+        assert http.get(server.url + forged).status_code == 200
+        wait_for(lambda: len(access_lines(caplog)) == 2, "two access log lines", 10)
+    left, escaped = sorted(access_lines(caplog), key=lambda line: "/slow" not in line)
+    assert left.startswith("pool /api: GET /api/slow -> ")
+    assert left.split(" -> ")[1].startswith(f"{a.url} 499 in "), left
+    assert "\r" not in escaped
+    assert "\n" not in escaped
+    assert escaped.startswith(f"pool /api: GET {forged} -> {a.url} 200 in "), escaped
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [line for line in rr_records(caplog) if " -> " in line]
 
 
 # ----------------------------------------------------------------------- panic mode
