@@ -253,8 +253,8 @@ async def forward(
         if traced is not None:
             AttemptTracer.end(traced)
         if access is not None and access.upstream == "-" and forwarding.tried:
-            # Ended another way than by a relay or a failure answered (the client left,
-            # its upload stalled, the server cancelled it): the upstreams asked.
+            # Not relayed (every upstream failed, the client left, its upload stalled,
+            # the server cancelled it): the upstreams asked.
             access.upstream = ", ".join(m.upstream.url for m in forwarding.tried)
 
 
@@ -559,8 +559,6 @@ class _Forwarding:
                 logger.warning("pool %s: no upstream available; answering 503", runtime.name)
                 await self._send_error(503)
         else:
-            if self.access is not None:
-                self.access.upstream = ", ".join(m.upstream.url for m in tried)
             await self._send_error(error.status if error is not None else 502)
         self.client.close()
 

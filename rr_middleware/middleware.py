@@ -240,12 +240,10 @@ class RoundRobinMiddleware:
             await self.app(scope, receive, send)
             return
         state, rest, refusal = found
-        if self._settings.access_log:
-            await self._logged(state, scope, receive, send, rest, refusal, None)
-        elif refusal is not None:
-            await answer_early(scope, receive, send, refusal.status, refusal.headers)
-        else:
+        if refusal is None and not self._settings.access_log:  # the common case, direct
             await forward(state, scope, receive, send, rest, self._settings)
+        else:
+            await self._answer(state, scope, receive, send, rest, refusal, None)
 
     @classmethod
     def _routers(
@@ -370,14 +368,9 @@ class RoundRobinMiddleware:
                 logger.info("pool %s: refused the route's path %r", state.name, rest[:200])
                 refusal = _UNSAFE_PATH
         stripped = raw_path[: len(raw_path) - len(rest)] if raw_path.endswith(rest) else b""
-        if self._settings.access_log:
-            await self._logged(state, scope, receive, send, rest, refusal, stripped)
-        elif refusal is not None:
-            await answer_early(scope, receive, send, refusal.status, refusal.headers)
-        else:
-            await forward(state, scope, receive, send, rest, self._settings, stripped)
+        await self._answer(state, scope, receive, send, rest, refusal, stripped)
 
-    async def _logged(
+    async def _answer(
         self,
         state: PoolRuntime,
         scope: Scope,
@@ -387,17 +380,19 @@ class RoundRobinMiddleware:
         refusal: Refusal | None,
         stripped: bytes | None,
     ) -> None:
-        """A request under a pool with ``access_log`` on: answered as any, then its line."""
-        access = AccessLog(state.name, scope, send)
+        """A request under a pool: its refusal, or forwarded; with ``access_log`` on, then
+        its line."""
+        access = AccessLog(state.name, scope, send) if self._settings.access_log else None
+        if access is not None:
+            send = access.send
         try:
             if refusal is not None:
-                await answer_early(scope, receive, access.send, refusal.status, refusal.headers)
+                await answer_early(scope, receive, send, refusal.status, refusal.headers)
             else:
-                await forward(
-                    state, scope, receive, access.send, rest, self._settings, stripped, access
-                )
+                await forward(state, scope, receive, send, rest, self._settings, stripped, access)
         finally:
-            access.write()
+            if access is not None:
+                access.write()
 
     def status(self) -> dict[str, Any]:
         """Every pool and upstream with its counters (what ``status_path`` serves)."""
