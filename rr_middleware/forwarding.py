@@ -370,6 +370,9 @@ class _Forwarding:
             buffer = max(buffer, pool.mirror_body_limit)
         tried = self.tried
         error: UpstreamError | None = None
+        # The last answer retried for its status, read whole: the client gets it rather
+        # than a 502 of ours if no later try answers at all (see ``_keep``).
+        kept: tuple[Attempt | HedgedAttempt, KeptAnswer] | None = None
         budget = runtime.budget
         budget.active += 1
         try:
@@ -391,7 +394,7 @@ class _Forwarding:
                             self._raise_client_failure(exc)
                             raise
                         if self._retry_on_status(attempt, tried):
-                            await response.aclose()
+                            kept = await _keep(attempt, response) or kept
                             continue
                         await self._relay(attempt, response)
                         return
@@ -412,6 +415,17 @@ class _Forwarding:
             budget.active -= 1
             if self.retrying:
                 budget.release()
+        if kept is not None:
+            attempt, answer = kept
+            logger.warning(
+                "pool %s: %s: no later upstream answered; relaying the %d of %s",
+                runtime.name,
+                self.method,
+                answer.status,
+                attempt.upstream.url,
+            )
+            await self._relay(attempt, answer)
+            return
         await self._answer_failure(error, tried)
 
     def _mirror(self, mirror: Mirror) -> None:
@@ -719,6 +733,49 @@ class _Forwarding:
         else:
             await self._last_early(response)
         client.close()
+
+
+class KeptAnswer:
+    """An upstream's whole answer, kept while the request is tried elsewhere (see
+    ``_keep``); relayed like any response."""
+
+    __slots__ = ("_body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self._body = body
+
+    async def read(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+    def body_complete(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _keep(
+    attempt: Attempt | HedgedAttempt, response: UpstreamResponse
+) -> tuple[Attempt | HedgedAttempt, KeptAnswer] | None:
+    """An answer retried for its status (``retry_on_statuses``), kept whole if its body has
+    already arrived with its head, as a short error page's does: if every later try fails
+    without an answer (refused, timed out, broken), the client gets this real answer (its
+    ``Retry-After``, its page) instead of a 502 or 504 of ours. A body still on its way is
+    not waited for: the next try goes at once, and the answer is dropped, as before."""
+    try:
+        if not response.body_complete():
+            return None
+        body = b""
+        while chunk := await response.read():
+            body += chunk
+        return attempt, KeptAnswer(response.status, response.headers, body)
+    except UpstreamError:
+        return None
+    finally:
+        await response.aclose()
 
 
 def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:

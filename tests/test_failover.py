@@ -24,8 +24,8 @@ import pytest
 from rr_middleware import HealthCheck, Pool, PoolRuntime
 
 from .proxy import assert_generic_error, client, running_proxy
-from .raw_upstream import Handler, RawConnection, RawUpstream
-from .servers import RunningServer, serve
+from .raw_upstream import Handler, RawConnection, RawUpstream, answer_each
+from .servers import RunningServer, dead_url, serve
 from .upstream_app import UpstreamApp
 
 # UpstreamApp has no /health route; its status action serves as one.
@@ -533,3 +533,48 @@ def test_post_is_not_retried_once_sent_but_get_is(
             gets = [r.target.decode() for r in hang.requests if r.method == b"GET"]
             assert len(gets) >= 2, hang.requests  # sent there first, then retried
             assert all(target in [r["raw_path"] for r in good.app.requests] for target in gets)
+
+
+def test_an_answer_retried_for_its_status_reaches_the_client_when_no_later_try_answers(
+    logs: LogWatcher,
+) -> None:
+    """``retry_on_statuses``: an upstream's 503 is retried on the next upstreams, which
+    hang up or refuse the connection. The client gets that 503 as the upstream sent it
+    (its Retry-After, its page), whichever upstream the round robin starts from, not a
+    502 of the proxy's. A 503 whose body is still on its way is not waited for: the
+    next try goes at once, and with no later answer the client gets the 502."""
+    page = b"down for maintenance"
+    busy_answer = (
+        b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 30\r\n"
+        b"content-type: text/plain\r\ncontent-length: %d\r\n\r\n%s" % (len(page), page)
+    )
+
+    async def slow_page(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.send(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 20\r\n\r\n")
+        await connection.hold()  # the page never comes
+
+    with (
+        RawUpstream(answer_each(lambda _: busy_answer)) as busy,
+        RawUpstream(hang_up(False)) as hang,
+        RawUpstream(slow_page) as slow,
+    ):
+        dead = dead_url()
+        options: dict[str, Any] = {"retries": 2, "retry_on_statuses": {503}, "max_fails": 0}
+        pools = {
+            "/p": Pool([busy.url, hang.url, dead], **options),
+            "/slow": Pool([slow.url, hang.url], timeout=30, **options),
+        }
+        with running_proxy(pools) as (proxy, _), client() as http:
+            for i in range(6):
+                response = http.get(f"{proxy.url}/p/x{i}")
+                assert response.status_code == 503, response.text
+                assert response.headers["retry-after"] == "30"
+                assert response.content == page
+            assert len(busy.requests) == 6
+            logs.wait_for(f"relaying the 503 of {busy.url}")
+
+            started = time.monotonic()
+            for i in range(2):
+                assert_generic_error(http.get(f"{proxy.url}/slow/x{i}"), 502, [slow.url])
+            assert time.monotonic() - started < 5  # not the read timeout's 30 s
