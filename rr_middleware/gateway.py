@@ -190,6 +190,9 @@ def _serve_uvicorn(
         "ssl_keyfile": settings.ssl_keyfile,
         "loop": _loop(),
     }
+    # Each worker's event loop takes its share of the accept batch (``accept.WORKERS_ENV``;
+    # not imported here: that module needs uvloop).
+    os.environ["WEB_CONCURRENCY"] = str(settings.workers)
     try:
         if settings.workers == 1:
             config.app.balancer.zone_follows_layout = True

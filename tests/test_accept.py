@@ -1,19 +1,23 @@
 """rr_middleware.accept: the gateway's event loop takes a burst of new connections off
-the listen queue in a few turns of a busy loop, pauses (not spins) when out of
+the listen queue in a few turns of a busy loop (worker processes on one socket sharing
+the batch), pauses (not spins) when out of
 descriptors, serves TLS, and stops accepting when closed. Real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
+import re
 import resource
 import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +25,9 @@ import trustme
 import uvicorn
 
 from rr_middleware import accept, gateway
+
+from .gateway_process import SERVER_LOG, STARTED, run_gateway
+from .polling import wait_for
 
 DEADLINE = 10.0
 
@@ -72,11 +79,20 @@ def listening(backlog: int = 512) -> socket.socket:
     return sock
 
 
-def test_a_burst_is_accepted_in_a_few_turns_of_a_busy_loop() -> None:
+@pytest.mark.parametrize(("workers", "batch"), [(None, 16), ("2", 8), ("3", 6), ("x", 16)])
+def test_a_burst_is_accepted_in_a_few_turns_of_a_busy_loop(
+    monkeypatch: pytest.MonkeyPatch, workers: str | None, batch: int
+) -> None:
     """64 connections wait in the listen queue (the kernel completed their handshakes)
     while every turn of the loop spends 5 ms serving others: uvloop as it is takes one
     connection per turn (64 turns, a third of a second here, seconds under real load);
-    this loop takes them in ACCEPT_BATCH-sized batches."""
+    this loop takes them in batches of ACCEPT_BATCH, or of a worker's share of it when
+    ``WEB_CONCURRENCY`` workers accept on one socket (so that a worker that wakes first
+    does not take a whole burst; a value that is no count is ignored)."""
+    if workers is None:
+        monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    else:
+        monkeypatch.setenv("WEB_CONCURRENCY", workers)
     count = 64
     with ExitStack() as stack:
         listener = stack.enter_context(listening())
@@ -85,14 +101,13 @@ def test_a_burst_is_accepted_in_a_few_turns_of_a_busy_loop() -> None:
             for _ in range(count)
         ]
 
-        async def main() -> int:
+        async def main() -> list[int]:
             loop = asyncio.get_running_loop()
             connections = Connections()
-            turns = 0
+            per_turn: list[int] = []  # connections made by the end of each busy turn
 
             def busy() -> None:  # one turn's worth of other connections' work
-                nonlocal turns
-                turns += 1
+                per_turn.append(connections.made)
                 until = time.perf_counter() + 0.005
                 while time.perf_counter() < until:
                     pass
@@ -104,10 +119,12 @@ def test_a_burst_is_accepted_in_a_few_turns_of_a_busy_loop() -> None:
             await connections.served(count)
             server.close()
             await server.wait_closed()
-            return turns
+            return per_turn
 
-        turns = run(main)
-        assert turns <= count // accept.ACCEPT_BATCH + 4, turns
+        per_turn = run(main)
+        assert len(per_turn) <= count // batch + 4, per_turn
+        taken = [b - a for a, b in itertools.pairwise(per_turn)]
+        assert max(taken) == batch, per_turn
         for client in clients:
             client.settimeout(DEADLINE)
             assert client.recv(2) == b"hi"
@@ -302,3 +319,19 @@ def test_the_gateway_runs_uvicorn_on_this_loop() -> None:
         assert isinstance(loop, accept.BatchAcceptLoop)
     finally:
         loop.close()
+
+
+def test_the_gateway_tells_each_worker_how_many_share_its_socket(tmp_path: Path) -> None:
+    """``rr-gateway`` with ``workers = 2`` runs each worker with ``WEB_CONCURRENCY=2``,
+    whatever its own environment said, so each worker's loop takes half the batch."""
+    config = (
+        '[server]\nport = 0\nworkers = 2\nserver = "uvicorn"\n'
+        '[pools."/api"]\nupstreams = ["http://127.0.0.1:9"]\n'
+    )
+    with run_gateway(tmp_path, config, env={"WEB_CONCURRENCY": "7"}) as running:
+        wait_for(lambda: running.output().count(STARTED["uvicorn"]) == 2, "both workers", DEADLINE)
+        workers = re.findall(SERVER_LOG["uvicorn"][0], running.output())
+        assert len(set(workers)) == 2, workers
+        for pid in workers:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"WEB_CONCURRENCY=2" in environ
