@@ -3,7 +3,7 @@
     python benchmarks/profile_proxy.py [--duration 5] [--rounds 3] [--connections 32]
         [--profile-seconds 10] [--rate 997] [--no-profile] [--baseline DIR] [--json PATH]
 
-**Steps** (measured): four servers, each uvicorn + uvloop + httptools with one worker,
+**Steps** (measured): five servers, each uvicorn + uvloop + httptools with one worker,
 answer the same 13-byte response, each with more of the proxy in it, loaded in turn by
 ``wrk -t1 -c{connections}`` for ``--rounds`` alternating rounds; each figure is the
 server's CPU (user + system, from /proc) over the requests wrk completed:
@@ -12,11 +12,15 @@ server's CPU (user + system, from /proc) over the requests wrk completed:
 2. ``bare``: a Starlette route (``bench_apps.bare_app``): the app the proxy is compared with;
 3. ``instant``: Starlette + RoundRobinMiddleware whose transport answers at once
    in-process (``stage_apps.instant_app``): the proxy without its upstream leg;
-4. ``proxy``: the benchmark's proxy (``bench_apps.middleware_app``) in front of two
+4. ``least``: the least any ASGI proxy must do for a GET (``stage_apps.least_app``): a
+   bare ASGI app forwarding it on a kept-alive connection, with no feature and no check;
+5. ``proxy``: the benchmark's proxy (``bench_apps.middleware_app``) in front of two
    uvicorn upstreams.
 
+``least / bare`` is the lowest ratio any Python proxy can reach on this server (the goal
+is ``proxy / bare``); ``proxy / least`` is what rr-middleware's features and safety cost.
 Differences of medians give the middleware's own cost in a server (3 - 1) and the upstream
-leg's (4 - 3: the request written and the response read on a second socket, the parser,
+leg's (5 - 3: the request written and the response read on a second socket, the parser,
 the connection pool, the extra turn of the event loop and the wake-ups it costs).
 
 **Stages** (sampled, unless ``--no-profile``): py-spy samples the proxy under the same
@@ -127,6 +131,7 @@ STEPS = (
     ("asgi", "stage_apps:asgi_app", "/hello"),
     ("bare", "bare_app", "/local"),
     ("instant", "stage_apps:instant_app", "/api/hello"),
+    ("least", "stage_apps:least_app", "/api/hello"),
     ("proxy", "middleware_app", "/api/hello"),
 )
 
@@ -165,10 +170,13 @@ def render_steps(rounds: dict[str, list[float]]) -> str:
     ):
         per = " ".join(f"{x - y:.0f}" for x, y in zip(rounds[a], rounds[b], strict=True))
         lines.append(f"{what:<44} {median[a] - median[b]:>14.1f}   {per}")
-    ratio = " ".join(f"{x / y:.2f}" for x, y in zip(rounds["proxy"], rounds["bare"], strict=True))
-    lines.append(
-        f"{'proxy / bare (goal <= 1.4x)':<44} {median['proxy'] / median['bare']:>13.2f}x   {ratio}"
-    )
+    for what, a, b in (
+        ("proxy / bare (goal <= 1.4x)", "proxy", "bare"),
+        ("least forwarder / bare", "least", "bare"),
+        ("proxy / least forwarder", "proxy", "least"),
+    ):
+        per = " ".join(f"{x / y:.2f}" for x, y in zip(rounds[a], rounds[b], strict=True))
+        lines.append(f"{what:<44} {median[a] / median[b]:>13.2f}x   {per}")
     return "\n".join(lines)
 
 

@@ -277,6 +277,7 @@ def throughput(ctx: Context) -> list[Row]:
         ("bare", "bare", "/local"),
         ("asgi-floor", "asgi", "/hello"),
         ("rr-instant", "instant", "/api/hello"),
+        ("least-forwarder", "least", "/api/hello"),
         ("rr-middleware", "rr", "/api/hello"),
         ("asgiproxy", "asgiproxy", "/api/hello"),
         ("nginx", "nginx", "/api/hello"),
@@ -382,6 +383,31 @@ def _goal1_rows(r: dict[str, Measurement], c: int) -> list[Row]:
                 cpu_paired(rr, bare),
             )
         )
+        if "least-forwarder" in r:
+            # How low goal 1's ratio can go: the least any ASGI proxy must do for a GET
+            # (``stage_apps.least_app``: no feature, no check) against the same bare app;
+            # then what rr-middleware costs over that least.
+            least = r["least-forwarder"]
+            for what, a, b, figure, reference in (
+                (
+                    "least forwarder CPU vs bare app CPU",
+                    least,
+                    bare,
+                    f"least {least.cpu_us_per_request:.0f} us/req, {rps(least)}",
+                    f"bare app {bare.cpu_us_per_request:.0f} us/req",
+                ),
+                (
+                    "proxy CPU vs least forwarder CPU",
+                    rr,
+                    least,
+                    f"rr {rr.cpu_us_per_request:.0f} us/req",
+                    f"least {least.cpu_us_per_request:.0f} us/req",
+                ),
+            ):
+                ratio = a.cpu_us_per_request / b.cpu_us_per_request
+                rows.append(
+                    Row(f"1. GET -c{c}", what, figure, reference, ratio, "", None, cpu_paired(a, b))
+                )
     return rows
 
 
@@ -1007,6 +1033,7 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
         # a bare ASGI app, and the proxy with an upstream leg that answers at once.
         by["asgi"] = start_server("asgi", "stage_apps:asgi_app", base, log_dir, servers)
         by["instant"] = start_server("instant", "stage_apps:instant_app", base, log_dir, servers)
+        by["least"] = start_server("least", "stage_apps:least_app", base, log_dir, servers)
         everything = {**base, "BENCH_EVERYTHING": "1"}
         by["rr-all"] = start_proxy("rr-all", args.proxy_command, 1, everything, log_dir, servers)
         if args.workers > 1:
@@ -1043,7 +1070,8 @@ def start(args: argparse.Namespace, log_dir: Path, servers: list[Server]) -> dic
     for name, server in by.items():
         path = "/hello" if name.startswith("upstream") else "/local"
         path = "/mw50/local" if name == "ft" else path
-        if name in ("asgiproxy", "nginx", "instant", *ACCEPT_LOOPS) or name.startswith("rr-gw"):
+        proxied = name in ("asgiproxy", "nginx", "instant", "least", *ACCEPT_LOOPS)
+        if proxied or name.startswith("rr-gw"):
             path = "/api/hello"
         wait_ready(server, path)
     for name in (
