@@ -83,7 +83,10 @@ def is_ambiguous_path(raw_path: bytes) -> bool:
     - a dot segment once decoded a second time or more (``%252e%252e``, ``..%252f``), for
       upstreams (and the frameworks behind them) that decode again;
     - overlong UTF-8 (``%c0%ae``, ``%c0%af``, ``%e0%80%ae``, ``%c1%9c``): invalid, and read
-      as ``.``, ``/`` and ``\\`` by lenient decoders.
+      as ``.``, ``/`` and ``\\`` by lenient decoders;
+    - a dot segment once IIS's ``%uXXXX`` escapes are read (``%u002e%u002e``,
+      ``..%u2215``: a dot, slash or backslash, or a lookalike that Unicode compatibility
+      or Windows' "best fit" turns into one), at any depth of decoding.
 
     A path with no ``%`` and no ``;`` (most paths) is answered at once.
     """
@@ -95,6 +98,8 @@ def is_ambiguous_path(raw_path: bytes) -> bool:
         decoded = unquote_to_bytes(raw_path)
     while True:
         if _SEMICOLON in decoded and _dot_segment_with_params_in(decoded):
+            return True
+        if _U_ESCAPE.search(decoded) is not None and _u_escapes_hide_dot_segment(decoded):
             return True
         if not decoded.isascii() and _OVERLONG.search(decoded) is not None:
             return True
@@ -117,6 +122,37 @@ def _dot_segment_with_params_in(decoded: bytes) -> bool:
         b";" in seg and seg.partition(b";")[0] in _DOT_SEGMENTS
         for seg in decoded.replace(b"\\", b"/").split(b"/")
     )
+
+
+# IIS's "%uXXXX" escape (non-standard, decoded by IIS and ASP.NET): four hex digits.
+_U_ESCAPE = re.compile(rb"%[uU]([0-9A-Fa-f]{4})")
+# Characters that decoders read as ".", "/" or "\\" once a "%u" escape gives them: by
+# Unicode compatibility (fullwidth and small forms: NFKC) or by Windows' "best fit" to an
+# ANSI code page (division and fraction slashes, the set minus).
+_LOOKALIKES = {
+    0x2E: b".",
+    0x2F: b"/",
+    0x5C: b"\\",
+    0x2024: b".",  # one dot leader
+    0xFE52: b".",  # small full stop
+    0xFF0E: b".",  # fullwidth full stop
+    0x2044: b"/",  # fraction slash
+    0x2215: b"/",  # division slash
+    0xFF0F: b"/",  # fullwidth solidus
+    0x2216: b"\\",  # set minus
+    0xFE68: b"\\",  # small reverse solidus
+    0xFF3C: b"\\",  # fullwidth reverse solidus
+}
+
+
+def _u_escapes_hide_dot_segment(decoded: bytes) -> bool:
+    """Whether ``%u`` escapes of dots, slashes and backslashes (or their lookalikes) make
+    a dot segment of ``decoded`` once an IIS-style decoder reads them."""
+
+    def read(escape: re.Match[bytes]) -> bytes:
+        return _LOOKALIKES.get(int(escape[1], 16), b"_")
+
+    return _dot_segment_in(_U_ESCAPE.sub(read, decoded))
 
 
 def is_unsafe_path(raw_path: bytes) -> bool:

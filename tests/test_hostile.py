@@ -195,13 +195,16 @@ AMBIGUOUS_PATHS = {
     "overlong-slash": "/api/..%c0%afadmin",
     "overlong-3-byte-dots": "/api/%e0%80%ae%e0%80%ae/x",
     "overlong-backslash": "/api/..%c1%9cadmin",
+    "iis-u-escaped-dots": "/api/%u002e%u002e/admin",
+    "iis-u-escaped-division-slash": "/api/..%u2215admin",
 }
 
 
 @pytest.mark.parametrize("path", AMBIGUOUS_PATHS.values(), ids=AMBIGUOUS_PATHS.keys())
 def test_paths_some_upstreams_read_as_dot_segments_are_refused(site: Site, path: str) -> None:
     """Tomcat and Spring drop ``;params`` before resolving dot segments, frameworks that
-    decode twice see ``%252e`` as ``.``, lenient UTF-8 decoders read ``%c0%ae`` as ``.``:
+    decode twice see ``%252e`` as ``.``, lenient UTF-8 decoders read ``%c0%ae`` as ``.``,
+    IIS reads ``%u002e`` as ``.`` and ``%u2215`` as ``/``:
     the proxy sees no dot segment in these, such an upstream does."""
     status, body = site.get(path)
     assert_refused_by_middleware(status, body)

@@ -302,6 +302,17 @@ AMBIGUOUS = [
     b"/api/%c1%81",
     b"/api/%f0%80%80%ae",
     b"/api/%25c0%25ae%25c0%25ae/admin",
+    # IIS's %u escapes of ".", "/", "\\" and their lookalikes, at any depth.
+    b"/api/%u002e%u002e/admin",
+    b"/api/%U002E%U002E/admin",
+    b"/api/.%u002e/admin",
+    b"/api/..%u002fadmin",
+    b"/api/..%u005cadmin",
+    b"/api/..%u2215admin",
+    b"/api/%uff0e%uff0e/admin",
+    b"/api/%u2024%u2024/admin",
+    b"/api/%25u002e%25u002e/admin",
+    b"/api/x%u2215%u002e%u002e%u2215admin",
 ]
 
 
@@ -332,6 +343,10 @@ def test_ambiguous_paths_are_detected(path: bytes) -> None:
         b"/api/%c0",
         b"/api/%ff%fe",
         b"/api/%zz%2",
+        b"/api/%u00e9t%u00e9",  # IIS's é
+        b"/api/100%uptime",  # no %u escape: "pt" is not hex
+        b"/api/%u002ex",  # ".x": no dot segment
+        b"/api/%u002e%u002e%u002e",  # "...": a name
     ],
 )
 def test_no_false_positive_ambiguous_paths(path: bytes) -> None:
