@@ -24,13 +24,15 @@ def printable_path(scope: Scope) -> str:
 
 
 class AccessLog:
-    """One request's line: the status the client was sent, the upstream(s) that answered
-    or were tried (``-``: none), the time from its arrival to its end. ``send`` is the
-    request's own with the status noted; the connection's transport stays reachable
-    through it, as ``client.abort_client`` needs."""
+    """One request's line: the status the client was sent (with ``incomplete`` if its
+    response did not go out to the end: cut off mid-body, the client gone), the
+    upstream(s) that answered or were tried (``-``: none), the time from its arrival to
+    its end. ``send`` is the request's own with the status noted; the connection's
+    transport stays reachable through it, as ``client.abort_client`` needs."""
 
     __slots__ = (
         "_send",
+        "complete",
         "pool",
         "request_id",
         "scope",
@@ -45,6 +47,7 @@ class AccessLog:
         self.scope = scope
         self._send = send
         self.status = 0
+        self.complete = False  # the response's last message went out
         self.upstream = "-"
         self.request_id: bytes | None = None
         self.started = time.monotonic()
@@ -53,18 +56,23 @@ class AccessLog:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            await self._send(message)
+            return
         await self._send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
 
     def write(self) -> None:
         """The line, once the request has ended (its status ``-`` if none was sent: the
         server cancelled it)."""
         logger.info(
-            "pool %s: %s %s -> %s %s in %.1f ms%s",
+            "pool %s: %s %s -> %s %s%s in %.1f ms%s",
             self.pool,
             self.scope.get("method", ""),  # the server's parser allows no odd byte here
             printable_path(self.scope),
             self.upstream,
             self.status or "-",
+            "" if self.complete or not self.status else " incomplete",
             (time.monotonic() - self.started) * 1000,
             "" if self.request_id is None else " id=" + self.request_id.decode("ascii"),
         )

@@ -854,6 +854,25 @@ def test_access_log_names_the_upstream_of_a_client_that_left_and_escapes_the_pat
     assert escaped.startswith(f"pool /api: GET {forged} -> {a.url} 200 in "), escaped
 
 
+def test_access_log_marks_a_response_cut_off_mid_body(caplog: pytest.LogCaptureFixture) -> None:
+    """An upstream that drops its connection mid-body: the client's connection is cut
+    off after the 200's head, and its line says ``200 incomplete`` (it said ``200``, as
+    for a whole answer); a whole answer's line has no mark."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with (
+        serve(UpstreamApp("a")) as a,
+        running_proxy({"/api": [a.url]}, access_log=True) as (server, _),
+        client() as http,
+    ):
+        with pytest.raises(httpx.RemoteProtocolError):
+            http.get(server.url + "/api/cut?action=broken")
+        assert http.get(server.url + "/api/whole").status_code == 200
+        wait_for(lambda: len(access_lines(caplog)) == 2, "two access log lines", 10)
+    cut, whole = sorted(access_lines(caplog), key=lambda line: "/cut" not in line)
+    assert cut.startswith(f"pool /api: GET /api/cut -> {a.url} 200 incomplete in "), cut
+    assert whole.startswith(f"pool /api: GET /api/whole -> {a.url} 200 in "), whole
+
+
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [line for line in rr_records(caplog) if " -> " in line]
 
