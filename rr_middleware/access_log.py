@@ -1,6 +1,6 @@
-"""The access log (``access_log=True``): one line per HTTP request under a pool's
-prefix, whatever answered it: the upstream, a refusal, a guard or hook, the proxy's own
-error."""
+"""The access log (``access_log=True``): one line per HTTP request or WebSocket under a
+pool's prefix, whatever answered it: the upstream, a refusal, a guard or hook, the
+proxy's own error."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from starlette.types import Message, Scope, Send
 logger = logging.getLogger("rr_middleware")
 
 _UNPRINTABLE = re.compile(rb"[^\x21-\x7e]")
+# A response's head and body (a WebSocket's denial has them too), and the other answers
+# a WebSocket's handshake can get, with the status the client sees.
+_STARTS = frozenset({"http.response.start", "websocket.http.response.start"})
+_BODIES = frozenset({"http.response.body", "websocket.http.response.body"})
+_WEBSOCKET_ANSWERS = {"websocket.accept": 101, "websocket.close": 403}
 
 
 def printable_path(scope: Scope) -> str:
@@ -54,12 +59,18 @@ class AccessLog:
         self.transport = getattr(getattr(send, "__self__", None), "transport", None)
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
+        kind = message["type"]
+        if kind in _STARTS:
             self.status = message["status"]
             await self._send(message)
             return
         await self._send(message)
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
+        if kind in _BODIES:
+            self.complete = not message.get("more_body", False)
+        elif not self.status and kind in _WEBSOCKET_ANSWERS:
+            # A WebSocket's handshake answered: accepted (101), or closed first (the
+            # server answers that 403).
+            self.status = _WEBSOCKET_ANSWERS[kind]
             self.complete = True
 
     def write(self) -> None:
@@ -68,7 +79,8 @@ class AccessLog:
         logger.info(
             "pool %s: %s %s -> %s %s%s in %.1f ms%s",
             self.pool,
-            self.scope.get("method", ""),  # the server's parser allows no odd byte here
+            # The server's parser allows no odd byte here; a WebSocket's handshake is a GET.
+            self.scope.get("method", "GET"),
             printable_path(self.scope),
             self.upstream,
             self.status or "-",

@@ -404,18 +404,25 @@ class RoundRobinMiddleware:
             await self.app(scope, receive, send)
             return
         state, path, refusal = found
-        hooks = state.hooks
-        if (
-            refusal is None
-            and hooks is not None
-            and hooks.guard is not None
-            and await hooks.check_guard(scope) is not None
-        ):
-            refusal = _GUARDED
-        if refusal is not None:
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        await forward_websocket(state, scope, receive, send, path, self._settings)
+        access = AccessLog(state.name, scope, send) if self._settings.access_log else None
+        if access is not None:
+            send = access.send
+        try:
+            hooks = state.hooks
+            if (
+                refusal is None
+                and hooks is not None
+                and hooks.guard is not None
+                and await hooks.check_guard(scope) is not None
+            ):
+                refusal = _GUARDED
+            if refusal is not None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await forward_websocket(state, scope, receive, send, path, self._settings, access)
+        finally:
+            if access is not None:
+                access.write()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Open the upstream client on startup and close it on shutdown, around the host

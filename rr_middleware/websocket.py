@@ -22,6 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from .access_log import AccessLog
 from .client import abort_client
 from .errors import ConnectFailed, NoUpstream
 from .forwarding import send_error
@@ -63,8 +64,10 @@ async def forward_websocket(
     send: Send,
     path: bytes,
     settings: ProxySettings,
+    access: AccessLog | None = None,
 ) -> None:
-    """Connect the client's WebSocket to an upstream of the pool and relay it."""
+    """Connect the client's WebSocket to an upstream of the pool and relay it; ``access``,
+    its access log line, is told the upstream (the one relayed, or those asked)."""
     try:
         import websockets  # noqa: F401 - the optional dependency, checked here once
     except ImportError:
@@ -87,6 +90,19 @@ async def forward_websocket(
         return
     handshake = _Handshake(runtime, scope, receive, send, path, headers, has_host, message)
     tried: list[Member] = []
+    try:
+        await _attempts(runtime, handshake, tried, settings)
+    finally:
+        if access is not None and tried:
+            accepted = access.status == 101
+            access.upstream = ", ".join(m.upstream.url for m in (tried[-1:] if accepted else tried))
+
+
+async def _attempts(
+    runtime: PoolRuntime, handshake: _Handshake, tried: list[Member], settings: ProxySettings
+) -> None:
+    """The handshake on each upstream in turn, until one is relayed or answers."""
+    scope, send = handshake.scope, handshake.send
     # A cookie or a key pins it; no cookie is set.
     affinity = runtime.affinity(scope, settings.trusted) if runtime.affine else None
     for _ in range(runtime.pool.retries + 1):

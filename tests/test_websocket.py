@@ -36,6 +36,7 @@ from websockets.sync.client import connect as sync_connect
 
 from rr_middleware import Pool, PoolRuntime, RoundRobinMiddleware, Upstream
 
+from .polling import wait_for
 from .servers import RunningServer, bind_socket, dead_url, serve
 from .upstream_app import values
 
@@ -466,6 +467,37 @@ def test_a_pools_guard_decides_the_handshake(a: WsUpstream) -> None:
             ws.send("hi")
             assert ws.recv(timeout=WAIT) == "hi"
         assert a.handshake()["path"] == "/echo"
+
+
+def test_the_access_log_has_a_line_for_every_websocket(
+    a: WsUpstream, leaks: Records, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``access_log=True``: a session relayed (101, its upstream, once it ended), one a
+    pool refuses by method (403, none asked), one its upstream refuses (403, that
+    upstream), one no upstream takes (502, the upstream asked)."""
+    caplog.set_level(logging.INFO, logger="rr_middleware")
+    dead = dead_url()
+    pools = {"/ws": [a.url], "/noget": Pool([a.url], refuse_methods={"GET"}), "/down": [dead]}
+    with ws_proxy(pools, access_log=True) as (server, _):
+        with sync_client(ws_url(server, "/ws/echo")) as ws:
+            ws.send("hi")
+            assert ws.recv(timeout=WAIT) == "hi"
+        for path in ("/noget/echo", "/ws/reject", "/down/x"):
+            with pytest.raises(InvalidStatus), sync_client(ws_url(server, path)):
+                pass
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in leaks.records if " -> " in r.getMessage()]
+
+        # The relayed session's line comes once its relay has ended.
+        wait_for(lambda: len(lines()) == 4, "a line for each WebSocket", WAIT)
+    by_path = {line.split()[3]: line.split(" -> ")[1] for line in lines()}
+    assert by_path.keys() == {"/ws/echo", "/noget/echo", "/ws/reject", "/down/x"}, lines()
+    assert by_path["/ws/echo"].startswith(f"{a.url} 101 in "), by_path
+    assert by_path["/noget/echo"].startswith("- 403 in "), by_path
+    assert by_path["/ws/reject"].startswith(f"{a.url} 403 in "), by_path
+    assert by_path["/down/x"].startswith(f"{dead} 502 in "), by_path
+    assert all(line.split()[2] == "GET" for line in lines())
 
 
 # ------------------------------------------------------------------------------- closing
