@@ -829,6 +829,33 @@ async def test_an_early_answer_lingers_for_the_body_the_client_is_still_sending(
     assert rest == b""
 
 
+async def test_an_early_answer_over_aiohttp_lingers_once_its_body_writer_stopped(
+    leak_log: LeakLog,
+) -> None:
+    """The same early answer over ``AiohttpTransport``: the body's writer to the upstream
+    (aiohttp's task, reading the client's body) has stopped by the time the response is
+    closed, so the answer lingers for the rest of the body as the only reader of it, and
+    the client reads the answer, then the connection's end, never a reset."""
+    from rr_middleware import AiohttpTransport
+
+    with RawUpstream(early_upstream("upstream-answers-early")) as upstream:
+        pool = Pool([upstream.url], request_buffer_size=0, retries=0, transport=AiohttpTransport())
+        with fault_proxy({"/p": pool}, leak_log) as (proxy, _, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(
+                b"POST /p/x HTTP/1.1\r\nhost: front\r\ncontent-length: 200000\r\n\r\n" + b"u" * 1000
+            )
+            head = await answer_head(reader, 10)
+            length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r")[0])
+            with anyio.fail_after(10):
+                answer = await reader.readexactly(length)
+            rest = await upload_rest_then_read_end(reader, writer, 199)
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert b"connection: close" in head.lower(), head
+    assert answer, head
+    assert rest == b""
+
+
 async def test_an_upstreams_early_chunked_answer_is_framed_by_length_and_lingers_past_send_timeout(
     leak_log: LeakLog,
 ) -> None:

@@ -73,8 +73,25 @@ class _Response:
         return self._content.is_eof()
 
     async def aclose(self) -> None:
-        # release() keeps the connection only if the body was read to the end.
-        self._response.release()
+        # release() keeps the connection only if the body was read to the end, and
+        # cancels the request body's writer if it still runs; it does not wait for that
+        # writer, which may be in the client's receive(): waiting here keeps this
+        # transport's promise that the body is read no more once aclose() returns (an
+        # early answer then lingers for the rest as its only reader).
+        response = self._response
+        response.release()
+        # In a task of its own: wait_for_close() raises the writer's failure (the client's
+        # body broke it: reported where it happened) and, on Python 3.10, would swallow a
+        # cancellation of this task.
+        closing = asyncio.ensure_future(response.wait_for_close())
+        closing.add_done_callback(_retrieve)
+        await asyncio.wait((closing,))
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Read a finished task's outcome, so that no failure is logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _PacedBody:
