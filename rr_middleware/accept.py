@@ -88,7 +88,10 @@ def new_event_loop() -> BatchAcceptLoop:
 def accept_batch(workers: str) -> int:
     """One worker's share of ``ACCEPT_BATCH`` when ``workers`` processes accept on one
     socket (rounded up; the whole batch when ``workers`` is not a number >= 1)."""
-    count = int(workers) if workers.strip().isdigit() else 1
+    try:
+        count = int(workers) if workers.strip().isascii() else 1
+    except ValueError:  # not a number (and "²" is a digit int() refuses)
+        count = 1
     return max(1, -(-ACCEPT_BATCH // max(count, 1)))
 
 

@@ -647,7 +647,7 @@ class _Forwarding:
         wherever it waits (see ``ClientSide``)."""
         member = attempt.member
         status = response.status
-        if status in self.runtime.pool.unhealthy_statuses:
+        if status in self.runtime.pool.unhealthy_statuses and not isinstance(response, KeptAnswer):
             logger.warning(
                 "pool %s: %s %s answered %d",
                 self.runtime.name,
@@ -709,7 +709,9 @@ class _Forwarding:
             await self._failed_mid_response(attempt, exc)
         finally:
             await response.aclose()
-            elapsed = time.monotonic() - attempt.started
+            # A kept answer's exchange ended when it was kept, not after the later tries.
+            ended = response.ended if isinstance(response, KeptAnswer) else time.monotonic()
+            elapsed = ended - attempt.started
             member.stats.total_latency.record(elapsed)
             member.stats.bytes_in += client.size
             if self.access is not None:
@@ -735,13 +737,19 @@ class _Forwarding:
         client.close()
 
 
+#: The largest body of an answer kept while the request is tried elsewhere (``_keep``):
+#: error pages are short, and a request holds this much at most through its later tries.
+KEPT_ANSWER_LIMIT = 64 * 1024
+
+
 class KeptAnswer:
     """An upstream's whole answer, kept while the request is tried elsewhere (see
     ``_keep``); relayed like any response."""
 
-    __slots__ = ("_body", "headers", "status")
+    __slots__ = ("_body", "ended", "headers", "status")
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.ended = time.monotonic()
         self.status = status
         self.headers = headers
         self._body = body
@@ -763,14 +771,17 @@ async def _keep(
     """An answer retried for its status (``retry_on_statuses``), kept whole if its body has
     already arrived with its head, as a short error page's does: if every later try fails
     without an answer (refused, timed out, broken), the client gets this real answer (its
-    ``Retry-After``, its page) instead of a 502 or 504 of ours. A body still on its way is
-    not waited for: the next try goes at once, and the answer is dropped, as before."""
+    ``Retry-After``, its page) instead of a 502 or 504 of ours. A body still on its way, or
+    over ``KEPT_ANSWER_LIMIT``, is not kept: the next try goes at once, and the answer is
+    dropped, as before."""
     try:
         if not response.body_complete():
             return None
         body = b""
         while chunk := await response.read():
             body += chunk
+            if len(body) > KEPT_ANSWER_LIMIT:  # not a short page: not held through the tries
+                return None
         return attempt, KeptAnswer(response.status, response.headers, body)
     except UpstreamError:
         return None

@@ -85,8 +85,9 @@ def is_ambiguous_path(raw_path: bytes) -> bool:
     - overlong UTF-8 (``%c0%ae``, ``%c0%af``, ``%e0%80%ae``, ``%c1%9c``): invalid, and read
       as ``.``, ``/`` and ``\\`` by lenient decoders;
     - a dot segment once IIS's ``%uXXXX`` escapes are read (``%u002e%u002e``,
-      ``..%u2215``: a dot, slash or backslash, or a lookalike that Unicode compatibility
-      or Windows' "best fit" turns into one), at any depth of decoding.
+      ``..%u2215``, ``%u00252e``: a dot, slash, backslash or percent sign, or a lookalike
+      that Unicode compatibility or Windows' "best fit" turns into one), at any depth of
+      decoding, or once such lookalikes sent as UTF-8 are (``%ef%bc%8e%ef%bc%8e``).
 
     A path with no ``%`` and no ``;`` (most paths) is answered at once.
     """
@@ -101,11 +102,14 @@ def is_ambiguous_path(raw_path: bytes) -> bool:
             return True
         if _U_ESCAPE.search(decoded) is not None and _u_escapes_hide_dot_segment(decoded):
             return True
-        if not decoded.isascii() and _OVERLONG.search(decoded) is not None:
+        if not decoded.isascii() and (
+            _OVERLONG.search(decoded) is not None or _lookalikes_make_dot_segment(decoded)
+        ):
             return True
         if _PERCENT not in decoded:
             return False
-        again = unquote_to_bytes(decoded)
+        # An IIS-style decoder reads "%u" escapes in the same pass (%u0025 is a "%").
+        again = unquote_to_bytes(_U_ESCAPE.sub(_read_u_escape, decoded))
         if again == decoded:  # only "%" signs that escape nothing
             return False
         if _dot_segment_in(again):
@@ -130,6 +134,11 @@ _U_ESCAPE = re.compile(rb"%[uU]([0-9A-Fa-f]{4})")
 # Unicode compatibility (fullwidth and small forms: NFKC) or by Windows' "best fit" to an
 # ANSI code page (division and fraction slashes, the set minus).
 _LOOKALIKES = {
+    0x25: b"%",
+    0xFF05: b"%",  # fullwidth percent sign
+    0xFE6A: b"%",  # small percent sign
+    0x2025: b"..",  # two dot leader
+    0xFE30: b"..",  # vertical two dot leader
     0x2E: b".",
     0x2F: b"/",
     0x5C: b"\\",
@@ -149,10 +158,26 @@ def _u_escapes_hide_dot_segment(decoded: bytes) -> bool:
     """Whether ``%u`` escapes of dots, slashes and backslashes (or their lookalikes) make
     a dot segment of ``decoded`` once an IIS-style decoder reads them."""
 
-    def read(escape: re.Match[bytes]) -> bytes:
-        return _LOOKALIKES.get(int(escape[1], 16), b"_")
+    return _dot_segment_in(_U_ESCAPE.sub(_read_u_escape, decoded))
 
-    return _dot_segment_in(_U_ESCAPE.sub(read, decoded))
+
+def _read_u_escape(escape: re.Match[bytes]) -> bytes:
+    return _LOOKALIKES.get(int(escape[1], 16), b"_")
+
+
+# The same lookalikes of ".", "/" and "\\" as UTF-8 (``%ef%bc%8e``, fullwidth full stop):
+# read as such by a server that normalises paths or converts them to an ANSI code page.
+_FOLD = {
+    code: text.decode("ascii")
+    for code, text in _LOOKALIKES.items()
+    if code > 0x7F and text.strip(b"./\\") == b""
+}
+
+
+def _lookalikes_make_dot_segment(decoded: bytes) -> bool:
+    """Whether UTF-8 lookalikes of dots, slashes and backslashes make a dot segment."""
+    folded = decoded.decode("utf-8", "replace").translate(_FOLD)
+    return _dot_segment_in(folded.encode("utf-8"))
 
 
 def is_unsafe_path(raw_path: bytes) -> bool:

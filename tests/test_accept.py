@@ -335,3 +335,12 @@ def test_the_gateway_tells_each_worker_how_many_share_its_socket(tmp_path: Path)
         for pid in workers:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             assert b"WEB_CONCURRENCY=2" in environ
+
+
+@pytest.mark.parametrize("workers", ["\u00b2", "\u2460", "1" * 5000])
+def test_a_worker_count_that_is_no_count_is_ignored(workers: str) -> None:
+    """(review) ``accept_batch``'s docstring: the whole batch when ``WEB_CONCURRENCY`` is
+    not a number >= 1. "²" and "①" pass ``str.isdigit`` but not ``int``; a 5000-digit
+    count passes ``isdigit`` but exceeds ``int``'s digit limit: the loop factory raises
+    and the worker does not start."""
+    assert accept.accept_batch(workers) in (accept.ACCEPT_BATCH, 1)

@@ -540,9 +540,9 @@ def test_an_answer_retried_for_its_status_reaches_the_client_when_no_later_try_a
 ) -> None:
     """``retry_on_statuses``: an upstream's 503 is retried on the next upstreams, which
     hang up or refuse the connection. The client gets that 503 as the upstream sent it
-    (its Retry-After, its page), whichever upstream the round robin starts from, not a
-    502 of the proxy's. A 503 whose body is still on its way is not waited for: the
-    next try goes at once, and with no later answer the client gets the 502."""
+    (its Retry-After, its page), not a 502 of the proxy's. A 503 whose body is still on its way is not waited for: the
+    next try goes at once, and with no later answer the client gets the 502; nor is one
+    over 64 KiB held through the tries."""
     page = b"down for maintenance"
     busy_answer = (
         b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 30\r\n"
@@ -554,16 +554,23 @@ def test_an_answer_retried_for_its_status_reaches_the_client_when_no_later_try_a
         await connection.send(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 20\r\n\r\n")
         await connection.hold()  # the page never comes
 
+    big = b"x" * (64 * 1024 + 1)
+    big_answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(big),
+        big,
+    )
     with (
         RawUpstream(answer_each(lambda _: busy_answer)) as busy,
         RawUpstream(hang_up(False)) as hang,
         RawUpstream(slow_page) as slow,
+        RawUpstream(answer_each(lambda _: big_answer)) as large,
     ):
         dead = dead_url()
         options: dict[str, Any] = {"retries": 2, "retry_on_statuses": {503}, "max_fails": 0}
         pools = {
             "/p": Pool([busy.url, hang.url, dead], **options),
             "/slow": Pool([slow.url, hang.url], timeout=30, **options),
+            "/large": Pool([large.url, dead], **{**options, "retries": 1}),
         }
         with running_proxy(pools) as (proxy, _), client() as http:
             for i in range(6):
@@ -578,3 +585,37 @@ def test_an_answer_retried_for_its_status_reaches_the_client_when_no_later_try_a
             for i in range(2):
                 assert_generic_error(http.get(f"{proxy.url}/slow/x{i}"), 502, [slow.url])
             assert time.monotonic() - started < 5  # not the read timeout's 30 s
+
+            for i in range(2):
+                assert_generic_error(http.get(f"{proxy.url}/large/x{i}"), 502, [large.url])
+            assert len(large.requests) == 2  # it answered, and its answer was not kept
+
+
+def test_a_kept_answer_does_not_charge_the_later_tries_time_to_its_upstream() -> None:
+    """An upstream that answers 503 at once, whose answer is kept and relayed
+    after the next upstream timed out: its total-latency histogram (``p50``/``p99`` of
+    the status page, the Prometheus histogram) must show the few milliseconds it took,
+    not the other upstream's ``timeout``."""
+    page = b"down for maintenance"
+    busy_answer = (
+        b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 30\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(page), page)
+    )
+
+    async def silent(connection: RawConnection) -> None:
+        await connection.read_request()
+        await connection.hold()
+
+    with (
+        RawUpstream(answer_each(lambda _: busy_answer)) as busy,
+        RawUpstream(silent) as quiet,
+    ):
+        pool = Pool(
+            [busy.url, quiet.url], retries=1, retry_on_statuses={503}, max_fails=0, timeout=1.0
+        )
+        with running_proxy({"/p": pool}) as (proxy, mw), client() as http:
+            statuses = [http.get(f"{proxy.url}/p/x{i}").status_code for i in range(2)]
+            assert 503 in statuses, statuses  # busy asked first, its answer kept
+            rows = {row["url"]: row for row in mw.status()["pools"][0]["upstreams"]}
+            # busy answered within milliseconds; the 1 s was the quiet upstream's.
+            assert rows[busy.url]["p99"] <= 0.25, rows[busy.url]

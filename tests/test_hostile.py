@@ -197,6 +197,12 @@ AMBIGUOUS_PATHS = {
     "overlong-backslash": "/api/..%c1%9cadmin",
     "iis-u-escaped-dots": "/api/%u002e%u002e/admin",
     "iis-u-escaped-division-slash": "/api/..%u2215admin",
+    # review: %u0025 is "%": IIS makes "%2e%2e" (or "%u002e") of these for a later decode.
+    "iis-u-escaped-percent-double-decode": "/api/%u00252e%u00252e/admin",
+    "iis-u-escaped-percent-u-escape": "/api/%u0025u002e%u0025u002e/admin",
+    # review: U+2025 TWO DOT LEADER and U+FE30 are ".." under NFKC, one character.
+    "iis-u-two-dot-leader": "/api/%u2025/admin",
+    "iis-u-vertical-two-dot-leader": "/api/%uFE30/admin",
 }
 
 

@@ -313,6 +313,18 @@ AMBIGUOUS = [
     b"/api/%u2024%u2024/admin",
     b"/api/%25u002e%25u002e/admin",
     b"/api/x%u2215%u002e%u002e%u2215admin",
+    # The same lookalikes as UTF-8.
+    b"/api/%EF%BC%8E%EF%BC%8E/admin",
+    b"/api/..%ef%bc%8fadmin",
+    b"/api/%e2%80%a5/admin",
+    b"/api/%25ef%25bc%258e%25ef%25bc%258e/admin",
+    # review: "%" as %u0025 building an escape for a later decode; NFKC ".." in one char.
+    b"/api/%u00252e%u00252e/admin",
+    b"/api/..%u00252fadmin",
+    b"/api/%u0025u002e%u0025u002e/admin",
+    b"/api/%u2025/admin",
+    b"/api/%uFE30/admin",
+    b"/api/%uFF052e%uFF052e/admin",  # fullwidth "%" (NFKC, best fit)
 ]
 
 
@@ -344,6 +356,8 @@ def test_ambiguous_paths_are_detected(path: bytes) -> None:
         b"/api/%ff%fe",
         b"/api/%zz%2",
         b"/api/%u00e9t%u00e9",  # IIS's é
+        b"/api/x%ef%bc%8ey",  # a name holding a fullwidth full stop
+        b"/api/%e3%80%82",  # the ideographic full stop: no lookalike
         b"/api/100%uptime",  # no %u escape: "pt" is not hex
         b"/api/%u002ex",  # ".x": no dot segment
         b"/api/%u002e%u002e%u002e",  # "...": a name
