@@ -540,9 +540,9 @@ def test_an_answer_retried_for_its_status_reaches_the_client_when_no_later_try_a
 ) -> None:
     """``retry_on_statuses``: an upstream's 503 is retried on the next upstreams, which
     hang up or refuse the connection. The client gets that 503 as the upstream sent it
-    (its Retry-After, its page), not a 502 of the proxy's. A 503 whose body is still on its way is not waited for: the
-    next try goes at once, and with no later answer the client gets the 502; nor is one
-    over 64 KiB held through the tries."""
+    (its Retry-After, its page), not a 502 of the proxy's. A 503 whose body is still on
+    its way is not waited for: the next try goes at once, and with no later answer the
+    client gets the 502; nor is one over 64 KiB held through the tries."""
     page = b"down for maintenance"
     busy_answer = (
         b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 30\r\n"
