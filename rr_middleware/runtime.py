@@ -95,6 +95,8 @@ class Balancer:
         self.transport: UpstreamTransport = as_transport(transport) or Http1Transport()
         #: A built-in transport per distinct ``TLS`` of a pool or upstream, owned here.
         self._tls_transports: dict[TLS, Http1Transport] = {}
+        #: Those a reconfiguration let go of, with requests still on them.
+        self._retired: list[Http1Transport] = []
         self.pools: dict[str, PoolRuntime] = {
             prefix: self.build_runtime(prefix, pool) for prefix, pool in configs.items()
         }
@@ -234,7 +236,23 @@ class Balancer:
         changed rebuilt (see ``reconfigure.py``). Returns what changed."""
         from .reconfigure import reconfigure
 
-        return await reconfigure(self, normalize_pools(pools))
+        changes = await reconfigure(self, normalize_pools(pools))
+        self._retire_unused_tls()
+        return changes
+
+    def _retire_unused_tls(self) -> None:
+        """Let go of the TLS transports no pool uses any more (a pool removed, its TLS
+        changed, its certificate files renewed): their idle connections close now, and
+        those still carrying a request as their exchange ends."""
+        used = {pool.tls for pool in (r.pool for r in self.pools.values()) if pool.tls}
+        for runtime in self.pools.values():
+            used.update(m.upstream.tls for m in runtime.members if m.upstream.tls is not None)
+        # Still the balancer's until their last connection has closed (``stop``).
+        self._retired = [t for t in self._retired if t.open_connections]
+        for tls in [tls for tls in self._tls_transports if tls not in used]:
+            transport = self._tls_transports.pop(tls)
+            transport.retire()
+            self._retired.append(transport)
 
     def routes_changed(self) -> None:
         if self._on_routes_changed is not None:
@@ -288,8 +306,9 @@ class Balancer:
         self.leave_zone()
         if self._own_transport:
             await self.transport.aclose()
-        for transport in self._tls_transports.values():
+        for transport in [*self._tls_transports.values(), *self._retired]:
             await transport.aclose()
+        self._retired.clear()
 
     # -- the zone -------------------------------------------------------------------------
 

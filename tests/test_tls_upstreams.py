@@ -4,7 +4,7 @@ a CA made for the test (trustme), one of them requiring a client certificate."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,3 +210,52 @@ async def test_a_reload_takes_the_new_contents_of_the_tls_files(
             response = await client.get("/api/x")
     assert response.status_code == 200
     assert response.headers["x-upstream"] == "plain"
+
+
+async def test_a_reload_lets_go_of_the_connections_of_a_tls_no_pool_uses(
+    pki: Pki, tls_upstreams: dict[str, RunningServer]
+) -> None:
+    """A reload removes the only pool with this TLS: the connection it kept idle closes
+    at once, and the one carrying a request closes as soon as that request has its whole
+    answer (before, both stayed open for as long as the upstream kept them)."""
+    import asyncio
+
+    from asgi_lifespan import LifespanManager
+    from starlette.applications import Starlette
+
+    from rr_middleware import Balancer, RoundRobinMiddleware
+
+    from .leaks import held_sockets
+
+    async def until(check: Callable[[], bool], what: str) -> None:
+        """Poll ``check`` for 5 s, the loop running (a socket closes a turn after its
+        abort; the upstream is in another thread)."""
+        for _ in range(500):
+            if check():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no {what} within 5 s")
+
+    async def until_held(count: int) -> None:
+        await until(lambda: held_sockets(plain.port) == count, f"{count} connections")
+
+    plain = tls_upstreams["plain"]
+    pools = {"/api": Pool([https(plain)], tls=TLS(ca_file=str(pki.ca)))}
+    balancer = Balancer(pools)
+    app = RoundRobinMiddleware(Starlette(), balancer=balancer)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            seen = len(plain.app.requests)
+            slow = asyncio.ensure_future(client.get("/api/slow?action=sleep&s=1"))
+            await until(lambda: len(plain.app.requests) > seen, "slow request upstream")
+            assert (await client.get("/api/x")).status_code == 200  # a second connection
+            assert held_sockets(plain.port) == 2  # one busy, one idle
+
+            await balancer.reconfigure({"/else": Pool([https(plain)])})
+            await until_held(1)  # the idle one closed at once
+            assert not slow.done()
+            response = await slow
+            assert response.status_code == 200
+            assert (response.headers["x-upstream"], response.content) == ("plain", b"slept")
+            await until_held(0)  # the busy one once its answer was in

@@ -104,6 +104,7 @@ class Connections:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.closed = False
+        self.retired = False
         self.idle: dict[str, list[Connection]] = {}
         self.all: set[Connection] = set()
         self.keys: dict[Connection, str] = {}
@@ -125,8 +126,24 @@ class Connections:
         self.keys[conn] = key
 
     def release(self, conn: Connection) -> None:
+        if self.retired:  # keeps nothing idle any more: see ``retire``
+            conn.abort()
+            self.forget(conn)
+            return
         conn.idle()
         self.idle.setdefault(self.keys[conn], []).append(conn)
+
+    def retire(self) -> None:
+        """Keep no connection idle from now on: the idle ones close now, the busy ones
+        when their exchange ends (requests may still come, each on a connection of its
+        own)."""
+        self.retired = True
+        for idle in self.idle.values():
+            for conn in idle:
+                conn.abort()
+                self.all.discard(conn)
+                self.keys.pop(conn, None)
+        self.idle.clear()
 
     def forget(self, conn: Connection) -> None:
         self.all.discard(conn)
@@ -202,6 +219,7 @@ class Http1Transport(UpstreamTransport):
         self._ssl_context: ssl_module.SSLContext | None = None
         self._connections: Connections | None = None
         self._closer: AsyncGenerator[None, None] | None = None
+        self._retired = False
 
     # -- life -------------------------------------------------------------------------
 
@@ -221,11 +239,20 @@ class Http1Transport(UpstreamTransport):
         is adopted by the loop, whose shutdown (``asyncio.run`` and anyio's runner end with
         ``shutdown_asyncgens``) resumes it into its ``finally``."""
         connections = Connections(loop)
+        connections.retired = self._retired
         closer = _close_at_loop_end(connections)
         await closer.asend(None)
         self._closer = closer
         self._connections = connections
         return connections
+
+    def retire(self) -> None:
+        """No pool uses this transport any more: its idle connections close now, those
+        carrying a request as their exchange ends, and any request still sent gets a
+        connection of its own, closed after it."""
+        self._retired = True
+        if self._connections is not None:
+            self._connections.retire()
 
     @property
     def open_connections(self) -> int:
