@@ -15,7 +15,8 @@ The race is one object used as an ``Attempt`` (``HedgedAttempt``): each try is a
 headers is the winner, relayed as any attempt; every other is cancelled, which closes its
 connection (the transport aborts an exchange cancelled before its headers, and a response
 closed unread is never returned to the pool mid-body), frees its slot, and records no
-outcome (a loser was not wrong, only late), its time so far going into the window. A try
+outcome (a loser was not wrong, only late), its time so far going into the window and
+its upstream's latency estimate (``peak_ewma``), as a lower bound of its latency. A try
 that fails while another is still running leaves the race to it; when all failed, the
 last failure is the attempt's, and the retry policy (``forwarding.py``) takes it from
 there.
@@ -237,7 +238,6 @@ class HedgedAttempt:
         into the latency window."""
         losers = [task for task in tasks if task not in won]
         await cancel_and_wait(losers)  # a loser's connect (wait_for) can lose one
-        window = self._hedging.window
         now = time.monotonic()
         for task in losers:
             attempt = tasks[task]
@@ -245,8 +245,12 @@ class HedgedAttempt:
                 await task.result().aclose()  # headers came with the winner's: unread
             if attempt in self._open:
                 self._open.remove(attempt)
-                if window is not None and not attempt.status:
-                    window.record(now - attempt.started)
+                record = attempt.runtime.record_latency
+                if record is not None and not attempt.status:
+                    # No headers in this long: at least that, for the window and for its
+                    # upstream's estimate (``peak_ewma``), which a slow upstream that only
+                    # ever loses would otherwise never raise.
+                    record(attempt.member.latency, now - attempt.started)
                 attempt.abandon()
                 await attempt.__aexit__(None, None, None)
             if attempt in self._hedges:

@@ -131,6 +131,26 @@ async def test_p95_hedging_cuts_the_tail_and_cancels_the_losers() -> None:
             assert hedged.budget.active == 0
 
 
+async def test_peak_ewma_learns_from_a_hedge_it_lost_that_an_upstream_is_slow() -> None:
+    """``peak_ewma`` with hedging: an upstream that answers in 2 s loses every race to a
+    fast one after 50 ms and is cancelled. Its time so far raises its estimate, so the
+    next requests go to the fast one first; before, the slow one, never observed, kept
+    the lowest estimate and was asked first every time, each request waiting 50 ms for
+    its hedge."""
+    with slowable_upstreams(2) as (apps, urls):
+        slow, fast = apps
+        slow.delay = 2.0
+        pools = {"/api": Pool(urls, policy="peak_ewma", hedge_after=0.05)}
+        with running_proxy(pools) as (proxy, _):
+            async with aclient() as http:
+                for n in range(10):
+                    response = await http.get(f"{proxy.url}/api/x{n}")
+                    assert response.status_code == 200
+                    assert response.headers["x-upstream"] == fast.inner.name
+    assert fast.seen == 10
+    assert slow.seen <= 2, slow.seen  # once, maybe twice while the estimates settle
+
+
 @pytest.fixture
 async def slow_pool(upstreams: list[RunningServer]) -> AsyncIterator[tuple[str, PoolRuntime]]:
     """A proxy whose pool ``/api`` hedges after 50 ms (``/nrn``: and retries POSTs);
