@@ -7,11 +7,15 @@ operations in memory with one worker, or with several in a file of the gateway's
 directory (``RR_GATEWAY_STATE``, made by the parent process and removed when it exits).
 With several workers the worker that took the request records the operation and sends
 SIGHUP to the parent, which has every worker reload: each one applies the file and the
-overrides, so they all converge, also one started later.
+overrides, so they all converge, also one started later. Each worker writes the outcome
+of its every reload to a small file of its own in the state directory (``Outcomes``),
+and the worker that took the request answers once every live worker has reloaded since
+(or, past ``APPLY_TIMEOUT``, says how many had).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,12 +36,17 @@ from .upstream import Upstream
 if TYPE_CHECKING:
     from .runtime import Balancer
 
-__all__ = ["STATE_ENV", "GatewayOperator", "Overrides"]
+__all__ = ["APPLY_TIMEOUT", "STATE_ENV", "GatewayOperator", "Outcomes", "Overrides"]
 
 logger = logging.getLogger("rr_middleware")
 
 #: The gateway's state directory, shared by its workers (set by the parent process).
 STATE_ENV = "RR_GATEWAY_STATE"
+
+#: How long the admin API waits for every worker to apply a change before answering that
+#: it is recorded but not yet everywhere.
+APPLY_TIMEOUT = 10.0
+_APPLY_POLL = 0.02
 
 
 class Overrides:
@@ -76,11 +86,14 @@ class Overrides:
             temporary.write_text(json.dumps(operations), encoding="utf-8")
             os.replace(temporary, self.path)
 
-    def apply(self, pools: dict[str, Pool]) -> dict[str, Pool]:
-        """``pools`` with the operations applied, in order; one that no longer applies
-        (its pool gone, or now following discovery) is skipped."""
+    def apply(
+        self, pools: dict[str, Pool], operations: list[dict[str, Any]] | None = None
+    ) -> dict[str, Pool]:
+        """``pools`` with the operations (by default, those recorded) applied, in order;
+        one that no longer applies (its pool gone, or now following discovery) is
+        skipped."""
         pools = dict(pools)
-        for operation in self.operations():
+        for operation in self.operations() if operations is None else operations:
             pool = pools.get(str(operation.get("pool")))
             if pool is None or pool.discovery is not None:
                 continue
@@ -100,12 +113,77 @@ class Overrides:
         return pools
 
 
+class Outcomes:
+    """Each worker's last reload, in a file of its own beside the overrides
+    (``worker-PID.json``: how many reloads it tried, how many operations the last one
+    read, why it was refused if it was); nothing with one worker."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.attempts = 0
+
+    @classmethod
+    def from_environment(cls) -> Outcomes:
+        directory = os.environ.get(STATE_ENV)
+        return cls(Path(directory) if directory else None)
+
+    def record(self, operations: int, error: str | None) -> None:
+        """One more reload of this worker, having read ``operations``; refused if
+        ``error``."""
+        self.attempts += 1
+        if self.directory is None:
+            return
+        mine = self.directory / f"worker-{os.getpid()}.json"
+        temporary = mine.with_suffix(".tmp")
+        outcome = {"attempts": self.attempts, "operations": operations, "error": error}
+        with contextlib.suppress(OSError):  # the gateway is stopping: no one waits
+            temporary.write_text(json.dumps(outcome), encoding="utf-8")
+            os.replace(temporary, mine)
+
+    def forget(self) -> None:
+        """This worker stops: no one is to wait for it."""
+        if self.directory is not None:
+            with contextlib.suppress(OSError):
+                (self.directory / f"worker-{os.getpid()}.json").unlink()
+
+    def of_live_workers(self) -> dict[int, dict[str, Any]]:
+        """The last reload of every worker still running (a dead one's file goes)."""
+        found: dict[int, dict[str, Any]] = {}
+        if self.directory is None:
+            return found
+        for path in self.directory.glob("worker-*.json"):
+            pid_text = path.stem.removeprefix("worker-")
+            if not pid_text.isdigit():
+                continue
+            pid = int(pid_text)
+            if not _alive(pid):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                outcome = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(outcome, dict):
+                    found[pid] = outcome
+        return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Reloading(Protocol):
     """What the operator needs of the gateway's ``Reloader`` (``reload.py``)."""
 
     path: Path
     overrides: dict[str, Any]
     admin_changes: Overrides
+    outcomes: Outcomes
     error: str | None
 
     async def reload(self, why: str) -> object | None: ...
@@ -129,6 +207,7 @@ class GatewayOperator(Operator):
 
     async def add(self, pool: str, url: str, weight: int) -> str:
         upstream = self.check_membership(pool, url, True)
+        self._check_file()
         key = self.runtime(pool).name  # as the file's pools are keyed ("/api/": "/api")
         self.reloader.admin_changes.append(
             {"op": "add", "pool": key, "url": upstream.url, "weight": weight}
@@ -137,26 +216,64 @@ class GatewayOperator(Operator):
 
     async def remove(self, pool: str, url: str) -> str:
         upstream = self.check_membership(pool, url, False)
+        self._check_file()
         key = self.runtime(pool).name
         self.reloader.admin_changes.append({"op": "remove", "pool": key, "url": upstream.url})
         return await self._everywhere(f"pool {pool}: {upstream.url} removed")
 
     async def reload(self) -> str:
+        self._check_file()
+        return await self._everywhere(f"{self.reloader.path} reloaded")
+
+    def _check_file(self) -> None:
+        """A change applies as a reload of the file with the overrides: while the file
+        has a mistake, none is recorded (every worker would refuse it)."""
         try:
             load_config(self.reloader.path, **self.reloader.overrides)
         except ConfigError as exc:
             raise AdminError(400, f"refused, the running configuration stays: {exc}") from None
-        return await self._everywhere(f"{self.reloader.path} reloaded")
 
     async def _everywhere(self, done: str) -> str:
         if self.supervised:
             if os.getppid() != self.parent:
                 raise AdminError(503, "the gateway's parent process is gone: restart the gateway")
+            outcomes = self.reloader.outcomes
+            before = {pid: o.get("attempts", 0) for pid, o in outcomes.of_live_workers().items()}
+            operations = len(self.reloader.admin_changes.operations())
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.parent, signal.SIGHUP)  # the parent has every worker reload
-            return f"{done}; every worker applies it"
+            return await self._applied(done, before, operations)
         if await self.reloader.reload("admin API") is None:
             raise AdminError(
                 400, f"refused, the running configuration stays: {self.reloader.error}"
             )
         return done
+
+    async def _applied(self, done: str, before: dict[int, int], operations: int) -> str:
+        """Wait, at most ``APPLY_TIMEOUT``, until every live worker has reloaded since
+        ``before`` (its attempts then) having read ``operations`` at least."""
+        deadline = time.monotonic() + APPLY_TIMEOUT
+        while True:
+            live = self.reloader.outcomes.of_live_workers()
+            since = {
+                pid: outcome
+                for pid, outcome in live.items()
+                if outcome.get("attempts", 0) > before.get(pid, 0)
+                and outcome.get("operations", 0) >= operations
+            }
+            refused = sorted({str(o["error"]) for o in since.values() if o.get("error")})
+            if refused:
+                raise AdminError(
+                    409,
+                    f"{done} in the recorded changes, but {len(refused)} worker(s) refused "
+                    f"the reload, their configuration stays: {'; '.join(refused)}",
+                )
+            if live and len(since) == len(live):
+                return f"{done}; applied by all {len(live)} workers"
+            if time.monotonic() >= deadline:
+                raise AdminError(
+                    504,
+                    f"{done} in the recorded changes; {len(since)} of {len(live)} workers "
+                    f"applied it within {APPLY_TIMEOUT:g}s, the others will as their reload ends",
+                )
+            await asyncio.sleep(_APPLY_POLL)

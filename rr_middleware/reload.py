@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Any
 
 from .config_mapping import ConfigError
-from .gateway_admin import GatewayOperator, Overrides
+from .gateway_admin import GatewayOperator, Outcomes, Overrides
 from .gateway_config import GatewayConfig, load_config
 from .reconfigure import Changes
 from .tasks import cancel_and_wait
@@ -73,6 +73,8 @@ class Reloader:
         self.config: GatewayConfig | None = None
         #: Upstreams added and removed through the admin API, applied over the file.
         self.admin_changes = Overrides.from_environment()
+        #: Each reload's outcome, for the worker the admin API asked (``gateway_admin``).
+        self.outcomes = Outcomes.from_environment()
         #: Why the last reload was refused (None: it was not).
         self.error: str | None = None
         self.reloads = 0
@@ -106,20 +108,20 @@ class Reloader:
         async with self._lock:  # one at a time, each against what the last one left
             running = self.config
             assert running is not None, "load() first"
+            operations = self.admin_changes.operations()
             try:
                 config = load_config(self.path, **self.overrides)
             except ConfigError as exc:
-                self.error = str(exc)
-                logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
+                self._refused(why, str(exc), len(operations))
                 return None
-            pools = self.admin_changes.apply(config.pools)
+            pools = self.admin_changes.apply(config.pools, operations)
             try:
                 changes = await running.app.balancer.reconfigure(pools)
             except ValueError as exc:  # checked before anything changed
-                self.error = f"{self.path}: {exc}"
-                logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
+                self._refused(why, f"{self.path}: {exc}", len(operations))
                 return None
             self.error = None
+            self.outcomes.record(len(operations), None)
             config.app = running.app
             self.config = config
             self.reloads += 1
@@ -127,6 +129,11 @@ class Reloader:
             for note in _start_up_only(running, config):
                 logger.warning("reload (%s): %s", why, note)
             return changes
+
+    def _refused(self, why: str, error: str, operations: int) -> None:
+        self.error = error
+        self.outcomes.record(operations, error)
+        logger.error("reload (%s) refused, the running configuration stays: %s", why, error)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
@@ -146,9 +153,12 @@ class Reloader:
             self._keep(asyncio.ensure_future(self._watch()))
         if self.admin_changes.operations():
             await self.reload("the admin API's changes")  # a worker started after some
+        else:
+            self.outcomes.record(0, None)  # here, and up to date
         try:
             yield
         finally:
+            self.outcomes.forget()
             if handling:
                 loop.remove_signal_handler(signal.SIGHUP)
             tasks = list(self._tasks)

@@ -80,30 +80,47 @@ upstreams = ["{a}", "{b}"]
         served = split(gateway, 80)
         assert abs(served["b"] - 60) <= 4, served  # 3:1, each worker off by one at most
 
+        # The answer comes once every worker has applied the change: at once, every
+        # worker sends c its share.
         response = admin(gateway, "add", pool="/api", url=c)
         assert response.status_code == 200, response.text
-        assert "every worker applies it" in response.json()["done"]
-        wait_for(lambda: applied(gateway, "upstreams 1 added") == 4, "every worker to add c")
+        assert response.json()["done"].endswith("; applied by all 4 workers"), response.text
         served = split(gateway, 100)
         assert set(served) == {"a", "b", "c"}, served
         assert abs(served["b"] - 60) <= 4, served  # b's weight survived the move (1:3:1)
+        assert applied(gateway, "upstreams 1 added") == 4
 
-        assert admin(gateway, "remove", pool="/api", url=a).status_code == 200
-        wait_for(lambda: applied(gateway, "upstreams 1 removed") == 4, "every worker to drop a")
+        response = admin(gateway, "remove", pool="/api", url=a)
+        assert response.json()["done"].endswith("; applied by all 4 workers"), response.text
         assert set(split(gateway, 40)) == {"b", "c"}
 
         unknown = admin(gateway, "drain", pool="/api", url="http://127.0.0.1:1")
         assert unknown.status_code == 404
         assert admin(gateway, "weight", pool="/api", url=b, weight=-2).status_code == 400
-        assert admin(gateway, "reload").status_code == 200
-        wait_for(lambda: applied(gateway, "nothing changed") == 4, "every worker to reload")
+        response = admin(gateway, "reload")
+        assert response.json()["done"].endswith("; applied by all 4 workers"), response.text
         # A reload of the file keeps the admin API's changes on top of it.
         assert set(split(gateway, 40)) == {"b", "c"}
+
+        # While the file has a mistake, no change is recorded: every worker would refuse
+        # it (the answer said "every worker applies it").
+        path = tmp_path / "gateway.toml"
+        good = path.read_text()
+        path.write_text(good.replace("workers = 4", "workers = -4"))
+        for action in ("add", "reload"):
+            response = admin(gateway, action, pool="/api", url=a)
+            assert response.status_code == 400, response.text
+            assert "workers" in response.json()["error"], response.text
+        path.write_text(good)
+        assert set(split(gateway, 40)) == {"b", "c"}
+        response = admin(gateway, "reload")
+        assert response.json()["done"].endswith("; applied by all 4 workers"), response.text
+        assert set(split(gateway, 40)) == {"b", "c"}  # the refused "add a" was not kept
         log = gateway.output()
         assert gateway.stop() == 0
     assert (
-        len(re.findall(r"admin: 127\.0\.0\.1 \(bearer token\) asked to", log)) == 6
-    )  # each change
+        len(re.findall(r"admin: 127\.0\.0\.1 \(bearer token\) asked to", log)) == 7
+    )  # each change made
     assert TOKEN not in log
 
 
