@@ -37,6 +37,7 @@ from starlette.types import ASGIApp
 
 from . import __version__
 from .config_mapping import ConfigError, KeyTable, key_path
+from .gateway_admin import PARENT_ENV, STATE_ENV
 from .gateway_config import (
     DISCOVERY,
     GATEWAY_MIDDLEWARE_DEFAULTS,
@@ -195,6 +196,8 @@ def _serve_uvicorn(
     os.environ["WEB_CONCURRENCY"] = str(settings.workers)
     try:
         if settings.workers == 1:
+            for inherited in (STATE_ENV, PARENT_ENV):  # not a worker of another gateway
+                os.environ.pop(inherited, None)
             config.app.balancer.zone_follows_layout = True
             server = uvicorn.Server(uvicorn.Config(config.app, **options))
             server.run(sockets=[sock])

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,17 +37,47 @@ from .upstream import Upstream
 if TYPE_CHECKING:
     from .runtime import Balancer
 
-__all__ = ["APPLY_TIMEOUT", "STATE_ENV", "GatewayOperator", "Outcomes", "Overrides"]
+__all__ = [
+    "APPLY_TIMEOUT",
+    "PARENT_ENV",
+    "STATE_ENV",
+    "GatewayOperator",
+    "Outcomes",
+    "Overrides",
+    "new_state_directory",
+    "parent_pid",
+]
 
 logger = logging.getLogger("rr_middleware")
 
 #: The gateway's state directory, shared by its workers (set by the parent process).
 STATE_ENV = "RR_GATEWAY_STATE"
+#: The gateway's parent process, as its workers are to see it (set by the parent).
+PARENT_ENV = "RR_GATEWAY_PARENT"
 
 #: How long the admin API waits for every worker to apply a change before answering that
 #: it is recorded but not yet everywhere.
 APPLY_TIMEOUT = 10.0
 _APPLY_POLL = 0.02
+
+
+def new_state_directory() -> str:
+    """Make the directory the workers of this (parent) process share, and name it and
+    this process to the workers it starts, through the environment they inherit. The
+    parent removes it as it exits; if it is killed first, its workers do (``reload.py``
+    stops a worker whose parent is gone)."""
+    shm = Path("/dev/shm")
+    state = tempfile.mkdtemp(prefix="rr-gateway-", dir=shm if shm.is_dir() else None)
+    os.environ[STATE_ENV] = state
+    os.environ[PARENT_ENV] = str(os.getpid())
+    return state
+
+
+def parent_pid() -> int | None:
+    """The gateway's parent process, in one of its workers; None in a gateway of one
+    process (or an app of your own)."""
+    pid = os.environ.get(PARENT_ENV, "")
+    return int(pid) if pid.isdigit() and os.environ.get(STATE_ENV) else None
 
 
 class Overrides:
@@ -196,9 +227,9 @@ class GatewayOperator(Operator):
     def __init__(self, balancer: Balancer, reloader: Reloading) -> None:
         super().__init__(balancer)
         self.reloader = reloader
-        # The parent at start-up: if it dies, this worker is re-parented (to PID 1, or a
-        # subreaper), and a SIGHUP must not go to whatever process that is.
-        self.parent = os.getppid()
+        # The parent: if it dies, this worker is re-parented (to PID 1, or a subreaper)
+        # until it stops, and a SIGHUP must not go to whatever process that is.
+        self.parent = parent_pid() or os.getppid()
 
     @property
     def supervised(self) -> bool:

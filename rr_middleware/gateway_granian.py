@@ -27,7 +27,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from granian.log import LOGGING_CONFIG
 from granian.server import MPServer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .gateway_admin import STATE_ENV
+from .gateway_admin import new_state_directory
 from .gateway_config import GatewayConfig, ServerSettings
 from .reload import WATCH_INTERVAL, FileWatch, hand_reload_to
 
@@ -152,9 +151,7 @@ class GranianGateway(MPServer):
         self._why = "SIGHUP"
         self._stop = threading.Event()
         # The admin API's shared state (gateway_admin.py), as supervisor.py makes it.
-        shm = Path("/dev/shm")
-        self.state = tempfile.mkdtemp(prefix="rr-gateway-", dir=shm if shm.is_dir() else None)
-        os.environ[STATE_ENV] = self.state
+        self.state = new_state_directory()
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; 0 after a clean stop, 1 if workers kept failing."""

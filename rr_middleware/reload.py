@@ -10,6 +10,10 @@ changes them says so and applies the pools.
 
 With several workers the gateway's parent process does the watching and validating (so a
 mistake is logged once) and hands SIGHUP to every worker, each of which reloads itself.
+A worker whose parent is gone (killed with SIGKILL, say) stops as on SIGTERM, finishing
+what it serves, and removes the state the parent would have: left running it would hold
+the listening socket with no one to replace it or reload it (gunicorn's workers and
+HAProxy's do the same).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 from .config_mapping import ConfigError
-from .gateway_admin import GatewayOperator, Outcomes, Overrides
+from .gateway_admin import STATE_ENV, GatewayOperator, Outcomes, Overrides, parent_pid
 from .gateway_config import GatewayConfig, load_config
 from .reconfigure import Changes
 from .tasks import cancel_and_wait
@@ -35,6 +40,9 @@ __all__ = ["FileWatch", "Reloader"]
 logger = logging.getLogger("rr_middleware")
 
 #: Seconds between two looks at the watched file.
+#: How often a worker looks whether the gateway's parent process is still there, where
+#: the system has no pidfds to say so (seconds).
+PARENT_INTERVAL = 1.0
 WATCH_INTERVAL = 1.0
 
 
@@ -151,6 +159,9 @@ class Reloader:
             self._spawn("SIGHUP")
         if self.watch:
             self._keep(asyncio.ensure_future(self._watch()))
+        parent = parent_pid()
+        if parent is not None:
+            self._keep(asyncio.ensure_future(watch_parent(parent)))
         if self.admin_changes.operations():
             await self.reload("the admin API's changes")  # a worker started after some
         else:
@@ -177,6 +188,47 @@ class Reloader:
     async def _watch(self) -> None:
         watch = FileWatch(self.path)
         await watch_file(watch, lambda: self.reload("the file changed"))
+
+
+async def watch_parent(parent: int) -> None:
+    """In a worker: once ``parent`` is no longer this process's parent, remove the state
+    it shared and stop this worker as SIGTERM does (the server drains its connections and
+    runs the lifespan's end)."""
+    await _parent_gone(parent)
+    logger.error(
+        "the gateway's parent process (PID %d) is gone: this worker stops, finishing what "
+        "it serves",
+        parent,
+    )
+    state = os.environ.get(STATE_ENV)
+    if state:
+        shutil.rmtree(state, ignore_errors=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _parent_gone(parent: int) -> None:
+    """Return once ``parent`` is not this process's parent: woken by the parent's pidfd
+    (it reads as ready when the process ends), or, without pidfds (Linux before 5.3, other
+    systems), by a look every ``PARENT_INTERVAL``."""
+    try:
+        pidfd = os.pidfd_open(parent)
+    except (AttributeError, OSError):  # no pidfds, or the parent already gone
+        pidfd = -1
+    if pidfd >= 0:
+        try:
+            if os.getppid() == parent:  # the pidfd is the parent's, not a reused PID's
+                loop = asyncio.get_running_loop()
+                ended = asyncio.Event()
+                loop.add_reader(pidfd, ended.set)
+                try:
+                    await ended.wait()
+                finally:
+                    loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+        return
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event to wait on without a pidfd
+        await asyncio.sleep(PARENT_INTERVAL)
 
 
 async def watch_file(watch: FileWatch, on_change: Callable[[], Any]) -> None:

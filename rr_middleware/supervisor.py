@@ -13,11 +13,9 @@ The admin API's membership changes reach every worker the same way (``gateway_ad
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from uvicorn import Config
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from .gateway_admin import STATE_ENV
+from .gateway_admin import new_state_directory
 from .reload import WATCH_INTERVAL, FileWatch, hand_reload_to
 
 __all__ = ["Supervisor"]
@@ -50,9 +48,7 @@ class Supervisor(Multiprocess):
         super().__init__(config, sockets)
         # What the workers share beyond their zone: the admin API's changes (see
         # gateway_admin.py), in a directory of this process's own, removed as it exits.
-        shm = Path("/dev/shm")
-        self.state = tempfile.mkdtemp(prefix="rr-gateway-", dir=shm if shm.is_dir() else None)
-        os.environ[STATE_ENV] = self.state
+        self.state = new_state_directory()
         self.path = path
         self.overrides = overrides
         self._why = "SIGHUP"
