@@ -51,7 +51,7 @@ from .discovery import ConsulDiscovery, DNSDiscovery
 from .environment import consul_from_environment, interpolate
 from .matching import Route
 from .middleware import RoundRobinMiddleware
-from .sticky import StickyCookie
+from .sticky import COLLISION, StickyCookie, cookie_collision
 from .tls import TLS
 
 if sys.version_info >= (3, 11):
@@ -412,6 +412,12 @@ def _build(
         arguments = POOL.arguments(_with_environment(table_of(table, where), where, environ), where)
         _check_members(arguments, where)
         pools[prefix] = POOL.create(arguments, where)
+    keys = {normalize_pool_key(key): key for key in pools}  # as the file writes them
+    found = cookie_collision((key, pools[written].sticky) for key, written in keys.items())
+    if found is not None:
+        first, second, cookie = found
+        where = key_path(key_path("pools", keys[second]), "sticky")
+        raise ConfigError(where, f"the cookie of pool {keys[first]!r} too ({cookie}): {COLLISION}")
     routes = Array(Table(ROUTE))(document.get("routes", []), "routes")
     if routes:
         middleware["routes"] = routes

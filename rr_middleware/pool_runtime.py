@@ -98,8 +98,7 @@ class PoolRuntime:
         self._points = PointCache()
         self._read_key = key_reader(pool.hash_on) if pool.hash_on is not None else None
         #: ``sticky=``: each member's cookie value; the eligible members by value.
-        path = prefix if prefix.startswith("/") else "/"
-        self.sticky = StickyValues(pool.sticky, path) if pool.sticky is not None else None
+        self.sticky = StickyValues(pool.sticky, prefix) if pool.sticky is not None else None
         self._pinned: dict[bytes, Member] = {}
         #: Whether requests carry an ``affinity()`` (read without a call when not).
         self.affine = self._read_key is not None or self.sticky is not None

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Pool, normalize_pool_key
 from .members import Member
+from .sticky import check_cookies_apart
 
 if TYPE_CHECKING:
     from .pool_runtime import PoolRuntime
@@ -134,6 +135,7 @@ def _check_routes(balancer: Reconfigurable, pools: dict[str, Pool]) -> None:
     for key in pools:
         if key[0] != "/" and key not in targets | mirrored:
             raise ValueError(f"pool {key!r} has a name, not a prefix, and nothing reaches it")
+    check_cookies_apart((key, pool.sticky) for key, pool in pools.items())
 
 
 def _same_options(old: Pool, new: Pool) -> bool:

@@ -36,7 +36,7 @@ from .errors import FieldError
 from .handler import ForwardedResponse, RouteForwarder
 from .mirroring import Mirror
 from .pool_runtime import PoolRuntime
-from .sticky import SECRET_ENV
+from .sticky import SECRET_ENV, check_cookies_apart
 from .tls import TLS
 from .transport.base import UpstreamTransport
 from .transport.http1 import Http1Transport
@@ -84,6 +84,7 @@ class Balancer:
         self, pools: PoolsArg, *, transport: TransportArg = None, zone: str | None = None
     ) -> None:
         configs = normalize_pools(pools)
+        check_cookies_apart((key, pool.sticky) for key, pool in configs.items())
         if zone is None:
             zone = os.environ.get(ZONE_ENV) or None
         if zone is not None and (not isinstance(zone, str) or not zone.strip()):

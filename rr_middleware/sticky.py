@@ -21,11 +21,20 @@ import hashlib
 import hmac
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import FieldError
 
-__all__ = ["SECRET_ENV", "Affinity", "StickyCookie", "StickyValues"]
+__all__ = [
+    "COLLISION",
+    "SECRET_ENV",
+    "Affinity",
+    "StickyCookie",
+    "StickyValues",
+    "check_cookies_apart",
+    "cookie_collision",
+]
 
 #: The environment variable holding the key of every sticky cookie that names none.
 SECRET_ENV = "RR_STICKY_SECRET"
@@ -89,6 +98,45 @@ class StickyCookie:
         if self.secret is not None and (not isinstance(self.secret, str) or not self.secret):
             raise FieldError.of(owner, "secret", "must be a non-empty string or None")
 
+    def path_for(self, pool: str) -> str:
+        """The cookie's ``Path`` in the pool keyed ``pool``: its own, else the pool's
+        prefix (``/`` for a pool reached by routes only)."""
+        return self.path or (pool if pool.startswith("/") else "/")
+
+
+def cookie_collision(
+    pools: Iterable[tuple[str, StickyCookie | None]],
+) -> tuple[str, str, str] | None:
+    """The first two pools (by key) whose sticky cookies have one name and one ``Path``,
+    and that cookie: the browser keeps one of them, so each pool's answer would overwrite
+    the other's pin and neither would stick."""
+    seen: dict[tuple[str, str], str] = {}
+    for key, cookie in pools:
+        if cookie is None:
+            continue
+        name, path = cookie.name, cookie.path_for(key)
+        other = seen.setdefault((name, path), key)
+        if other != key:
+            return other, key, f"{name}, Path={path}"
+    return None
+
+
+#: Why two pools may not share a cookie (after "pools A and B", or "sticky of pool B").
+COLLISION = (
+    "the browser keeps one of the two, so neither pool would stick; give one of them a "
+    "cookie name of its own"
+)
+
+
+def check_cookies_apart(pools: Iterable[tuple[str, StickyCookie | None]]) -> None:
+    """ValueError if two pools set the same sticky cookie (``cookie_collision``)."""
+    found = cookie_collision(pools)
+    if found is not None:
+        first, second, cookie = found
+        raise ValueError(
+            f"pools {first!r} and {second!r} set the same sticky cookie ({cookie}): {COLLISION}"
+        )
+
 
 class Affinity:
     """Where one request asks to go: ``pinned``, its sticky cookie's value, and ``key``,
@@ -115,7 +163,7 @@ class StickyValues:
         #: True when no key was given: this process drew its own.
         self.random_secret = secret is None
         self._key = os.urandom(32) if secret is None else secret.encode("utf-8")
-        attributes = [f"Path={cookie.path or prefix}"]
+        attributes = [f"Path={cookie.path_for(prefix)}"]
         if cookie.max_age is not None:
             attributes.append(f"Max-Age={cookie.max_age}")
         if cookie.secure:

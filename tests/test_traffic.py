@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from rr_middleware import Balancer, Pool, StickyCookie, Upstream
+from rr_middleware.config_mapping import ConfigError
 from rr_middleware.errors import FieldError
 from rr_middleware.gateway_config import load_config
 from rr_middleware.headers import TrustedProxies, client_address
@@ -357,6 +358,45 @@ def test_sticky_options_are_validated(options: dict[str, Any], field: str) -> No
     with pytest.raises(FieldError) as caught:
         Pool(["http://10.0.0.1:8000"], sticky="yes")  # type: ignore[arg-type]
     assert caught.value.field == "sticky"
+
+
+async def test_two_pools_may_not_set_the_same_sticky_cookie(tmp_path: Path) -> None:
+    """Two sticky pools whose cookies share a name and a Path would each overwrite the
+    other's pin in the browser, so neither would stick: refused when built, when
+    reconfigured (the running pools stay), and in the gateway's file at the key."""
+    shared = StickyCookie(path="/")
+
+    def pools(second: StickyCookie) -> dict[str, Pool]:
+        return {
+            "/a": Pool(["http://10.0.0.1:8000"], sticky=shared),
+            "/b": Pool(["http://10.0.0.2:8000"], sticky=second),
+        }
+
+    with pytest.raises(ValueError, match=r"pools '/a' and '/b' set the same sticky cookie"):
+        Balancer(pools(shared))
+    # Another name, or the default Path (each pool's prefix): both stick.
+    Balancer(pools(StickyCookie(name="other", path="/")))
+    balancer = Balancer(pools(StickyCookie()))
+    with pytest.raises(ValueError, match=r"\(rr_sticky, Path=/\)"):
+        await balancer.reconfigure(pools(shared))
+    assert balancer["/b"].pool.sticky == StickyCookie()
+
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        """
+[pools."/a"]
+upstreams = ["http://10.0.0.1:8000"]
+sticky = { path = "/" }
+
+[pools."/b"]
+upstreams = ["http://10.0.0.2:8000"]
+sticky = { path = "/" }
+"""
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == 'pools."/b".sticky'
+    assert "the cookie of pool '/a' too (rr_sticky, Path=/)" in str(caught.value)
 
 
 def test_traffic_options_in_toml(tmp_path: Path) -> None:
