@@ -34,7 +34,7 @@ class Outcomes(Protocol):
 
     name: str
     pool: Pool
-    record_latency: Callable[[PeakEwma, float], None] | None
+    record_latency: Callable[[PeakEwma, float, bool], None] | None
     tracer: AttemptTracer | None
 
     def pick(self, tried: list[Member], affinity: Affinity | None = None) -> Member | None: ...
@@ -141,7 +141,7 @@ class Attempt:
         stats.headers_latency.record(elapsed)
         record_latency = self.runtime.record_latency
         if record_latency is not None:
-            record_latency(member.latency, elapsed)
+            record_latency(member.latency, elapsed, status >= 500)
         stats.codes[status] = stats.codes.get(status, 0) + 1
         self.status = status
         if status in self.runtime.pool.unhealthy_statuses:

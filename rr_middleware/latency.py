@@ -154,19 +154,28 @@ def parse_hedge_after(value: float | str) -> float | None:
 
 def recorder(
     window: LatencyWindow | None, clock: Callable[[], float], ewma: bool
-) -> Callable[[PeakEwma, float], None] | None:
-    """What an attempt calls with its upstream's estimate and latency when response
-    headers come: the estimate and the window fed as the pool needs (None: neither)."""
+) -> Callable[[PeakEwma, float, bool], None] | None:
+    """What an attempt calls with its upstream's estimate, the latency and whether the
+    answer was a server error (5xx) when response headers come: the estimate and the
+    window fed as the pool needs (None: neither). A server error stays out of the window:
+    a failing upstream answers fast, and its errors would pull the pool's quantile, and
+    so the moment it hedges, down."""
     if window is None and not ewma:
         return None
     if window is None:
-        return lambda estimate, seconds: estimate.observe(seconds, clock())
+        return lambda estimate, seconds, error: estimate.observe(seconds, clock())
     record = window.record
     if not ewma:
-        return lambda estimate, seconds: record(seconds)
 
-    def both(estimate: PeakEwma, seconds: float) -> None:
+        def window_only(estimate: PeakEwma, seconds: float, error: bool) -> None:
+            if not error:
+                record(seconds)
+
+        return window_only
+
+    def both(estimate: PeakEwma, seconds: float, error: bool) -> None:
         estimate.observe(seconds, clock())
-        record(seconds)
+        if not error:
+            record(seconds)
 
     return both

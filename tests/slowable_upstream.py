@@ -16,7 +16,8 @@ class SlowableUpstream:
     """``UpstreamApp`` behind a delay the test sets while it serves: every request waits
     ``delay`` seconds, and every ``slow_every``-th one (0: none) ``slow_delay`` seconds
     instead, before its headers. A client leaving during the wait is counted in
-    ``disconnects``; ``delayed``/``delayed_done``: the slow waits begun and completed."""
+    ``disconnects``; ``delayed``/``delayed_done``: the slow waits begun and completed.
+    ``fail_with``: a status every request gets at once instead (0: none)."""
 
     def __init__(self, name: str) -> None:
         self.inner = UpstreamApp(name)
@@ -27,11 +28,16 @@ class SlowableUpstream:
         self.delayed = 0
         self.delayed_done = 0
         self.disconnects = 0
+        self.fail_with = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         self.seen += 1
+        if self.fail_with:
+            await send({"type": "http.response.start", "status": self.fail_with, "headers": []})
+            await send({"type": "http.response.body", "body": b"failed at once"})
+            return
         delay, slow = self.delay, False
         if self.slow_every and self.seen % self.slow_every == 0:
             delay, slow = self.slow_delay, True

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,62 @@ async def test_p95_hedging_cuts_the_tail_and_cancels_the_losers() -> None:
             assert delta["disconnects"] >= 0.9 * delta["delayed"]
             assert hedged.budget.retrying == 0
             assert hedged.budget.active == 0
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_fast_server_errors_do_not_pull_the_hedging_quantile_down() -> None:
+    """Two of three upstreams fail at once with 500 (not retried), the third answers in
+    50 ms. The pool's p50 is that of its answers' time, 50 ms: counting the errors'
+    instant answers it fell to about a millisecond, and every good request was hedged
+    after that long, doubling the load on the one healthy upstream."""
+    with slowable_upstreams(3) as (apps, urls):
+        apps[0].delay = 0.05
+        apps[1].fail_with = apps[2].fail_with = 500
+        with running_proxy({"/api": Pool(urls, hedge_after="p50")}) as (proxy, middleware):
+            runtime: PoolRuntime = middleware.balancer["/api"]
+            assert runtime.hedging is not None
+            async with aclient() as http:
+                statuses = Counter[int]()
+                while sum(statuses.values()) < 300:
+                    answers = await asyncio.gather(
+                        *(http.get(f"{proxy.url}/api/x") for _ in range(6))
+                    )
+                    statuses.update(response.status_code for response in answers)
+            assert statuses[500] > statuses[200] > 30
+            delay = runtime.hedging.delay()
+            print(f"{statuses}: hedge after {delay}")
+            assert delay is not None
+            assert delay >= 0.04
+
+
+@pytest.mark.anyio
+async def test_a_fast_server_error_does_not_win_the_race() -> None:
+    """One upstream answers in 300 ms, the other fails at once with 500. A request that
+    went to the slow one first is hedged to the failing one after 50 ms: it must get the
+    slow upstream's 200, not the hedge's instant 500 (which won every such race). A
+    request that went to the failing one first, with no other try under way, gets its
+    500 at once."""
+    with slowable_upstreams(2) as (apps, urls):
+        apps[0].delay = 0.3
+        apps[1].fail_with = 500
+        with running_proxy({"/api": Pool(urls, hedge_after=0.05)}) as (proxy, middleware):
+            runtime: PoolRuntime = middleware.balancer["/api"]
+            async with aclient() as http:
+                answers = []
+                for _ in range(12):
+                    started = time.monotonic()
+                    response = await http.get(f"{proxy.url}/api/x")
+                    answers.append((response.status_code, time.monotonic() - started))
+            hedging = runtime.hedging
+            assert hedging is not None
+            statuses = Counter(status for status, _ in answers)
+            assert set(statuses) <= {200, 500}
+            # Every hedged request (its first try the slow one) got the slow one's 200;
+            # every other one went to the failing one first and got its 500 at once.
+            assert statuses[200] == hedging.sent >= 6
+            assert hedging.won == 0
+            assert all(seconds < 0.25 for status, seconds in answers if status == 500)
 
 
 async def test_peak_ewma_learns_from_a_hedge_it_lost_that_an_upstream_is_slow() -> None:
