@@ -165,6 +165,7 @@ class AdminAPI:
         action = self.paths[path]
         request = Request(scope, receive)
         response: Response
+        who: str | None = None
         try:
             who = await self._authorize(request)
             expected = "GET" if action == "state" else "POST"
@@ -178,6 +179,9 @@ class AdminAPI:
                 logger.warning("admin: %s asked to %s: %s", who, action, done)
                 response = JSONResponse({"ok": True, "done": done})
         except AdminError as exc:
+            if exc.status in (409, 504) and who is not None:
+                # The change is recorded all the same: say who asked for it.
+                logger.warning("admin: %s asked to %s: %s", who, action, exc.message)
             headers = {"www-authenticate": "Bearer"} if exc.status == 401 else {}
             if exc.status == 405:
                 headers["allow"] = "GET" if action == "state" else "POST"

@@ -158,18 +158,37 @@ class Outcomes:
         directory = os.environ.get(STATE_ENV)
         return cls(Path(directory) if directory else None)
 
-    def record(self, operations: int, error: str | None) -> None:
-        """One more reload of this worker, having read ``operations``; refused if
-        ``error``."""
+    def record(self, operations: int, error: str | None, started: float) -> None:
+        """One more reload of this worker, begun (the file and the operations read after)
+        at ``started`` (``time.monotonic()``, one clock for every process of the host),
+        having read ``operations``; refused if ``error``."""
         self.attempts += 1
         if self.directory is None:
             return
         mine = self.directory / f"worker-{os.getpid()}.json"
         temporary = mine.with_suffix(".tmp")
-        outcome = {"attempts": self.attempts, "operations": operations, "error": error}
+        outcome = {
+            "attempts": self.attempts,
+            "started": started,
+            "operations": operations,
+            "error": error,
+        }
         with contextlib.suppress(OSError):  # the gateway is stopping: no one waits
             temporary.write_text(json.dumps(outcome), encoding="utf-8")
             os.replace(temporary, mine)
+
+    def parent_refusal(self, since: float) -> str | None:
+        """Why the parent process refused to hand a reload on, if it did after ``since``
+        (``note_parent_refusal``)."""
+        if self.directory is None:
+            return None
+        try:
+            noted = json.loads((self.directory / "parent.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(noted, dict) and float(noted.get("at", 0.0)) >= since:
+            return str(noted.get("error"))
+        return None
 
     def forget(self) -> None:
         """This worker stops: no one is to wait for it."""
@@ -196,6 +215,20 @@ class Outcomes:
                 if isinstance(outcome, dict):
                     found[pid] = outcome
         return found
+
+
+def note_parent_refusal(error: str) -> None:
+    """The parent process refused a reload (the file has a mistake): an admin request
+    waiting for the workers answers 409 rather than waiting for reloads that never come."""
+    directory = os.environ.get(STATE_ENV)
+    if not directory:
+        return
+    path = Path(directory) / "parent.json"
+    with contextlib.suppress(OSError):
+        path.with_suffix(".tmp").write_text(
+            json.dumps({"at": time.monotonic(), "error": error}), encoding="utf-8"
+        )
+        os.replace(path.with_suffix(".tmp"), path)
 
 
 def _alive(pid: int) -> bool:
@@ -268,40 +301,48 @@ class GatewayOperator(Operator):
         if self.supervised:
             if os.getppid() != self.parent:
                 raise AdminError(503, "the gateway's parent process is gone: restart the gateway")
-            outcomes = self.reloader.outcomes
-            before = {pid: o.get("attempts", 0) for pid, o in outcomes.of_live_workers().items()}
+            asked = time.monotonic()  # a reload begun later reads the file and the change
             operations = len(self.reloader.admin_changes.operations())
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.parent, signal.SIGHUP)  # the parent has every worker reload
-            return await self._applied(done, before, operations)
+            return await self._applied(done, asked, operations)
         if await self.reloader.reload("admin API") is None:
             raise AdminError(
                 400, f"refused, the running configuration stays: {self.reloader.error}"
             )
         return done
 
-    async def _applied(self, done: str, before: dict[int, int], operations: int) -> str:
-        """Wait, at most ``APPLY_TIMEOUT``, until every live worker has reloaded since
-        ``before`` (its attempts then) having read ``operations`` at least."""
+    async def _applied(self, done: str, asked: float, operations: int) -> str:
+        """Wait, at most ``APPLY_TIMEOUT``, until every live worker has finished a reload
+        begun after ``asked`` (so it read the file and the operations as they are now)."""
         deadline = time.monotonic() + APPLY_TIMEOUT
         while True:
             live = self.reloader.outcomes.of_live_workers()
             since = {
                 pid: outcome
                 for pid, outcome in live.items()
-                if outcome.get("attempts", 0) > before.get(pid, 0)
+                if outcome.get("started", 0.0) >= asked
                 and outcome.get("operations", 0) >= operations
             }
-            refused = sorted({str(o["error"]) for o in since.values() if o.get("error")})
-            if refused:
+            parent = self.reloader.outcomes.parent_refusal(asked)
+            refusing = [pid for pid, o in since.items() if o.get("error")]
+            everyone = bool(live) and len(since) == len(live)
+            late = time.monotonic() >= deadline
+            if parent is not None or (refusing and (everyone or late)):
+                errors = {str(since[pid]["error"]) for pid in refusing}
+                if parent is not None:
+                    errors.add(parent)
+                who = "the gateway" if parent is not None else f"{len(refusing)} worker(s)"
                 raise AdminError(
                     409,
-                    f"{done} in the recorded changes, but {len(refused)} worker(s) refused "
-                    f"the reload, their configuration stays: {'; '.join(refused)}",
+                    f"{done} in the recorded changes, but {who} refused the reload, the "
+                    f"running configuration stays: {'; '.join(sorted(errors))}",
                 )
-            if live and len(since) == len(live):
+            if everyone:
+                if len(live) == 1:
+                    return f"{done}; applied by the one worker running"
                 return f"{done}; applied by all {len(live)} workers"
-            if time.monotonic() >= deadline:
+            if late:
                 raise AdminError(
                     504,
                     f"{done} in the recorded changes; {len(since)} of {len(live)} workers "

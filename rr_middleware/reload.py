@@ -24,13 +24,21 @@ import logging
 import os
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from .config_mapping import ConfigError
-from .gateway_admin import STATE_ENV, GatewayOperator, Outcomes, Overrides, parent_pid
+from .gateway_admin import (
+    STATE_ENV,
+    GatewayOperator,
+    Outcomes,
+    Overrides,
+    note_parent_refusal,
+    parent_pid,
+)
 from .gateway_config import GatewayConfig, load_config
 from .reconfigure import Changes
 from .tasks import cancel_and_wait
@@ -89,9 +97,11 @@ class Reloader:
         self._lock: asyncio.Lock | None = None
         self._pending = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._loaded_at = 0.0
 
     def load(self) -> GatewayConfig:
         """The first configuration, whose app runs with this reloader in its lifespan."""
+        self._loaded_at = time.monotonic()
         config = load_config(self.path, lifespan=self.lifespan, **self.overrides)
         admin = config.app.endpoints.admin
         if admin is not None:
@@ -116,20 +126,21 @@ class Reloader:
         async with self._lock:  # one at a time, each against what the last one left
             running = self.config
             assert running is not None, "load() first"
+            started = time.monotonic()  # before the file and the operations are read
             operations = self.admin_changes.operations()
             try:
                 config = load_config(self.path, **self.overrides)
             except ConfigError as exc:
-                self._refused(why, str(exc), len(operations))
+                self._refused(why, str(exc), len(operations), started)
                 return None
             pools = self.admin_changes.apply(config.pools, operations)
             try:
                 changes = await running.app.balancer.reconfigure(pools)
             except ValueError as exc:  # checked before anything changed
-                self._refused(why, f"{self.path}: {exc}", len(operations))
+                self._refused(why, f"{self.path}: {exc}", len(operations), started)
                 return None
             self.error = None
-            self.outcomes.record(len(operations), None)
+            self.outcomes.record(len(operations), None, started)
             config.app = running.app
             self.config = config
             self.reloads += 1
@@ -138,9 +149,9 @@ class Reloader:
                 logger.warning("reload (%s): %s", why, note)
             return changes
 
-    def _refused(self, why: str, error: str, operations: int) -> None:
+    def _refused(self, why: str, error: str, operations: int, started: float) -> None:
         self.error = error
-        self.outcomes.record(operations, error)
+        self.outcomes.record(operations, error, started)
         logger.error("reload (%s) refused, the running configuration stays: %s", why, error)
 
     @contextlib.asynccontextmanager
@@ -162,10 +173,11 @@ class Reloader:
         parent = parent_pid()
         if parent is not None:
             self._keep(asyncio.ensure_future(watch_parent(parent)))
+        loaded_at = self._loaded_at
         if self.admin_changes.operations():
             await self.reload("the admin API's changes")  # a worker started after some
         else:
-            self.outcomes.record(0, None)  # here, and up to date
+            self.outcomes.record(0, None, loaded_at)  # the file as load() read it
         try:
             yield
         finally:
@@ -266,6 +278,7 @@ def hand_reload_to(workers: list[int], path: Path, overrides: dict[str, Any], wh
         load_config(path, **overrides)
     except ConfigError as exc:
         logger.error("reload (%s) refused, the running configuration stays: %s", why, exc)
+        note_parent_refusal(str(exc))
         return
     logger.info("reload (%s): handing it to %d workers", why, len(workers))
     for pid in workers:

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +124,111 @@ upstreams = ["{a}", "{b}"]
         len(re.findall(r"admin: 127\.0\.0\.1 \(bearer token\) asked to", log)) == 7
     )  # each change made
     assert TOKEN not in log
+
+
+def test_a_change_every_worker_refuses_is_a_409_naming_them_all(
+    upstreams: dict[str, RunningServer], tmp_path: Path, server: str
+) -> None:
+    """A file that loads but that no running worker can take (it drops a pool a route
+    sends to): an added upstream is recorded, every worker refuses the reload, and the
+    answer, once all have, is a 409 counting them, with the request logged."""
+    a, b, c = (upstreams[n].url for n in "abc")
+    head = f"""
+[server]
+port = 0
+workers = 2
+server = "{server}"
+
+[middleware]
+admin_path = "/_rr/admin"
+
+[pools."/api"]
+upstreams = ["{a}"]
+"""
+    routed = f"""
+[pools.canary]
+upstreams = ["{b}"]
+
+[[routes]]
+prefix = "/api"
+pool = "canary"
+headers = {{ x-canary = "always" }}
+"""
+    with run_gateway(tmp_path, head + routed, env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
+        wait_for(lambda: len(re.findall(STARTED[server], gateway.output())) == 2, "workers")
+        (tmp_path / "gateway.toml").write_text(head)  # valid alone; not for the routes
+        response = admin(gateway, "add", pool="/api", url=c)
+        assert response.status_code == 409, response.text
+        error = response.json()["error"]
+        assert "but 2 worker(s) refused the reload" in error, error
+        assert "'canary' is the target of a route" in error, error
+        assert set(split(gateway, 20)) == {"a"}  # the running configuration stays
+        log = gateway.output()
+    assert re.search(r"admin: 127\.0\.0\.1 \(bearer token\) asked to add: .*refused", log)
+
+
+class SilentConsul:
+    """A Consul agent that takes connections and never answers: a pool following it makes
+    a reload wait its discovery's ``startup_timeout``. ``taken`` counts the connections."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.taken: list[socket.socket] = []
+        threading.Thread(target=self._take, daemon=True).start()
+
+    def _take(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.taken.append(self.socket.accept()[0])
+
+    def pool(self, name: str) -> str:
+        return f"""
+[pools."/{name}".discovery]
+type = "consul"
+service = "{name}"
+address = "{self.url}"
+startup_timeout = 2
+"""
+
+    def close(self) -> None:
+        self.socket.close()
+        for connection in self.taken:
+            connection.close()
+
+
+def test_a_reload_already_under_way_does_not_answer_for_a_later_one(
+    upstreams: dict[str, RunningServer], tmp_path: Path, server: str
+) -> None:
+    """Two admin reloads: the file is edited while the workers are in the first (held by a
+    new pool's discovery). The second must answer once the workers have applied the file
+    as it is now, not when the first reload, which read it before, ends."""
+    a, b = upstreams["a"].url, upstreams["b"].url
+    consul = SilentConsul()
+
+    def config(api: str, *slow: str) -> str:
+        pools = "".join(consul.pool(name) for name in slow)
+        head = f'[server]\nport = 0\nworkers = 2\nserver = "{server}"\n'
+        return f'{head}\n[middleware]\nadmin_path = "/_rr/admin"\n\n{api}\n{pools}'
+
+    path = tmp_path / "gateway.toml"
+    try:
+        first_api = f'[pools."/api"]\nupstreams = ["{a}"]\n'
+        with run_gateway(tmp_path, config(first_api), env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
+            wait_for(lambda: len(re.findall(STARTED[server], gateway.output())) == 2, "workers")
+            path.write_text(config(first_api, "slow1"))
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(admin, gateway, "reload")
+                wait_for(lambda: len(consul.taken) >= 2, "both workers in the first reload")
+                path.write_text(
+                    config(f'[pools."/api"]\nupstreams = ["{a}", "{b}"]\n', "slow1", "slow2")
+                )
+                second = admin(gateway, "reload")
+                assert first.result().status_code == 200, first.result().text
+            assert second.status_code == 200, second.text
+            assert set(split(gateway, 20)) == {"a", "b"}  # every worker has the edited file
+    finally:
+        consul.close()
 
 
 def test_workers_stop_when_the_gateways_parent_is_killed(
