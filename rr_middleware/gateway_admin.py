@@ -147,11 +147,14 @@ class Overrides:
 class Outcomes:
     """Each worker's last reload, in a file of its own beside the overrides
     (``worker-PID.json``: how many reloads it tried, how many operations the last one
-    read, why it was refused if it was); nothing with one worker."""
+    read, why it was refused if it was); nothing with one worker. While a worker runs it
+    holds a lock on ``worker-PID.lock``: a file whose lock is free is a dead worker's,
+    even when its PID now names another process."""
 
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
         self.attempts = 0
+        self._lock: int | None = None
 
     @classmethod
     def from_environment(cls) -> Outcomes:
@@ -166,6 +169,11 @@ class Outcomes:
         if self.directory is None:
             return
         mine = self.directory / f"worker-{os.getpid()}.json"
+        if self._lock is None:
+            with contextlib.suppress(OSError):
+                lock = os.open(mine.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(lock, fcntl.LOCK_EX)  # the file is this process's: no wait
+                self._lock = lock
         temporary = mine.with_suffix(".tmp")
         outcome = {
             "attempts": self.attempts,
@@ -193,8 +201,13 @@ class Outcomes:
     def forget(self) -> None:
         """This worker stops: no one is to wait for it."""
         if self.directory is not None:
-            with contextlib.suppress(OSError):
-                (self.directory / f"worker-{os.getpid()}.json").unlink()
+            mine = self.directory / f"worker-{os.getpid()}.json"
+            for path in (mine, mine.with_suffix(".lock")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def of_live_workers(self) -> dict[int, dict[str, Any]]:
         """The last reload of every worker still running (a dead one's file goes)."""
@@ -206,9 +219,10 @@ class Outcomes:
             if not pid_text.isdigit():
                 continue
             pid = int(pid_text)
-            if not _alive(pid):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            if not _running(pid, path.with_suffix(".lock")):
+                for stale in (path, path.with_suffix(".lock")):
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
                 continue
             with contextlib.suppress(OSError, ValueError):
                 outcome = json.loads(path.read_text(encoding="utf-8"))
@@ -229,6 +243,26 @@ def note_parent_refusal(error: str) -> None:
             json.dumps({"at": time.monotonic(), "error": error}), encoding="utf-8"
         )
         os.replace(path.with_suffix(".tmp"), path)
+
+
+def _running(pid: int, lock: Path) -> bool:
+    """Whether the worker ``pid`` runs: it holds ``lock`` (a process that died let go of
+    it, whatever now has its PID); without a lock file, whether the PID is in use."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return _alive(pid)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -9,7 +9,9 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +167,43 @@ headers = {{ x-canary = "always" }}
         assert set(split(gateway, 20)) == {"a"}  # the running configuration stays
         log = gateway.output()
     assert re.search(r"admin: 127\.0\.0\.1 \(bearer token\) asked to add: .*refused", log)
+
+
+def test_a_dead_workers_file_is_not_waited_for_when_its_pid_is_reused(
+    upstreams: dict[str, RunningServer], tmp_path: Path
+) -> None:
+    """A worker killed with SIGKILL leaves its outcome file; when its PID then names
+    another process, the admin API must still see it dead (its lock is free) and answer
+    at once, not wait 10 s for a worker that will never reload and answer 504."""
+    a, c = upstreams["a"].url, upstreams["c"].url
+    config = f"""
+[server]
+port = 0
+workers = 2
+
+[middleware]
+admin_path = "/_rr/admin"
+
+[pools."/api"]
+upstreams = ["{a}"]
+"""
+    other = subprocess.Popen(["sleep", "60"])  # the process that now has the dead one's PID
+    try:
+        with run_gateway(tmp_path, config, env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
+            wait_for(lambda: len(re.findall(STARTED["uvicorn"], gateway.output())) == 2, "workers")
+            state = wait_for(lambda: shared_state(children_of(gateway.process.pid)), "state")[0]
+            dead = state / f"worker-{other.pid}.json"
+            dead.write_text('{"attempts": 1, "started": 0.0, "operations": 0, "error": null}')
+            dead.with_suffix(".lock").touch()  # as its worker left it: no one holds it
+            started = time.monotonic()
+            response = admin(gateway, "add", pool="/api", url=c)
+            assert response.status_code == 200, response.text
+            assert response.json()["done"].endswith("applied by all 2 workers"), response.text
+            assert time.monotonic() - started < 5
+            assert not dead.exists()
+    finally:
+        other.kill()
+        other.wait()
 
 
 class SilentConsul:
