@@ -15,7 +15,8 @@ times load: each upstream's peak EWMA of response-header latency (``latency.py``
 
 Every policy picks among the *eligible* upstreams it was built with (the pool rebuilds it
 when health, weights or membership change) and takes ``tried``: upstreams already tried
-for this request are never picked again for its retry.
+for this request are never picked again for its retry. A round robin's retry or hedge
+takes no turn (``SmoothWeighted.pick``).
 """
 
 from __future__ import annotations
@@ -142,15 +143,25 @@ class SmoothWeighted(Generic[M]):
         return member
 
     def pick(self, tried: Sequence[M] = ()) -> M | None:
-        member = self._next()
-        if not tried or member not in tried:
-            return member
-        # A retry: a few more turns usually reach an untried upstream; past that, any.
-        for _ in range(3):
-            member = self._next()
-            if member not in tried:
-                return member
-        return _first_untried(self._members, tried)
+        if not tried:
+            return self._next()
+        # A retry or a hedge takes no turn: it goes to the first untried upstream of the
+        # turns to come, which stay as they were. Were it to take one, the upstream
+        # whose turn came next would lose it, and the one tried first (often the slow
+        # or failing one, the reason for the retry) would get the next request's first
+        # try too: with two upstreams, every first try.
+        classes = self._classes
+        saved = (self._step, [(cls.next, cls.taken) for cls in classes], self.last)
+        try:
+            for _ in range(4):  # a few turns usually reach an untried upstream; else any
+                member = self._next()
+                if member not in tried:
+                    return member
+            return _first_untried(self._members, tried)
+        finally:
+            self._step, positions, self.last = saved
+            for cls, (position, taken) in zip(classes, positions, strict=True):
+                cls.next, cls.taken = position, taken
 
 
 class _WeightedSampler(Generic[M]):
