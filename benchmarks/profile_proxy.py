@@ -163,20 +163,26 @@ def render_steps(rounds: dict[str, list[float]]) -> str:
     for name, values in rounds.items():
         per = " ".join(f"{v:.0f}" for v in values)
         lines.append(f"{name:<44} {median[name]:>14.1f}   {per}")
-    for what, a, b in (
+    differences = (
         ("Starlette route (bare - asgi)", "bare", "asgi"),
         ("middleware, no upstream leg (instant - asgi)", "instant", "asgi"),
         ("upstream leg (proxy - instant)", "proxy", "instant"),
-    ):
-        per = " ".join(f"{x - y:.0f}" for x, y in zip(rounds[a], rounds[b], strict=True))
-        lines.append(f"{what:<44} {median[a] - median[b]:>14.1f}   {per}")
-    for what, a, b in (
+    )
+    ratios = (
         ("proxy / bare (goal <= 1.4x)", "proxy", "bare"),
         ("least forwarder / bare", "least", "bare"),
         ("proxy / least forwarder", "proxy", "least"),
-    ):
-        per = " ".join(f"{x / y:.2f}" for x, y in zip(rounds[a], rounds[b], strict=True))
-        lines.append(f"{what:<44} {median[a] / median[b]:>13.2f}x   {per}")
+    )
+    for rows, divide in ((differences, False), (ratios, True)):
+        for what, a, b in rows:
+            pairs = list(zip(rounds[a], rounds[b], strict=True))
+            if divide:
+                figure = f"{median[a] / median[b]:>13.2f}x"
+                per = " ".join(f"{x / y:.2f}" for x, y in pairs)
+            else:
+                figure = f"{median[a] - median[b]:>14.1f}"
+                per = " ".join(f"{x - y:.0f}" for x, y in pairs)
+            lines.append(f"{what:<44} {figure}   {per}")
     return "\n".join(lines)
 
 

@@ -55,25 +55,38 @@ def applied(gateway: Gateway, what: str) -> int:
     return len(re.findall(rf"reload \(SIGHUP\) of .*{re.escape(what)}", gateway.output()))
 
 
-def test_every_change_reaches_all_four_workers(
-    upstreams: dict[str, RunningServer], tmp_path: Path, server: str
-) -> None:
-    a, b, c = (upstreams[n].url for n in "abc")
-    config = f"""
+def gateway_toml(
+    server: str, workers: int, api: list[str], extra: str = "", server_extra: str = ""
+) -> str:
+    """A gateway of ``workers`` under ``server`` with the admin API, the status page and
+    a pool ``/api`` of ``api``; ``extra`` after it."""
+    listed = ", ".join(f'"{url}"' for url in api)
+    return f"""
 [server]
 port = 0
-workers = 4
+workers = {workers}
 server = "{server}"
-
+{server_extra}
 [middleware]
 admin_path = "/_rr/admin"
 status_path = "/_rr/status"
 
 [pools."/api"]
-upstreams = ["{a}", "{b}"]
-"""
+upstreams = [{listed}]
+{extra}"""
+
+
+def wait_for_workers(gateway: Gateway, server: str, count: int) -> None:
+    wait_for(lambda: len(re.findall(STARTED[server], gateway.output())) == count, "workers")
+
+
+def test_every_change_reaches_all_four_workers(
+    upstreams: dict[str, RunningServer], tmp_path: Path, server: str
+) -> None:
+    a, b, c = (upstreams[n].url for n in "abc")
+    config = gateway_toml(server, 4, [a, b])
     with run_gateway(tmp_path, config, env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
-        wait_for(lambda: len(re.findall(STARTED[server], gateway.output())) == 4, "workers")
+        wait_for_workers(gateway, server, 4)
         unauthorized = httpx.post(f"{gateway.url}/_rr/admin/drain", json={"pool": "/api"})
         assert unauthorized.status_code == 401
 
@@ -135,18 +148,7 @@ def test_a_change_every_worker_refuses_is_a_409_naming_them_all(
     sends to): an added upstream is recorded, every worker refuses the reload, and the
     answer, once all have, is a 409 counting them, with the request logged."""
     a, b, c = (upstreams[n].url for n in "abc")
-    head = f"""
-[server]
-port = 0
-workers = 2
-server = "{server}"
-
-[middleware]
-admin_path = "/_rr/admin"
-
-[pools."/api"]
-upstreams = ["{a}"]
-"""
+    head = gateway_toml(server, 2, [a])
     routed = f"""
 [pools.canary]
 upstreams = ["{b}"]
@@ -157,7 +159,7 @@ pool = "canary"
 headers = {{ x-canary = "always" }}
 """
     with run_gateway(tmp_path, head + routed, env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
-        wait_for(lambda: len(re.findall(STARTED[server], gateway.output())) == 2, "workers")
+        wait_for_workers(gateway, server, 2)
         (tmp_path / "gateway.toml").write_text(head)  # valid alone; not for the routes
         response = admin(gateway, "add", pool="/api", url=c)
         assert response.status_code == 409, response.text
@@ -176,21 +178,11 @@ def test_a_dead_workers_file_is_not_waited_for_when_its_pid_is_reused(
     another process, the admin API must still see it dead (its lock is free) and answer
     at once, not wait 10 s for a worker that will never reload and answer 504."""
     a, c = upstreams["a"].url, upstreams["c"].url
-    config = f"""
-[server]
-port = 0
-workers = 2
-
-[middleware]
-admin_path = "/_rr/admin"
-
-[pools."/api"]
-upstreams = ["{a}"]
-"""
+    config = gateway_toml("uvicorn", 2, [a])
     other = subprocess.Popen(["sleep", "60"])  # the process that now has the dead one's PID
     try:
         with run_gateway(tmp_path, config, env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
-            wait_for(lambda: len(re.findall(STARTED["uvicorn"], gateway.output())) == 2, "workers")
+            wait_for_workers(gateway, "uvicorn", 2)
             state = wait_for(lambda: shared_state(children_of(gateway.process.pid)), "state")[0]
             dead = state / f"worker-{other.pid}.json"
             dead.write_text('{"attempts": 1, "started": 0.0, "operations": 0, "error": null}')
@@ -245,23 +237,18 @@ def test_a_reload_already_under_way_does_not_answer_for_a_later_one(
     a, b = upstreams["a"].url, upstreams["b"].url
     consul = SilentConsul()
 
-    def config(api: str, *slow: str) -> str:
-        pools = "".join(consul.pool(name) for name in slow)
-        head = f'[server]\nport = 0\nworkers = 2\nserver = "{server}"\n'
-        return f'{head}\n[middleware]\nadmin_path = "/_rr/admin"\n\n{api}\n{pools}'
+    def config(api: list[str], *slow: str) -> str:
+        return gateway_toml(server, 2, api, "".join(consul.pool(name) for name in slow))
 
     path = tmp_path / "gateway.toml"
     try:
-        first_api = f'[pools."/api"]\nupstreams = ["{a}"]\n'
-        with run_gateway(tmp_path, config(first_api), env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
-            wait_for(lambda: len(re.findall(STARTED[server], gateway.output())) == 2, "workers")
-            path.write_text(config(first_api, "slow1"))
+        with run_gateway(tmp_path, config([a]), env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
+            wait_for_workers(gateway, server, 2)
+            path.write_text(config([a], "slow1"))
             with ThreadPoolExecutor(1) as pool:
                 first = pool.submit(admin, gateway, "reload")
                 wait_for(lambda: len(consul.taken) >= 2, "both workers in the first reload")
-                path.write_text(
-                    config(f'[pools."/api"]\nupstreams = ["{a}", "{b}"]\n', "slow1", "slow2")
-                )
+                path.write_text(config([a, b], "slow1", "slow2"))
                 second = admin(gateway, "reload")
                 assert first.result().status_code == 200, first.result().text
             assert second.status_code == 200, second.text
@@ -278,21 +265,9 @@ def test_workers_stop_when_the_gateways_parent_is_killed(
     SIGTERM, finishing the request it serves, and the state the parent shared (the admin
     API's directory, the zone) goes with the last of them."""
     a = upstreams["a"]
-    config = f"""
-[server]
-port = 0
-workers = 2
-server = "{server}"
-graceful_timeout = 20
-
-[middleware]
-admin_path = "/_rr/admin"
-
-[pools."/api"]
-upstreams = ["{a.url}"]
-"""
+    config = gateway_toml(server, 2, [a.url], server_extra="graceful_timeout = 20\n")
     with run_gateway(tmp_path, config, env={"RR_ADMIN_TOKEN": TOKEN}) as gateway:
-        wait_for(lambda: len(re.findall(STARTED[server], gateway.output())) == 2, "workers")
+        wait_for_workers(gateway, server, 2)
         children = children_of(gateway.process.pid)  # the workers, uvicorn's resource tracker
         leftovers = wait_for(lambda: shared_state(children), "the workers' shared state")
         assert all(path.exists() for path in leftovers)

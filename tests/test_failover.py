@@ -535,6 +535,15 @@ def test_post_is_not_retried_once_sent_but_get_is(
             assert all(target in [r["raw_path"] for r in good.app.requests] for target in gets)
 
 
+#: An upstream's own 503, with its page and its Retry-After.
+MAINTENANCE_PAGE = b"down for maintenance"
+MAINTENANCE_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 30\r\n"
+    b"content-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
+    % (len(MAINTENANCE_PAGE), MAINTENANCE_PAGE)
+)
+
+
 def test_an_answer_retried_for_its_status_reaches_the_client_when_no_later_try_answers(
     logs: LogWatcher,
 ) -> None:
@@ -543,11 +552,7 @@ def test_an_answer_retried_for_its_status_reaches_the_client_when_no_later_try_a
     (its Retry-After, its page), not a 502 of the proxy's. A 503 whose body is still on
     its way is not waited for: the next try goes at once, and with no later answer the
     client gets the 502; nor is one over 64 KiB held through the tries."""
-    page = b"down for maintenance"
-    busy_answer = (
-        b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 30\r\n"
-        b"content-type: text/plain\r\ncontent-length: %d\r\n\r\n%s" % (len(page), page)
-    )
+    page, busy_answer = MAINTENANCE_PAGE, MAINTENANCE_ANSWER
 
     async def slow_page(connection: RawConnection) -> None:
         await connection.read_request()
@@ -597,11 +602,7 @@ def test_a_kept_answer_does_not_charge_the_later_tries_time_to_its_upstream() ->
     after the next upstream timed out: its total-latency histogram (``p50``/``p99`` of
     the status page, the Prometheus histogram) must show the few milliseconds it took,
     not the other upstream's ``timeout``."""
-    page = b"down for maintenance"
-    busy_answer = (
-        b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 30\r\n"
-        b"content-length: %d\r\n\r\n%s" % (len(page), page)
-    )
+    busy_answer = MAINTENANCE_ANSWER
 
     async def silent(connection: RawConnection) -> None:
         await connection.read_request()
