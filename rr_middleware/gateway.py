@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"rr-gateway {__version__}")
     args = parser.parse_args(argv)
+    # This process is no worker of another gateway (its parent names its own state).
+    for inherited in (STATE_ENV, PARENT_ENV):
+        os.environ.pop(inherited, None)
     try:
         path = args.check or args.config or os.environ.get(ENV_CONFIG)
         if not path:
@@ -196,8 +199,6 @@ def _serve_uvicorn(
     os.environ["WEB_CONCURRENCY"] = str(settings.workers)
     try:
         if settings.workers == 1:
-            for inherited in (STATE_ENV, PARENT_ENV):  # not a worker of another gateway
-                os.environ.pop(inherited, None)
             config.app.balancer.zone_follows_layout = True
             server = uvicorn.Server(uvicorn.Config(config.app, **options))
             server.run(sockets=[sock])

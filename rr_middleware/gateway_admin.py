@@ -69,15 +69,31 @@ def new_state_directory() -> str:
     shm = Path("/dev/shm")
     state = tempfile.mkdtemp(prefix="rr-gateway-", dir=shm if shm.is_dir() else None)
     os.environ[STATE_ENV] = state
-    os.environ[PARENT_ENV] = str(os.getpid())
+    os.environ[PARENT_ENV] = f"{os.getpid()}:{_started(os.getpid())}"
     return state
+
+
+def _started(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot; "" where unknown, or once
+    it has ended, a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19] if fields[0] not in ("Z", "X") else ""
+    except (OSError, IndexError):
+        return ""
 
 
 def parent_pid() -> int | None:
     """The gateway's parent process, in one of its workers; None in a gateway of one
-    process (or an app of your own)."""
-    pid = os.environ.get(PARENT_ENV, "")
-    return int(pid) if pid.isdigit() and os.environ.get(STATE_ENV) else None
+    process (or an app of your own), and in a process that only inherited the variables
+    (the process they name still runs, and is not its parent)."""
+    pid, _, started = os.environ.get(PARENT_ENV, "").partition(":")
+    if not (pid.isdigit() and os.environ.get(STATE_ENV)):
+        return None
+    parent = int(pid)
+    if os.getppid() != parent and started and _started(parent) == started:
+        return None
+    return parent
 
 
 class Overrides:

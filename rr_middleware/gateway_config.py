@@ -412,13 +412,15 @@ def _build(
         arguments = POOL.arguments(_with_environment(table_of(table, where), where, environ), where)
         _check_members(arguments, where)
         pools[prefix] = POOL.create(arguments, where)
+    routes = Array(Table(ROUTE))(document.get("routes", []), "routes")
     keys = {normalize_pool_key(key): key for key in pools}  # as the file writes them
-    found = cookie_collision((key, pools[written].sticky) for key, written in keys.items())
+    found = cookie_collision(
+        ((key, pools[written].sticky) for key, written in keys.items()), routes
+    )
     if found is not None:
         first, second, cookie = found
         where = key_path(key_path("pools", keys[second]), "sticky")
         raise ConfigError(where, f"the cookie of pool {keys[first]!r} too ({cookie}): {COLLISION}")
-    routes = Array(Table(ROUTE))(document.get("routes", []), "routes")
     if routes:
         middleware["routes"] = routes
     # Errors of the pools as a whole (two prefixes the same once normalised) are at "pools".

@@ -162,7 +162,7 @@ class HedgedAttempt:
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         """Send ``request`` to the first upstream, hedging while no headers come; the
-        first response's headers win (a server error's only once no other try is left)."""
+        first response's headers win."""
         first = self.winner
         delay = self._hedging.delay()
         if delay is None:
@@ -180,9 +180,6 @@ class HedgedAttempt:
         pending = set(tasks)
         may_hedge = True
         failure: UpstreamError | None = None
-        # A server error's answer (5xx) wins only if no other try answers better: a
-        # failing upstream answers fast, and would win every race it is in.
-        kept: asyncio.Future[UpstreamResponse] | None = None
         while pending:
             hedge_now = may_hedge and len(tasks) <= self._hedging.max_hedges
             done, pending = await asyncio.wait(
@@ -197,10 +194,10 @@ class HedgedAttempt:
                 attempt = tasks[task]
                 error = task.exception()
                 if error is None:
-                    if task.result().status >= 500 and (pending or len(done) > 1):
-                        kept = kept or task
-                        continue
-                    return self._won(task, attempt, won)
+                    won.append(task)
+                    self.winner = attempt
+                    self._hedging.won += attempt in self._hedges
+                    return task.result()
                 if not isinstance(error, UpstreamError):
                     raise error
                 if attempt in self._open:  # it entered: its outcome is this failure
@@ -213,21 +210,8 @@ class HedgedAttempt:
                 if attempt in self._hedges:
                     self._hedges.remove(attempt)
                     self._budget.release()
-        if kept is not None:
-            return self._won(kept, tasks[kept], won)
         assert failure is not None
         raise failure
-
-    def _won(
-        self,
-        task: asyncio.Future[UpstreamResponse],
-        attempt: Attempt,
-        won: list[asyncio.Future[UpstreamResponse]],
-    ) -> UpstreamResponse:
-        won.append(task)
-        self.winner = attempt
-        self._hedging.won += attempt in self._hedges
-        return task.result()
 
     def _hedge(self, tasks: _Tasks, pending: set[asyncio.Future[UpstreamResponse]]) -> bool:
         """Start one more try, if the budget has a place and an upstream is left;

@@ -30,6 +30,7 @@ from .routing import (
     is_unsafe_path,
 )
 from .runtime import Balancer, TransportArg
+from .sticky import check_cookies_apart
 from .transport.base import UpstreamTransport
 from .websocket import forward_websocket
 
@@ -190,6 +191,8 @@ class RoundRobinMiddleware:
             request_id=request_id,
         )
         self._routes = routes
+        pools_of = ((key, runtime.pool.sticky) for key, runtime in balancer.pools.items())
+        check_cookies_apart(pools_of, routes)
         self._build_routes()
         admin = None
         if admin_path is not None:

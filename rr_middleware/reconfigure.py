@@ -135,7 +135,8 @@ def _check_routes(balancer: Reconfigurable, pools: dict[str, Pool]) -> None:
     for key in pools:
         if key[0] != "/" and key not in targets | mirrored:
             raise ValueError(f"pool {key!r} has a name, not a prefix, and nothing reaches it")
-    check_cookies_apart((key, pool.sticky) for key, pool in pools.items())
+    routes = [state.route for state in balancer.routes]
+    check_cookies_apart(((key, pool.sticky) for key, pool in pools.items()), routes)
 
 
 def _same_options(old: Pool, new: Pool) -> bool:

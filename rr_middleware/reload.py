@@ -47,10 +47,10 @@ __all__ = ["FileWatch", "Reloader"]
 
 logger = logging.getLogger("rr_middleware")
 
-#: Seconds between two looks at the watched file.
 #: How often a worker looks whether the gateway's parent process is still there, where
 #: the system has no pidfds to say so (seconds).
 PARENT_INTERVAL = 1.0
+#: Seconds between two looks at the watched file.
 WATCH_INTERVAL = 1.0
 
 
@@ -228,17 +228,22 @@ async def _parent_gone(parent: int) -> None:
         pidfd = -1
     if pidfd >= 0:
         try:
-            if os.getppid() == parent:  # the pidfd is the parent's, not a reused PID's
-                loop = asyncio.get_running_loop()
-                ended = asyncio.Event()
+            if os.getppid() != parent:  # gone already (the pidfd names a reused PID)
+                return
+            loop = asyncio.get_running_loop()
+            ended = asyncio.Event()
+            try:
                 loop.add_reader(pidfd, ended.set)
+            except (NotImplementedError, RuntimeError):  # a loop that watches no fds
+                pass
+            else:
                 try:
                     await ended.wait()
                 finally:
                     loop.remove_reader(pidfd)
+                return
         finally:
             os.close(pidfd)
-        return
     while os.getppid() == parent:  # noqa: ASYNC110 - no event to wait on without a pidfd
         await asyncio.sleep(PARENT_INTERVAL)
 

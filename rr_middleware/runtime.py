@@ -84,7 +84,8 @@ class Balancer:
         self, pools: PoolsArg, *, transport: TransportArg = None, zone: str | None = None
     ) -> None:
         configs = normalize_pools(pools)
-        check_cookies_apart((key, pool.sticky) for key, pool in configs.items())
+        # Pools reached by routes only are checked by the middleware, which has the routes.
+        check_cookies_apart((k, p.sticky) for k, p in configs.items() if k.startswith("/"))
         if zone is None:
             zone = os.environ.get(ZONE_ENV) or None
         if zone is not None and (not isinstance(zone, str) or not zone.strip()):

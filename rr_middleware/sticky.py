@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import FieldError
 
@@ -105,20 +106,59 @@ class StickyCookie:
 
 
 def cookie_collision(
-    pools: Iterable[tuple[str, StickyCookie | None]],
+    pools: Iterable[tuple[str, StickyCookie | None]], routes: Iterable[Any] = ()
 ) -> tuple[str, str, str] | None:
-    """The first two pools (by key) whose sticky cookies have one name and one ``Path``,
-    and that cookie: the browser keeps one of them, so each pool's answer would overwrite
-    the other's pin and neither would stick."""
-    seen: dict[tuple[str, str], str] = {}
+    """The first two pools (by key) whose sticky cookies a browser would keep as one
+    (same name, same ``Path``, hosts that may meet: the cookie has no ``Domain``, so it
+    is kept per host), and that cookie: each pool's answer would overwrite the other's
+    pin and neither would stick. A pool keyed by a prefix is reached on any host; one
+    keyed by a name on the hosts of the ``routes`` (``Route`` values) that send to it."""
+    hosts = _hosts_reaching(routes)
+    seen: dict[tuple[str, str], list[str]] = {}
     for key, cookie in pools:
         if cookie is None:
             continue
         name, path = cookie.name, cookie.path_for(key)
-        other = seen.setdefault((name, path), key)
-        if other != key:
-            return other, key, f"{name}, Path={path}"
+        mine = None if key.startswith("/") else hosts.get(key, frozenset())
+        others = seen.setdefault((name, path), [])
+        for other in others:
+            theirs = None if other.startswith("/") else hosts.get(other, frozenset())
+            if _hosts_meet(mine, theirs):
+                return other, key, f"{name}, Path={path}"
+        others.append(key)
     return None
+
+
+def _hosts_reaching(routes: Iterable[Any]) -> dict[str, frozenset[str] | None]:
+    """The hosts each pool key is reached on through ``routes`` (None: any host)."""
+    hosts: dict[str, frozenset[str] | None] = {}
+    for route in routes:
+        for key in route.targets:  # a pool's name (a prefix pool is on any host anyway)
+            known = hosts.get(key, frozenset())
+            if known is None or route.host is None:
+                hosts[key] = None
+            else:
+                hosts[key] = known | {route.host.lower()}
+    return hosts
+
+
+def _hosts_meet(mine: frozenset[str] | None, theirs: frozenset[str] | None) -> bool:
+    if mine is None or theirs is None:
+        return True
+    return any(_host_patterns_meet(a, b) for a in mine for b in theirs)
+
+
+def _host_patterns_meet(a: str, b: str) -> bool:
+    """Whether a host could match both patterns (``*.example.com``: any subdomain)."""
+    if a == b:
+        return True
+    if a.startswith("*.") and b.startswith("*."):
+        return a.endswith(b[1:]) or b.endswith(a[1:])
+    if a.startswith("*."):
+        return b.endswith(a[1:])
+    if b.startswith("*."):
+        return a.endswith(b[1:])
+    return False
 
 
 #: Why two pools may not share a cookie (after "pools A and B", or "sticky of pool B").
@@ -128,9 +168,11 @@ COLLISION = (
 )
 
 
-def check_cookies_apart(pools: Iterable[tuple[str, StickyCookie | None]]) -> None:
+def check_cookies_apart(
+    pools: Iterable[tuple[str, StickyCookie | None]], routes: Iterable[Any] = ()
+) -> None:
     """ValueError if two pools set the same sticky cookie (``cookie_collision``)."""
-    found = cookie_collision(pools)
+    found = cookie_collision(pools, routes)
     if found is not None:
         first, second, cookie = found
         raise ValueError(

@@ -159,35 +159,6 @@ async def test_fast_server_errors_do_not_pull_the_hedging_quantile_down() -> Non
             assert delay >= 0.04
 
 
-@pytest.mark.anyio
-async def test_a_fast_server_error_does_not_win_the_race() -> None:
-    """One upstream answers in 300 ms, the other fails at once with 500. A request that
-    went to the slow one first is hedged to the failing one after 50 ms: it must get the
-    slow upstream's 200, not the hedge's instant 500 (which won every such race). A
-    request that went to the failing one first, with no other try under way, gets its
-    500 at once."""
-    with slowable_upstreams(2) as (apps, urls):
-        apps[0].delay = 0.3
-        apps[1].fail_with = 500
-        with running_proxy({"/api": Pool(urls, hedge_after=0.05)}) as (proxy, middleware):
-            runtime: PoolRuntime = middleware.balancer["/api"]
-            async with aclient() as http:
-                answers = []
-                for _ in range(12):
-                    started = time.monotonic()
-                    response = await http.get(f"{proxy.url}/api/x")
-                    answers.append((response.status_code, time.monotonic() - started))
-            hedging = runtime.hedging
-            assert hedging is not None
-            statuses = Counter(status for status, _ in answers)
-            assert set(statuses) <= {200, 500}
-            # Every hedged request (its first try the slow one) got the slow one's 200;
-            # every other one went to the failing one first and got its 500 at once.
-            assert statuses[200] == hedging.sent >= 6
-            assert hedging.won == 0
-            assert all(seconds < 0.25 for status, seconds in answers if status == 500)
-
-
 async def test_peak_ewma_learns_from_a_hedge_it_lost_that_an_upstream_is_slow() -> None:
     """``peak_ewma`` with hedging: an upstream that answers in 2 s loses every race to a
     fast one after 50 ms and is cancelled. Its time so far raises its estimate, so the

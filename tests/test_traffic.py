@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rr_middleware import Balancer, Pool, StickyCookie, Upstream
+from rr_middleware import Balancer, Pool, RoundRobinMiddleware, Route, StickyCookie, Upstream
 from rr_middleware.config_mapping import ConfigError
 from rr_middleware.errors import FieldError
 from rr_middleware.gateway_config import load_config
@@ -397,6 +397,42 @@ sticky = { path = "/" }
         load_config(path)
     assert caught.value.key == 'pools."/b".sticky'
     assert "the cookie of pool '/a' too (rr_sticky, Path=/)" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("host_a", "host_b", "refused"),
+    [
+        ("a.example.com", "b.example.com", False),  # a cookie is kept per host
+        ("a.example.com", "a.example.com", True),
+        ("*.example.com", "a.example.com", True),
+        ("*.example.com", "*.example.org", False),
+        (None, "b.example.com", True),  # a route without a host: any host
+    ],
+)
+def test_pools_reached_by_routes_share_a_cookie_only_on_a_host_both_serve(
+    host_a: str | None, host_b: str | None, refused: bool
+) -> None:
+    """Pools reached by routes only have the cookie's default Path, ``/``: they would
+    overwrite each other's pins only where a host reaches both (the cookie has no
+    Domain, so the browser keeps it per host)."""
+    pools = {
+        "/api": Pool(["http://10.0.0.9:8000"]),
+        "site_a": Pool(["http://10.0.0.1:8000"], sticky=StickyCookie()),
+        "site_b": Pool(["http://10.0.0.2:8000"], sticky=StickyCookie()),
+    }
+    routes = [
+        Route("/", pool="site_a", host=host_a),
+        Route("/", pool="site_b", host=host_b),
+    ]
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not reached")
+
+    if refused:
+        with pytest.raises(ValueError, match="pools 'site_a' and 'site_b' set the same"):
+            RoundRobinMiddleware(host, pools=pools, routes=routes)
+    else:
+        RoundRobinMiddleware(host, pools=pools, routes=routes)
 
 
 def test_traffic_options_in_toml(tmp_path: Path) -> None:
