@@ -4,12 +4,14 @@ upstreams see it (requests on fresh connections, which any worker may take)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -196,6 +198,55 @@ def test_a_dead_workers_file_is_not_waited_for_when_its_pid_is_reused(
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_gateway_started_with_another_gateways_variables_keeps_to_itself(
+    upstreams: dict[str, RunningServer], tmp_path: Path
+) -> None:
+    """``RR_GATEWAY_STATE`` and ``RR_GATEWAY_PARENT`` inherited from another gateway (a
+    process started from one of its workers): a gateway of one worker neither applies
+    nor writes that gateway's admin changes, and the app under a server of your own,
+    whose named parent runs and is not its parent, does not stop, nor remove them."""
+    a, b = upstreams["a"].url, upstreams["b"].url
+    other_state = tmp_path / "other-gateway"
+    other_state.mkdir()
+    (other_state / "admin.json").write_text(
+        json.dumps([{"op": "add", "pool": "/api", "url": b, "weight": 1}])
+    )
+    other_parent = subprocess.Popen(["sleep", "60"])
+    started = Path(f"/proc/{other_parent.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    inherited = {
+        "RR_ADMIN_TOKEN": TOKEN,
+        "RR_GATEWAY_STATE": str(other_state),
+        "RR_GATEWAY_PARENT": f"{other_parent.pid}:{started}",
+    }
+    try:
+        with run_gateway(tmp_path, gateway_toml("uvicorn", 1, [a]), env=inherited) as gateway:
+            assert set(split(gateway, 10)) == {"a"}
+            assert admin(gateway, "drain", pool="/api", url=a).status_code == 200
+        (tmp_path / "gateway.toml").write_text(gateway_toml("uvicorn", 1, [a]))
+        command = [sys.executable, "-m", "uvicorn", "--factory", "--port", "0"]
+        factory = subprocess.Popen(
+            [*command, "rr_middleware.gateway:create_app"],
+            env={**os.environ, **inherited, "RR_GATEWAY_CONFIG": str(tmp_path / "gateway.toml")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            output = b""
+            while b"Application startup complete" not in output:
+                line = factory.stdout.readline() if factory.stdout else b""
+                assert line, f"the app stopped: {output.decode()}"
+                output += line
+            assert factory.poll() is None
+        finally:
+            factory.terminate()
+            rest = factory.communicate(timeout=30)[0] or b""
+        assert b"parent process" not in output + rest
+        assert sorted(p.name for p in other_state.iterdir()) == ["admin.json"]
+    finally:
+        other_parent.kill()
+        other_parent.wait()
 
 
 class SilentConsul:
