@@ -483,8 +483,18 @@ def test_mock_connect_error_is_retried_on_the_next_member() -> None:
     )
     with TestClient(make_host({"/api": pool})) as client:
         assert [client.post("/api/x", content=b"b").content for _ in range(2)] == [b"up", b"up"]
-    # No passive health checks: each request tries the failed member again first.
-    assert calls == ["down.internal", "up.internal", "down.internal", "up.internal"]
+    # The retry took no turn of the round robin: the second request's first try is the
+    # turn after the first's, up; then down's turn comes again.
+    assert calls == ["down.internal", "up.internal", "up.internal"]
+    with TestClient(make_host({"/api": pool})) as client:
+        assert [client.post("/api/x", content=b"b").content for _ in range(3)] == [b"up"] * 3
+    assert calls[3:] == [
+        "down.internal",
+        "up.internal",
+        "up.internal",
+        "down.internal",
+        "up.internal",
+    ]
 
 
 def test_mock_every_member_down_is_a_502() -> None:
