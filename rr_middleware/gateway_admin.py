@@ -46,6 +46,7 @@ __all__ = [
     "Overrides",
     "new_state_directory",
     "parent_pid",
+    "process_started",
 ]
 
 logger = logging.getLogger("rr_middleware")
@@ -69,11 +70,11 @@ def new_state_directory() -> str:
     shm = Path("/dev/shm")
     state = tempfile.mkdtemp(prefix="rr-gateway-", dir=shm if shm.is_dir() else None)
     os.environ[STATE_ENV] = state
-    os.environ[PARENT_ENV] = f"{os.getpid()}:{_started(os.getpid())}"
+    os.environ[PARENT_ENV] = f"{os.getpid()}:{process_started(os.getpid())}"
     return state
 
 
-def _started(pid: int) -> str:
+def process_started(pid: int) -> str:
     """When process ``pid`` started (clock ticks since boot; "" where unknown, or once
     it has ended, a zombie)."""
     try:
@@ -91,7 +92,7 @@ def parent_pid() -> int | None:
     if not (pid.isdigit() and os.environ.get(STATE_ENV)):
         return None
     parent = int(pid)
-    if os.getppid() != parent and started and _started(parent) == started:
+    if os.getppid() != parent and started and process_started(parent) == started:
         return None
     return parent
 

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from rr_middleware.gateway_admin import process_started
 from rr_middleware.zone import zone_directory
 
 from .gateway_process import STARTED, Gateway, children_of, run_gateway
@@ -214,7 +215,7 @@ def test_a_gateway_started_with_another_gateways_variables_keeps_to_itself(
         json.dumps([{"op": "add", "pool": "/api", "url": b, "weight": 1}])
     )
     other_parent = subprocess.Popen(["sleep", "60"])
-    started = Path(f"/proc/{other_parent.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    started = process_started(other_parent.pid)
     inherited = {
         "RR_ADMIN_TOKEN": TOKEN,
         "RR_GATEWAY_STATE": str(other_state),
@@ -333,7 +334,9 @@ def test_workers_stop_when_the_gateways_parent_is_killed(
             assert response.status_code == 200, response.text
             assert response.content == b"slept"
             for pid in children:
-                wait_for(lambda pid=pid: not _running(pid), f"process {pid} to stop", timeout=30)
+                wait_for(
+                    lambda pid=pid: not process_started(pid), f"process {pid} to stop", timeout=30
+                )
             assert [path for path in leftovers if path.exists()] == []
             with pytest.raises(httpx.ConnectError):
                 httpx.get(f"{gateway.url}/api/x", timeout=5)
@@ -360,13 +363,3 @@ def shared_state(processes: list[int]) -> list[Path]:
                 if f"{base}/rr-middleware-" in line:
                     zones.add(Path(line.split(None, 5)[5]).parent)
     return [*states, *zones] if states and zones else []
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (an orphan is reaped by PID 1 or a subreaper, not by us: a
-    zombie has stopped)."""
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return status.rsplit(")", 1)[1].split()[0] != "Z"
