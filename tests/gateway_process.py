@@ -111,5 +111,10 @@ def run_gateway(
 
         wait_for(answers, "the gateway to answer")
         yield Gateway(process, log, url)
+    except BaseException:
+        stop_tree(process)
+        # pytest shows it with the failure: what the gateway said is half the story.
+        print(f"--- the gateway's output ({log}):\n{log.read_text(errors='replace')}")
+        raise
     finally:
         stop_tree(process)
