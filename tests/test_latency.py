@@ -303,3 +303,44 @@ def test_an_undrained_upstream_starts_at_the_pools_median() -> None:
     row = next(r for r in runtime.snapshot() if r["url"] == urls[3])
     assert row["latency_ewma"] == pytest.approx(0.020)
     assert row["cost"] == pytest.approx(0.020 + 1e-6)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("policy", ["least_requests", "peak_ewma"])
+async def test_an_upstream_failing_fast_draws_the_load_unless_its_status_counts(
+    policy: str,
+) -> None:
+    """What docs/balancing.md warns of: one of two upstreams answers 500 at once, the other
+    200 after 20 ms. With the default ``unhealthy_statuses`` (500 not in it), a policy that
+    prefers the idle or the fast sends most requests to the failing one; with 500 listed,
+    passive ejection takes it out after ``max_fails`` and the other gets nearly all."""
+    with slowable_upstreams(2) as (apps, urls):
+        apps[0].fail_with = 500
+        apps[1].delay = 0.02
+        counted = frozenset({500, 502, 503, 504})
+        pools = {
+            "/default": Pool(urls, policy=policy, retries=0),
+            "/counted": Pool(urls, policy=policy, retries=0, unhealthy_statuses=counted),
+        }
+        with running_proxy(pools) as (proxy, _):
+            async with aclient() as http:
+
+                async def failed_share(prefix: str) -> float:
+                    statuses: list[int] = []
+                    deadline = time.monotonic() + 1.5
+
+                    async def one_client() -> None:
+                        while time.monotonic() < deadline:
+                            response = await http.get(f"{proxy.url}{prefix}/x")
+                            statuses.append(response.status_code)
+
+                    await asyncio.gather(*(one_client() for _ in range(4)))
+                    assert set(statuses) <= {200, 500}, Counter(statuses)
+                    return statuses.count(500) / len(statuses)
+
+                default, counted_share = await asyncio.gather(
+                    failed_share("/default"), failed_share("/counted")
+                )
+    print(f"{policy}: 500s {default:.1%} by default, {counted_share:.1%} with 500 counted")
+    assert default > 0.7
+    assert counted_share < 0.1
