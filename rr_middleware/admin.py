@@ -21,6 +21,7 @@ process that took the request.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import inspect
@@ -49,6 +50,9 @@ logger = logging.getLogger("rr_middleware")
 ADMIN_TOKEN_ENV = "RR_ADMIN_TOKEN"
 ACTIONS = ("state", "drain", "undrain", "weight", "add", "remove", "reload")
 _MAX_BODY = 64 * 1024
+#: Seconds for a request's whole body (a few hundred bytes): a client that stalls in it,
+#: or whose connection died unseen, does not hold the request for good.
+BODY_TIMEOUT = 10.0
 Guard = Callable[[Request], "bool | Awaitable[bool]"]
 
 
@@ -185,6 +189,10 @@ class AdminAPI:
             headers = {"www-authenticate": "Bearer"} if exc.status == 401 else {}
             if exc.status == 405:
                 headers["allow"] = "GET" if action == "state" else "POST"
+            if exc.status in (408, 413):
+                # The rest of the body is not read: the connection cannot carry another
+                # request.
+                headers["connection"] = "close"
             response = JSONResponse({"error": exc.message}, exc.status, headers)
         response.headers["cache-control"] = "no-store"
         await response(scope, receive, send)
@@ -228,11 +236,10 @@ class AdminAPI:
 
 
 async def _parameters(request: Request) -> dict[str, Any]:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > _MAX_BODY:
-            raise AdminError(413, f"the body is over {_MAX_BODY} bytes")
+    try:
+        body = await asyncio.wait_for(_body(request), BODY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise AdminError(408, f"the body did not arrive within {BODY_TIMEOUT:g}s") from None
     if not body.strip():
         return {}
     try:
@@ -242,6 +249,15 @@ async def _parameters(request: Request) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise AdminError(400, "the body must be a JSON object")
     return params
+
+
+async def _body(request: Request) -> bytes:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_BODY:
+            raise AdminError(413, f"the body is over {_MAX_BODY} bytes")
+    return body
 
 
 def _text(params: dict[str, Any], name: str) -> str:

@@ -4,6 +4,8 @@ real upstreams (``tests/test_admin_gateway.py`` drives rr-gateway's workers)."""
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -15,12 +17,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from rr_middleware import RoundRobinMiddleware
+from rr_middleware import admin as admin_module
 from rr_middleware.errors import FieldError
 
 from .servers import serve
 from .upstream_app import UpstreamApp
 
 TOKEN = "admin-s3cret"
+DEADLINE = 10.0
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 URLS: dict[str, str] = {}
 
@@ -204,3 +208,31 @@ async def test_a_pool_named_with_a_trailing_slash_takes_added_and_removed_upstre
     added = await admin(client, "add", pool="/api/", url="http://10.0.0.9:8000")
     removed = await admin(client, "remove", pool="/api/", url="http://10.0.0.9:8000")
     assert (added.status_code, removed.status_code) == (200, 200)
+
+
+def test_a_body_that_stalls_is_answered_408_and_the_connection_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under uvicorn: a client that says 100 bytes and sends 10 (or whose connection died
+    unseen) gets 408 once ``BODY_TIMEOUT`` has passed, not a request held for good, and
+    the connection closes, since the rest of its body was never read."""
+    monkeypatch.setattr(admin_module, "BODY_TIMEOUT", 0.5)
+    with serve(app_with(admin_token=TOKEN)) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=DEADLINE) as sock:
+            started = time.monotonic()
+            sock.sendall(
+                b"POST /_admin/drain HTTP/1.1\r\nHost: gw\r\n"
+                b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                b'{"pool": "'
+            )
+            answer = b""
+            while chunk := sock.recv(65536):  # until the proxy closes the connection
+                answer += chunk
+            waited = time.monotonic() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"connection: close" in head.lower()
+    assert b"did not arrive within 0.5s" in body
+    assert 0.5 <= waited < DEADLINE
