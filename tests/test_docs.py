@@ -60,3 +60,26 @@ def test_readme_gateway_file_loads(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.server.port == 8080
     assert [u.weight for u in config.pools["/api"].members] == [1, 3]
+
+
+def test_security_policy_states_the_defaults_the_code_has() -> None:
+    """SECURITY.md is read outside the docs site, so its defaults are written by hand
+    (``client_body_timeout`` (30 s)): each one named there is the code's."""
+    import dataclasses
+    import inspect
+
+    from rr_middleware import Pool, RoundRobinMiddleware
+
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Pool)}
+    for name, parameter in inspect.signature(RoundRobinMiddleware).parameters.items():
+        if parameter.default is not inspect.Parameter.empty:
+            defaults[name] = parameter.default
+    units = {"": 1, "s": 1, "KiB": 1024, "MiB": 1024 * 1024}
+    stated = re.findall(
+        r"`(\w+)`(?: bytes)? \((\d+(?:\.\d+)?) ?(s|KiB|MiB)?\)",
+        (ROOT / "SECURITY.md").read_text(),
+    )
+    assert len(stated) >= 5, stated
+    for name, number, unit in stated:
+        assert name in defaults, f"SECURITY.md names {name!r}, which has no default"
+        assert float(number) * units[unit] == defaults[name], (name, defaults[name])
