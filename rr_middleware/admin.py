@@ -22,6 +22,7 @@ process that took the request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import inspect
@@ -35,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import FieldError
+from .tasks import cancel_and_wait
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from .pool_runtime import PoolRuntime
     from .runtime import Balancer
 
-__all__ = ["ADMIN_TOKEN_ENV", "AdminAPI", "AdminError", "Operator"]
+__all__ = ["ADMIN_TOKEN_ENV", "AdminAPI", "AdminError", "Applying", "Operator"]
 
 logger = logging.getLogger("rr_middleware")
 
@@ -63,6 +65,18 @@ class AdminError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class Applying:
+    """A change made whose application is still under way (``rr-gateway``'s workers
+    reloading it): ``result()`` waits for it, and the API stops waiting when its client
+    leaves (the change stays made)."""
+
+    def __init__(self, done: str) -> None:
+        self.done = done  # what was changed, for the answer and the log
+
+    async def result(self) -> str:
+        raise NotImplementedError
 
 
 class Operator:
@@ -114,20 +128,20 @@ class Operator:
             raise AdminError(400, f"{url!r} is the last upstream of pool {pool}")
         return upstream
 
-    async def add(self, pool: str, url: str, weight: int) -> str:
+    async def add(self, pool: str, url: str, weight: int) -> str | Applying:
         upstream = dataclasses.replace(self.check_membership(pool, url, True), weight=weight)
         runtime = self.runtime(pool)
         await self._reconfigure(runtime.name, [*runtime.pool.members, upstream])
         return f"pool {pool}: {upstream.url} added (weight {weight})"
 
-    async def remove(self, pool: str, url: str) -> str:
+    async def remove(self, pool: str, url: str) -> str | Applying:
         gone = self.check_membership(pool, url, False).identity
         runtime = self.runtime(pool)
         members = [u for u in runtime.pool.members if u.identity != gone]
         await self._reconfigure(runtime.name, members)
         return f"pool {pool}: {url} removed"
 
-    async def reload(self) -> str:
+    async def reload(self) -> str | Applying:
         raise AdminError(400, "this app has no configuration file to reload (rr-gateway has)")
 
     async def _reconfigure(self, prefix: str, members: list[Upstream]) -> None:
@@ -180,10 +194,12 @@ class AdminAPI:
             else:
                 params = await _parameters(request)
                 done = await self._act(action, params)
+                if isinstance(done, Applying):
+                    done = await _unless_gone(done, receive)
                 logger.warning("admin: %s asked to %s: %s", who, action, done)
                 response = JSONResponse({"ok": True, "done": done})
         except AdminError as exc:
-            if exc.status in (409, 504) and who is not None:
+            if exc.status in (409, 499, 504) and who is not None:
                 # The change is recorded all the same: say who asked for it.
                 logger.warning("admin: %s asked to %s: %s", who, action, exc.message)
             headers = {"www-authenticate": "Bearer"} if exc.status == 401 else {}
@@ -195,7 +211,8 @@ class AdminAPI:
                 headers["connection"] = "close"
             response = JSONResponse({"error": exc.message}, exc.status, headers)
         response.headers["cache-control"] = "no-store"
-        await response(scope, receive, send)
+        with contextlib.suppress(OSError):  # the client is gone (a server may say so)
+            await response(scope, receive, send)
 
     async def _authorize(self, request: Request) -> str:
         """Who asks (for the log), or AdminError 401."""
@@ -214,7 +231,7 @@ class AdminAPI:
                 return f"{client} (admin_guard)"
         raise AdminError(401, "a valid bearer token is required")
 
-    async def _act(self, action: str, params: dict[str, Any]) -> str:
+    async def _act(self, action: str, params: dict[str, Any]) -> str | Applying:
         operator = self.operator
         if action == "reload":
             return await operator.reload()
@@ -233,6 +250,30 @@ class AdminAPI:
         if action == "add":
             return await operator.add(pool, url, weight)
         return await operator.weight(pool, url, weight)
+
+
+async def _unless_gone(applying: Applying, receive: Receive) -> str:
+    """``applying``'s result, unless the client leaves first: then AdminError 499 (no
+    one waits for the workers any more; the change is made all the same)."""
+    waiting = asyncio.ensure_future(applying.result())
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait((waiting, gone))
+    if not waiting.cancelled():
+        return waiting.result()
+    raise AdminError(
+        499,
+        f"{applying.done} in the recorded changes; the client left before every worker "
+        "had applied it, and they will as their reload ends",
+    )
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has left (its body was read: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _parameters(request: Request) -> dict[str, Any]:

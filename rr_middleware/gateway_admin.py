@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .admin import AdminError, Operator
+from .admin import AdminError, Applying, Operator
 from .config import Pool
 from .config_mapping import ConfigError
 from .gateway_config import load_config
@@ -320,7 +320,7 @@ class GatewayOperator(Operator):
         """Whether this is one of several workers under the gateway's parent process."""
         return self.reloader.admin_changes.path is not None
 
-    async def add(self, pool: str, url: str, weight: int) -> str:
+    async def add(self, pool: str, url: str, weight: int) -> str | Applying:
         upstream = self.check_membership(pool, url, True)
         self._check_file()
         key = self.runtime(pool).name  # as the file's pools are keyed ("/api/": "/api")
@@ -329,14 +329,14 @@ class GatewayOperator(Operator):
         )
         return await self._everywhere(f"pool {pool}: {upstream.url} added (weight {weight})")
 
-    async def remove(self, pool: str, url: str) -> str:
+    async def remove(self, pool: str, url: str) -> str | Applying:
         upstream = self.check_membership(pool, url, False)
         self._check_file()
         key = self.runtime(pool).name
         self.reloader.admin_changes.append({"op": "remove", "pool": key, "url": upstream.url})
         return await self._everywhere(f"pool {pool}: {upstream.url} removed")
 
-    async def reload(self) -> str:
+    async def reload(self) -> str | Applying:
         self._check_file()
         return await self._everywhere(f"{self.reloader.path} reloaded")
 
@@ -348,7 +348,7 @@ class GatewayOperator(Operator):
         except ConfigError as exc:
             raise AdminError(400, f"refused, the running configuration stays: {exc}") from None
 
-    async def _everywhere(self, done: str) -> str:
+    async def _everywhere(self, done: str) -> str | Applying:
         if self.supervised:
             if os.getppid() != self.parent:
                 raise AdminError(503, "the gateway's parent process is gone: restart the gateway")
@@ -356,14 +356,14 @@ class GatewayOperator(Operator):
             operations = len(self.reloader.admin_changes.operations())
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.parent, signal.SIGHUP)  # the parent has every worker reload
-            return await self._applied(done, asked, operations)
+            return _WorkersApplying(self, done, asked, operations)
         if await self.reloader.reload("admin API") is None:
             raise AdminError(
                 400, f"refused, the running configuration stays: {self.reloader.error}"
             )
         return done
 
-    async def _applied(self, done: str, asked: float, operations: int) -> str:
+    async def applied(self, done: str, asked: float, operations: int) -> str:
         """Wait, at most ``APPLY_TIMEOUT``, until every live worker has finished a reload
         begun after ``asked`` (so it read the file and the operations as they are now)."""
         deadline = time.monotonic() + APPLY_TIMEOUT
@@ -400,3 +400,16 @@ class GatewayOperator(Operator):
                     f"applied it within {APPLY_TIMEOUT:g}s, the others will as their reload ends",
                 )
             await asyncio.sleep(_APPLY_POLL)
+
+
+class _WorkersApplying(Applying):
+    """A change the workers are reloading: ``result()`` waits until they all have."""
+
+    def __init__(self, operator: GatewayOperator, done: str, asked: float, operations: int):
+        super().__init__(done)
+        self.operator = operator
+        self.asked = asked
+        self.operations = operations
+
+    async def result(self) -> str:
+        return await self.operator.applied(self.done, self.asked, self.operations)

@@ -309,6 +309,39 @@ def test_a_reload_already_under_way_does_not_answer_for_a_later_one(
         consul.close()
 
 
+def test_a_client_that_leaves_is_not_waited_for(
+    upstreams: dict[str, RunningServer], tmp_path: Path, server: str
+) -> None:
+    """An admin reload whose client leaves while the workers are applying it (a new pool's
+    discovery holds them): the wait ends with the client (logged with who asked, as a 499),
+    not when the workers are done, and the change applies all the same."""
+    a, b = upstreams["a"].url, upstreams["b"].url
+    consul = SilentConsul()
+    path = tmp_path / "gateway.toml"
+    try:
+        with run_gateway(
+            tmp_path, gateway_toml(server, 2, [a]), env={"RR_ADMIN_TOKEN": TOKEN}
+        ) as gateway:
+            wait_for_workers(gateway, server, 2)
+            path.write_text(gateway_toml(server, 2, [a, b], consul.pool("slow")))
+            host, port = gateway.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as client:
+                client.sendall(
+                    b"POST /_rr/admin/reload HTTP/1.1\r\nHost: gw\r\n"
+                    b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                    b"Content-Length: 0\r\n\r\n"
+                )
+                wait_for(lambda: len(consul.taken) >= 2, "both workers in the reload")
+            left = "the client left before every worker had applied it"
+            wait_for(lambda: left in gateway.output(), "the wait to end with its client")
+            # Neither worker had finished the reload when the wait ended.
+            assert applied(gateway, "") == 0, gateway.output()
+            wait_for(lambda: set(split(gateway, 20)) == {"a", "b"}, "the change applied")
+            assert "Traceback" not in gateway.output()
+    finally:
+        consul.close()
+
+
 def test_workers_stop_when_the_gateways_parent_is_killed(
     upstreams: dict[str, RunningServer], tmp_path: Path, server: str
 ) -> None:
