@@ -184,6 +184,7 @@ class AdminAPI:
         request = Request(scope, receive)
         response: Response
         who: str | None = None
+        body_read = False
         try:
             who = await self._authorize(request)
             expected = "GET" if action == "state" else "POST"
@@ -193,6 +194,7 @@ class AdminAPI:
                 response = JSONResponse(self.operator.balancer.status())
             else:
                 params = await _parameters(request)
+                body_read = True
                 done = await self._act(action, params)
                 if isinstance(done, Applying):
                     done = await _unless_gone(done, receive)
@@ -201,15 +203,11 @@ class AdminAPI:
         except AdminError as exc:
             if exc.status in (409, 499, 504) and who is not None:
                 # The change is recorded all the same: say who asked for it.
-                logger.warning("admin: %s asked to %s: %s", who, action, exc.message)
-            headers = {"www-authenticate": "Bearer"} if exc.status == 401 else {}
-            if exc.status == 405:
-                headers["allow"] = "GET" if action == "state" else "POST"
-            if exc.status in (408, 413):
-                # The rest of the body is not read: the connection cannot carry another
-                # request.
-                headers["connection"] = "close"
-            response = JSONResponse({"error": exc.message}, exc.status, headers)
+                logger.warning(
+                    "admin: %s asked to %s: %s (%d)", who, action, exc.message, exc.status
+                )
+            unread = not body_read and _has_body(request)
+            response = _refusal(exc, action, unread)
         response.headers["cache-control"] = "no-store"
         with contextlib.suppress(OSError):  # the client is gone (a server may say so)
             await response(scope, receive, send)
@@ -252,6 +250,23 @@ class AdminAPI:
         return await operator.weight(pool, url, weight)
 
 
+def _refusal(exc: AdminError, action: str, unread: bool) -> Response:
+    """The answer to a refused request; ``unread``: its body was not read (or not all of
+    it), so the connection closes after the answer (the rest of the body cannot be taken
+    for the next request, and a client dripping it holds nothing)."""
+    headers = {"www-authenticate": "Bearer"} if exc.status == 401 else {}
+    if exc.status == 405:
+        headers["allow"] = "GET" if action == "state" else "POST"
+    if unread or exc.status in (408, 413):
+        headers["connection"] = "close"
+    return JSONResponse({"error": exc.message}, exc.status, headers)
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return (length is not None and length.strip() != "0") or "transfer-encoding" in request.headers
+
+
 async def _unless_gone(applying: Applying, receive: Receive) -> str:
     """``applying``'s result, unless the client leaves first: then AdminError 499 (no
     one waits for the workers any more; the change is made all the same)."""
@@ -261,12 +276,18 @@ async def _unless_gone(applying: Applying, receive: Receive) -> str:
         await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
         await cancel_and_wait((waiting, gone))
+        for task in (waiting, gone):  # read, so that none is reported as never retrieved
+            if not task.cancelled():
+                task.exception()
     if not waiting.cancelled():
         return waiting.result()
+    failure = gone.exception() if not gone.cancelled() else None
+    if failure is not None:  # receive() failed: not a client that left
+        raise failure
     raise AdminError(
         499,
-        f"{applying.done} in the recorded changes; the client left before every worker "
-        "had applied it, and they will as their reload ends",
+        f"{applying.done}; the client left before every worker had applied it (the "
+        "workers go on with the reload and log how it ends)",
     )
 
 

@@ -25,6 +25,7 @@ from .upstream_app import UpstreamApp
 
 TOKEN = "admin-s3cret"
 DEADLINE = 10.0
+AUTH_LINE = b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 URLS: dict[str, str] = {}
 
@@ -236,3 +237,31 @@ def test_a_body_that_stalls_is_answered_408_and_the_connection_closed(
     assert b"connection: close" in head.lower()
     assert b"did not arrive within 0.5s" in body
     assert 0.5 <= waited < DEADLINE
+
+
+@pytest.mark.parametrize(
+    ("request_line", "auth", "status"),
+    [("POST /_admin/drain", b"", 401), ("GET /_admin/drain", AUTH_LINE, 405)],
+)
+def test_an_answer_given_before_the_body_closes_the_connection(
+    request_line: str, auth: bytes, status: int
+) -> None:
+    """Refused before its body is read (no token, the wrong method): the answer comes at
+    once and the connection closes, so a client dripping that body holds nothing and the
+    rest of it is never read as a next request."""
+    with serve(app_with(admin_token=TOKEN)) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=DEADLINE) as sock:
+            sock.sendall(
+                request_line.encode()
+                + b" HTTP/1.1\r\nHost: gw\r\n"
+                + auth
+                + b"Content-Length: 100\r\n\r\n"
+                + b"x" * 10
+            )
+            answer = b""
+            while chunk := sock.recv(65536):  # until the proxy closes the connection
+                answer += chunk
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer
+    assert b"connection: close" in head.lower()
