@@ -69,14 +69,15 @@ class AdminError(Exception):
 
 class Applying:
     """A change made whose application is still under way (``rr-gateway``'s workers
-    reloading it): ``result()`` waits for it, and the API stops waiting when its client
-    leaves (the change stays made)."""
+    reloading it): ``result()`` (``wait()``) waits for it, and the API stops waiting when
+    its client leaves (the change stays made)."""
 
-    def __init__(self, done: str) -> None:
+    def __init__(self, done: str, wait: Callable[[], Awaitable[str]]) -> None:
         self.done = done  # what was changed, for the answer and the log
+        self._wait = wait
 
     async def result(self) -> str:
-        raise NotImplementedError
+        return await self._wait()
 
 
 class Operator:

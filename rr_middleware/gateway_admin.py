@@ -218,10 +218,7 @@ class Outcomes:
     def forget(self) -> None:
         """This worker stops: no one is to wait for it."""
         if self.directory is not None:
-            mine = self.directory / f"worker-{os.getpid()}.json"
-            for path in (mine, mine.with_suffix(".lock")):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            _remove_worker_files(self.directory / f"worker-{os.getpid()}.json")
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -237,9 +234,7 @@ class Outcomes:
                 continue
             pid = int(pid_text)
             if not _running(pid, path.with_suffix(".lock")):
-                for stale in (path, path.with_suffix(".lock")):
-                    with contextlib.suppress(OSError):
-                        stale.unlink()
+                _remove_worker_files(path)
                 continue
             with contextlib.suppress(OSError, ValueError):
                 outcome = json.loads(path.read_text(encoding="utf-8"))
@@ -262,6 +257,13 @@ def note_parent_refusal(error: str) -> None:
         os.replace(path.with_suffix(".tmp"), path)
 
 
+def _remove_worker_files(outcome: Path) -> None:
+    """A worker's outcome file and its lock beside it."""
+    for path in (outcome, outcome.with_suffix(".lock")):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def _running(pid: int, lock: Path) -> bool:
     """Whether the worker ``pid`` runs: it holds ``lock`` (a process that died let go of
     it, whatever now has its PID); without a lock file, whether the PID is in use."""
@@ -273,9 +275,7 @@ def _running(pid: int, lock: Path) -> bool:
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
+    except OSError:  # held (BlockingIOError), or cannot tell: taken for running
         return True
     finally:
         os.close(fd)
@@ -356,14 +356,14 @@ class GatewayOperator(Operator):
             operations = len(self.reloader.admin_changes.operations())
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.parent, signal.SIGHUP)  # the parent has every worker reload
-            return _WorkersApplying(self, done, asked, operations)
+            return Applying(done, lambda: self._applied(done, asked, operations))
         if await self.reloader.reload("admin API") is None:
             raise AdminError(
                 400, f"refused, the running configuration stays: {self.reloader.error}"
             )
         return done
 
-    async def applied(self, done: str, asked: float, operations: int) -> str:
+    async def _applied(self, done: str, asked: float, operations: int) -> str:
         """Wait, at most ``APPLY_TIMEOUT``, until every live worker has finished a reload
         begun after ``asked`` (so it read the file and the operations as they are now)."""
         deadline = time.monotonic() + APPLY_TIMEOUT
@@ -400,16 +400,3 @@ class GatewayOperator(Operator):
                     f"applied it within {APPLY_TIMEOUT:g}s, the others will as their reload ends",
                 )
             await asyncio.sleep(_APPLY_POLL)
-
-
-class _WorkersApplying(Applying):
-    """A change the workers are reloading: ``result()`` waits until they all have."""
-
-    def __init__(self, operator: GatewayOperator, done: str, asked: float, operations: int):
-        super().__init__(done)
-        self.operator = operator
-        self.asked = asked
-        self.operations = operations
-
-    async def result(self) -> str:
-        return await self.operator.applied(self.done, self.asked, self.operations)

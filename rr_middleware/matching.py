@@ -27,6 +27,7 @@ from .affinity import key_hash, key_reader
 from .balancing import SmoothWeighted
 from .config import normalize_prefix
 from .errors import FieldError
+from .routing import host_matches
 
 if TYPE_CHECKING:
     from .pool_runtime import PoolRuntime
@@ -242,9 +243,7 @@ class _RouteState:
                     found = found.partition("]")[0] + "]"
                 else:
                     found = found.partition(":")[0]
-                if host.startswith("*."):
-                    return found.endswith(host[1:])
-                return found == host
+                return host_matches(host, found)
         return False
 
     def destination(self, scope: Any) -> PoolRuntime | None:

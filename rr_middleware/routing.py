@@ -13,6 +13,9 @@ Under a pool, a path is refused outright when it is not safe to forward
 (``is_unsafe_path``), has a dot segment (``has_dot_segment``), or, unless the pool turns
 it off, when some upstream servers would read one into it (``is_ambiguous_path``). Each
 is a pure function of the raw path, quick to say no on ordinary paths.
+
+``host_matches`` is a route's ``host`` condition (``matching.py``), also used where two
+routes' hosts are compared (``sticky.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from urllib.parse import unquote_to_bytes
 __all__ = [
     "PrefixRouter",
     "has_dot_segment",
+    "host_matches",
     "is_ambiguous_path",
     "is_plain_path",
     "is_unsafe_path",
@@ -52,6 +56,14 @@ _PLAIN = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 _OVERLONG = re.compile(
     rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]|\xf0[\x80-\x8f][\x80-\xbf]{2}"
 )
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """Whether ``host`` (lower-case, without port) matches a route's ``host`` pattern:
+    the name itself, or with ``*.example.com`` any subdomain of ``example.com``."""
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:])
+    return host == pattern
 
 
 def is_plain_path(raw_path: bytes) -> bool:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import FieldError
+from .routing import host_matches
 
 __all__ = [
     "COLLISION",
@@ -149,16 +150,9 @@ def _hosts_meet(mine: frozenset[str] | None, theirs: frozenset[str] | None) -> b
 
 
 def _host_patterns_meet(a: str, b: str) -> bool:
-    """Whether a host could match both patterns (``*.example.com``: any subdomain)."""
-    if a == b:
-        return True
-    if a.startswith("*.") and b.startswith("*."):
-        return a.endswith(b[1:]) or b.endswith(a[1:])
-    if a.startswith("*."):
-        return b.endswith(a[1:])
-    if b.startswith("*."):
-        return a.endswith(b[1:])
-    return False
+    """Whether a host could match both patterns (``*.example.com``: any subdomain; of two
+    such, the one a subdomain of the other matches it)."""
+    return host_matches(a, b) or host_matches(b, a)
 
 
 #: Why two pools may not share a cookie (after "pools A and B", or "sticky of pool B").
