@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -26,6 +25,7 @@ import pytest
 from .consul_agent import ConsulAgent
 from .gateway_process import kill_tree, run_gateway
 from .polling import wait_for
+from .servers import bind_socket
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO / "examples" / "compose"
@@ -81,17 +81,14 @@ def test_the_gateway_accepts_the_compose_config() -> None:
     assert "consul" in done.stdout.lower()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
 def backend(consul: ConsulAgent, service: str, name: str, log: Path) -> Iterator[int]:
-    """examples/compose/backend.py as its own process, as the compose file runs it."""
-    port = free_port()
+    """examples/compose/backend.py as its own process, as the compose file runs it, on a
+    socket bound here and handed over (``--fd``): a port found free and bound later by
+    the process could be taken in between by another test run, and the backend, which
+    registers before it binds, would register and leave at once."""
+    sock = bind_socket(0)
+    port: int = sock.getsockname()[1]
     env = {
         **os.environ,
         "CONSUL_HTTP_ADDR": consul.address,
@@ -105,13 +102,13 @@ def backend(consul: ConsulAgent, service: str, name: str, log: Path) -> Iterator
         "-m",
         "uvicorn",
         "examples.compose.backend:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        "--fd",
+        str(sock.fileno()),
     ]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink)
+    with sock, log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=sink, stderr=sink, pass_fds=[sock.fileno()]
+        )
     try:
         yield port
         process.send_signal(signal.SIGTERM)  # a clean stop: it deregisters itself
