@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import pytest
 
 from rr_middleware.transport.base import UpstreamBroken, UpstreamTimeout
-from rr_middleware.transport.http1_connection import Connection, Deadlines, Exchange
+from rr_middleware.transport.http1_connection import (
+    _JOIN_LIMIT,
+    _READ_HIGH_WATER,
+    Connection,
+    Deadlines,
+    Exchange,
+)
 
 WAIT = 5.0  # the longest any test waits for bytes that should come at once
 
@@ -210,9 +216,12 @@ async def test_reading_pauses_past_the_high_water_mark_until_the_body_is_taken()
     async with connected() as up:
         exchange = up.conn.start(head_only=False)
         up.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size)
-        await until(exchange, lambda: exchange.body_size > 256 * 1024)
+        await until(exchange, lambda: exchange.body_size > _READ_HIGH_WATER)
         paused = up.conn.reading_paused
-        taken = len(exchange.take_body())
+        taken = 0
+        while exchange.body_size > _READ_HIGH_WATER:
+            assert up.conn.reading_paused
+            taken += len(exchange.take_body())
         assert (paused, up.conn.reading_paused) == (True, False)
         while not exchange.complete or exchange.body:
             if exchange.body:
@@ -220,6 +229,26 @@ async def test_reading_pauses_past_the_high_water_mark_until_the_body_is_taken()
             else:
                 await exchange.wait(WAIT)
         assert taken == size
+        assert exchange.reusable()
+
+
+async def test_small_body_pieces_are_read_together_up_to_the_join_limit() -> None:
+    """A chunked body's small chunks are read together (one send to the client, not one
+    per chunk), and never more than the join limit at a time."""
+    chunks = [b"%04d" % i + b"s" * 1020 for i in range(3 * _JOIN_LIMIT // 1024)]  # 1 KiB
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    async with connected() as up:
+        exchange = up.conn.start(head_only=False)
+        up.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed)
+        reads = []
+        while not exchange.complete or exchange.body:
+            if exchange.body:
+                reads.append(exchange.take_body())
+            else:
+                await exchange.wait(WAIT)
+        assert b"".join(reads) == b"".join(chunks)
+        assert max(map(len, reads)) <= _JOIN_LIMIT
+        assert len(reads) <= 12, f"{len(chunks)} chunks in {len(reads)} reads"
         assert exchange.reusable()
 
 

@@ -33,7 +33,11 @@ __all__ = ["Connection", "Deadlines", "Exchange"]
 
 _MAX_HEADER_BYTES = 64 * 1024  # the upstream's whole response head, and its trailer
 _MAX_HEADERS = 256
-_READ_HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the upstream pauses
+#: Body bytes buffered before reading from the upstream pauses, and the most that small
+#: pieces are joined into for one read. nginx buffers 64 KiB by default (proxy_buffers
+#: 8 8k); past that the socket buffers hold the rest, and the upstream waits.
+_READ_HIGH_WATER = 64 * 1024
+_JOIN_LIMIT = 64 * 1024
 
 
 class Connection(asyncio.Protocol):
@@ -492,11 +496,23 @@ class Exchange:
             self.waiter = None
 
     def take_body(self) -> bytes:
-        """The body bytes buffered so far, resuming reading if it was paused."""
+        """The next body bytes buffered: the first piece received, joined with the pieces
+        after it while all of them fit in ``_JOIN_LIMIT`` (a chunked body's small chunks go
+        out in one send; a large piece is never copied). Reading resumes once what is left
+        is within the high-water mark."""
         body = self.body
-        data = body[0] if len(body) == 1 else b"".join(body)
-        body.clear()
-        self.body_size = 0
-        if self._conn.reading_paused:
+        data = body[0]
+        if len(body) == 1:
+            body.clear()
+        else:
+            size, count = len(data), 1
+            while count < len(body) and size + len(body[count]) <= _JOIN_LIMIT:
+                size += len(body[count])
+                count += 1
+            if count > 1:
+                data = b"".join(body[:count])
+            del body[:count]
+        self.body_size -= len(data)
+        if self._conn.reading_paused and self.body_size <= _READ_HIGH_WATER:
             self._conn.resume_reading()
         return data
