@@ -232,6 +232,25 @@ async def test_reading_pauses_past_the_high_water_mark_until_the_body_is_taken()
         assert exchange.reusable()
 
 
+async def test_reading_stays_paused_while_more_than_the_high_water_mark_is_left() -> None:
+    piece = 40 * 1024  # two of them are past the join limit: each is read on its own
+    pieces = [bytes([65 + i]) * piece for i in range(3)]
+    async with connected() as up:
+        exchange = up.conn.start(head_only=False)
+        up.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (3 * piece))
+        await until(exchange, lambda: exchange.headers_done)
+        for data in pieces:  # three socket reads, 120 KiB buffered
+            up.conn.data_received(data)
+        assert up.conn.reading_paused
+        assert exchange.take_body() == pieces[0]
+        assert up.conn.reading_paused, "80 KiB left: reading stays paused"
+        assert exchange.take_body() == pieces[1]
+        assert not up.conn.reading_paused, "40 KiB left: reading resumes"
+        assert exchange.take_body() == pieces[2]
+        assert exchange.complete
+        assert exchange.reusable()
+
+
 async def test_small_body_pieces_are_read_together_up_to_the_join_limit() -> None:
     """A chunked body's small chunks are read together (one send to the client, not one
     per chunk), and never more than the join limit at a time."""
@@ -239,16 +258,15 @@ async def test_small_body_pieces_are_read_together_up_to_the_join_limit() -> Non
     framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
     async with connected() as up:
         exchange = up.conn.start(head_only=False)
-        up.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed)
+        up.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await until(exchange, lambda: exchange.headers_done)
+        up.conn.data_received(framed)  # one socket read holding every chunk
         reads = []
-        while not exchange.complete or exchange.body:
-            if exchange.body:
-                reads.append(exchange.take_body())
-            else:
-                await exchange.wait(WAIT)
+        while exchange.body:
+            reads.append(exchange.take_body())
         assert b"".join(reads) == b"".join(chunks)
-        assert max(map(len, reads)) <= _JOIN_LIMIT
-        assert len(reads) <= 12, f"{len(chunks)} chunks in {len(reads)} reads"
+        assert [len(r) for r in reads] == [_JOIN_LIMIT] * 3
+        assert exchange.complete
         assert exchange.reusable()
 
 

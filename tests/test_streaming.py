@@ -107,8 +107,8 @@ def test_a_client_that_stops_reading_holds_the_upstream_back() -> None:
             # The client reads nothing more. Were the body buffered instead of relayed
             # with backpressure, the upstream would get all 256 MiB out within this wait.
             assert not big.finished.wait(timeout=3)
-            # In flight: socket buffers on both legs plus 64 KiB read ahead (about 8 MiB
-            # here, 3 MiB when the client reads the upstream directly).
+            # In flight: socket buffers on both legs plus 64 KiB and a socket read ahead
+            # (about 8 MiB here, 3 MiB when the client reads the upstream directly).
             assert big.sent < 32 * 1024 * 1024, f"upstream ran ahead: {big.sent} bytes sent"
             received = len(first) + sum(len(c) for c in pieces)
         assert received == big.total
